@@ -1,0 +1,1 @@
+//! Evaluation: perplexity, exact-match and multiple-choice accuracy, generations for reports.

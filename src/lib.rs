@@ -1,0 +1,24 @@
+//! mmrun — train small MiniMind-style language models end to end from one declarative TOML recipe.
+//!
+//! Data flows one way: [`recipe`] → [`plan`] → [`exec`] (for each stale stage) → a [`stages`]
+//! plugin → [`train`] / [`model`] / [`data`] → an [`artifact::Artifact`] → [`cache`] → [`runs`].
+//! See `ARCHITECTURE.md` at the repository root for the code map and its invariants.
+
+pub mod artifact;
+pub mod cache;
+pub mod cancel;
+pub mod cli;
+pub mod data;
+pub mod eval;
+pub mod exec;
+pub mod hub;
+pub mod model;
+pub mod plan;
+pub mod progress;
+pub mod recipe;
+pub mod runs;
+pub mod stages;
+pub mod train;
+
+/// The mmrun version recorded in run records and locks.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

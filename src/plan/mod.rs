@@ -1,0 +1,1 @@
+//! Planning: the stage DAG (petgraph), type checks, stage keys and staleness with reasons.

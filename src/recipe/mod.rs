@@ -1,0 +1,179 @@
+//! Recipes: TOML → a validated, typed [`Recipe`].
+//!
+//! Loading is two phases (validate, then resolve): the TOML is parsed with spans so that every
+//! error names file, line, column, the offending key and a fix; stage tables are handed to their
+//! stage kind's parameter struct (`deny_unknown_fields`) and canonicalised.
+
+use crate::stages::InputRef;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// A loaded and validated recipe.
+#[derive(Clone, Debug)]
+pub struct Recipe {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// The TOML exactly as given (recorded in runs).
+    pub source_text: String,
+    /// `--set key.path=value` overrides applied on top of the file, in order.
+    pub overrides: Vec<String>,
+    /// `[recipe]`.
+    pub meta: RecipeMeta,
+    /// `[model]`.
+    pub model: ModelSpec,
+    /// `[datasets.<name>]`.
+    pub datasets: BTreeMap<String, DatasetSpec>,
+    /// `[stages.<name>]`, in file order.
+    pub stages: Vec<StageSpec>,
+}
+
+/// `[recipe]`: identity and global settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeMeta {
+    /// Recipe name (used in run directory names).
+    pub name: String,
+    /// Optional free-text description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Global seed: weight init, data order, sampling.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// `auto` (CUDA if built with it and present, else CPU), `cpu`, or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+
+/// `[model]`: a preset name and/or explicit architecture fields (explicit fields win).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// One of the presets in [`crate::model::config::PRESETS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// Model width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_size: Option<usize>,
+    /// Number of decoder blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_hidden_layers: Option<usize>,
+    /// Query heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_attention_heads: Option<usize>,
+    /// Key/value heads (GQA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width (default hidden_size / num_attention_heads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// SwiGLU width (default ceil(hidden*pi/64)*64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_size: Option<usize>,
+    /// Vocabulary size (normally taken from the tokenizer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
+    /// RoPE table length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_position_embeddings: Option<usize>,
+    /// RoPE base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// RMSNorm epsilon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rms_norm_eps: Option<f64>,
+    /// Share embedding and LM head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tie_word_embeddings: Option<bool>,
+    /// Dropout probability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropout: Option<f64>,
+    /// Mixture-of-experts feed-forward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_moe: Option<bool>,
+    /// Experts per MoE layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_experts: Option<usize>,
+    /// Top-k experts per token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_experts_per_tok: Option<usize>,
+    /// Expert FFN width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe_intermediate_size: Option<usize>,
+    /// Renormalise the selected top-k gate probabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_topk_prob: Option<bool>,
+    /// MoE load-balancing loss coefficient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_aux_loss_coef: Option<f64>,
+}
+
+/// Record formats a dataset can be read as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// `{"text": ...}` records or plain text lines.
+    Text,
+    /// `{"conversations": [{"from","value"} | {"role","content"}]}`.
+    Sharegpt,
+    /// `{"messages": [{"role","content"}]}`.
+    Openai,
+    /// `{"instruction","input","output"}`.
+    Alpaca,
+    /// Preference pairs: prompt + chosen + rejected strings, or chosen/rejected conversations.
+    Dpo,
+    /// `{"question","answer"}` with a verifiable answer (GSM8K `#### n` supported).
+    PromptAnswer,
+}
+
+/// What to do with a record that cannot be read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadRecord {
+    /// Stop with an error naming file:line (default).
+    #[default]
+    Error,
+    /// Skip it, count it in the run record and write it to the run's `rejects.jsonl`.
+    Skip,
+}
+
+/// `[datasets.<name>]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    /// A local file, directory or glob (relative to the recipe), an `hf://` URI, or `builtin:<name>`.
+    pub source: String,
+    /// How records are read.
+    pub format: DataFormat,
+    /// Rename source columns to the names the format expects, e.g. `{ messages = "conversations" }`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: BTreeMap<String, String>,
+    /// `error` (default) or `skip`.
+    #[serde(default)]
+    pub on_bad_record: OnBadRecord,
+    /// Parameters of a `builtin:` generator (e.g. `{ count = 2000 }`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub builtin: BTreeMap<String, serde_json::Value>,
+}
+
+/// `[stages.<name>]` after its kind validated it.
+#[derive(Clone, Debug)]
+pub struct StageSpec {
+    /// Name in the recipe (the table key).
+    pub name: String,
+    /// `kind = "..."`.
+    pub kind: String,
+    /// Canonical params (defaults applied).
+    pub params: serde_json::Value,
+    /// Declared inputs (DAG edges).
+    pub inputs: Vec<InputRef>,
+}

@@ -1,0 +1,60 @@
+//! What a running stage is handed: where to write, what it reads, and how to report.
+
+use crate::artifact::Artifact;
+use crate::cache::Cache;
+use crate::cancel::CancelToken;
+use crate::data::ResolvedDataset;
+use crate::recipe::Recipe;
+use crate::runs::RunSink;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The typed inputs of a stage, by the names used in the recipe.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    /// Upstream artifacts, by stage name.
+    pub artifacts: BTreeMap<String, Artifact>,
+    /// Datasets, by dataset name.
+    pub datasets: BTreeMap<String, ResolvedDataset>,
+}
+
+impl Inputs {
+    /// The artifact produced by stage `name` (the planner guarantees it is present and typed).
+    pub fn artifact(&self, name: &str) -> anyhow::Result<&Artifact> {
+        self.artifacts.get(name).ok_or_else(|| anyhow::anyhow!("internal: input stage '{name}' was not provided"))
+    }
+
+    /// The dataset called `name`.
+    pub fn dataset(&self, name: &str) -> anyhow::Result<&ResolvedDataset> {
+        self.datasets.get(name).ok_or_else(|| anyhow::anyhow!("internal: dataset '{name}' was not provided"))
+    }
+}
+
+/// Everything a stage may touch while it runs.
+pub struct StageContext<'a> {
+    /// The stage's name in the recipe.
+    pub name: &'a str,
+    /// The stage key (its object directory name).
+    pub key: &'a str,
+    /// The whole recipe (seed, device, `[model]`).
+    pub recipe: &'a Recipe,
+    /// Typed inputs.
+    pub inputs: &'a Inputs,
+    /// Write the artifact's files here; it becomes `objects/<key>/` only if the stage succeeds.
+    pub out_dir: &'a Path,
+    /// Persistent across interruptions: checkpoints live here (`work/<key>/`).
+    pub work_dir: &'a Path,
+    /// The cache, for derived products such as tokenised shards.
+    pub cache: &'a Cache,
+    /// Metrics, rejects and plots of the current run.
+    pub run: &'a RunSink,
+    /// Raised on Ctrl-C: save a checkpoint and return [`crate::cancel::Interrupted`].
+    pub cancel: &'a CancelToken,
+}
+
+/// What a successful stage reports besides its files.
+#[derive(Clone, Debug, Default)]
+pub struct StageOutcome {
+    /// Final metrics (recorded in the run and the manifest).
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+}

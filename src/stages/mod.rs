@@ -1,0 +1,136 @@
+//! Stage plugins: one file per stage kind, all behind one trait.
+//!
+//! A stage kind declares its parameters once (a serde + schemars struct implementing
+//! [`StageParams`]); the JSON Schema, `--set` paths, the stage key and the DAG edges all come from
+//! that declaration. The planner and executor only see the object-safe [`DynStage`].
+
+mod context;
+
+pub use context::{Inputs, StageContext, StageOutcome};
+
+use crate::artifact::ArtifactKind;
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// What a stage consumes: an upstream stage's artifact or a recipe dataset. These are DAG edges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InputRef {
+    /// `param` (e.g. `"from"`) names stage `stage`, which must produce one of `accepts`.
+    Stage {
+        /// The parameter that names the input (for error messages).
+        param: &'static str,
+        /// The upstream stage's name in the recipe.
+        stage: String,
+        /// Artifact kinds this input accepts.
+        accepts: Vec<ArtifactKind>,
+    },
+    /// `param` (e.g. `"data"`) names dataset `dataset` from `[datasets]`.
+    Dataset {
+        /// The parameter that names the input.
+        param: &'static str,
+        /// The dataset's name in the recipe.
+        dataset: String,
+    },
+}
+
+/// A stage kind's parameter struct.
+pub trait StageParams: DeserializeOwned + Serialize + JsonSchema + Clone + Send + Sync {
+    /// Top-level parameter names that never change the stage's output (log interval, progress
+    /// style, threads, eval printing). They are excluded from the stage key, so editing them never
+    /// invalidates the cache.
+    const COSMETIC: &'static [&'static str] = &[];
+
+    /// The artifacts and datasets this stage reads.
+    fn inputs(&self) -> Vec<InputRef>;
+}
+
+/// A stage kind (tokenizer, pretrain, sft, …).
+pub trait Stage: Send + Sync + 'static {
+    /// The `kind = "..."` string in recipes.
+    const KIND: &'static str;
+    /// Semantic version of this stage's behaviour: bump it whenever outputs would change, so
+    /// every cached artifact of this kind becomes stale.
+    const VERSION: u32;
+    /// The artifact kind it produces.
+    const OUTPUT: ArtifactKind;
+    /// One line for `--help`, docs and the schema.
+    const DOC: &'static str;
+    /// Its parameters.
+    type Params: StageParams;
+
+    /// Run the stage: read `ctx.inputs`, write the artifact's files into `ctx.out_dir`, keep
+    /// resumable checkpoints in `ctx.work_dir`, poll `ctx.cancel`.
+    fn run(&self, ctx: &mut StageContext<'_>, params: &Self::Params) -> anyhow::Result<StageOutcome>;
+}
+
+/// Parameters validated by a stage kind: canonical JSON (defaults filled in) and DAG edges.
+#[derive(Clone, Debug)]
+pub struct ParsedParams {
+    /// All params, defaults applied, as canonical JSON (object).
+    pub canonical: serde_json::Value,
+    /// Declared inputs.
+    pub inputs: Vec<InputRef>,
+}
+
+/// The object-safe face of [`Stage`], used by the planner and executor.
+pub trait DynStage: Send + Sync {
+    /// See [`Stage::KIND`].
+    fn kind(&self) -> &'static str;
+    /// See [`Stage::VERSION`].
+    fn version(&self) -> u32;
+    /// See [`Stage::OUTPUT`].
+    fn output(&self) -> ArtifactKind;
+    /// See [`Stage::DOC`].
+    fn doc(&self) -> &'static str;
+    /// See [`StageParams::COSMETIC`].
+    fn cosmetic(&self) -> &'static [&'static str];
+    /// Deserialize (with `deny_unknown_fields`) and canonicalise a stage table, `kind` removed.
+    /// The error is serde's message, e.g. "unknown field `lrr`, expected one of …".
+    fn parse_params(&self, table: &toml::Table) -> Result<ParsedParams, String>;
+    /// JSON Schema of the params.
+    fn params_schema(&self, gen: &mut schemars::SchemaGenerator) -> schemars::Schema;
+    /// Run with canonical params produced by [`DynStage::parse_params`].
+    fn run(&self, ctx: &mut StageContext<'_>, canonical: &serde_json::Value) -> anyhow::Result<StageOutcome>;
+}
+
+impl<S: Stage> DynStage for S {
+    fn kind(&self) -> &'static str {
+        S::KIND
+    }
+    fn version(&self) -> u32 {
+        S::VERSION
+    }
+    fn output(&self) -> ArtifactKind {
+        S::OUTPUT
+    }
+    fn doc(&self) -> &'static str {
+        S::DOC
+    }
+    fn cosmetic(&self) -> &'static [&'static str] {
+        S::Params::COSMETIC
+    }
+    fn parse_params(&self, table: &toml::Table) -> Result<ParsedParams, String> {
+        let params: S::Params =
+            toml::Value::Table(table.clone()).try_into().map_err(|e: toml::de::Error| e.message().to_string())?;
+        let canonical = serde_json::to_value(&params).map_err(|e| e.to_string())?;
+        Ok(ParsedParams { canonical, inputs: params.inputs() })
+    }
+    fn params_schema(&self, gen: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        S::Params::json_schema(gen)
+    }
+    fn run(&self, ctx: &mut StageContext<'_>, canonical: &serde_json::Value) -> anyhow::Result<StageOutcome> {
+        let params: S::Params = serde_json::from_value(canonical.clone())?;
+        Stage::run(self, ctx, &params)
+    }
+}
+
+/// Every stage kind mmrun knows, in pipeline order.
+pub fn registry() -> Vec<Box<dyn DynStage>> {
+    vec![]
+}
+
+/// Look a stage kind up by its `kind` string.
+pub fn find(kind: &str) -> Option<Box<dyn DynStage>> {
+    registry().into_iter().find(|s| s.kind() == kind)
+}

@@ -1,0 +1,2 @@
+//! The training loop: AdamW, LR schedule, accumulation, clipping, mixed precision, checkpoints,
+//! exact resume, metrics and progress.
