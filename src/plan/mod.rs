@@ -1,1 +1,3 @@
 //! Planning: the stage DAG (petgraph), type checks, stage keys and staleness with reasons.
+
+pub mod dag;
