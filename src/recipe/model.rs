@@ -88,7 +88,7 @@ pub fn resolve_model(spec: &ModelSpec, vocab_from_tokenizer: Option<usize>) -> R
     }
     if let Some(v) = spec.head_dim {
         cfg.head_dim = v;
-    } else if hidden % heads != 0 {
+    } else if !hidden.is_multiple_of(heads) {
         return Err(err(
             "num_attention_heads",
             format!("[model] num_attention_heads = {heads} does not divide hidden_size = {hidden}"),
@@ -135,7 +135,7 @@ pub fn resolve_model(spec: &ModelSpec, vocab_from_tokenizer: Option<usize>) -> R
 
 /// Shape checks on a complete config.
 fn validate(c: &ModelConfig) -> Result<(), ModelSpecError> {
-    if c.num_attention_heads % c.num_key_value_heads != 0 {
+    if !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
         return Err(err(
             "num_key_value_heads",
             format!(
@@ -145,7 +145,7 @@ fn validate(c: &ModelConfig) -> Result<(), ModelSpecError> {
             "grouped-query attention shares each kv head among a whole number of query heads".to_string(),
         ));
     }
-    if c.head_dim == 0 || c.head_dim % 2 != 0 {
+    if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
         return Err(err(
             "head_dim",
             format!("[model] head_dim = {} must be positive and even (RoPE rotates pairs)", c.head_dim),
@@ -161,10 +161,10 @@ fn validate(c: &ModelConfig) -> Result<(), ModelSpecError> {
             return Err(err(key, format!("[model] {key} must be positive"), None));
         }
     }
-    if !(c.rope_theta > 0.0) {
+    if c.rope_theta.is_nan() || c.rope_theta <= 0.0 {
         return Err(err("rope_theta", format!("[model] rope_theta = {} must be positive", c.rope_theta), None));
     }
-    if !(c.rms_norm_eps > 0.0) {
+    if c.rms_norm_eps.is_nan() || c.rms_norm_eps <= 0.0 {
         return Err(err("rms_norm_eps", format!("[model] rms_norm_eps = {} must be positive", c.rms_norm_eps), None));
     }
     if !(0.0..1.0).contains(&c.dropout) {
