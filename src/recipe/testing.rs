@@ -100,6 +100,17 @@ pub(crate) struct EvalParams {
     prompts: Vec<String>,
     #[serde(default)]
     print_samples: bool,
+    #[serde(default)]
+    generation: Generation,
+}
+
+#[derive(Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Generation {
+    #[serde(default)]
+    temperature: f64,
+    #[serde(default)]
+    max_new_tokens: usize,
 }
 
 impl StageParams for EvalParams {
