@@ -101,7 +101,7 @@ fn set(
         let value = match (table.get(seg), value) {
             (
                 Some(toml::Value::String(_)),
-                (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_)),
+                toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_),
             ) => toml::Value::String(rhs.trim().to_string()),
             (_, v) => v,
         };
