@@ -33,7 +33,7 @@
 
 use crate::artifact::ArtifactKind;
 use crate::data::ResolvedDataset;
-use crate::recipe::{resolve_model, Recipe, StageSpec};
+use crate::recipe::{resolve_model, ModelSpec, Recipe, StageSpec};
 use crate::stages::{DynStage, InputRef};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -165,9 +165,14 @@ pub fn fingerprint(
     fp.insert("datasets".into(), Value::Array(datasets));
     fp.insert("seed".into(), json!(cx.recipe.meta.seed));
     if output == ArtifactKind::Model && !reads_model {
-        let cfg = resolve_model(&cx.recipe.model, None)
-            .map_err(|source| FingerprintError::Model { stage: spec.name.clone(), source })?;
-        fp.insert("model".into(), serde_json::to_value(cfg).expect("ModelConfig serialises"));
+        let model = match resolve_model(&cx.recipe.model, None) {
+            Ok(cfg) => serde_json::to_value(cfg).expect("ModelConfig serialises"),
+            // No [model] at all: this kind evidently gets its architecture elsewhere (or will say
+            // so when it runs); there is nothing to hash.
+            Err(_) if cx.recipe.model == ModelSpec::default() => Value::Null,
+            Err(source) => return Err(FingerprintError::Model { stage: spec.name.clone(), source }),
+        };
+        fp.insert("model".into(), model);
     }
     if matches!(output, ArtifactKind::Model | ArtifactKind::Adapter | ArtifactKind::EvalReport) {
         fp.insert("device".into(), json!(cx.device_class));

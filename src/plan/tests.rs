@@ -235,3 +235,14 @@ fn programmatic_recipes_get_structural_errors() {
     let e = build_with(&r, &c, &partial, &registry()).unwrap_err();
     assert!(e.to_string().contains("dataset 'chat', which was not resolved"), "{e}");
 }
+
+#[test]
+fn absent_model_section_hashes_as_null() {
+    let (_d, c) = cache();
+    let text = GOOD.replace("[model]\npreset = \"tiny\"\n", "");
+    let p = plan(&c, &text, &[]);
+    assert_eq!(p.stage("base").unwrap().fingerprint["model"], serde_json::Value::Null);
+    publish_all(&c, &p);
+    let p = plan(&c, &text, &["model.preset=tiny"]);
+    assert_eq!(reasons(&p, "base"), ["now builds its model from [model]"]);
+}

@@ -261,7 +261,7 @@ impl Loader<'_> {
             self.error(
                 at,
                 false,
-                format!("'{}' must be a table, found {}", dotted(at), value.type_str()),
+                format!("'{}' must be a table, found {}", dotted(at), overrides::type_name(value)),
                 Some(format!("write it as {}", section(at))),
             );
             return None;
@@ -365,7 +365,7 @@ impl Loader<'_> {
             Some(other) => self.error(
                 &p(&["datasets"]),
                 false,
-                format!("'datasets' must be a table of tables, found {}", other.type_str()),
+                format!("'datasets' must be a table of tables, found {}", overrides::type_name(other)),
                 Some("declare each dataset as [datasets.<name>]".into()),
             ),
         }
@@ -388,7 +388,7 @@ impl Loader<'_> {
             Some(other) => self.error(
                 &p(&["stages"]),
                 false,
-                format!("'stages' must be a table of tables, found {}", other.type_str()),
+                format!("'stages' must be a table of tables, found {}", overrides::type_name(other)),
                 Some("declare each stage as [stages.<name>]".into()),
             ),
         }
@@ -454,7 +454,7 @@ impl Loader<'_> {
             self.error(
                 &at,
                 false,
-                format!("stage '{name}' must be a table, found {}", v.type_str()),
+                format!("stage '{name}' must be a table, found {}", overrides::type_name(v)),
                 Some(format!("write it as [stages.{name}] with kind = \"…\"")),
             );
             return None;
@@ -475,7 +475,7 @@ impl Loader<'_> {
                 self.error(
                     &p(&["stages", name, "kind"]),
                     false,
-                    format!("'kind' of stage '{name}' must be a string, found {}", other.type_str()),
+                    format!("'kind' of stage '{name}' must be a string, found {}", overrides::type_name(other)),
                     Some(format!("known kinds: {known_list}")),
                 );
                 return None;

@@ -41,8 +41,17 @@ pub(crate) fn parse_value(raw: &str) -> toml::Value {
     }
 }
 
-fn type_name(v: &toml::Value) -> &'static str {
-    v.type_str()
+/// "an integer", "a string", … for messages.
+pub(crate) fn type_name(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a float",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a datetime",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    }
 }
 
 /// Apply `overrides` in order. Every intermediate table must exist (or be a top-level section);
@@ -124,7 +133,7 @@ fn set(
     match table.get_mut(seg) {
         Some(toml::Value::Table(t)) => set(t, path, depth + 1, value, rhs),
         Some(other) => Err((
-            format!("'{}' is a {}, not a table", path[..=depth].join("."), type_name(other)),
+            format!("'{}' is {}, not a table", path[..=depth].join("."), type_name(other)),
             Some(format!("set '{}' itself instead", path[..=depth].join("."))),
         )),
         None => unreachable!("inserted above"),
