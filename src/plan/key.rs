@@ -24,6 +24,7 @@
 //! | Deliberately *not* in the key                | Why                                                                                      |
 //! |----------------------------------------------|------------------------------------------------------------------------------------------|
 //! | params a stage declares cosmetic ([`crate::stages::StageParams::COSMETIC`]: log interval, progress, threads, sample printing) | they never change the artifact, so editing them must not rerun hours of training |
+//! | params whose value is `null` (an unset optional) | unset is the default; a stage gaining a new optional param must not invalidate every cache |
 //! | stage and dataset *names*, and params that only name inputs (`from = "base"`) | renaming is not a change; the input's key stands in for the name (names stay in the fingerprint, for explanations) |
 //! | dataset `source` string                      | the content hash covers what was read                                                     |
 //! | device index (`cuda:0` vs `cuda:1`), `auto` vs the class it resolves to | same hardware class, same result                              |
@@ -117,7 +118,7 @@ pub fn fingerprint(
         for (k, v) in all {
             if def.cosmetic().contains(&k.as_str()) {
                 cosmetic.insert(k.clone(), v.clone());
-            } else if !ref_params.contains(&k.as_str()) {
+            } else if !ref_params.contains(&k.as_str()) && !v.is_null() {
                 params.insert(k.clone(), v.clone());
             }
         }

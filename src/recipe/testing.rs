@@ -76,6 +76,8 @@ impl StageParams for PretrainParams {
 pub(crate) struct SftParams {
     from: String,
     data: String,
+    #[serde(default)]
+    max_steps: Option<usize>,
     #[serde(default = "lr")]
     lr: f64,
     #[serde(default = "log_every")]
