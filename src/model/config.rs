@@ -283,7 +283,8 @@ impl ModelConfig {
         }
         if moe {
             cfg.use_moe = true;
-            cfg.num_experts = usize_f("num_experts")?;
+            // transformers 5 writes `num_local_experts`, 4.x writes `num_experts`.
+            cfg.num_experts = usize_f("num_experts").or_else(|_| usize_f("num_local_experts"))?;
             cfg.num_experts_per_tok = usize_f("num_experts_per_tok")?;
             cfg.moe_intermediate_size = usize_f("moe_intermediate_size").unwrap_or(cfg.intermediate_size);
             cfg.norm_topk_prob = bool_or("norm_topk_prob", true);
@@ -305,10 +306,23 @@ impl ModelConfig {
         } else {
             cfg.moe_intermediate_size = cfg.intermediate_size;
         }
-        cfg.rope_scaling = match o.get("rope_scaling") {
-            None | Some(serde_json::Value::Null) => None,
+        // transformers 5 folds `rope_theta` and `rope_scaling` into `rope_parameters`.
+        let params = o.get("rope_parameters").filter(|p| p.is_object());
+        if let Some(theta) = params.and_then(|p| p.get("rope_theta")).and_then(|x| x.as_f64()) {
+            cfg.rope_theta = theta;
+        }
+        let scaling = match o.get("rope_scaling") {
+            Some(r) if r.is_object() => Some(r),
+            _ => params,
+        };
+        let kind_of = |r: &serde_json::Value| {
+            r.get("rope_type").or_else(|| r.get("type")).and_then(|x| x.as_str()).unwrap_or("default").to_string()
+        };
+        cfg.rope_scaling = match scaling {
+            None => None,
+            Some(r) if kind_of(r) == "default" => None,
             Some(r) => {
-                let kind = r.get("rope_type").or_else(|| r.get("type")).and_then(|x| x.as_str()).unwrap_or("");
+                let kind = kind_of(r);
                 if kind != "yarn" {
                     return Err(HfConfigError::Unsupported(format!(
                         "rope_scaling type `{kind}` is not supported (only yarn)"
