@@ -84,8 +84,9 @@ impl HashIndex {
 pub(crate) fn hash_path(p: &Path) -> Result<(String, u64), CacheError> {
     let mut f = std::fs::File::open(p).ctx("opening", p)?;
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let bar = (len >= PROGRESS_MIN_BYTES)
-        .then(|| crate::progress::bytes_bar(len, &format!("hashing {}", p.file_name().unwrap_or_default().to_string_lossy())));
+    let bar = (len >= PROGRESS_MIN_BYTES).then(|| {
+        crate::progress::bytes_bar(len, &format!("hashing {}", p.file_name().unwrap_or_default().to_string_lossy()))
+    });
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;

@@ -173,7 +173,7 @@ impl RunSink {
     }
 
     /// Record a skipped bad record (`on_bad_record = "skip"`): appended to `rejects.jsonl` and
-    /// counted per dataset in `run.json` (the count is saved with the next state change).
+    /// counted per dataset in `run.json` (recounted from the file at the next state change).
     pub fn reject(&self, dataset: &str, file: &Path, line: usize, reason: &str, raw: &str) -> std::io::Result<()> {
         let v = serde_json::json!({
             "dataset": dataset,
@@ -182,12 +182,22 @@ impl RunSink {
             "reason": reason,
             "raw": raw,
         });
-        self.append_line(files::REJECTS, &v)?;
-        let mut rec = self.record.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(r) = rec.as_mut() {
-            *r.rejects.entry(dataset.to_string()).or_insert(0) += 1;
+        self.append_line(files::REJECTS, &v)
+    }
+
+    /// Skipped records per dataset, counted from `rejects.jsonl` (whoever appended them);
+    /// `None` when there are none.
+    pub fn count_rejects(&self) -> Option<std::collections::BTreeMap<String, u64>> {
+        let text = std::fs::read_to_string(self.dir.join(files::REJECTS)).ok()?;
+        let mut counts = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            let ds = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["dataset"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "?".into());
+            *counts.entry(ds).or_insert(0) += 1;
         }
-        Ok(())
+        Some(counts)
     }
 }
 

@@ -46,7 +46,8 @@ fn metrics_and_rejects_are_appended_as_json_lines() {
     sink.metric("base", serde_json::json!({"step": 1, "loss": 3.5})).unwrap();
     sink.metric("base", serde_json::json!({"step": 2, "loss": 3.0})).unwrap();
     sink.reject("medical", std::path::Path::new("bad.jsonl"), 7, "missing field `conversations`", "{}").unwrap();
-    sink.update(|_| {}).unwrap();
+    let counts = sink.count_rejects().unwrap();
+    sink.update(|r| r.rejects = counts).unwrap();
     let m = std::fs::read_to_string(sink.dir().join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = m.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
@@ -124,7 +125,12 @@ fn diff_reads_eval_generations_from_the_cache() {
     }
     let runs = d.path().join("runs");
     let mut ra = record("r");
-    ra.stages.push(StageRecord { name: "report".into(), kind: "eval".into(), key: keys[0].clone(), ..Default::default() });
+    ra.stages.push(StageRecord {
+        name: "report".into(),
+        kind: "eval".into(),
+        key: keys[0].clone(),
+        ..Default::default()
+    });
     let mut rb = ra.clone();
     rb.stages[2].key = keys[1].clone();
     let a = RunSink::start(&runs, ra).unwrap();
