@@ -252,15 +252,18 @@ fn pngs(dir: &Path) -> Vec<std::path::PathBuf> {
     v
 }
 
+/// One prompt and each model's answer to it.
+type Generation = (String, Vec<(String, String)>);
+
 /// `(prompt, [(model, text)])` from an eval report's `generations`, when the object exists.
 /// Accepts either `{"prompt", "model", "output"|"completion"|"text"|"response"}` entries or
 /// `{"prompt", "outputs": {model: text}}`.
-fn generations(cache: &Cache, key: &str) -> Option<Vec<(String, Vec<(String, String)>)>> {
+fn generations(cache: &Cache, key: &str) -> Option<Vec<Generation>> {
     let art = cache.object(key)?;
     let text = std::fs::read_to_string(art.report_json()).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     let gens = v.get("generations")?.as_array()?;
-    let mut out: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    let mut out: Vec<Generation> = Vec::new();
     for g in gens {
         let prompt = g.get("prompt").map(as_text).unwrap_or_default();
         let mut outs = Vec::new();
