@@ -85,3 +85,19 @@ pub fn referenced_keys(runs_dir: &Path) -> Result<BTreeSet<String>, RunError> {
     }
     Ok(keys)
 }
+
+/// The newest run that did not finish and was not finished since: a later successful run of the
+/// same recipe with the same overrides supersedes it. Runs whose process is still alive are not
+/// candidates.
+pub fn last_unfinished(runs: &[RunSummary]) -> Option<RunSummary> {
+    let mut done: BTreeSet<(String, Vec<String>)> = BTreeSet::new();
+    for r in runs.iter().rev() {
+        let id = (r.record.recipe_path.clone(), r.record.overrides.clone());
+        if !r.record.is_unfinished() {
+            done.insert(id);
+        } else if r.record.effective_status() != "running" && !done.contains(&id) {
+            return Some(r.clone());
+        }
+    }
+    None
+}

@@ -10,7 +10,7 @@ mod list;
 mod record;
 
 pub use diff::{diff_runs, DiffOptions};
-pub use list::{find_run, list_runs, referenced_keys, RunSummary};
+pub use list::{find_run, last_unfinished, list_runs, referenced_keys, RunSummary};
 pub use record::{DatasetLock, RunLock, RunRecord, RunStatus, StageRecord, StageStatus};
 
 use std::io::Write;

@@ -143,3 +143,24 @@ fn diff_reads_eval_generations_from_the_cache() {
     assert!(out.contains("prompt: 2+2="), "{out}");
     assert!(out.contains("A sft: four") && out.contains("B sft: five"), "{out}");
 }
+
+#[test]
+fn last_unfinished_skips_runs_finished_later() {
+    let d = tempfile::tempdir().unwrap();
+    let mk = |status: RunStatus, overrides: &[&str]| {
+        let mut r = record("r");
+        r.status = status;
+        r.overrides = overrides.iter().map(|s| s.to_string()).collect();
+        let s = RunSink::start(d.path(), r).unwrap();
+        // Pretend the writer is gone (not a live run).
+        s.update(|r| r.pid = 999_999_999).unwrap();
+        s.id()
+    };
+    let a = mk(RunStatus::Interrupted, &[]);
+    let _b = mk(RunStatus::Failed, &["x=1"]);
+    let _c = mk(RunStatus::Succeeded, &["x=1"]);
+    let runs = list_runs(d.path()).unwrap();
+    assert_eq!(last_unfinished(&runs).unwrap().record.id, a, "b was superseded by c");
+    let _e = mk(RunStatus::Succeeded, &[]);
+    assert!(last_unfinished(&list_runs(d.path()).unwrap()).is_none());
+}
