@@ -35,7 +35,16 @@ fn publish_all(cache: &Cache, p: &Plan) {
     for s in &p.stages {
         let dir = cache.root().join("objects").join(&s.key);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("manifest.json"), "{}").unwrap();
+        let manifest = crate::artifact::Manifest {
+            kind: ArtifactKind::Model,
+            stage_kind: s.kind.clone(),
+            key: s.key.clone(),
+            mmrun_version: crate::VERSION.into(),
+            created_unix: 0,
+            files: vec![],
+            metrics: Default::default(),
+        };
+        std::fs::write(dir.join("manifest.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
         record_fingerprint(cache, "demo", s).unwrap();
     }
 }

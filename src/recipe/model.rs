@@ -85,6 +85,7 @@ pub fn resolve_model(spec: &ModelSpec, vocab_from_tokenizer: Option<usize>) -> R
         cfg.num_experts_per_tok = b.num_experts_per_tok;
         cfg.norm_topk_prob = b.norm_topk_prob;
         cfg.router_aux_loss_coef = b.router_aux_loss_coef;
+        cfg.rope_scaling = b.rope_scaling.clone();
     }
     if let Some(v) = spec.head_dim {
         cfg.head_dim = v;
