@@ -48,11 +48,18 @@ const NAME_FIELDS: &[&str] = &["stage", "dataset"];
 /// The device class that enters keys: `cpu` or `cuda` (the index does not matter; `auto`
 /// resolves to what this build would use).
 pub fn device_class(device: &str) -> &'static str {
-    if device.starts_with("cuda") || (device == "auto" && candle_core::utils::cuda_is_available()) {
+    if device.starts_with("cuda") || (device == "auto" && auto_has_cuda()) {
         "cuda"
     } else {
         "cpu"
     }
+}
+
+/// What `auto` resolves to, by the same rule as `train::device::select`: CUDA when this build has
+/// it *and* device 0 opens. Probed once per process.
+fn auto_has_cuda() -> bool {
+    static PROBE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROBE.get_or_init(|| candle_core::utils::cuda_is_available() && candle_core::Device::new_cuda(0).is_ok())
 }
 
 /// What a stage's fingerprint needs besides its own spec.
