@@ -404,8 +404,17 @@ fn explain_stage(s: &PlannedStage) -> String {
             }
         );
     }
-    if let Some(m) = fp.get("model") {
-        let _ = writeln!(o, "  model      {}", reasons::show(m));
+    match fp.get("model") {
+        Some(Value::Object(m)) => {
+            let _ = writeln!(o, "  model");
+            for (k, v) in m {
+                let _ = writeln!(o, "    {k} = {}", reasons::show(v));
+            }
+        }
+        Some(Value::Null) => {
+            let _ = writeln!(o, "  model      (no [model] table)");
+        }
+        _ => {}
     }
     let _ = writeln!(o, "\nnot in the key:");
     if s.excluded.is_empty() {

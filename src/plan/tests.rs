@@ -160,6 +160,8 @@ fn model_change_reaches_only_the_stage_that_builds_the_model() {
     assert_eq!(p.stage("tok").unwrap().status, Status::Cached);
     let why = reasons(&p, "base");
     assert!(why.contains(&"model hidden_size 64 → 128".to_string()), "{why:?}");
+    // The vocabulary comes from the tokenizer (an input), not from the preset's placeholder.
+    assert!(p.stage("base").unwrap().fingerprint["model"].get("vocab_size").is_none());
     assert!(p.stage("sft").unwrap().fingerprint.get("model").is_none());
     assert_eq!(reasons(&p, "sft"), ["input base is stale"]);
 }
