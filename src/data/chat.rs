@@ -267,6 +267,30 @@ mod tests {
         v
     }
 
+    /// Cases rendered by Jinja2 the way transformers does (`testdata/make_chat_golden.py`).
+    #[test]
+    fn matches_jinja2_golden_renderings() {
+        let t = ChatTemplate::reference();
+        let golden = include_str!("testdata/chat_golden.jsonl");
+        let mut n = 0;
+        for line in golden.lines() {
+            let case: Json = serde_json::from_str(line).unwrap();
+            let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+            let tools: Option<Vec<Json>> = serde_json::from_value(case["tools"].clone()).unwrap();
+            let out = t
+                .render(
+                    &messages,
+                    tools.as_deref(),
+                    case["add_generation_prompt"].as_bool().unwrap(),
+                    case["open_thinking"].as_bool().unwrap(),
+                )
+                .unwrap();
+            assert_eq!(out, case["rendered"].as_str().unwrap(), "case {n}");
+            n += 1;
+        }
+        assert!(n >= 13);
+    }
+
     #[test]
     fn reference_template_equals_the_shipped_one() {
         let Some(d) = shared_data() else { return };
