@@ -151,7 +151,7 @@ pub struct MiniMind {
 }
 
 /// Box-Muller standard normals from a seeded ChaCha stream (candle's CPU RNG cannot be seeded).
-fn normal_vec(rng: &mut rand_chacha::ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
+pub(crate) fn normal_vec(rng: &mut rand_chacha::ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
     use rand::Rng;
     let mut out = Vec::with_capacity(n);
     while out.len() < n {

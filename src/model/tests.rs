@@ -185,3 +185,31 @@ fn loads_half_precision_files() {
     let d = max_abs_diff(&m.forward_logits(&x, None).unwrap(), &back.forward_logits(&x, None).unwrap());
     assert!(d < 0.05, "bf16 roundtrip diff {d}");
 }
+
+#[test]
+fn fused_and_composite_paths_agree_on_loss_and_every_gradient() {
+    for moe in [false, true] {
+        let cfg = tiny(moe);
+        let m = MiniMind::new(&cfg, 21, &Device::Cpu).unwrap();
+        let x = ids(2, 40, cfg.vocab_size, 7);
+        let mut lv: Vec<i64> = x.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        lv[3] = -100;
+        lv[50] = -100;
+        let labels = Tensor::from_vec(lv, (2, 40), &Device::Cpu).unwrap();
+        let run = || {
+            let (loss, aux) = m.forward_train(&x, &labels).unwrap();
+            let g = (&loss + &aux).unwrap().backward().unwrap();
+            (loss.to_scalar::<f32>().unwrap(), g)
+        };
+        let (lf, gf) = run();
+        let (lc, gc) = ops::with_composite(run);
+        assert!((lf - lc).abs() < 1e-5 * lc.abs(), "moe={moe} loss {lf} vs {lc}");
+        for (name, var) in m.params() {
+            let a = gf.get(var.as_tensor()).unwrap_or_else(|| panic!("fused: no grad for {name}"));
+            let b = gc.get(var.as_tensor()).unwrap_or_else(|| panic!("composite: no grad for {name}"));
+            let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+            let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+            assert!(num <= 1e-4 * den + 1e-12, "moe={moe} {name}: rel err {}", num / den);
+        }
+    }
+}
