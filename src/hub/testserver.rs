@@ -97,11 +97,13 @@ struct State {
     faults: Faults,
     seen: Vec<Seen>,
     commit_counter: u64,
+    cdn_origin: Option<String>,
 }
 
 /// A running test Hub. Dropping it stops accepting connections.
 pub struct TestHub {
     addr: std::net::SocketAddr,
+    cdn_addr: Option<std::net::SocketAddr>,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
 }
@@ -113,20 +115,28 @@ impl TestHub {
         let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp) = (state.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if sp.load(Ordering::SeqCst) {
-                    break;
+        // The "CDN" is another loopback address, so redirects leave the endpoint's origin as on the
+        // real Hub (and the token must not follow them). Falls back to the same origin.
+        let cdn = TcpListener::bind("127.0.0.2:0").ok();
+        state.lock().unwrap().cdn_origin =
+            cdn.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}"));
+        let cdn_addr = cdn.as_ref().and_then(|l| l.local_addr().ok());
+        for l in std::iter::once(listener).chain(cdn) {
+            let (st, sp) = (state.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for conn in l.incoming() {
+                    if sp.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let st = st.clone();
+                    std::thread::spawn(move || {
+                        let _ = handle(conn, &st);
+                    });
                 }
-                let Ok(conn) = conn else { continue };
-                let st = st.clone();
-                std::thread::spawn(move || {
-                    let _ = handle(conn, &st);
-                });
-            }
-        });
-        Self { addr, state, stop }
+            });
+        }
+        Self { addr, cdn_addr, state, stop }
     }
 
     /// The endpoint to put in `HF_ENDPOINT` (`http://127.0.0.1:<port>`).
@@ -136,7 +146,13 @@ impl TestHub {
 
     /// Add a commit on `branch` of a repository (created if new) holding the branch's previous
     /// files overlaid with `files` (`(path, content, lfs)`); moves the branch. Returns the commit id.
-    pub fn commit(&self, repo_type: RepoType, repo_id: &str, branch: &str, files: Vec<(String, Vec<u8>, bool)>) -> String {
+    pub fn commit(
+        &self,
+        repo_type: RepoType,
+        repo_id: &str,
+        branch: &str,
+        files: Vec<(String, Vec<u8>, bool)>,
+    ) -> String {
         let mut st = self.state.lock().unwrap();
         st.commit_counter += 1;
         let counter = st.commit_counter;
@@ -227,7 +243,9 @@ impl Drop for TestHub {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        for a in std::iter::once(self.addr).chain(self.cdn_addr) {
+            let _ = TcpStream::connect_timeout(&a, Duration::from_millis(200));
+        }
     }
 }
 
@@ -337,7 +355,12 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         std::thread::sleep(d);
     }
     let (start, end) = resp.range.unwrap_or((0, resp.body.len()));
-    let mut head = format!("HTTP/1.1 {} {}\r\nConnection: close\r\nContent-Length: {}\r\n", resp.status, reason(resp.status), end - start);
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        resp.status,
+        reason(resp.status),
+        end - start
+    );
     for (k, v) in &resp.headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -409,6 +432,7 @@ fn route(st: &mut State, req: &Req) -> Resp {
         return Resp::error(404, "RevisionNotFound", &format!("Invalid rev id: {rev}"));
     };
     let tree = &repo.commits[&commit];
+    let cdn_origin = st.cdn_origin.clone().unwrap_or_default();
     let file_path = rest.get(4..).map(|s| s.join("/")).unwrap_or_default();
     match (api, action) {
         (true, "revision") => Resp::json(
@@ -451,7 +475,10 @@ fn route(st: &mut State, req: &Req) -> Resp {
             if items.is_empty() && dirs.is_empty() && !prefix.is_empty() {
                 return Resp::error(404, "EntryNotFound", &format!("{prefix} does not exist on {rev}"));
             }
-            let mut all: Vec<_> = dirs.into_iter().map(|d| serde_json::json!({ "type": "directory", "oid": "0", "size": 0, "path": d })).collect();
+            let mut all: Vec<_> = dirs
+                .into_iter()
+                .map(|d| serde_json::json!({ "type": "directory", "oid": "0", "size": 0, "path": d }))
+                .collect();
             all.extend(items);
             Resp::json(200, serde_json::Value::Array(all))
         }
@@ -467,7 +494,7 @@ fn route(st: &mut State, req: &Req) -> Resp {
                 r.headers.push(("ETag".into(), format!("\"{}\"", f.oid())));
                 r.headers.push(("X-Linked-Etag".into(), format!("\"{}\"", f.sha256())));
                 r.headers.push(("X-Linked-Size".into(), f.data.len().to_string()));
-                r.headers.push(("Location".into(), format!("/cdn/{}?repo={repo_id}", f.sha256())));
+                r.headers.push(("Location".into(), format!("{}/cdn/{}?repo={repo_id}", cdn_origin, f.sha256())));
                 r
             } else {
                 let f = f.clone();
@@ -482,7 +509,13 @@ fn route(st: &mut State, req: &Req) -> Resp {
 }
 
 fn serve_cdn(st: &mut State, sha: &str, req: &Req) -> Resp {
-    let found = st.repos.values().flat_map(|r| r.commits.values()).flat_map(|t| t.values()).find(|f| f.lfs && f.sha256() == sha).cloned();
+    let found = st
+        .repos
+        .values()
+        .flat_map(|r| r.commits.values())
+        .flat_map(|t| t.values())
+        .find(|f| f.lfs && f.sha256() == sha)
+        .cloned();
     match found {
         Some(f) => {
             let mut r = body_resp(st, f.data.clone(), req);
@@ -511,10 +544,28 @@ fn body_resp(st: &mut State, data: Arc<Vec<u8>>, req: &Req) -> Resp {
     } else {
         false
     };
-    let mut r = Resp { status: 200, headers: vec![("Accept-Ranges".into(), "bytes".into())], body: data, range: None, drop_mid };
-    if let Some(start) = req.headers.get("range").and_then(|v| v.strip_prefix("bytes=")).and_then(|v| v.strip_suffix('-')).and_then(|v| v.parse::<usize>().ok()) {
+    let mut r = Resp {
+        status: 200,
+        headers: vec![("Accept-Ranges".into(), "bytes".into())],
+        body: data,
+        range: None,
+        drop_mid,
+    };
+    if let Some(start) = req
+        .headers
+        .get("range")
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.strip_suffix('-'))
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         if start >= len {
-            return Resp { status: 416, headers: vec![("Content-Range".into(), format!("bytes */{len}"))], body: Arc::new(Vec::new()), range: None, drop_mid: false };
+            return Resp {
+                status: 416,
+                headers: vec![("Content-Range".into(), format!("bytes */{len}"))],
+                body: Arc::new(Vec::new()),
+                range: None,
+                drop_mid: false,
+            };
         }
         r.status = 206;
         r.range = Some((start, len));
