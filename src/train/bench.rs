@@ -1,0 +1,1 @@
+//! `mmrun bench`: training and generation throughput on the reference shape. (Filled in below.)
