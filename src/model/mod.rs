@@ -2,5 +2,7 @@
 //! and weights I/O with Qwen3 key names.
 
 pub mod config;
+pub mod generate;
+pub mod sampling;
 
 pub use config::ModelConfig;
