@@ -132,6 +132,9 @@ pub enum GenerateError {
     Model(#[from] candle_core::Error),
 }
 
+/// Turns a row's generated ids into text (for streaming deltas).
+pub type Decoder<'a> = &'a dyn Fn(&[u32]) -> String;
+
 /// Generate continuations of `prompts` (token ids). `on_token(row, id, text_delta)` is called for
 /// every generated token that is kept (not for stop tokens); returning `ControlFlow::Break(())`
 /// stops that row. `decode` turns a row's generated ids into text for the deltas (pass `None` to
@@ -140,7 +143,7 @@ pub fn generate<M: CausalLm>(
     model: &M,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
-    decode: Option<&dyn Fn(&[u32]) -> String>,
+    decode: Option<Decoder<'_>>,
     mut on_token: impl FnMut(usize, u32, &str) -> ControlFlow<()>,
 ) -> Result<Vec<Generation>, GenerateError> {
     let max_pos = model.max_positions();
