@@ -322,7 +322,7 @@ mod tests {
         let ll = loglik(&m, &seqs, 8, 256).unwrap();
         let best = (0..3).max_by(|&a, &b| ll[a].sum.partial_cmp(&ll[b].sum).unwrap()).unwrap();
         let item = McItem { answer: best, ..base.clone() };
-        assert_eq!(ev.multiple_choice(&[item.clone()]).unwrap(), 1.0);
+        assert_eq!(ev.multiple_choice(std::slice::from_ref(&item)).unwrap(), 1.0);
         let wrong_item = McItem { answer: (best + 1) % 3, ..base };
         assert_eq!(ev.multiple_choice(&[item, wrong_item]).unwrap(), 0.5);
     }

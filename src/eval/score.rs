@@ -108,7 +108,7 @@ mod tests {
         let a = ScoredSeq::continuation(&[1, 2, 3], &[4, 5]);
         let b = ScoredSeq::continuation(&[1], &[6]);
         let together = loglik(&m, &[a.clone(), b.clone()], 8, 1024).unwrap();
-        let alone = [loglik(&m, &[a.clone()], 1, 1024).unwrap()[0], loglik(&m, &[b], 1, 1024).unwrap()[0]];
+        let alone = [loglik(&m, std::slice::from_ref(&a), 1, 1024).unwrap()[0], loglik(&m, &[b], 1, 1024).unwrap()[0]];
         assert_eq!(together[0].count, 2);
         assert_eq!(together[1].count, 1);
         for (x, y) in together.iter().zip(alone.iter()) {
