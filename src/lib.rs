@@ -18,6 +18,8 @@ pub mod progress;
 pub mod recipe;
 pub mod runs;
 pub mod stages;
+#[doc(hidden)]
+pub mod testutil;
 pub mod train;
 
 /// The mmrun version recorded in run records and locks.

@@ -4,6 +4,21 @@
 //! error names file, line, column, the offending key and a fix; stage tables are handed to their
 //! stage kind's parameter struct (`deny_unknown_fields`) and canonicalised.
 
+mod diag;
+mod load;
+mod model;
+mod overrides;
+pub mod schema;
+mod spans;
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
+
+pub use diag::{did_you_mean, Diagnostic, Location};
+pub use load::{load, load_str, load_with, RecipeError};
+pub use model::{resolve_model, ModelSpecError};
+
 use crate::stages::InputRef;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,77 @@
+//! Per-layer key/value cache for incremental decoding. Keys are stored after q/k-norm and RoPE,
+//! before GQA repetition, as `[B, P, K, D]` (spec §3.3 step 4).
+
+use candle_core::{Result, Tensor};
+
+/// Growable per-layer K/V buffers. Appending writes in place into a preallocated buffer (doubling
+/// when full), so a decode step costs O(new tokens), not O(cached length).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<LayerCache>>,
+}
+
+#[derive(Debug, Clone)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers] }
+    }
+
+    /// Number of cached positions (0 when empty).
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|l| l.len).unwrap_or(0)
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forget everything (keeps no buffers).
+    pub fn clear(&mut self) {
+        for l in &mut self.layers {
+            *l = None;
+        }
+    }
+
+    /// Append `k`, `v` (`[B, T, K, D]`) to layer `layer` and return views of the whole cached
+    /// `[B, P+T, K, D]` keys and values.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t, kh, d) = k.dims4()?;
+        let slot = &mut self.layers[layer];
+        match slot {
+            None => {
+                let cap = (t * 2).max(64);
+                let kb = Tensor::zeros((b, cap, kh, d), k.dtype(), k.device())?;
+                let vb = Tensor::zeros((b, cap, kh, d), v.dtype(), v.device())?;
+                kb.slice_set(&k.contiguous()?, 1, 0)?;
+                vb.slice_set(&v.contiguous()?, 1, 0)?;
+                *slot = Some(LayerCache { k: kb, v: vb, len: t });
+            }
+            Some(c) => {
+                let cap = c.k.dim(1)?;
+                if c.len + t > cap {
+                    let new_cap = (c.len + t).max(cap * 2);
+                    let grow = |x: &Tensor| -> Result<Tensor> {
+                        let nb = Tensor::zeros((b, new_cap, kh, d), x.dtype(), x.device())?;
+                        nb.slice_set(&x.narrow(1, 0, c.len)?.contiguous()?, 1, 0)?;
+                        Ok(nb)
+                    };
+                    c.k = grow(&c.k)?;
+                    c.v = grow(&c.v)?;
+                }
+                c.k.slice_set(&k.contiguous()?, 1, c.len)?;
+                c.v.slice_set(&v.contiguous()?, 1, c.len)?;
+                c.len += t;
+            }
+        }
+        let c = slot.as_ref().expect("just set");
+        Ok((c.k.narrow(1, 0, c.len)?, c.v.narrow(1, 0, c.len)?))
+    }
+}

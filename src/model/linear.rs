@@ -1,0 +1,43 @@
+//! A bias-free linear layer whose weight is either trainable (a `Var`'s tensor) or frozen (a plain
+//! tensor), with an optional LoRA adapter so a frozen base plus adapters can be trained later.
+
+use candle_core::{Result, Tensor};
+
+/// A LoRA adapter `y += scale * (x A^T) B^T` (spec §10).
+#[derive(Clone, Debug)]
+pub struct Lora {
+    /// `[rank, in]`.
+    pub a: Tensor,
+    /// `[out, rank]`.
+    pub b: Tensor,
+    /// Output scale.
+    pub scale: f64,
+}
+
+/// `y = x W^T` with W `[out, in]` (PyTorch layout, so weights load without transposes).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// Optional adapter.
+    pub lora: Option<Lora>,
+}
+
+impl Linear {
+    /// Wrap a weight.
+    pub fn new(weight: Tensor) -> Self {
+        Self { weight, lora: None }
+    }
+
+    /// Apply to `x` of shape `[N, in]` (2-D; callers flatten batch and time first).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.lora {
+            None => Ok(y),
+            Some(l) => {
+                let d = x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+                y + (d * l.scale)?
+            }
+        }
+    }
+}

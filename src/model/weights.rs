@@ -1,0 +1,122 @@
+//! Weights I/O: safetensors with Qwen3 key names, and export of a folder `transformers` loads as
+//! `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM` (spec §5).
+
+use super::{MiniMind, ModelConfig, ModelError};
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Save every weight as f32 safetensors with Qwen3 key names. Tied embeddings are stored once,
+/// as `model.embed_tokens.weight` (what transformers expects for a tied Qwen3).
+pub fn save(model: &MiniMind, path: &Path) -> anyhow::Result<()> {
+    save_tensors(&model.named_tensors(), path)
+}
+
+/// Save named tensors as f32 safetensors (atomically: temp file + rename).
+pub fn save_tensors(named: &[(String, Tensor)], path: &Path) -> anyhow::Result<()> {
+    let mut map = HashMap::new();
+    for (n, t) in named {
+        map.insert(n.clone(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?);
+    }
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(&map, &tmp).with_context(|| format!("writing weights to {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Read every tensor of a safetensors file (f32, bf16 or f16 on disk) as f32 on `device`.
+pub fn load_tensors(path: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
+    let raw = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("reading safetensors weights from {} (is it a safetensors file?)", path.display()))?;
+    let mut out = HashMap::with_capacity(raw.len());
+    for (k, t) in raw {
+        let t = t.to_dtype(DType::F32)?.to_device(device)?;
+        out.insert(k, t);
+    }
+    Ok(out)
+}
+
+/// Read a model folder's `config.json` (Qwen3 / Qwen3-MoE / MiniMind layout).
+pub fn load_config(dir: &Path) -> anyhow::Result<ModelConfig> {
+    let p = dir.join("config.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+    ModelConfig::from_hf_json(&v).with_context(|| format!("interpreting {}", p.display()))
+}
+
+/// Load a weights file into a model for `cfg`. `trainable` makes the weights `Var`s.
+pub fn load(cfg: &ModelConfig, path: &Path, device: &Device, trainable: bool) -> anyhow::Result<MiniMind> {
+    let tensors = load_tensors(path, device)?;
+    MiniMind::from_tensors(cfg, tensors, device, trainable)
+        .map_err(|e: ModelError| anyhow::anyhow!(e))
+        .with_context(|| format!("loading weights from {}", path.display()))
+}
+
+/// Load a model folder: `config.json` plus `model.safetensors` (or the sharded
+/// `model.safetensors.index.json` form of transformers), e.g. a MiniMind release or an mmrun export.
+pub fn load_dir(dir: &Path, device: &Device, trainable: bool) -> anyhow::Result<MiniMind> {
+    let cfg = load_config(dir)?;
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return load(&cfg, &single, device, trainable);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+        let mut files: Vec<String> = v["weight_map"]
+            .as_object()
+            .map(|m| m.values().filter_map(|x| x.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        files.sort();
+        files.dedup();
+        let mut all = HashMap::new();
+        for f in files {
+            all.extend(load_tensors(&dir.join(&f), device)?);
+        }
+        return MiniMind::from_tensors(&cfg, all, device, trainable)
+            .map_err(|e: ModelError| anyhow::anyhow!(e))
+            .with_context(|| format!("loading weights from {}", dir.display()));
+    }
+    anyhow::bail!("{} has no model.safetensors (or model.safetensors.index.json); is it a model folder?", dir.display())
+}
+
+/// Tokenizer files copied by [`export`] when present in the tokenizer folder.
+pub const TOKENIZER_FILES: &[&str] =
+    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
+
+/// Write a folder `transformers` loads with `AutoModelForCausalLM.from_pretrained`: `config.json`,
+/// `model.safetensors`, `generation_config.json` (with bos/eos/pad ids, unlike the reference), and
+/// the tokenizer files found in `tokenizer_dir` (if given).
+pub fn export(model: &MiniMind, tokenizer_dir: Option<&Path>, out_dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let cfg = model.config();
+    let cfg_path = out_dir.join("config.json");
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg.to_hf_json())? + "\n")
+        .with_context(|| format!("writing {}", cfg_path.display()))?;
+    let gen = serde_json::json!({
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": 0,
+        "do_sample": true,
+        "temperature": 0.85,
+        "top_p": 0.85,
+        "top_k": 50,
+    });
+    let gen_path = out_dir.join("generation_config.json");
+    std::fs::write(&gen_path, serde_json::to_string_pretty(&gen)? + "\n")
+        .with_context(|| format!("writing {}", gen_path.display()))?;
+    save(model, &out_dir.join("model.safetensors"))?;
+    if let Some(tdir) = tokenizer_dir {
+        for f in TOKENIZER_FILES {
+            let src = tdir.join(f);
+            if src.is_file() {
+                std::fs::copy(&src, out_dir.join(f))
+                    .with_context(|| format!("copying {} into {}", src.display(), out_dir.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
