@@ -4,9 +4,11 @@
 //! short answer string, tried in this order:
 //! 1. GSM8K's `#### <answer>` (the text after the last `####`),
 //! 2. `<answer>…</answer>` (the last one),
-//! 3. "the answer is X" / "answer: X" (case-insensitive, the last one),
-//! 4. the last number in the text,
-//! 5. the whole text, trimmed.
+//! 3. "the answer is X" (case-insensitive, the last one; its first number if it has one),
+//! 4. "answer: X" (the last one; the number after its last `=`, so a truncated
+//!    "Answer: 12 + 7 = 19. The" still gives 19),
+//! 5. the last number in the text,
+//! 6. the whole text, trimmed.
 //!
 //! Normalisation lowercases, trims surrounding whitespace and punctuation, drops `$`/`%` signs and
 //! thousands separators, and writes numbers canonically (`3.0` → `3`, `-0.50` → `-0.5`), so
@@ -38,20 +40,28 @@ pub fn extract_answer(text: &str) -> String {
         return c[1].trim().to_string();
     }
     static SAYS: OnceLock<Regex> = OnceLock::new();
-    if let Some(c) =
-        re(&SAYS, r"(?i)(?:the\s+(?:final\s+)?answer\s+is|answer\s*[:：])\s*:?\s*([^\n]+)").captures_iter(text).last()
-    {
+    if let Some(c) = re(&SAYS, r"(?i)the\s+(?:final\s+)?answer\s+is\s*:?\s*([^\n]+)").captures_iter(text).last() {
+        return first_number_or(c[1].trim());
+    }
+    static LABEL: OnceLock<Regex> = OnceLock::new();
+    if let Some(c) = re(&LABEL, r"(?i)answer\s*[:：]\s*([^\n]+)").captures_iter(text).last() {
+        // "Answer: 12 + 7 = 19" → the result after the last `=`.
         let tail = c[1].trim();
-        // "The answer is 42 apples." → prefer the number when the phrase carries one.
-        return match number_re().find(tail) {
-            Some(m) => m.as_str().to_string(),
-            None => tail.to_string(),
-        };
+        let tail = tail.rsplit_once('=').map(|(_, r)| r.trim()).unwrap_or(tail);
+        return first_number_or(tail);
     }
     if let Some(m) = number_re().find_iter(text).last() {
         return m.as_str().to_string();
     }
     text.trim().to_string()
+}
+
+/// "42 apples." → "42"; text without a number stays as it is.
+fn first_number_or(tail: &str) -> String {
+    match number_re().find(tail) {
+        Some(m) => m.as_str().to_string(),
+        None => tail.to_string(),
+    }
 }
 
 /// Canonical form of an answer string (see the module docs).
@@ -93,6 +103,8 @@ mod tests {
         assert_eq!(extract_answer("think 3 then <answer> 42 </answer> done 7"), "42");
         assert_eq!(extract_answer("so 3+4=7. The answer is 7 apples."), "7");
         assert_eq!(extract_answer("Answer: B"), "B");
+        assert_eq!(extract_answer(" Answer: 12 + 7 = 19. The"), "19");
+        assert_eq!(extract_answer("Answer: 12 + 7 = 19. The answer is 19."), "19");
         assert_eq!(extract_answer("12 + 30 = 42"), "42");
         assert_eq!(extract_answer("x = -3.5 or so"), "-3.5");
         assert_eq!(extract_answer("  Paris "), "Paris");
