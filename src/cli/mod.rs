@@ -63,6 +63,16 @@ pub enum Command {
         /// Run directory name or unique prefix.
         run: Option<String>,
     },
+    /// Measure training and generation speed on this machine (tokens/s, MFU, memory).
+    Bench(crate::train::bench::BenchArgs),
+    /// Re-resolve the recipe's `hf://` datasets to their branches' current commits and rewrite
+    /// the lock file next to the recipe (all datasets, or only the one named).
+    Update {
+        /// The recipe file.
+        recipe: PathBuf,
+        /// Only this dataset.
+        dataset: Option<String>,
+    },
     /// Delete cache objects no run record references, and stale temporary directories.
     Gc {
         /// Only report what would be removed.
@@ -71,7 +81,7 @@ pub enum Command {
     },
 }
 
-const SUBCOMMANDS: &[&str] = &["run", "plan", "runs", "diff", "resume", "gc", "help"];
+const SUBCOMMANDS: &[&str] = &["run", "plan", "runs", "diff", "resume", "bench", "update", "gc", "help"];
 /// Global options that take a value (so the shorthand detection skips their values).
 const VALUE_OPTS: &[&str] = &["--set", "--home", "--runs-dir"];
 
@@ -197,6 +207,24 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 text: Some(rec.recipe_text.clone()),
             };
             finish(pipeline::run(&src, &paths)?)
+        }
+        Command::Bench(args) => {
+            let json = args.json;
+            let v = crate::train::bench::run(args.clone())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", crate::train::bench::render_text(&v));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Update { recipe, dataset } => {
+            let lock = crate::hub::lock::update(recipe, dataset.as_deref())?;
+            println!("updated {}:", crate::hub::lock::lock_path(recipe).display());
+            for (name, d) in &lock.datasets {
+                println!("  {name}: {} @ {} ({} files)", d.uri, d.commit, d.files.len());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Gc { dry_run } => {
             let cache = crate::cache::Cache::open(&paths.home)

@@ -73,40 +73,12 @@ pub fn resolve_datasets(recipe: &Recipe, cache: &Cache) -> anyhow::Result<BTreeM
     let mut out = BTreeMap::new();
     for (name, spec) in &recipe.datasets {
         let sp = crate::progress::spinner(&format!("resolving dataset {name}"));
-        let ds = resolve_dataset(name, spec, &dir, cache).with_context(|| format!("resolving dataset '{name}'"))?;
+        let ds =
+            crate::data::resolve(name, spec, &dir, cache).with_context(|| format!("resolving dataset '{name}'"))?;
         sp.finish_and_clear();
         out.insert(name.clone(), ds);
     }
     Ok(out)
-}
-
-/// Minimal glue until `data::resolve` is merged: local files and directories only.
-fn resolve_dataset(
-    name: &str,
-    spec: &crate::recipe::DatasetSpec,
-    dir: &Path,
-    cache: &Cache,
-) -> anyhow::Result<ResolvedDataset> {
-    let p = dir.join(&spec.source);
-    let mut files = if p.is_dir() {
-        std::fs::read_dir(&p)?.flatten().map(|e| e.path()).filter(|f| f.is_file()).collect::<Vec<_>>()
-    } else if p.is_file() {
-        vec![p.clone()]
-    } else {
-        anyhow::bail!("dataset '{name}': source '{}' is not a local file or directory ({})", spec.source, p.display());
-    };
-    files.sort();
-    let mut h = blake3::Hasher::new();
-    for f in &files {
-        h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
-        h.update(cache.hash_file(f)?.as_bytes());
-    }
-    Ok(ResolvedDataset {
-        name: name.into(),
-        spec: spec.clone(),
-        files,
-        content_hash: h.finalize().to_hex().to_string(),
-    })
 }
 
 /// Load, resolve and plan without running anything.
