@@ -295,8 +295,7 @@ fn starts_with_array(r: &mut BufReader<std::fs::File>) -> std::io::Result<bool> 
     Ok(b.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'['))
 }
 
-/// Append one rejected record to the run's `rejects.jsonl`. The one place to swap in the engine's
-/// `RunSink::reject` once it exists.
+/// Append one rejected record (raw text cut to 4 KiB) to the run's `rejects.jsonl`.
 fn write_reject(
     sink: &RunSink,
     dataset: &str,
@@ -305,12 +304,9 @@ fn write_reject(
     reason: &str,
     raw: &[u8],
 ) -> std::io::Result<()> {
-    use std::io::Write;
     const MAX_RAW: usize = 4096;
-    let raw = String::from_utf8_lossy(&raw[..raw.len().min(MAX_RAW)]).to_string();
-    let rec = serde_json::json!({"dataset": dataset, "file": file, "line": line, "reason": reason, "raw": raw});
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(sink.dir().join("rejects.jsonl"))?;
-    writeln!(f, "{rec}")
+    let raw = String::from_utf8_lossy(&raw[..raw.len().min(MAX_RAW)]);
+    sink.reject(dataset, Path::new(file), line, reason, &raw)
 }
 
 // ---------------------------------------------------------------------------------------------
