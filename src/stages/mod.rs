@@ -6,6 +6,8 @@
 
 mod context;
 pub mod prepare;
+pub mod pretrain;
+pub mod sft;
 pub mod tokenizer;
 
 pub use context::{Inputs, StageContext, StageOutcome};
@@ -129,7 +131,12 @@ impl<S: Stage> DynStage for S {
 
 /// Every stage kind mmrun knows, in pipeline order.
 pub fn registry() -> Vec<Box<dyn DynStage>> {
-    vec![Box::new(tokenizer::TokenizerStage), Box::new(prepare::PrepareStage)]
+    vec![
+        Box::new(tokenizer::TokenizerStage),
+        Box::new(prepare::PrepareStage),
+        Box::new(pretrain::PretrainStage),
+        Box::new(sft::SftStage),
+    ]
 }
 
 /// Look a stage kind up by its `kind` string.
