@@ -107,6 +107,19 @@ impl HubOptions {
     }
 }
 
+/// The local files of `hf://` dataset `name` for the data layer (`data::resolve`): the files
+/// [`lock::fetch_recipe`] fetched (through the recipe's lock) earlier in this process, or else a
+/// fresh, unlocked resolution with options from the environment.
+pub fn fetch_for_data(name: &str, uri: &str) -> Result<Vec<PathBuf>, HubError> {
+    let parsed =
+        HubUri::parse(uri).map_err(|e| HubError::BadUri { dataset: name.to_string(), reason: e.to_string() })?;
+    let fetched = match lock::session_lookup(&parsed.to_string()) {
+        Some(f) => f,
+        None => resolve_dataset(&parsed, None, &HubOptions::from_env())?,
+    };
+    Ok(fetched.files.into_iter().map(|f| f.local_path).collect())
+}
+
 /// One file of a fetched dataset.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FetchedFile {
