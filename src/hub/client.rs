@@ -1,10 +1,12 @@
 //! The HTTP side: revision lookup, tree listing, and verified, resumable, retried downloads into
 //! the HF cache layout.
 //!
-//! Built on `ureq` 3 directly rather than the `hf-hub` crate: `hf-hub` 0.4 (blocking API over
-//! `ureq` 2) resolves revisions and writes the same cache layout, but has no recursive tree listing
-//! with sizes/LFS hashes, does not verify sha256 or git blob ids, has no `Retry-After`/5xx backoff
-//! for the blocking client, no `HF_HUB_OFFLINE` mode, and would pull a second HTTP stack.
+//! Built on `ureq` 3 directly rather than the `hf-hub` crate. `hf-hub` 0.4's blocking API (over
+//! `ureq` 2) resolves revisions, downloads into the same cache layout with a retry count, and reads
+//! `HF_HOME`/`HF_ENDPOINT`/the token file; but it has no recursive tree listing with sizes and LFS
+//! sha256s (needed for globs and locks), does not verify sha256 or git blob ids after a download, has
+//! no `HF_HUB_OFFLINE` mode, no per-blob lock against concurrent processes, and would add `ureq` 2
+//! beside our `ureq` 3 (its newer releases move to reqwest/tokio).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};

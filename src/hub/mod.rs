@@ -183,7 +183,7 @@ pub fn resolve_dataset(
         }
     }
     if opts.offline {
-        return resolve_offline(uri, lock, &rc, &client, opts);
+        return resolve_offline(uri, lock, &rc, &client);
     }
 
     let commit = match lock {
@@ -245,7 +245,6 @@ fn resolve_offline(
     lock: Option<&LockedDataset>,
     rc: &RepoCache,
     client: &Client<'_>,
-    opts: &HubOptions,
 ) -> Result<FetchedDataset, HubError> {
     let revision = uri.revision_or_main().to_string();
     let not_cached = |what: String, url: String| HubError::OfflineNotCached {
@@ -272,7 +271,6 @@ fn resolve_offline(
     if paths.is_empty() {
         return Err(not_cached(format!("'{}' at commit {commit}", uri.path), client.resolve_url(&commit, &uri.path)));
     }
-    let _ = opts;
     match cached_files(rc, &commit, paths.iter().cloned(), lock) {
         Some(files) => Ok(FetchedDataset { uri: uri.to_string(), revision, commit, files }),
         None => {
