@@ -407,3 +407,20 @@ fn hex_sha(d: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(d))
 }
+
+#[test]
+fn medical_recipe_points_at_files_the_local_hub_serves() {
+    let Some(shared) = common::shared_data() else { return };
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/medical_sft.toml");
+    let hubs = lock::recipe_hub_datasets(&recipe).unwrap();
+    assert_eq!(hubs.keys().map(String::as_str).collect::<Vec<_>>(), ["medical_pref", "medical_sft", "medical_text"]);
+    let hub = TestHub::start();
+    hub.add_medical_repo(&shared).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    for (name, u) in &hubs {
+        assert_eq!(u.repo_id, "shibing624/medical", "{name}");
+        let ds = resolve_dataset(u, None, &opts(&hub, cache.path())).unwrap();
+        assert_eq!(ds.files.len(), 1, "{name}");
+        assert!(ds.files[0].size > 10_000, "{name}");
+    }
+}

@@ -162,6 +162,11 @@ impl<'a> Client<'a> {
         let status = resp.status().as_u16();
         let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         match status {
+            // The Hub answers 401 + RepoNotFound for a repository that does not exist or is private
+            // and no (valid) token was sent, as huggingface_hub reports it.
+            401 if header("x-error-code") == "RepoNotFound" => {
+                Attempt::Fatal(HubError::RepoNotFound { dataset: self.dataset.clone(), url: url.to_string() })
+            }
             401 | 403 => Attempt::Fatal(HubError::Unauthorized {
                 dataset: self.dataset.clone(),
                 status,
@@ -315,6 +320,7 @@ impl<'a> Client<'a> {
     /// A checksum mismatch deletes the partial file and starts over once, then fails.
     fn download_blob(&self, rc: &RepoCache, commit: &str, file: &RemoteFile, url: &str) -> Result<(), HubError> {
         let name = file.blob_name();
+        tracing::info!(dataset = %self.dataset, path = %file.path, bytes = file.size, "downloading");
         let part = rc.incomplete(name);
         let blob = rc.blob(name);
         let mut second_try = false;
