@@ -44,6 +44,9 @@ impl RemoteFile {
 enum Attempt {
     /// Transient: try again after the backoff (or the server's `Retry-After`).
     Retry { reason: String, after: Option<Duration> },
+    /// A download broke off after receiving more bytes: resume at once, without counting an attempt
+    /// (every such retry makes progress, so the loop is still bounded by the file size).
+    Progressed { reason: String },
     /// Permanent.
     Fatal(HubError),
 }
@@ -68,6 +71,8 @@ impl<'a> Client<'a> {
             .max_redirects(0)
             .timeout_connect(Some(opts.connect_timeout))
             .timeout_recv_response(Some(opts.response_timeout))
+            // A stalled body (no byte for this long) is a transient failure, resumed with Range.
+            .timeout_per_read(Some(opts.response_timeout))
             .user_agent(format!("mmrun/{}", crate::VERSION))
             .build()
             .into();
@@ -135,6 +140,10 @@ impl<'a> Client<'a> {
             match f() {
                 Ok(v) => return Ok(v),
                 Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Progressed { reason }) => {
+                    tracing::warn!(dataset = %self.dataset, %url, %reason, "resuming");
+                    attempt = 0;
+                }
                 Err(Attempt::Retry { reason, after }) => {
                     if attempt > self.opts.max_retries {
                         return Err(HubError::Network {
@@ -391,9 +400,12 @@ impl<'a> Client<'a> {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         let _ = out.flush();
-                        return Err(Attempt::Retry {
-                            reason: format!("connection dropped mid-body: {e}"),
-                            after: None,
+                        let reason = format!("connection dropped mid-body: {e}");
+                        let now = out.metadata().map(|m| m.len()).unwrap_or(have);
+                        return Err(if now > have {
+                            Attempt::Progressed { reason }
+                        } else {
+                            Attempt::Retry { reason, after: None }
                         });
                     }
                 };
