@@ -122,7 +122,8 @@ fn reuses_cache_written_by_python_and_makes_no_request_with_a_lock() {
 fn dropped_connection_mid_body_resumes_with_range() {
     let hub = TestHub::start();
     repo(&hub);
-    hub.set_faults(Faults { drop_mid_body: 2, ..Faults::default() });
+    // More drops than retries: each drop made progress, so none of them counts as a failed attempt.
+    hub.set_faults(Faults { drop_mid_body: 8, ..Faults::default() });
     let cache = tempfile::tempdir().unwrap();
     let ds = resolve_dataset(&uri("hf://datasets/acme/med/data/train.jsonl"), None, &opts(&hub, cache.path())).unwrap();
     assert_eq!(std::fs::read(&ds.files[0].local_path).unwrap(), bytes(300_000, 1));
@@ -406,4 +407,72 @@ fn medical_repo_from_shared_data() {
 fn hex_sha(d: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(d))
+}
+
+#[test]
+fn medical_recipe_points_at_files_the_local_hub_serves() {
+    let Some(shared) = common::shared_data() else { return };
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/medical_sft.toml");
+    let hubs = lock::recipe_hub_datasets(&recipe).unwrap();
+    assert_eq!(hubs.keys().map(String::as_str).collect::<Vec<_>>(), ["medical_pref", "medical_sft", "medical_text"]);
+    let hub = TestHub::start();
+    hub.add_medical_repo(&shared).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    for (name, u) in &hubs {
+        assert_eq!(u.repo_id, "shibing624/medical", "{name}");
+        let ds = resolve_dataset(u, None, &opts(&hub, cache.path())).unwrap();
+        assert_eq!(ds.files.len(), 1, "{name}");
+        assert!(ds.files[0].size > 10_000, "{name}");
+    }
+}
+
+/// Child half of `two_processes_download_each_blob_once`: runs only when spawned by it.
+#[test]
+fn child_fetch() {
+    let (Ok(endpoint), Ok(cache)) = (std::env::var("MMRUN_HUB_CHILD_ENDPOINT"), std::env::var("MMRUN_HUB_CHILD_CACHE"))
+    else {
+        return;
+    };
+    let o = HubOptions { endpoint, cache_dir: cache.into(), ..HubOptions::from_env() };
+    let ds = resolve_dataset(&uri("hf://datasets/acme/med/data/train.jsonl"), None, &o).unwrap();
+    assert_eq!(std::fs::read(&ds.files[0].local_path).unwrap(), bytes(300_000, 1));
+}
+
+#[test]
+fn two_processes_download_each_blob_once() {
+    let hub = TestHub::start();
+    repo(&hub);
+    // Slow answers so that both processes are inside the fetch at the same time.
+    hub.set_faults(Faults { slow: 8, slow_ms: 200, ..Faults::default() });
+    let cache = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let spawn = || {
+        std::process::Command::new(&exe)
+            .args(["--exact", "child_fetch", "--test-threads=1"])
+            .env("MMRUN_HUB_CHILD_ENDPOINT", hub.url())
+            .env("MMRUN_HUB_CHILD_CACHE", cache.path())
+            .env_remove("HF_TOKEN")
+            .env_remove("HF_HUB_OFFLINE")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (spawn(), spawn());
+    assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+    let cdn = hub.seen().iter().filter(|s| s.target.starts_with("/cdn/")).count();
+    assert_eq!(cdn, 1, "one process downloaded, the other waited on the blob lock and reused it");
+}
+
+#[test]
+fn lock_with_a_different_sha256_is_refused() {
+    let hub = TestHub::start();
+    repo(&hub);
+    let cache = tempfile::tempdir().unwrap();
+    let o = opts(&hub, cache.path());
+    let u = uri("hf://datasets/acme/med/data/valid.jsonl");
+    let mut locked = resolve_dataset(&u, None, &o).unwrap().to_locked();
+    locked.files[0].sha256 = "0".repeat(64);
+    let e = resolve_dataset(&u, Some(&locked), &o).unwrap_err();
+    let m = one_line(&e);
+    assert!(matches!(e, HubError::ChecksumMismatch { .. }) && m.contains("from the lock file"), "{m}");
 }

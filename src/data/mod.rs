@@ -150,7 +150,7 @@ pub fn resolve(name: &str, spec: &DatasetSpec, recipe_dir: &Path, cache: &Cache)
 
 /// `hf://` resolution. The one place to wire the hub client (`crate::hub::resolve_dataset`).
 fn hub_resolve(name: &str, uri: &str, _cache: &Cache) -> Result<Vec<PathBuf>, DataError> {
-    Err(DataError::HubUnsupported { name: name.to_string(), uri: uri.to_string() })
+    crate::hub::fetch_for_data(name, uri).map_err(|e| DataError::Builtin { name: name.to_string(), msg: e.to_string() })
 }
 
 fn common_parent(files: &[PathBuf]) -> PathBuf {

@@ -210,14 +210,20 @@ fn read_file<E: From<DataError>>(
         }
     };
     if ext == "parquet" {
-        return Err(DataError::BadRecord {
+        // Rows become the same JSON records as JSONL lines; "line" numbers are 1-based row numbers.
+        let unreadable = |e: crate::hub::parquet::ParquetError| DataError::BadRecord {
             dataset: ds.name.clone(),
             file: display_path(path),
-            line: 0,
-            problem: "parquet files are not yet supported by this build; convert to JSONL".into(),
+            line: e.row.map_or(0, |r| r + 1),
+            problem: e.reason,
             format: format_name(fmt),
+        };
+        for row in crate::hub::read_parquet_records(path).map_err(unreadable)? {
+            let (i, rec) = row.map_err(unreadable)?;
+            let raw = serde_json::to_vec(&rec).unwrap_or_default();
+            emit(i + 1, &raw, convert(&rec, &ds.spec))?;
         }
-        .into());
+        return Ok(());
     }
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let mut reader = BufReader::with_capacity(1 << 20, file);

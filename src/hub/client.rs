@@ -1,10 +1,12 @@
 //! The HTTP side: revision lookup, tree listing, and verified, resumable, retried downloads into
 //! the HF cache layout.
 //!
-//! Built on `ureq` 3 directly rather than the `hf-hub` crate: `hf-hub` 0.4 (blocking API over
-//! `ureq` 2) resolves revisions and writes the same cache layout, but has no recursive tree listing
-//! with sizes/LFS hashes, does not verify sha256 or git blob ids, has no `Retry-After`/5xx backoff
-//! for the blocking client, no `HF_HUB_OFFLINE` mode, and would pull a second HTTP stack.
+//! Built on `ureq` 3 directly rather than the `hf-hub` crate. `hf-hub` 0.4's blocking API (over
+//! `ureq` 2) resolves revisions, downloads into the same cache layout with a retry count, and reads
+//! `HF_HOME`/`HF_ENDPOINT`/the token file; but it has no recursive tree listing with sizes and LFS
+//! sha256s (needed for globs and locks), does not verify sha256 or git blob ids after a download, has
+//! no `HF_HUB_OFFLINE` mode, no per-blob lock against concurrent processes, and would add `ureq` 2
+//! beside our `ureq` 3 (its newer releases move to reqwest/tokio).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -42,6 +44,9 @@ impl RemoteFile {
 enum Attempt {
     /// Transient: try again after the backoff (or the server's `Retry-After`).
     Retry { reason: String, after: Option<Duration> },
+    /// A download broke off after receiving more bytes: resume at once, without counting an attempt
+    /// (every such retry makes progress, so the loop is still bounded by the file size).
+    Progressed { reason: String },
     /// Permanent.
     Fatal(HubError),
 }
@@ -66,6 +71,8 @@ impl<'a> Client<'a> {
             .max_redirects(0)
             .timeout_connect(Some(opts.connect_timeout))
             .timeout_recv_response(Some(opts.response_timeout))
+            // A stalled body (no byte for this long) is a transient failure, resumed with Range.
+            .timeout_per_read(Some(opts.response_timeout))
             .user_agent(format!("mmrun/{}", crate::VERSION))
             .build()
             .into();
@@ -133,6 +140,10 @@ impl<'a> Client<'a> {
             match f() {
                 Ok(v) => return Ok(v),
                 Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Progressed { reason }) => {
+                    tracing::warn!(dataset = %self.dataset, %url, %reason, "resuming");
+                    attempt = 0;
+                }
                 Err(Attempt::Retry { reason, after }) => {
                     if attempt > self.opts.max_retries {
                         return Err(HubError::Network {
@@ -160,6 +171,11 @@ impl<'a> Client<'a> {
         let status = resp.status().as_u16();
         let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         match status {
+            // The Hub answers 401 + RepoNotFound for a repository that does not exist or is private
+            // and no (valid) token was sent, as huggingface_hub reports it.
+            401 if header("x-error-code") == "RepoNotFound" => {
+                Attempt::Fatal(HubError::RepoNotFound { dataset: self.dataset.clone(), url: url.to_string() })
+            }
             401 | 403 => Attempt::Fatal(HubError::Unauthorized {
                 dataset: self.dataset.clone(),
                 status,
@@ -313,6 +329,7 @@ impl<'a> Client<'a> {
     /// A checksum mismatch deletes the partial file and starts over once, then fails.
     fn download_blob(&self, rc: &RepoCache, commit: &str, file: &RemoteFile, url: &str) -> Result<(), HubError> {
         let name = file.blob_name();
+        tracing::info!(dataset = %self.dataset, path = %file.path, bytes = file.size, "downloading");
         let part = rc.incomplete(name);
         let blob = rc.blob(name);
         let mut second_try = false;
@@ -383,9 +400,12 @@ impl<'a> Client<'a> {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         let _ = out.flush();
-                        return Err(Attempt::Retry {
-                            reason: format!("connection dropped mid-body: {e}"),
-                            after: None,
+                        let reason = format!("connection dropped mid-body: {e}");
+                        let now = out.metadata().map(|m| m.len()).unwrap_or(have);
+                        return Err(if now > have {
+                            Attempt::Progressed { reason }
+                        } else {
+                            Attempt::Retry { reason, after: None }
                         });
                     }
                 };

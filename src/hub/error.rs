@@ -107,6 +107,14 @@ pub enum HubError {
         /// What was wrong.
         reason: String,
     },
+    /// The `hf://` URI itself is malformed.
+    #[error("dataset {dataset}: {reason}")]
+    BadUri {
+        /// The dataset name.
+        dataset: String,
+        /// The parser's message (it already says what is expected).
+        reason: String,
+    },
     /// A local file-system failure in the cache.
     #[error("{dataset}: cannot write the Hub cache at {path}: {source}; check permissions or set HF_HUB_CACHE")]
     Io {

@@ -104,8 +104,8 @@ pub enum LockError {
     Hub {
         /// The dataset name.
         name: String,
-        /// The Hub error.
-        source: HubError,
+        /// The Hub error (boxed: it is large and errors are rare).
+        source: Box<HubError>,
     },
 }
 
@@ -153,7 +153,8 @@ pub fn fetch_locked(recipe: &Path, name: &str, uri: &HubUri, opts: &HubOptions) 
     let path = lock_path(recipe);
     let lock = LockFile::load(&path)?.unwrap_or(LockFile { version: LOCK_VERSION, datasets: BTreeMap::new() });
     let entry = lock.datasets.get(name).filter(|l| l.uri == uri.to_string());
-    let fetched = resolve_dataset(uri, entry, opts).map_err(|e| LockError::Hub { name: name.into(), source: e })?;
+    let fetched =
+        resolve_dataset(uri, entry, opts).map_err(|e| LockError::Hub { name: name.into(), source: Box::new(e) })?;
     let locked = fetched.to_locked();
     if entry != Some(&locked) {
         // Re-read just before writing so datasets fetched by a concurrent call are kept.
@@ -219,7 +220,7 @@ pub fn check_moved(
     })?;
     let now = Client::new(&uri, opts)
         .resolve_revision(&locked.revision)
-        .map_err(|e| LockError::Hub { name: name.into(), source: e })?;
+        .map_err(|e| LockError::Hub { name: name.into(), source: Box::new(e) })?;
     Ok((now != locked.commit).then(|| BranchMoved {
         dataset: name.into(),
         repo_id: uri.repo_id.clone(),
@@ -289,9 +290,49 @@ pub fn update_with(recipe: &Path, dataset: Option<&str>, opts: &HubOptions) -> R
         if dataset.is_some_and(|d| d != name) {
             continue;
         }
-        let fetched = resolve_dataset(uri, None, opts).map_err(|e| LockError::Hub { name: name.clone(), source: e })?;
+        let fetched =
+            resolve_dataset(uri, None, opts).map_err(|e| LockError::Hub { name: name.clone(), source: Box::new(e) })?;
         lock.datasets.insert(name.clone(), fetched.to_locked());
     }
     lock.save(&path)?;
     Ok(lock)
+}
+
+/// Datasets fetched through [`fetch_recipe`] in this process, by URI, so that the data layer's
+/// `hf://` resolution ([`super::fetch_for_data`]) uses exactly the locked files.
+fn session() -> &'static std::sync::Mutex<BTreeMap<String, FetchedDataset>> {
+    static S: std::sync::OnceLock<std::sync::Mutex<BTreeMap<String, FetchedDataset>>> = std::sync::OnceLock::new();
+    S.get_or_init(Default::default)
+}
+
+/// The dataset fetched for `uri` by [`fetch_recipe`] earlier in this process, if any.
+pub fn session_lookup(uri: &str) -> Option<FetchedDataset> {
+    session().lock().unwrap_or_else(|p| p.into_inner()).get(uri).cloned()
+}
+
+/// Fetch every `hf://` dataset of a loaded recipe through its lock (`recipe.lock` next to
+/// `recipe`, written or extended on first use), and remember the results for this process so that
+/// `data::resolve` sees the locked files. The engine calls this once per run, before resolving
+/// datasets. Returns name → fetched dataset (commit, files, sha256s) for the run record.
+pub fn fetch_recipe(
+    recipe: &Path,
+    datasets: &BTreeMap<String, crate::recipe::DatasetSpec>,
+    opts: &HubOptions,
+) -> Result<BTreeMap<String, FetchedDataset>, LockError> {
+    let mut out = BTreeMap::new();
+    for (name, spec) in datasets {
+        let src = spec.source.trim();
+        if !src.starts_with("hf://") {
+            continue;
+        }
+        let uri = HubUri::parse(src).map_err(|e| LockError::BadUri {
+            recipe: recipe.into(),
+            name: name.clone(),
+            source: e,
+        })?;
+        let fetched = fetch_locked(recipe, name, &uri, opts)?;
+        session().lock().unwrap_or_else(|p| p.into_inner()).insert(uri.to_string(), fetched.clone());
+        out.insert(name.clone(), fetched);
+    }
+    Ok(out)
 }

@@ -107,6 +107,19 @@ impl HubOptions {
     }
 }
 
+/// The local files of `hf://` dataset `name` for the data layer (`data::resolve`): the files
+/// [`lock::fetch_recipe`] fetched (through the recipe's lock) earlier in this process, or else a
+/// fresh, unlocked resolution with options from the environment.
+pub fn fetch_for_data(name: &str, uri: &str) -> Result<Vec<PathBuf>, HubError> {
+    let parsed =
+        HubUri::parse(uri).map_err(|e| HubError::BadUri { dataset: name.to_string(), reason: e.to_string() })?;
+    let fetched = match lock::session_lookup(&parsed.to_string()) {
+        Some(f) => f,
+        None => resolve_dataset(&parsed, None, &HubOptions::from_env())?,
+    };
+    Ok(fetched.files.into_iter().map(|f| f.local_path).collect())
+}
+
 /// One file of a fetched dataset.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FetchedFile {
@@ -170,7 +183,7 @@ pub fn resolve_dataset(
         }
     }
     if opts.offline {
-        return resolve_offline(uri, lock, &rc, &client, opts);
+        return resolve_offline(uri, lock, &rc, &client);
     }
 
     let commit = match lock {
@@ -232,7 +245,6 @@ fn resolve_offline(
     lock: Option<&LockedDataset>,
     rc: &RepoCache,
     client: &Client<'_>,
-    opts: &HubOptions,
 ) -> Result<FetchedDataset, HubError> {
     let revision = uri.revision_or_main().to_string();
     let not_cached = |what: String, url: String| HubError::OfflineNotCached {
@@ -259,7 +271,6 @@ fn resolve_offline(
     if paths.is_empty() {
         return Err(not_cached(format!("'{}' at commit {commit}", uri.path), client.resolve_url(&commit, &uri.path)));
     }
-    let _ = opts;
     match cached_files(rc, &commit, paths.iter().cloned(), lock) {
         Some(files) => Ok(FetchedDataset { uri: uri.to_string(), revision, commit, files }),
         None => {
