@@ -15,11 +15,11 @@
 
 use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
 use crate::artifact::{layout, Artifact, ArtifactKind};
-use crate::data::{Example, ResolvedDataset};
+use crate::data::tokenize::{ChatOptions, TextTokenizer};
+use crate::data::{Example, Message, ResolvedDataset};
 use crate::eval::score::ScoredSeq;
 use crate::eval::{DatasetReport, EvalReport, Evaluator, GenerationSample, McItem, ModelReport, PromptEncoder};
 use crate::model::generate::GenerationConfig;
-use crate::model::MiniMind;
 use crate::recipe::DataFormat;
 use anyhow::{anyhow, bail, Context};
 use candle_core::Device;
@@ -114,7 +114,7 @@ impl Stage for EvalStage {
         if params.models.is_empty() {
             bail!("eval stage '{}': `models` is empty; name at least one stage that produces a model", ctx.name);
         }
-        let device = crate::train::device::select(&ctx.recipe.meta.device)?;
+        let device = select_device(&ctx.recipe.meta.device)?;
         let mut gen = params.generation.clone();
         if gen.seed == 0 {
             gen.seed = ctx.recipe.meta.seed;
@@ -134,7 +134,8 @@ impl Stage for EvalStage {
             let art = ctx.inputs.artifact(model_name)?;
             let mr = eval_model(ctx, art, model_name, params, &gen, &sets, &device)
                 .with_context(|| format!("eval stage '{}': evaluating model '{model_name}'", ctx.name))?;
-            for (k, v) in [("perplexity", mr.perplexity), ("exact_match", mr.exact_match), ("mc_accuracy", mr.mc_accuracy)]
+            for (k, v) in
+                [("perplexity", mr.perplexity), ("exact_match", mr.exact_match), ("mc_accuracy", mr.mc_accuracy)]
             {
                 if let Some(v) = v.filter(|v| v.is_finite()) {
                     metrics.insert(format!("{model_name}.{k}"), serde_json::json!(v));
@@ -167,14 +168,12 @@ fn write_report(out_dir: &std::path::Path, report: &EvalReport, order: &[String]
 
 /// What one dataset contributes to an evaluation.
 enum EvalSet {
-    /// Documents for perplexity.
-    Text(Vec<String>),
+    /// Documents or conversations for perplexity.
+    Scored(Vec<Example>),
     /// Question / reference pairs.
     PromptAnswer(Vec<(String, String)>),
     /// Multiple-choice items.
     MultipleChoice(Vec<McItem>),
-    /// Conversations (perplexity over assistant turns).
-    Chat(Vec<Example>),
 }
 
 fn load_eval_set(ds: &ResolvedDataset, max: usize, ctx: &StageContext<'_>) -> anyhow::Result<EvalSet> {
@@ -187,15 +186,7 @@ fn load_eval_set(ds: &ResolvedDataset, max: usize, ctx: &StageContext<'_>) -> an
         .with_context(|| format!("reading dataset '{}' for evaluation", ds.name))?;
     examples.truncate(max);
     Ok(match ds.spec.format {
-        DataFormat::Text => EvalSet::Text(
-            examples
-                .into_iter()
-                .filter_map(|e| match e {
-                    Example::Text { text } => Some(text),
-                    _ => None,
-                })
-                .collect(),
-        ),
+        DataFormat::Text | DataFormat::Sharegpt | DataFormat::Openai | DataFormat::Alpaca => EvalSet::Scored(examples),
         DataFormat::PromptAnswer => EvalSet::PromptAnswer(
             examples
                 .into_iter()
@@ -205,7 +196,6 @@ fn load_eval_set(ds: &ResolvedDataset, max: usize, ctx: &StageContext<'_>) -> an
                 })
                 .collect(),
         ),
-        DataFormat::Sharegpt | DataFormat::Openai | DataFormat::Alpaca => EvalSet::Chat(examples),
         DataFormat::Dpo => bail!(
             "dataset '{}' has format dpo, which eval cannot score; use a text, chat or prompt_answer dataset",
             ds.name
@@ -253,11 +243,10 @@ fn read_mc_items(ds: &ResolvedDataset, max: usize) -> anyhow::Result<Option<Vec<
                 .iter()
                 .map(|c| c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string()))
                 .collect();
-            let question = rec
-                .get(&qcol)
-                .or_else(|| rec.get("prompt"))
-                .and_then(|q| q.as_str())
-                .ok_or_else(|| anyhow!("{}:{line}: multiple-choice record needs a string `{qcol}`", file.display()))?;
+            let question =
+                rec.get(&qcol).or_else(|| rec.get("prompt")).and_then(|q| q.as_str()).ok_or_else(|| {
+                    anyhow!("{}:{line}: multiple-choice record needs a string `{qcol}`", file.display())
+                })?;
             let answer = rec.get(&acol).ok_or_else(|| anyhow!("{}:{line}: record has no `{acol}`", file.display()))?;
             items.push(
                 McItem::new(question.to_string(), choices, answer)
@@ -287,10 +276,10 @@ fn eval_model(
         PromptStyle::Auto => PromptStyle::Chat,
         s => s,
     };
-    let enc = TokEncoder::load(art, style, &model)?;
+    let enc = TokEncoder::load(art, style)?;
     let mut gen = gen.clone();
     if gen.stop_token_ids.is_empty() {
-        gen.stop_token_ids = vec![enc.eos];
+        gen.stop_token_ids = vec![enc.eos_id()];
     }
     let ev = Evaluator { model: &model, enc: &enc, batch_size: params.batch_size, max_len: params.max_seq_len };
     let mut mr = ModelReport {
@@ -303,18 +292,12 @@ fn eval_model(
         }
         let mut dr = DatasetReport::default();
         match set {
-            EvalSet::Text(docs) => {
-                dr.n = docs.len();
-                let seqs = docs
-                    .iter()
-                    .map(|d| {
-                        let mut ids = vec![enc.bos];
-                        ids.extend(enc.encode(d)?);
-                        ids.push(enc.eos);
-                        let targets = vec![true; ids.len()];
-                        Ok(ScoredSeq { ids, targets })
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
+            EvalSet::Scored(examples) => {
+                dr.n = examples.len();
+                let mut seqs = vec![];
+                for ex in examples {
+                    seqs.extend(enc.scored(ex, params.max_seq_len)?);
+                }
                 dr.perplexity = Some(ev.perplexity(&seqs)?);
             }
             EvalSet::PromptAnswer(items) => {
@@ -327,11 +310,6 @@ fn eval_model(
             EvalSet::MultipleChoice(items) => {
                 dr.n = items.len();
                 dr.mc_accuracy = Some(ev.multiple_choice(items)?);
-            }
-            EvalSet::Chat(examples) => {
-                dr.n = examples.len();
-                let seqs = chat_sequences(art, examples)?;
-                dr.perplexity = Some(ev.perplexity(&seqs)?);
             }
         }
         mr.perplexity = mr.perplexity.or(dr.perplexity);
@@ -352,66 +330,51 @@ fn eval_model(
     Ok(mr)
 }
 
-/// Conversations tokenised with the SFT loss mask (assistant spans only).
-fn chat_sequences(art: &Artifact, examples: &[Example]) -> anyhow::Result<Vec<ScoredSeq>> {
-    let tok = crate::data::tokenize::TextTokenizer::from_artifact(art)?;
-    examples
-        .iter()
-        .map(|e| {
-            let (ids, mask) = tok.sft_example(e)?;
-            Ok(ScoredSeq { ids, targets: mask })
-        })
-        .collect()
-}
-
-/// Prompt encoding with the model's own tokenizer files.
+/// Prompt encoding with the model's own tokenizer files (the data layer's tokenizer, so prompts
+/// and masks are exactly what training produced).
 struct TokEncoder {
-    tok: tokenizers::Tokenizer,
-    template: Option<crate::data::chat::ChatTemplate>,
-    bos: u32,
-    eos: u32,
+    tok: TextTokenizer,
+    chat: bool,
 }
 
 impl TokEncoder {
-    fn load(art: &Artifact, style: PromptStyle, model: &MiniMind) -> anyhow::Result<Self> {
-        let path = art.tokenizer_json();
-        let tok = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| anyhow!("loading tokenizer {}: {e}; the model artifact should carry its tokenizer", path.display()))?;
-        let template = if style == PromptStyle::Chat {
-            Some(crate::data::chat::ChatTemplate::from_tokenizer_config(&art.tokenizer_config_json())?)
-        } else {
-            None
-        };
-        let cfg = model.config();
-        Ok(Self { tok, template, bos: cfg.bos_token_id, eos: cfg.eos_token_id })
+    fn load(art: &Artifact, style: PromptStyle) -> anyhow::Result<Self> {
+        let tok = TextTokenizer::from_dir(&art.dir)
+            .with_context(|| format!("loading the tokenizer of model artifact {}", art.dir.display()))?;
+        Ok(Self { tok, chat: style == PromptStyle::Chat })
+    }
+
+    /// Sequences scored for perplexity: text as pretraining sees it (every token), conversations
+    /// with the SFT assistant-only mask.
+    fn scored(&self, ex: &Example, max_len: usize) -> anyhow::Result<Vec<ScoredSeq>> {
+        let samples = self.tok.example(ex, max_len, &ChatOptions::default(), 0)?;
+        Ok(samples
+            .into_iter()
+            .map(|s| ScoredSeq { targets: s.mask.iter().map(|&m| m == 1).collect(), ids: s.ids })
+            .collect())
     }
 }
 
 impl PromptEncoder for TokEncoder {
     fn prompt_ids(&self, user_text: &str) -> anyhow::Result<Vec<u32>> {
-        match &self.template {
-            Some(t) => {
-                let text = t.render_generation_prompt(&[crate::data::Message::new("user", user_text)])?;
-                self.encode(&text)
-            }
-            None => {
-                let mut ids = vec![self.bos];
-                ids.extend(self.encode(user_text)?);
-                Ok(ids)
-            }
+        if self.chat {
+            return Ok(self.tok.prompt(&[Message::new("user", user_text)], false)?);
         }
+        let mut ids = vec![self.tok.bos];
+        ids.extend(self.tok.encode(user_text)?);
+        Ok(ids)
     }
 
     fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
-        Ok(self.tok.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
+        Ok(self.tok.encode(text)?)
     }
 
     fn decode(&self, ids: &[u32]) -> String {
-        self.tok.decode(ids, true).unwrap_or_default()
+        self.tok.decode(ids).unwrap_or_default()
     }
 
     fn eos_id(&self) -> u32 {
-        self.eos
+        self.tok.eos
     }
 }
 
@@ -427,5 +390,17 @@ impl RunMetric for StageContext<'_> {
             serde_json::json!({"model": model, "dataset": dataset, "n": dr.n, "perplexity": dr.perplexity,
                 "exact_match": dr.exact_match, "mc_accuracy": dr.mc_accuracy}),
         );
+    }
+}
+
+/// The recipe's device. TODO(integration): use `crate::train::device::select` once it is in main.
+fn select_device(spec: &str) -> anyhow::Result<Device> {
+    match spec.trim() {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Device::new_cuda(n)?),
+            _ => bail!("unknown device '{s}': use \"auto\", \"cpu\" or \"cuda:N\" in [recipe] device"),
+        },
     }
 }
