@@ -404,3 +404,154 @@ fn select_device(spec: &str) -> anyhow::Result<Device> {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::Manifest;
+    use crate::model::MiniMind;
+    use crate::stages::Inputs;
+    use std::path::Path;
+
+    /// A model artifact directory: random tiny MiniMind + the reference tokenizer.
+    fn model_artifact(dir: &Path, tok_dir: &Path, stage_kind: &str) -> Artifact {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut cfg = crate::model::ModelConfig::dense(32, 1, 2, 1);
+        cfg.max_position_embeddings = 512;
+        let model = MiniMind::new(&cfg, 1, &Device::Cpu).unwrap();
+        crate::model::weights::save(&model, &dir.join(layout::MODEL_WEIGHTS)).unwrap();
+        std::fs::write(dir.join(layout::MODEL_CONFIG_JSON), cfg.to_hf_json().to_string()).unwrap();
+        for f in [layout::TOKENIZER_JSON, layout::TOKENIZER_CONFIG_JSON] {
+            std::fs::copy(tok_dir.join(f), dir.join(f)).unwrap();
+        }
+        let manifest = Manifest {
+            kind: ArtifactKind::Model,
+            stage_kind: stage_kind.into(),
+            key: stage_kind.into(),
+            mmrun_version: crate::VERSION.into(),
+            created_unix: 0,
+            files: vec![],
+            metrics: Default::default(),
+        };
+        Artifact { dir: dir.to_path_buf(), manifest }
+    }
+
+    #[test]
+    fn eval_stage_writes_a_report_for_every_model_and_metric() {
+        let Some(shared) = crate::testutil::shared_data() else { return };
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        let tok_dir = shared.join("minimind_tokenizer");
+        std::fs::write(
+            t.join("qa.jsonl"),
+            "{\"question\":\"1+1?\",\"answer\":\"2\"}\n{\"question\":\"2+3?\",\"answer\":\"#### 5\"}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            t.join("mc.jsonl"),
+            "{\"question\":\"Sky?\",\"choices\":[\"blue\",\"red\"],\"answer\":\"A\"}\n{\"question\":\"2+2?\",\"choices\":[\"3\",\"4\",\"5\"],\"answer\":1}\n",
+        )
+        .unwrap();
+        std::fs::write(t.join("text.jsonl"), "{\"text\":\"hello world\"}\n").unwrap();
+        std::fs::write(
+            t.join("chat.jsonl"),
+            "{\"conversations\":[{\"from\":\"human\",\"value\":\"hi\"},{\"from\":\"gpt\",\"value\":\"hello\"}]}\n",
+        )
+        .unwrap();
+        let ds = |file: &str, format: DataFormat| crate::recipe::DatasetSpec {
+            source: file.into(),
+            format,
+            columns: Default::default(),
+            on_bad_record: Default::default(),
+            builtin: Default::default(),
+        };
+        let recipe = crate::recipe::Recipe {
+            path: t.join("r.toml"),
+            source_text: String::new(),
+            overrides: vec![],
+            meta: crate::recipe::RecipeMeta { name: "t".into(), description: None, seed: 1, device: "cpu".into() },
+            model: Default::default(),
+            datasets: [
+                ("qa", ds("qa.jsonl", DataFormat::PromptAnswer)),
+                ("mc", ds("mc.jsonl", DataFormat::PromptAnswer)),
+                ("text", ds("text.jsonl", DataFormat::Text)),
+                ("chat", ds("chat.jsonl", DataFormat::Sharegpt)),
+            ]
+            .into_iter()
+            .map(|(n, d)| (n.to_string(), d))
+            .collect(),
+            stages: vec![],
+        };
+        let mut inputs = Inputs::default();
+        inputs.artifacts.insert("base".into(), model_artifact(&t.join("base"), &tok_dir, "pretrain"));
+        inputs.artifacts.insert("sft".into(), model_artifact(&t.join("sft"), &tok_dir, "sft"));
+        for (name, file, format) in [
+            ("qa", "qa.jsonl", DataFormat::PromptAnswer),
+            ("mc", "mc.jsonl", DataFormat::PromptAnswer),
+            ("text", "text.jsonl", DataFormat::Text),
+            ("chat", "chat.jsonl", DataFormat::Sharegpt),
+        ] {
+            let spec = recipe.datasets[name].clone();
+            assert_eq!(spec.format, format);
+            inputs.datasets.insert(
+                name.into(),
+                ResolvedDataset { name: name.into(), spec, files: vec![t.join(file)], content_hash: name.into() },
+            );
+        }
+        let cache = crate::cache::Cache::open(t.join("cache")).unwrap();
+        let run = crate::runs::RunSink::create(t.join("run")).unwrap();
+        let cancel = crate::cancel::CancelToken::new();
+        let out = t.join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let work = t.join("work");
+        let mut ctx = StageContext {
+            name: "report",
+            key: "k",
+            recipe: &recipe,
+            inputs: &inputs,
+            out_dir: &out,
+            work_dir: &work,
+            cache: &cache,
+            run: &run,
+            cancel: &cancel,
+        };
+        let params = EvalParams {
+            models: vec!["base".into(), "sft".into()],
+            data: vec!["qa".into(), "mc".into(), "text".into(), "chat".into()],
+            prompts: vec!["Hello".into()],
+            generation: GenerationConfig { max_new_tokens: 4, ..Default::default() },
+            max_samples: 10,
+            prompt_style: PromptStyle::Auto,
+            batch_size: 2,
+            max_seq_len: 128,
+            keep_samples: 1,
+        };
+        let outcome = EvalStage.run(&mut ctx, &params).unwrap();
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(layout::REPORT_JSON)).unwrap()).unwrap();
+        for (m, style) in [("base", "raw"), ("sft", "chat")] {
+            let r = &report["models"][m];
+            assert_eq!(r["prompt_style"], style);
+            let em = r["exact_match"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&em));
+            let mc = r["mc_accuracy"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&mc));
+            assert_eq!(r["datasets"]["mc"]["n"], 2);
+            assert_eq!(r["datasets"]["qa"]["samples"].as_array().unwrap().len(), 1);
+            for ds in ["qa", "text", "chat"] {
+                let ppl = r["datasets"][ds]["perplexity"].as_f64().unwrap();
+                // A random model is near-uniform over 6400 tokens.
+                assert!(ppl > 1000.0 && ppl < 20000.0, "{m}/{ds}: perplexity {ppl}");
+            }
+            assert_eq!(r["generations"][0]["prompt"], "Hello");
+            assert!(outcome.metrics.contains_key(&format!("{m}.exact_match")));
+            assert!(outcome.metrics.contains_key(&format!("{m}.perplexity")));
+        }
+        let flat = report["generations"].as_array().unwrap();
+        assert_eq!(flat.len(), 2);
+        assert_eq!(flat[1]["model"], "sft");
+        // Every (model, dataset) pair was logged to the run's metrics.
+        let lines = std::fs::read_to_string(run.dir().join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 8);
+    }
+}
