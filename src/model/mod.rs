@@ -13,7 +13,7 @@ pub mod rope;
 pub mod sampling;
 pub mod weights;
 
-pub use config::ModelConfig;
+pub use config::{preset, ModelConfig};
 pub use kv_cache::KvCache;
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
@@ -150,10 +150,11 @@ pub struct MiniMind {
     norm: Tensor,
     rope: RopeTables,
     params: Vec<(String, Var)>,
+    lora_params: Vec<(String, Var)>,
 }
 
 /// Box-Muller standard normals from a seeded ChaCha stream (candle's CPU RNG cannot be seeded).
-fn normal_vec(rng: &mut rand_chacha::ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
+pub(crate) fn normal_vec(rng: &mut rand_chacha::ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
     use rand::Rng;
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
@@ -275,6 +276,7 @@ impl MiniMind {
             norm,
             rope: RopeTables::new(cfg),
             params,
+            lora_params: Vec::new(),
         })
     }
 
@@ -487,6 +489,77 @@ impl MiniMind {
         let (_, t) = input_ids.dims2()?;
         let (h, _) = self.forward_hidden(input_ids, Some(cache), start_pos, key_mask, false)?;
         self.logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    /// Every linear layer by module path (`model.layers.N.self_attn.q_proj`, ...), mutably.
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut v = Vec::new();
+        for (l, b) in self.blocks.iter_mut().enumerate() {
+            let p = format!("model.layers.{l}");
+            v.push((format!("{p}.self_attn.q_proj"), &mut b.q));
+            v.push((format!("{p}.self_attn.k_proj"), &mut b.k));
+            v.push((format!("{p}.self_attn.v_proj"), &mut b.v));
+            v.push((format!("{p}.self_attn.o_proj"), &mut b.o));
+            let ffns: Vec<(String, &mut SwiGlu)> = match &mut b.mlp {
+                Mlp::Dense(f) => vec![(format!("{p}.mlp"), f)],
+                Mlp::Moe(m) => {
+                    m.experts.iter_mut().enumerate().map(|(e, f)| (format!("{p}.mlp.experts.{e}"), f)).collect()
+                }
+            };
+            for (q, f) in ffns {
+                let SwiGlu { gate, up, down } = f;
+                v.push((format!("{q}.gate_proj"), gate));
+                v.push((format!("{q}.up_proj"), up));
+                v.push((format!("{q}.down_proj"), down));
+            }
+        }
+        v
+    }
+
+    /// Attach LoRA adapters the reference way (spec §10): every square linear layer (in practice
+    /// `q_proj` and `o_proj`) gets `A [rank, in] ~ N(0, 0.02)` and `B [out, rank] = 0`, output
+    /// `W x + B(A x)` (scale 1). The adapters are trainable `Var`s listed by [`Self::lora_params`]
+    /// under `<module>.lora.A.weight` / `.lora.B.weight`; base weights stay as they are (build the
+    /// model with `trainable = false` to freeze them).
+    pub fn add_lora(&mut self, rank: usize, seed: u64) -> Result<()> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let device = self.device.clone();
+        let mut new = Vec::new();
+        for (name, lin) in self.linears_mut() {
+            let (out, inp) = lin.weight.dims2()?;
+            if out != inp {
+                continue;
+            }
+            let a = Var::from_tensor(&Tensor::from_vec(normal_vec(&mut rng, rank * inp, 0.02), (rank, inp), &device)?)?;
+            let b = Var::from_tensor(&Tensor::zeros((out, rank), DType::F32, &device)?)?;
+            lin.lora = Some(linear::Lora { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: 1.0 });
+            new.push((format!("{name}.lora.A.weight"), a));
+            new.push((format!("{name}.lora.B.weight"), b));
+        }
+        self.lora_params = new;
+        Ok(())
+    }
+
+    /// The LoRA adapter parameters (empty without [`Self::add_lora`]).
+    pub fn lora_params(&self) -> &[(String, Var)] {
+        &self.lora_params
+    }
+
+    /// Fold the adapters into the base weights (`W <- W + B A`) and drop them. Trainable base
+    /// weights are updated in place; frozen ones are replaced.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let params: HashMap<String, Var> = self.params.iter().cloned().collect();
+        for (name, lin) in self.linears_mut() {
+            if let Some(l) = lin.lora.take() {
+                let merged = (&lin.weight + (l.b.matmul(&l.a)? * l.scale)?)?;
+                match params.get(&format!("{name}.weight")) {
+                    Some(var) => var.set(&merged)?,
+                    None => lin.weight = merged,
+                }
+            }
+        }
+        self.lora_params.clear();
+        Ok(())
     }
 
     /// A fresh KV cache sized for this model.

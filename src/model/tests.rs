@@ -185,3 +185,79 @@ fn loads_half_precision_files() {
     let d = max_abs_diff(&m.forward_logits(&x, None).unwrap(), &back.forward_logits(&x, None).unwrap());
     assert!(d < 0.05, "bf16 roundtrip diff {d}");
 }
+
+#[test]
+fn fused_and_composite_paths_agree_on_loss_and_every_gradient() {
+    for moe in [false, true] {
+        let cfg = tiny(moe);
+        let m = MiniMind::new(&cfg, 21, &Device::Cpu).unwrap();
+        let x = ids(2, 40, cfg.vocab_size, 7);
+        let mut lv: Vec<i64> = x.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        lv[3] = -100;
+        lv[50] = -100;
+        let labels = Tensor::from_vec(lv, (2, 40), &Device::Cpu).unwrap();
+        let run = || {
+            let (loss, aux) = m.forward_train(&x, &labels).unwrap();
+            let g = (&loss + &aux).unwrap().backward().unwrap();
+            (loss.to_scalar::<f32>().unwrap(), g)
+        };
+        let (lf, gf) = run();
+        let (lc, gc) = ops::with_composite(run);
+        assert!((lf - lc).abs() < 1e-5 * lc.abs(), "moe={moe} loss {lf} vs {lc}");
+        for (name, var) in m.params() {
+            let a = gf.get(var.as_tensor()).unwrap_or_else(|| panic!("fused: no grad for {name}"));
+            let b = gc.get(var.as_tensor()).unwrap_or_else(|| panic!("composite: no grad for {name}"));
+            let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+            let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+            assert!(num <= 1e-4 * den + 1e-12, "moe={moe} {name}: rel err {}", num / den);
+        }
+    }
+}
+
+#[test]
+fn lora_adapters_train_alone_and_merge_exactly() {
+    let cfg = tiny(false);
+    let base = MiniMind::new(&cfg, 3, &Device::Cpu).unwrap();
+    let mut m = MiniMind::from_tensors(&cfg, base.named_tensors().into_iter().collect(), &Device::Cpu, false).unwrap();
+    m.add_lora(4, 9).unwrap();
+    // q_proj and o_proj are the square layers: 2 layers x 2 modules x (A, B).
+    assert_eq!(m.lora_params().len(), 8);
+    assert!(m.lora_params()[0].0.ends_with("self_attn.q_proj.lora.A.weight"));
+    let x = ids(1, 10, cfg.vocab_size, 4);
+    let before = m.forward_logits(&x, None).unwrap();
+    // B = 0: adapters start as the identity.
+    assert_eq!(max_abs_diff(&before, &base.forward_logits(&x, None).unwrap()), 0.0);
+    let (loss, _) = m.forward_train(&x, &x.to_dtype(DType::I64).unwrap()).unwrap();
+    let g = loss.backward().unwrap();
+    for (n, v) in m.lora_params() {
+        if n.ends_with("B.weight") {
+            assert!(g.get(v.as_tensor()).is_some(), "no grad for {n}");
+        }
+        v.set(&(v.as_tensor() + 0.05).unwrap()).unwrap();
+    }
+    let adapted = m.forward_logits(&x, None).unwrap();
+    assert!(max_abs_diff(&adapted, &before) > 1e-3);
+    m.merge_lora().unwrap();
+    assert!(m.lora_params().is_empty());
+    let merged = m.forward_logits(&x, None).unwrap();
+    assert!(max_abs_diff(&merged, &adapted) < 1e-4);
+}
+
+#[test]
+fn lora_save_load_roundtrip() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(false);
+    let base = MiniMind::new(&cfg, 3, &Device::Cpu).unwrap();
+    let named: HashMap<String, Tensor> = base.named_tensors().into_iter().collect();
+    let mut a = MiniMind::from_tensors(&cfg, named.clone(), &Device::Cpu, false).unwrap();
+    a.add_lora(4, 1).unwrap();
+    for (_, v) in a.lora_params() {
+        v.set(&(v.as_tensor() + 0.03).unwrap()).unwrap();
+    }
+    let p = dir.path().join("lora.safetensors");
+    weights::save_lora(&a, &p).unwrap();
+    let mut b = MiniMind::from_tensors(&cfg, named, &Device::Cpu, false).unwrap();
+    weights::load_lora(&mut b, &p).unwrap();
+    let x = ids(1, 8, cfg.vocab_size, 2);
+    assert_eq!(max_abs_diff(&a.forward_logits(&x, None).unwrap(), &b.forward_logits(&x, None).unwrap()), 0.0);
+}

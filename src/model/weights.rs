@@ -120,3 +120,40 @@ pub fn export(model: &MiniMind, tokenizer_dir: Option<&Path>, out_dir: &Path) ->
     }
     Ok(())
 }
+
+/// Save the LoRA adapters (`<module>.lora.A.weight` / `.lora.B.weight`, f32 safetensors).
+pub fn save_lora(model: &MiniMind, path: &Path) -> anyhow::Result<()> {
+    if model.lora_params().is_empty() {
+        anyhow::bail!("the model has no LoRA adapters to save (call add_lora first)");
+    }
+    let named: Vec<(String, Tensor)> =
+        model.lora_params().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    save_tensors(&named, path)
+}
+
+/// Attach adapters to `model` (rank read from the file) and load their values from `path`.
+pub fn load_lora(model: &mut MiniMind, path: &Path) -> anyhow::Result<()> {
+    let tensors = load_tensors(path, &model.device().clone())?;
+    let rank = tensors
+        .iter()
+        .find(|(k, _)| k.ends_with(".lora.A.weight"))
+        .map(|(_, t)| t.dim(0))
+        .transpose()?
+        .with_context(|| format!("{} contains no `*.lora.A.weight` tensors; is it a LoRA file?", path.display()))?;
+    model.add_lora(rank, 0)?;
+    let mut used = 0;
+    for (name, var) in model.lora_params() {
+        let t = tensors
+            .get(name)
+            .with_context(|| format!("{} lacks `{name}`; was it saved for another model shape?", path.display()))?;
+        if t.dims() != var.dims() {
+            anyhow::bail!("{}: `{name}` has shape {:?}, the model needs {:?}", path.display(), t.dims(), var.dims());
+        }
+        var.set(t)?;
+        used += 1;
+    }
+    if used != tensors.len() {
+        anyhow::bail!("{} has {} tensors but the model has {used} LoRA tensors", path.display(), tensors.len());
+    }
+    Ok(())
+}

@@ -7,11 +7,24 @@ use super::rope::RopeTables;
 use candle_core::{DType, Device, Result, Tensor, D};
 
 pub mod composite;
+pub mod fused;
 
 /// True when the fused CPU kernels can run on this tensor (f32 on the CPU) and are not disabled
 /// through `MMRUN_NO_FUSED=1` (handy to compare speed and numerics with the composite path).
 pub fn use_fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && !fused_disabled()
+    x.device().is_cpu() && x.dtype() == DType::F32 && !fused_disabled() && !FORCE_COMPOSITE.with(|c| c.get())
+}
+
+thread_local! {
+    static FORCE_COMPOSITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with the composite ops forced on this thread (tests compare both paths with it).
+pub fn with_composite<R>(f: impl FnOnce() -> R) -> R {
+    let prev = FORCE_COMPOSITE.with(|c| c.replace(true));
+    let r = f();
+    FORCE_COMPOSITE.with(|c| c.set(prev));
+    r
 }
 
 fn fused_disabled() -> bool {
@@ -21,11 +34,17 @@ fn fused_disabled() -> bool {
 
 /// RMSNorm over the last dimension: `w * x / sqrt(mean(x^2) + eps)` (spec §3.1).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if use_fused(x) && w.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op2(&w.contiguous()?, fused::RmsNorm { eps: eps as f32 });
+    }
     composite::rms_norm(x, w, eps)
 }
 
 /// RoPE on `x: [B, T, heads, D]` for positions `start..start+T` (spec §3.2).
 pub fn rope(x: &Tensor, tables: &RopeTables, start: usize) -> Result<Tensor> {
+    if use_fused(x) {
+        return x.contiguous()?.apply_op1(fused::Rope { tables: tables.clone(), start, inverse: false });
+    }
     composite::rope(x, tables, start)
 }
 
@@ -33,17 +52,33 @@ pub fn rope(x: &Tensor, tables: &RopeTables, start: usize) -> Result<Tensor> {
 /// keys `j <= i + (Tk - Tq)` (cached positions are always visible). `key_mask: [B, Tk]` (1 = keep,
 /// 0 = padding) is optional. Returns `[B, Tq, H, D]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
+    if use_fused(q) && k.dtype() == DType::F32 && v.dtype() == DType::F32 {
+        let key_mask = match key_mask {
+            None => None,
+            Some(m) => {
+                let m: Vec<f32> = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                Some(std::sync::Arc::new(m.into_iter().map(|x| x != 0.0).collect()))
+            }
+        };
+        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, fused::Attention { key_mask });
+    }
     composite::attention(q, k, v, key_mask)
 }
 
 /// `silu(gate) * up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if use_fused(gate) && up.dtype() == DType::F32 {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, fused::SwiGlu);
+    }
     composite::swiglu(gate, up)
 }
 
 /// Mean cross-entropy of `logits: [N, V]` against `labels: [N]` (i64, negative = ignored) over the
 /// non-ignored rows (0 when every row is ignored). Returns a scalar.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    if use_fused(logits) {
+        return logits.contiguous()?.apply_op2(&labels.to_dtype(DType::I64)?.contiguous()?, fused::CrossEntropy);
+    }
     composite::cross_entropy(logits, labels)
 }
 
@@ -61,3 +96,6 @@ pub fn causal_mask(tq: usize, tk: usize, device: &Device) -> Result<Tensor> {
         (0..tq).flat_map(|i| (0..tk).map(move |j| if j > i + off { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(v, (tq, tk), device)
 }
+
+#[cfg(test)]
+mod tests;
