@@ -114,7 +114,7 @@ impl Stage for EvalStage {
         if params.models.is_empty() {
             bail!("eval stage '{}': `models` is empty; name at least one stage that produces a model", ctx.name);
         }
-        let device = select_device(&ctx.recipe.meta.device)?;
+        let device = crate::train::device::select(&ctx.recipe.meta.device)?;
         let mut gen = params.generation.clone();
         if gen.seed == 0 {
             gen.seed = ctx.recipe.meta.seed;
@@ -390,18 +390,6 @@ impl RunMetric for StageContext<'_> {
             serde_json::json!({"model": model, "dataset": dataset, "n": dr.n, "perplexity": dr.perplexity,
                 "exact_match": dr.exact_match, "mc_accuracy": dr.mc_accuracy}),
         );
-    }
-}
-
-/// The recipe's device. TODO(integration): use `crate::train::device::select` once it is in main.
-fn select_device(spec: &str) -> anyhow::Result<Device> {
-    match spec.trim() {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
-        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Ok(Device::new_cuda(n)?),
-            _ => bail!("unknown device '{s}': use \"auto\", \"cpu\" or \"cuda:N\" in [recipe] device"),
-        },
     }
 }
 
