@@ -7,6 +7,8 @@
 mod context;
 pub mod eval;
 pub mod prepare;
+pub mod pretrain;
+pub mod sft;
 pub mod tokenizer;
 
 pub use context::{Inputs, StageContext, StageOutcome};
@@ -130,7 +132,13 @@ impl<S: Stage> DynStage for S {
 
 /// Every stage kind mmrun knows, in pipeline order.
 pub fn registry() -> Vec<Box<dyn DynStage>> {
-    vec![Box::new(tokenizer::TokenizerStage), Box::new(prepare::PrepareStage), Box::new(eval::EvalStage)]
+    vec![
+        Box::new(tokenizer::TokenizerStage),
+        Box::new(prepare::PrepareStage),
+        Box::new(pretrain::PretrainStage),
+        Box::new(sft::SftStage),
+        Box::new(eval::EvalStage),
+    ]
 }
 
 /// Look a stage kind up by its `kind` string.
