@@ -5,6 +5,7 @@
 //! that declaration. The planner and executor only see the object-safe [`DynStage`].
 
 mod context;
+pub mod eval;
 pub mod prepare;
 pub mod pretrain;
 pub mod sft;
@@ -136,6 +137,7 @@ pub fn registry() -> Vec<Box<dyn DynStage>> {
         Box::new(prepare::PrepareStage),
         Box::new(pretrain::PretrainStage),
         Box::new(sft::SftStage),
+        Box::new(eval::EvalStage),
     ]
 }
 
