@@ -531,7 +531,8 @@ impl MiniMind {
             }
             let a = Var::from_tensor(&Tensor::from_vec(normal_vec(&mut rng, rank * inp, 0.02), (rank, inp), &device)?)?;
             let b = Var::from_tensor(&Tensor::zeros((out, rank), DType::F32, &device)?)?;
-            lin.lora = Some(linear::Lora { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: 1.0, dropout: None });
+            lin.lora =
+                Some(linear::Lora { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: 1.0, dropout: None });
             new.push((format!("{name}.lora.A.weight"), a));
             new.push((format!("{name}.lora.B.weight"), b));
         }
