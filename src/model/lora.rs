@@ -62,7 +62,9 @@ pub enum LoraError {
 pub enum Targets {
     /// Every linear layer except the LM head (PEFT's `"all-linear"`).
     AllLinear,
-    /// Leaf module names (`q_proj`, `v_proj`, …); a module matches when its path ends with one.
+    /// Module names as PEFT matches them: a leaf name (`q_proj`) matches every module whose path
+    /// ends with `.q_proj`; a full path (`model.layers.0.self_attn.q_proj`, as PEFT saves
+    /// `all-linear`) matches that module only.
     Modules(Vec<String>),
 }
 
@@ -83,7 +85,8 @@ impl Targets {
             return Err(LoraError::Config("`targets` is empty; use \"all-linear\" or e.g. \"q_proj,v_proj\"".into()));
         }
         for n in &names {
-            if !LINEAR_NAMES.contains(&n.as_str()) {
+            let leaf = n.rsplit('.').next().unwrap_or(n);
+            if !LINEAR_NAMES.contains(&leaf) {
                 return Err(LoraError::UnknownTarget { target: n.clone() });
             }
         }
@@ -94,7 +97,7 @@ impl Targets {
         let leaf = path.rsplit('.').next().unwrap_or(path);
         match self {
             Targets::AllLinear => LINEAR_NAMES.contains(&leaf),
-            Targets::Modules(m) => m.iter().any(|t| t == leaf),
+            Targets::Modules(m) => m.iter().any(|t| path == t || path.ends_with(&format!(".{t}"))),
         }
     }
 }
@@ -224,7 +227,7 @@ impl LoraAdapters {
         }
         if let Targets::Modules(names) = &config.targets {
             for n in names {
-                if !modules.iter().any(|m| m.path.ends_with(&format!(".{n}"))) {
+                if !modules.iter().any(|m| m.path == *n || m.path.ends_with(&format!(".{n}"))) {
                     return Err(LoraError::UnknownTarget { target: n.clone() });
                 }
             }
@@ -274,7 +277,14 @@ impl LoraAdapters {
 
     /// `adapter_config.json` contents (PEFT `LoraConfig` fields).
     pub fn peft_config_json(&self, base_model: Option<&str>) -> serde_json::Value {
-        let leaves: BTreeSet<&str> = self.modules.iter().filter_map(|m| m.path.rsplit('.').next()).collect();
+        // Leaf names, as PEFT writes them for a list of names; full paths when the recipe named
+        // individual modules, so the saved config adapts exactly the same set.
+        let full = matches!(&self.config.targets, Targets::Modules(m) if m.iter().any(|t| t.contains('.')));
+        let leaves: BTreeSet<&str> = if full {
+            self.modules.iter().map(|m| m.path.as_str()).collect()
+        } else {
+            self.modules.iter().filter_map(|m| m.path.rsplit('.').next()).collect()
+        };
         serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
