@@ -19,7 +19,10 @@ fn bad_recipe_names_file_line_and_column() {
     assert!(!sb.runs().exists() || sb.runs_json().is_empty(), "no run record for a recipe that never loaded");
 
     // An unknown key is also pointed at.
-    sb.write("bad2.toml", &SMALL_RECIPE.replace("max_seq_len = 64\n\n[stages.sft_data]", "max_seq_lne = 64\n\n[stages.sft_data]"));
+    sb.write(
+        "bad2.toml",
+        &SMALL_RECIPE.replace("max_seq_len = 64\n\n[stages.sft_data]", "max_seq_lne = 64\n\n[stages.sft_data]"),
+    );
     let o = sb.run(&["plan", "bad2.toml"]);
     assert_eq!(o.code, Some(2));
     assert!(o.stderr.contains("bad2.toml:") && o.stderr.contains("max_seq_lne"), "{}", o.stderr);

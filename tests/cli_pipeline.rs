@@ -97,7 +97,11 @@ fn two_concurrent_runs_on_one_cache_build_each_stage_once() {
     let sb = Sandbox::new();
     sb.write("r.toml", SMALL_RECIPE);
     let spawn = || {
-        sb.command(&["r.toml"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+        sb.command(&["r.toml"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
     };
     let (a, b) = (spawn(), spawn());
     let (oa, ob) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());

@@ -5,11 +5,13 @@
 //! transposes; weights use PyTorch's `[out, in]` layout so checkpoints load unchanged.
 
 pub mod config;
+pub mod generate;
 pub mod kv_cache;
 pub mod linear;
 pub mod lora;
 pub mod ops;
 pub mod rope;
+pub mod sampling;
 pub mod weights;
 
 pub use config::{preset, ModelConfig};

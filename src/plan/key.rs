@@ -24,6 +24,7 @@
 //! | Deliberately *not* in the key                | Why                                                                                      |
 //! |----------------------------------------------|------------------------------------------------------------------------------------------|
 //! | params a stage declares cosmetic ([`crate::stages::StageParams::COSMETIC`]: log interval, progress, threads, sample printing) | they never change the artifact, so editing them must not rerun hours of training |
+//! | params whose value is `null` (an unset optional) | unset is the default; a stage gaining a new optional param must not invalidate every cache |
 //! | stage and dataset *names*, and params that only name inputs (`from = "base"`) | renaming is not a change; the input's key stands in for the name (names stay in the fingerprint, for explanations) |
 //! | dataset `source` string                      | the content hash covers what was read                                                     |
 //! | device index (`cuda:0` vs `cuda:1`), `auto` vs the class it resolves to | same hardware class, same result                              |
@@ -33,7 +34,7 @@
 
 use crate::artifact::ArtifactKind;
 use crate::data::ResolvedDataset;
-use crate::recipe::{resolve_model, Recipe, StageSpec};
+use crate::recipe::{resolve_model, ModelSpec, Recipe, StageSpec};
 use crate::stages::{DynStage, InputRef};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -117,7 +118,7 @@ pub fn fingerprint(
         for (k, v) in all {
             if def.cosmetic().contains(&k.as_str()) {
                 cosmetic.insert(k.clone(), v.clone());
-            } else if !ref_params.contains(&k.as_str()) {
+            } else if !ref_params.contains(&k.as_str()) && !v.is_null() {
                 params.insert(k.clone(), v.clone());
             }
         }
@@ -165,9 +166,14 @@ pub fn fingerprint(
     fp.insert("datasets".into(), Value::Array(datasets));
     fp.insert("seed".into(), json!(cx.recipe.meta.seed));
     if output == ArtifactKind::Model && !reads_model {
-        let cfg = resolve_model(&cx.recipe.model, None)
-            .map_err(|source| FingerprintError::Model { stage: spec.name.clone(), source })?;
-        fp.insert("model".into(), serde_json::to_value(cfg).expect("ModelConfig serialises"));
+        let model = match resolve_model(&cx.recipe.model, None) {
+            Ok(cfg) => serde_json::to_value(cfg).expect("ModelConfig serialises"),
+            // No [model] at all: this kind evidently gets its architecture elsewhere (or will say
+            // so when it runs); there is nothing to hash.
+            Err(_) if cx.recipe.model == ModelSpec::default() => Value::Null,
+            Err(source) => return Err(FingerprintError::Model { stage: spec.name.clone(), source }),
+        };
+        fp.insert("model".into(), model);
     }
     if matches!(output, ArtifactKind::Model | ArtifactKind::Adapter | ArtifactKind::EvalReport) {
         fp.insert("device".into(), json!(cx.device_class));

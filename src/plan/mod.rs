@@ -186,21 +186,25 @@ pub fn build_with(
             (Status::Cached, Vec::new())
         } else {
             match read_record(cache, &recipe.meta.name, &spec.name) {
-                Some(prev) if prev.key == k => (
+                Err(RecordError::Absent) => (Status::Missing, vec!["never built".to_string()]),
+                Err(RecordError::Unreadable(why)) => (
+                    Status::Missing,
+                    vec![format!("the record of its last build is unreadable ({why}), so what changed is unknown")],
+                ),
+                Ok(prev) if prev.key == k => (
                     Status::Missing,
                     vec![format!(
                         "built before as {} but the object is no longer in the cache (deleted or gc'd)",
                         short(&k)
                     )],
                 ),
-                Some(prev) => {
+                Ok(prev) => {
                     let mut r = reasons::diff(&prev.fingerprint, &fingerprint, &statuses);
                     if r.is_empty() {
                         r.push(format!("key changed ({} → {})", short(&prev.key), short(&k)));
                     }
                     (Status::Stale, r)
                 }
-                None => (Status::Missing, vec!["never built".to_string()]),
             }
         };
         keys.insert(spec.name.clone(), k.clone());
@@ -277,11 +281,20 @@ fn record_path(cache: &Cache, recipe: &str, stage: &str) -> PathBuf {
     cache.root().join("fingerprints").join(recipe).join(format!("{stage}.json"))
 }
 
-fn read_record(cache: &Cache, recipe: &str, stage: &str) -> Option<Record> {
+enum RecordError {
+    Absent,
+    Unreadable(String),
+}
+
+fn read_record(cache: &Cache, recipe: &str, stage: &str) -> Result<Record, RecordError> {
     // An unreadable or corrupt record only costs the explanation, never correctness: the key
     // alone decides what runs.
-    let text = std::fs::read_to_string(record_path(cache, recipe, stage)).ok()?;
-    serde_json::from_str(&text).ok()
+    let text = match std::fs::read_to_string(record_path(cache, recipe, stage)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(RecordError::Absent),
+        Err(e) => return Err(RecordError::Unreadable(e.to_string())),
+    };
+    serde_json::from_str(&text).map_err(|e| RecordError::Unreadable(e.to_string()))
 }
 
 /// Remember what `stage` was built from, so the next plan can explain what changed. The executor

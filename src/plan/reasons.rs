@@ -155,7 +155,8 @@ pub(crate) fn diff(old: &Value, new: &Value, statuses: &BTreeMap<String, Status>
         }
     }
 
-    match (old.get("model"), new.get("model")) {
+    let (om, nm) = (old.get("model").filter(|v| !v.is_null()), new.get("model").filter(|v| !v.is_null()));
+    match (om, nm) {
         (Some(a), Some(b)) if a != b => diff_map("model", &obj(Some(a)), &obj(Some(b)), &mut out),
         (None, Some(_)) => out.push("now builds its model from [model]".into()),
         (Some(_), None) => out.push("no longer builds its model from [model]".into()),

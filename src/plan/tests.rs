@@ -235,3 +235,44 @@ fn programmatic_recipes_get_structural_errors() {
     let e = build_with(&r, &c, &partial, &registry()).unwrap_err();
     assert!(e.to_string().contains("dataset 'chat', which was not resolved"), "{e}");
 }
+
+#[test]
+fn absent_model_section_hashes_as_null() {
+    let (_d, c) = cache();
+    let text = GOOD.replace("[model]\npreset = \"tiny\"\n", "");
+    let p = plan(&c, &text, &[]);
+    assert_eq!(p.stage("base").unwrap().fingerprint["model"], serde_json::Value::Null);
+    publish_all(&c, &p);
+    let p = plan(&c, &text, &["model.preset=tiny"]);
+    assert_eq!(reasons(&p, "base"), ["now builds its model from [model]"]);
+}
+
+#[test]
+fn corrupt_record_costs_only_the_explanation() {
+    let (_d, c) = cache();
+    let p = plan(&c, GOOD, &[]);
+    record_fingerprint(&c, "demo", p.stage("tok").unwrap()).unwrap();
+    let rec = c.root().join("fingerprints/demo/tok.json");
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
+    assert_eq!(saved["key"], serde_json::json!(p.stage("tok").unwrap().key));
+    assert_eq!(saved["fingerprint"]["kind"], "tokenizer");
+    std::fs::write(&rec, "{not json").unwrap();
+    let p = plan(&c, GOOD, &[]);
+    assert_eq!(p.stage("tok").unwrap().status, Status::Missing);
+    assert!(
+        reasons(&p, "tok")[0].starts_with("the record of its last build is unreadable"),
+        "{:?}",
+        reasons(&p, "tok")
+    );
+}
+
+#[test]
+fn unset_optional_params_stay_out_of_the_key() {
+    let (_d, c) = cache();
+    let p = plan(&c, GOOD, &[]);
+    let sft = p.stage("sft").unwrap();
+    assert!(sft.fingerprint["params"].get("max_steps").is_none(), "{}", sft.fingerprint);
+    publish_all(&c, &p);
+    let p = plan(&c, GOOD, &["stages.sft.max_steps=100"]);
+    assert_eq!(reasons(&p, "sft"), ["param max_steps = 100 (new)"]);
+}

@@ -112,6 +112,12 @@ pub fn load_str(
     if l.diags.is_empty() {
         Ok(recipe.expect("no diagnostics means every section typed"))
     } else {
+        // Read top to bottom: file positions in order, then command-line overrides.
+        l.diags.sort_by_key(|d| match &d.location {
+            Location::WholeFile => (0, 0, 0),
+            Location::File { line, column, .. } => (1, *line, *column),
+            Location::Override(_) => (2, 0, 0),
+        });
         Err(RecipeError::Invalid(l.diags))
     }
 }
@@ -189,8 +195,10 @@ impl Loader<'_> {
         if let Some(rest) = msg.strip_prefix("unknown field `") {
             let (name, rest) = rest.split_once('`').unwrap_or((rest, ""));
             let known = backticked(rest);
+            // The key may sit in a nested table (`generation = { temprature = 1 }`): find it.
             let mut path = at.to_vec();
-            path.push(name.to_string());
+            path.extend(find_key(table, name).unwrap_or_else(|| vec![name.to_string()]));
+            let sec = section(&path[..path.len() - 1]);
             let hint = if known.is_empty() {
                 format!("{sec} takes no other keys")
             } else {
@@ -237,7 +245,7 @@ impl Loader<'_> {
                         &path,
                         false,
                         format!("wrong type for '{}' in {sec}: expected {expected}, found {unexpected}", dotted(&rel)),
-                        Some(format!("write {} as {expected}", dotted(&rel))),
+                        Some(format!("{} takes {}", dotted(&rel), human_type(expected))),
                     );
                 }
                 None => self.error(at, true, format!("invalid {sec}: {msg}"), None),
@@ -253,7 +261,7 @@ impl Loader<'_> {
             self.error(
                 at,
                 false,
-                format!("'{}' must be a table, found {}", dotted(at), value.type_str()),
+                format!("'{}' must be a table, found {}", dotted(at), overrides::type_name(value)),
                 Some(format!("write it as {}", section(at))),
             );
             return None;
@@ -357,7 +365,7 @@ impl Loader<'_> {
             Some(other) => self.error(
                 &p(&["datasets"]),
                 false,
-                format!("'datasets' must be a table of tables, found {}", other.type_str()),
+                format!("'datasets' must be a table of tables, found {}", overrides::type_name(other)),
                 Some("declare each dataset as [datasets.<name>]".into()),
             ),
         }
@@ -380,7 +388,7 @@ impl Loader<'_> {
             Some(other) => self.error(
                 &p(&["stages"]),
                 false,
-                format!("'stages' must be a table of tables, found {}", other.type_str()),
+                format!("'stages' must be a table of tables, found {}", overrides::type_name(other)),
                 Some("declare each stage as [stages.<name>]".into()),
             ),
         }
@@ -446,7 +454,7 @@ impl Loader<'_> {
             self.error(
                 &at,
                 false,
-                format!("stage '{name}' must be a table, found {}", v.type_str()),
+                format!("stage '{name}' must be a table, found {}", overrides::type_name(v)),
                 Some(format!("write it as [stages.{name}] with kind = \"…\"")),
             );
             return None;
@@ -467,7 +475,7 @@ impl Loader<'_> {
                 self.error(
                     &p(&["stages", name, "kind"]),
                     false,
-                    format!("'kind' of stage '{name}' must be a string, found {}", other.type_str()),
+                    format!("'kind' of stage '{name}' must be a string, found {}", overrides::type_name(other)),
                     Some(format!("known kinds: {known_list}")),
                 );
                 return None;
@@ -629,6 +637,35 @@ impl Loader<'_> {
                 ),
             );
         }
+    }
+}
+
+/// Path (relative to `t`) of the first key called `name`, searching nested tables in file order.
+fn find_key(t: &toml::Table, name: &str) -> Option<Vec<String>> {
+    if t.contains_key(name) {
+        return Some(vec![name.to_string()]);
+    }
+    t.iter().find_map(|(k, v)| match v {
+        toml::Value::Table(inner) => find_key(inner, name).map(|mut p| {
+            p.insert(0, k.clone());
+            p
+        }),
+        _ => None,
+    })
+}
+
+/// serde's name for an expected type, in recipe terms.
+fn human_type(expected: &str) -> String {
+    let e = expected.trim();
+    match e {
+        "f32" | "f64" => "a number, e.g. 3e-4 or 0.5".into(),
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a non-negative whole number, e.g. 32".into(),
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number, e.g. 32".into(),
+        "a boolean" => "true or false".into(),
+        "a string" => "a quoted string, e.g. \"text\"".into(),
+        "a sequence" => "an array, e.g. [\"a\", \"b\"]".into(),
+        "a map" => "a table, e.g. { key = \"value\" }".into(),
+        other => other.to_string(),
     }
 }
 

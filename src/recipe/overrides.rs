@@ -41,8 +41,17 @@ pub(crate) fn parse_value(raw: &str) -> toml::Value {
     }
 }
 
-fn type_name(v: &toml::Value) -> &'static str {
-    v.type_str()
+/// "an integer", "a string", … for messages.
+pub(crate) fn type_name(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a float",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a datetime",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    }
 }
 
 /// Apply `overrides` in order. Every intermediate table must exist (or be a top-level section);
@@ -73,7 +82,7 @@ pub(crate) fn apply(file: &Path, doc: &mut toml::Table, overrides: &[String]) ->
             continue;
         };
         let value = parse_value(rhs);
-        if let Err((message, hint)) = set(doc, &path, 0, value) {
+        if let Err((message, hint)) = set(doc, &path, 0, value, rhs) {
             errors.push(err(format!("--set {}: {message}", lhs.trim()), hint));
             continue;
         }
@@ -92,9 +101,19 @@ fn set(
     path: &[String],
     depth: usize,
     value: toml::Value,
+    rhs: &str,
 ) -> Result<(), (String, Option<String>)> {
     let seg = &path[depth];
     if depth + 1 == path.len() {
+        // `--set recipe.name=123` means the string "123" when the key holds a string: shells make
+        // quoting TOML strings awkward, and a number can never be right there.
+        let value = match (table.get(seg), value) {
+            (
+                Some(toml::Value::String(_)),
+                toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_),
+            ) => toml::Value::String(rhs.trim().to_string()),
+            (_, v) => v,
+        };
         table.insert(seg.clone(), value);
         return Ok(());
     }
@@ -112,9 +131,9 @@ fn set(
         }
     }
     match table.get_mut(seg) {
-        Some(toml::Value::Table(t)) => set(t, path, depth + 1, value),
+        Some(toml::Value::Table(t)) => set(t, path, depth + 1, value, rhs),
         Some(other) => Err((
-            format!("'{}' is a {}, not a table", path[..=depth].join("."), type_name(other)),
+            format!("'{}' is {}, not a table", path[..=depth].join("."), type_name(other)),
             Some(format!("set '{}' itself instead", path[..=depth].join("."))),
         )),
         None => unreachable!("inserted above"),
@@ -148,6 +167,9 @@ mod tests {
         let e = apply(Path::new("r.toml"), &mut doc, &["stages.bsae.lr=2".into()]).unwrap_err();
         assert_eq!(e[0].message, "--set stages.bsae.lr: there is no 'bsae' in [stages] — did you mean 'base'?");
         let ok = apply(Path::new("r.toml"), &mut doc, &["stages.base.lr=2e-3".into()]).unwrap();
+        let mut named: toml::Table = "[recipe]\nname = \"x\"\n".parse().unwrap();
+        apply(Path::new("r.toml"), &mut named, &["recipe.name=123".into()]).unwrap();
+        assert_eq!(named["recipe"]["name"], toml::Value::String("123".into()));
         assert_eq!(ok[0].path, vec!["stages", "base", "lr"]);
         assert_eq!(doc["stages"]["base"]["lr"], toml::Value::Float(2e-3));
     }

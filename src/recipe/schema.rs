@@ -41,6 +41,12 @@ pub fn recipe_schema_with(registry: &[Box<dyn DynStage>]) -> Value {
         );
         let props = obj.entry("properties").or_insert_with(|| json!({}));
         if let Some(p) = props.as_object_mut() {
+            // Editors can show which params never invalidate the cache.
+            for name in stage.cosmetic() {
+                if let Some(Value::Object(prop)) = p.get_mut(*name) {
+                    prop.insert("x-mmrun-cosmetic".into(), json!(true));
+                }
+            }
             // `kind` first, for readability of the generated file.
             let mut with_kind = serde_json::Map::new();
             with_kind.insert("kind".into(), json!({ "const": stage.kind(), "description": "Stage kind." }));
@@ -107,6 +113,8 @@ mod tests {
         assert_eq!(pre["additionalProperties"], json!(false));
         assert!(pre["required"].as_array().unwrap().contains(&json!("tokenizer")));
         assert!(pre["properties"]["lr"].is_object());
+        assert_eq!(pre["properties"]["log_every"]["x-mmrun-cosmetic"], json!(true));
+        assert!(pre["properties"]["lr"].get("x-mmrun-cosmetic").is_none());
         assert!(s["$defs"]["RecipeMeta"]["properties"]["seed"].is_object());
         assert_eq!(s["properties"]["recipe"]["$ref"], json!("#/$defs/RecipeMeta"));
     }

@@ -76,6 +76,8 @@ impl StageParams for PretrainParams {
 pub(crate) struct SftParams {
     from: String,
     data: String,
+    #[serde(default)]
+    max_steps: Option<usize>,
     #[serde(default = "lr")]
     lr: f64,
     #[serde(default = "log_every")]
@@ -100,6 +102,17 @@ pub(crate) struct EvalParams {
     prompts: Vec<String>,
     #[serde(default)]
     print_samples: bool,
+    #[serde(default)]
+    generation: Generation,
+}
+
+#[derive(Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Generation {
+    #[serde(default)]
+    temperature: f64,
+    #[serde(default)]
+    max_new_tokens: usize,
 }
 
 impl StageParams for EvalParams {

@@ -62,6 +62,20 @@ fn unknown_key_points_at_it_with_did_you_mean() {
 }
 
 #[test]
+fn unknown_key_in_a_nested_table() {
+    let d = one_error(&bad("prompts = [\"1+1=\"]", "prompts = [\"1+1=\"]\ngeneration = { temprature = 0.5 }"), &[]);
+    assert_eq!(d.message, "unknown key 'temprature' in [stages.report.generation] — did you mean 'temperature'?");
+    assert_eq!(pos(&d), (38, 16));
+    let d =
+        one_error(&bad("prompts = [\"1+1=\"]", "prompts = [\"1+1=\"]\ngeneration = { temperature = \"hot\" }"), &[]);
+    assert_eq!(
+        d.message,
+        "wrong type for 'generation.temperature' in [stages.report]: expected f64, found string \"hot\""
+    );
+    assert_eq!(pos(&d), (38, 30));
+}
+
+#[test]
 fn unknown_stage_kind_lists_known_kinds() {
     let d = one_error(&bad("kind = \"pretrain\"", "kind = \"pretrian\""), &[]);
     assert_eq!(

@@ -5,6 +5,8 @@
 //! that declaration. The planner and executor only see the object-safe [`DynStage`].
 
 mod context;
+pub mod prepare;
+pub mod tokenizer;
 
 pub use context::{Inputs, StageContext, StageOutcome};
 
@@ -127,7 +129,7 @@ impl<S: Stage> DynStage for S {
 
 /// Every stage kind mmrun knows, in pipeline order.
 pub fn registry() -> Vec<Box<dyn DynStage>> {
-    vec![]
+    vec![Box::new(tokenizer::TokenizerStage), Box::new(prepare::PrepareStage)]
 }
 
 /// Look a stage kind up by its `kind` string.

@@ -108,7 +108,9 @@ impl Sandbox {
                     .collect()
             })
             .unwrap_or_default();
-        v.sort_by(|a, b| a["started"].as_str().cmp(&b["started"].as_str()).then(a["id"].as_str().cmp(&b["id"].as_str())));
+        v.sort_by(|a, b| {
+            a["started"].as_str().cmp(&b["started"].as_str()).then(a["id"].as_str().cmp(&b["id"].as_str()))
+        });
         v
     }
 
