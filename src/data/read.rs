@@ -210,14 +210,25 @@ fn read_file<E: From<DataError>>(
         }
     };
     if ext == "parquet" {
-        return Err(DataError::BadRecord {
-            dataset: ds.name.clone(),
-            file: display_path(path),
-            line: 0,
-            problem: "parquet files are not yet supported by this build; convert to JSONL".into(),
-            format: format_name(fmt),
+        // Rows are numbered from 1 in messages, like lines.
+        let rows = match crate::hub::read_parquet_records(path) {
+            Ok(rows) => rows,
+            Err(e) => return emit(0, b"", Err(bad(e.to_string()))),
+        };
+        for row in rows {
+            match row {
+                Ok((i, v)) => {
+                    let raw = serde_json::to_vec(&v).unwrap_or_default();
+                    emit(i + 1, &raw, convert(&v, &ds.spec))?;
+                }
+                Err(e) => {
+                    // A decoding error leaves the reader in an unknown state: stop this file.
+                    emit(e.row.map_or(0, |r| r + 1), b"", Err(bad(e.reason)))?;
+                    break;
+                }
+            }
         }
-        .into());
+        return Ok(());
     }
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
