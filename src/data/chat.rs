@@ -94,6 +94,12 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// The prompt a model continues: the conversation plus the generation prompt (closed empty
+    /// think block, as the reference's inference prompts).
+    pub fn render_generation_prompt(&self, messages: &[Message]) -> Result<String, ChatError> {
+        self.render(messages, None, true, false)
+    }
+
     /// Render a conversation. `tools` are tool definitions (JSON objects); `open_thinking` only
     /// matters with `add_generation_prompt` (an open `<think>\n` instead of the closed empty block).
     pub fn render(

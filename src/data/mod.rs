@@ -58,13 +58,13 @@ pub enum DataError {
         /// Parser message.
         msg: String,
     },
-    /// `hf://` sources before the hub client is wired.
-    #[error("dataset '{name}': hf:// sources are not yet supported by this build ({uri}); download the file and point `source` at the local path")]
-    HubUnsupported {
+    /// Fetching an `hf://` source failed.
+    #[error("dataset '{name}': {msg}")]
+    Hub {
         /// Dataset name.
         name: String,
-        /// The URI.
-        uri: String,
+        /// The hub client's message.
+        msg: String,
     },
     /// Unknown `builtin:` generator or bad parameters.
     #[error("dataset '{name}': {msg}")]
@@ -132,13 +132,24 @@ const DATA_EXTENSIONS: &[&str] = &["jsonl", "json", "txt", "parquet"];
 /// — all relative to `recipe_dir` — or `builtin:<name>` (generated into the cache) or `hf://…`.
 /// Files are sorted by their path relative to the base so the order (and the hash) is stable.
 pub fn resolve(name: &str, spec: &DatasetSpec, recipe_dir: &Path, cache: &Cache) -> Result<ResolvedDataset, DataError> {
+    resolve_locked(name, spec, recipe_dir, cache, None)
+}
+
+/// [`resolve`] with the recipe lock's entry for an `hf://` source (ignored for other sources).
+pub fn resolve_locked(
+    name: &str,
+    spec: &DatasetSpec,
+    recipe_dir: &Path,
+    cache: &Cache,
+    lock: Option<&crate::hub::LockedDataset>,
+) -> Result<ResolvedDataset, DataError> {
     let source = spec.source.trim();
     let (files, base): (Vec<PathBuf>, PathBuf) = if let Some(gen) = source.strip_prefix("builtin:") {
         let file = builtin::materialize(name, gen, spec, cache)?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         (vec![file], base)
     } else if source.starts_with("hf://") {
-        let files = hub_resolve(name, source, cache)?;
+        let files = hub_resolve(name, source, lock)?;
         let base = common_parent(&files);
         (files, base)
     } else {
@@ -148,9 +159,17 @@ pub fn resolve(name: &str, spec: &DatasetSpec, recipe_dir: &Path, cache: &Cache)
     Ok(ResolvedDataset { name: name.to_string(), spec: spec.clone(), files, content_hash })
 }
 
-/// `hf://` resolution. The one place to wire the hub client (`crate::hub::resolve_dataset`).
-fn hub_resolve(name: &str, uri: &str, _cache: &Cache) -> Result<Vec<PathBuf>, DataError> {
-    crate::hub::fetch_for_data(name, uri).map_err(|e| DataError::Builtin { name: name.to_string(), msg: e.to_string() })
+/// `hf://` resolution through the hub client: files land in (or are reused from) the shared HF
+/// cache; with a lock entry the locked commit and sha256s are enforced.
+fn hub_resolve(name: &str, uri: &str, lock: Option<&crate::hub::LockedDataset>) -> Result<Vec<PathBuf>, DataError> {
+    let err = |msg: String| DataError::Hub { name: name.to_string(), msg };
+    let parsed = crate::hub::HubUri::parse(uri).map_err(|e| err(e.to_string()))?;
+    let fetched = crate::hub::resolve_dataset(&parsed, lock, &crate::hub::HubOptions::from_env())
+        .map_err(|e| err(e.to_string()))?;
+    if fetched.files.is_empty() {
+        return Err(err(format!("{uri} matched no file at commit {}", fetched.commit)));
+    }
+    Ok(fetched.files.into_iter().map(|f| f.local_path).collect())
 }
 
 fn common_parent(files: &[PathBuf]) -> PathBuf {
@@ -298,7 +317,7 @@ mod tests {
 
         let err = resolve("x", &spec("nope/*.jsonl", DataFormat::Text), &d, &cache).unwrap_err().to_string();
         assert!(err.contains("matched no file"), "{err}");
-        let err = resolve("x", &spec("hf://datasets/a/b", DataFormat::Text), &d, &cache).unwrap_err().to_string();
-        assert!(err.contains("not yet supported"), "{err}");
+        let err = resolve("x", &spec("hf://nonsense", DataFormat::Text), &d, &cache).unwrap_err().to_string();
+        assert!(err.starts_with("dataset 'x': "), "{err}");
     }
 }

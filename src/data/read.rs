@@ -210,18 +210,23 @@ fn read_file<E: From<DataError>>(
         }
     };
     if ext == "parquet" {
-        // Rows become the same JSON records as JSONL lines; "line" numbers are 1-based row numbers.
-        let unreadable = |e: crate::hub::parquet::ParquetError| DataError::BadRecord {
-            dataset: ds.name.clone(),
-            file: display_path(path),
-            line: e.row.map_or(0, |r| r + 1),
-            problem: e.reason,
-            format: format_name(fmt),
+        // Rows are numbered from 1 in messages, like lines.
+        let rows = match crate::hub::read_parquet_records(path) {
+            Ok(rows) => rows,
+            Err(e) => return emit(0, b"", Err(bad(e.to_string()))),
         };
-        for row in crate::hub::read_parquet_records(path).map_err(unreadable)? {
-            let (i, rec) = row.map_err(unreadable)?;
-            let raw = serde_json::to_vec(&rec).unwrap_or_default();
-            emit(i + 1, &raw, convert(&rec, &ds.spec))?;
+        for row in rows {
+            match row {
+                Ok((i, v)) => {
+                    let raw = serde_json::to_vec(&v).unwrap_or_default();
+                    emit(i + 1, &raw, convert(&v, &ds.spec))?;
+                }
+                Err(e) => {
+                    // A decoding error leaves the reader in an unknown state: stop this file.
+                    emit(e.row.map_or(0, |r| r + 1), b"", Err(bad(e.reason)))?;
+                    break;
+                }
+            }
         }
         return Ok(());
     }

@@ -149,6 +149,11 @@ impl TextTokenizer {
         Self::new(tokenizer, template)
     }
 
+    /// The tokenizer of a `Tokenizer` or `Model` artifact.
+    pub fn from_artifact(artifact: &crate::artifact::Artifact) -> Result<Self, TokenizeError> {
+        Self::from_dir(&artifact.dir)
+    }
+
     /// Wrap a tokenizer and template.
     pub fn new(tokenizer: tokenizers::Tokenizer, template: ChatTemplate) -> Result<Self, TokenizeError> {
         let id = |t: &str| tokenizer.token_to_id(t).ok_or_else(|| TokenizeError::MissingToken(t.into()));
@@ -258,6 +263,26 @@ impl TextTokenizer {
     pub fn prompt(&self, messages: &[Message], open_thinking: bool) -> Result<Vec<u32>, TokenizeError> {
         let text = self.template.render(messages, None, true, open_thinking)?;
         self.encode(&text)
+    }
+
+    /// One untruncated scoring sequence for an example with its loss targets (eval perplexity):
+    /// chat → assistant spans; preference → the chosen conversation; prompt/answer → the answer as
+    /// an assistant turn; text → the pretrain layout. Default (deterministic) chat options.
+    pub fn sft_example(&self, ex: &Example) -> Result<(Vec<u32>, Vec<bool>), TokenizeError> {
+        let o = ChatOptions::default();
+        let s = match ex {
+            Example::Text { text } => self.pretrain(text, usize::MAX)?,
+            Example::Chat { messages, tools } => self.chat(messages, tools.as_deref(), usize::MAX, &o, 0)?,
+            Example::Preference { tools, .. } => {
+                let (c, _) = ex.preference_conversations().expect("a preference");
+                self.chat(&c, tools.as_deref(), usize::MAX, &o, 0)?
+            }
+            Example::PromptAnswer { prompt, answer, .. } => {
+                let msgs = [Message::new("user", prompt.clone()), Message::new("assistant", answer.clone())];
+                self.chat(&msgs, None, usize::MAX, &o, 0)?
+            }
+        };
+        Ok((s.ids, s.mask.into_iter().map(|m| m == 1).collect()))
     }
 
     /// Tokenise one example. Returns one sample (text, chat, prompt) or two (chosen, rejected).
@@ -451,6 +476,11 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert_eq!(spans(&t, &s[0]), vec!["<think>\n\n</think>\n\n2<|im_end|>\n"]);
         assert_eq!(spans(&t, &s[1]), vec!["<think>\n\n</think>\n\n3<|im_end|>\n"]);
+        let (ids, targets) = t.sft_example(&ex).unwrap();
+        assert_eq!(
+            (ids, targets.iter().map(|&b| u8::from(b)).collect::<Vec<_>>()),
+            (s[0].ids.clone(), s[0].mask.clone())
+        );
         let p = Example::PromptAnswer { prompt: "1+1?".into(), answer: "2".into(), final_answer: Some("2".into()) };
         let s = t.example(&p, 64, &ChatOptions::default(), 0).unwrap();
         let text = t.tokenizer.decode(&s[0].ids, false).unwrap();

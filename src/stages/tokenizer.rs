@@ -267,7 +267,17 @@ fn write_trained(tok: &tokenizers::Tokenizer, out: &Path) -> anyhow::Result<()> 
 /// Where an adopted tokenizer's files are. The one place to wire `hf://` through the hub client.
 fn adopt_location(src: &str, recipe_dir: &Path) -> anyhow::Result<PathBuf> {
     if src.starts_with("hf://") {
-        bail!("tokenizer source '{src}': hf:// sources are not yet supported by this build; download the tokenizer folder and give its local path");
+        let uri = crate::hub::HubUri::parse(src)?;
+        let fetched = crate::hub::resolve_dataset(&uri, None, &crate::hub::HubOptions::from_env())
+            .with_context(|| format!("tokenizer source '{src}'"))?;
+        return fetched
+            .files
+            .iter()
+            .find(|f| f.repo_path.rsplit('/').next() == Some(layout::TOKENIZER_JSON))
+            .map(|f| f.local_path.clone())
+            .ok_or_else(|| {
+                anyhow::anyhow!("tokenizer source '{src}': no tokenizer.json there (point at the model folder)")
+            });
     }
     let p = recipe_dir.join(src);
     let dir = if p.is_dir() { p.clone() } else { p.parent().map(Path::to_path_buf).unwrap_or_default() };
