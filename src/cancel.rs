@@ -1,5 +1,5 @@
 //! Cooperative cancellation: SIGINT sets a flag that long-running stages poll so they can save a
-//! checkpoint before exiting.
+//! checkpoint before exiting. A second SIGINT exits at once (for a stage that never polls).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,9 +24,13 @@ impl CancelToken {
         self.0.load(Ordering::SeqCst)
     }
 
-    /// Register this token with SIGINT/SIGTERM so that the first signal raises the flag.
+    /// Register this token with SIGINT/SIGTERM: the first signal raises the flag; a second one,
+    /// arriving while the flag is already up, terminates the process with status 130 (the cache
+    /// stays consistent either way — see `exec`).
     pub fn install_signal_handlers(&self) -> std::io::Result<()> {
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            // Order matters: the conditional shutdown must see the flag before this signal sets it.
+            signal_hook::flag::register_conditional_shutdown(sig, 130, self.0.clone())?;
             signal_hook::flag::register(sig, self.0.clone())?;
         }
         Ok(())

@@ -4,6 +4,7 @@
 //! plugin → [`train`] / [`model`] / [`data`] → an [`artifact::Artifact`] → [`cache`] → [`runs`].
 //! See `ARCHITECTURE.md` at the repository root for the code map and its invariants.
 
+pub mod align;
 pub mod artifact;
 pub mod cache;
 pub mod cancel;
@@ -18,6 +19,8 @@ pub mod progress;
 pub mod recipe;
 pub mod runs;
 pub mod stages;
+#[doc(hidden)]
+pub mod testutil;
 pub mod train;
 
 /// The mmrun version recorded in run records and locks.

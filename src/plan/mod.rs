@@ -1,1 +1,442 @@
 //! Planning: the stage DAG (petgraph), type checks, stage keys and staleness with reasons.
+//!
+//! [`build`] turns a validated [`Recipe`] plus its resolved datasets into a [`Plan`]: every stage in
+//! topological order (file order for ties) with its key ([`key`]), whether `objects/<key>/` is
+//! already in the cache, and — when it is not — why, by comparing the new fingerprint with the one
+//! recorded the last time this recipe's stage succeeded ([`record_fingerprint`]).
+//!
+//! API boundary: this module reads the cache directory (manifests and fingerprint records) but
+//! never writes artifacts and knows nothing of models or training.
+
+pub mod dag;
+pub mod key;
+mod reasons;
+
+use crate::artifact::ArtifactKind;
+use crate::cache::Cache;
+use crate::data::ResolvedDataset;
+use crate::recipe::{did_you_mean, Recipe};
+use crate::stages::{DynStage, InputRef};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+/// Whether a stage has to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// `objects/<key>/manifest.json` exists: nothing to do.
+    Cached,
+    /// Built before under another key; the reasons say what changed.
+    Stale,
+    /// Never built by this recipe (or its object was removed from the cache).
+    Missing,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Cached => "cached",
+            Status::Stale => "stale",
+            Status::Missing => "missing",
+        })
+    }
+}
+
+/// One stage of a plan.
+#[derive(Clone, Debug)]
+pub struct PlannedStage {
+    /// Name in the recipe.
+    pub name: String,
+    /// Stage kind.
+    pub kind: String,
+    /// The stage key (its object directory name).
+    pub key: String,
+    /// Cached, stale or missing.
+    pub status: Status,
+    /// Why it is stale or missing (empty when cached), e.g. "param lr 5e-4 → 3e-4".
+    pub reasons: Vec<String>,
+    /// The stage's inputs (upstream stages and datasets), as declared.
+    pub inputs: Vec<InputRef>,
+    /// What went into the key (see [`key`]); recorded after success for the next plan's reasons.
+    pub fingerprint: Value,
+    /// Cosmetic params and their values: deliberately *not* in the key.
+    pub excluded: Map<String, Value>,
+}
+
+/// Every stage of a recipe, in the order they run.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Topological order, file order for ties.
+    pub stages: Vec<PlannedStage>,
+}
+
+/// Why a plan could not be built. (Recipes from [`crate::recipe::load`] are already checked for
+/// the structural errors with spans; these exist for recipes built in code and as a backstop.)
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// A stage's kind is not registered.
+    #[error("stage '{stage}' has unknown kind '{kind}' (known kinds: {known})")]
+    UnknownKind {
+        /// The stage.
+        stage: String,
+        /// Its kind.
+        kind: String,
+        /// Registered kinds, comma-separated.
+        known: String,
+    },
+    /// An input names a stage that does not exist.
+    #[error("stage '{stage}' takes {param} = '{target}', but there is no stage '{target}'")]
+    UnknownStage {
+        /// The reading stage.
+        stage: String,
+        /// The param naming the input.
+        param: String,
+        /// The missing stage.
+        target: String,
+    },
+    /// An input names a dataset that is not declared.
+    #[error("stage '{stage}' takes {param} = '{target}', but there is no dataset '{target}' in [datasets]")]
+    UnknownDataset {
+        /// The reading stage.
+        stage: String,
+        /// The param naming the input.
+        param: String,
+        /// The missing dataset.
+        target: String,
+    },
+    /// An input's artifact kind is not accepted.
+    #[error("stage '{stage}' takes {param} = '{target}', but '{target}' produces {produces}, not {wants}")]
+    TypeMismatch {
+        /// The reading stage.
+        stage: String,
+        /// The param naming the input.
+        param: String,
+        /// The upstream stage.
+        target: String,
+        /// What it produces.
+        produces: String,
+        /// What is accepted.
+        wants: String,
+    },
+    /// The stages form a cycle (names in data-flow order).
+    #[error("stages depend on each other in a cycle: {}", cycle_text(.0))]
+    Cycle(Vec<String>),
+    /// A fingerprint could not be computed.
+    #[error(transparent)]
+    Fingerprint(#[from] key::FingerprintError),
+    /// `--why` named a stage that is not in the plan.
+    #[error("no stage '{name}' in this recipe{hint}")]
+    NoSuchStage {
+        /// The name given.
+        name: String,
+        /// " — did you mean 'x'?" and the list of stages.
+        hint: String,
+    },
+}
+
+fn cycle_text(c: &[String]) -> String {
+    let mut ring = c.to_vec();
+    if let Some(first) = c.first() {
+        ring.push(first.clone());
+    }
+    ring.join(" → ")
+}
+
+/// Plan `recipe` against the stage kinds mmrun ships.
+pub fn build(recipe: &Recipe, cache: &Cache, datasets: &BTreeMap<String, ResolvedDataset>) -> Result<Plan, PlanError> {
+    build_with(recipe, cache, datasets, &crate::stages::registry())
+}
+
+/// [`build`] against an explicit set of stage kinds.
+pub fn build_with(
+    recipe: &Recipe,
+    cache: &Cache,
+    datasets: &BTreeMap<String, ResolvedDataset>,
+    registry: &[Box<dyn DynStage>],
+) -> Result<Plan, PlanError> {
+    let defs: Vec<&dyn DynStage> = recipe
+        .stages
+        .iter()
+        .map(|s| {
+            registry.iter().find(|r| r.kind() == s.kind).map(|b| b.as_ref()).ok_or_else(|| PlanError::UnknownKind {
+                stage: s.name.clone(),
+                kind: s.kind.clone(),
+                known: registry.iter().map(|r| r.kind()).collect::<Vec<_>>().join(", "),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let outputs: BTreeMap<String, ArtifactKind> =
+        recipe.stages.iter().zip(&defs).map(|(s, d)| (s.name.clone(), d.output())).collect();
+    check_edges(recipe, &outputs)?;
+    let order = dag::topo_order(&recipe.stages).map_err(PlanError::Cycle)?;
+
+    let device = key::device_class(&recipe.meta.device);
+    let mut keys = BTreeMap::new();
+    let mut statuses: BTreeMap<String, Status> = BTreeMap::new();
+    let mut planned = Vec::with_capacity(order.len());
+    for i in order {
+        let spec = &recipe.stages[i];
+        let cx = key::KeyContext { recipe, stage_keys: &keys, stage_outputs: &outputs, datasets, device_class: device };
+        let (fingerprint, excluded) = key::fingerprint(spec, defs[i], &cx)?;
+        let k = key::key_of(&fingerprint);
+        let (status, reasons) = if has_object(cache, &k) {
+            (Status::Cached, Vec::new())
+        } else {
+            match read_record(cache, &recipe.meta.name, &spec.name) {
+                Err(RecordError::Absent) => (Status::Missing, vec!["never built".to_string()]),
+                Err(RecordError::Unreadable(why)) => (
+                    Status::Missing,
+                    vec![format!("the record of its last build is unreadable ({why}), so what changed is unknown")],
+                ),
+                Ok(prev) if prev.key == k => (
+                    Status::Missing,
+                    vec![format!(
+                        "built before as {} but the object is no longer in the cache (deleted or gc'd)",
+                        short(&k)
+                    )],
+                ),
+                Ok(prev) => {
+                    let mut r = reasons::diff(&prev.fingerprint, &fingerprint, &statuses);
+                    if r.is_empty() {
+                        r.push(format!("key changed ({} → {})", short(&prev.key), short(&k)));
+                    }
+                    (Status::Stale, r)
+                }
+            }
+        };
+        keys.insert(spec.name.clone(), k.clone());
+        statuses.insert(spec.name.clone(), status);
+        planned.push(PlannedStage {
+            name: spec.name.clone(),
+            kind: spec.kind.clone(),
+            key: k,
+            status,
+            reasons,
+            inputs: spec.inputs.clone(),
+            fingerprint,
+            excluded,
+        });
+    }
+    Ok(Plan { stages: planned })
+}
+
+/// Reference and type checks on the edges (the loader does these with spans; this is the
+/// backstop for recipes built in code).
+fn check_edges(recipe: &Recipe, outputs: &BTreeMap<String, ArtifactKind>) -> Result<(), PlanError> {
+    for s in &recipe.stages {
+        for i in &s.inputs {
+            match i {
+                InputRef::Stage { param, stage, accepts } => {
+                    let out = outputs.get(stage).ok_or_else(|| PlanError::UnknownStage {
+                        stage: s.name.clone(),
+                        param: param.to_string(),
+                        target: stage.clone(),
+                    })?;
+                    if !accepts.contains(out) {
+                        return Err(PlanError::TypeMismatch {
+                            stage: s.name.clone(),
+                            param: param.to_string(),
+                            target: stage.clone(),
+                            produces: out.describe().into(),
+                            wants: accepts.iter().map(|a| a.describe()).collect::<Vec<_>>().join(" or "),
+                        });
+                    }
+                }
+                InputRef::Dataset { param, dataset } => {
+                    if !recipe.datasets.contains_key(dataset) {
+                        return Err(PlanError::UnknownDataset {
+                            stage: s.name.clone(),
+                            param: param.to_string(),
+                            target: dataset.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// First 12 hex digits of a key or hash, for messages.
+pub(crate) fn short(k: &str) -> &str {
+    &k[..k.len().min(12)]
+}
+
+/// Whether the cache holds a complete object for `key`: the executor's own test (a manifest that
+/// exists and parses), so plan and run never disagree about what is cached.
+fn has_object(cache: &Cache, key: &str) -> bool {
+    cache.object(key).is_some()
+}
+
+/// The record kept per (recipe, stage) after a stage succeeds.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    key: String,
+    fingerprint: Value,
+}
+
+fn record_path(cache: &Cache, recipe: &str, stage: &str) -> PathBuf {
+    cache.root().join("fingerprints").join(recipe).join(format!("{stage}.json"))
+}
+
+enum RecordError {
+    Absent,
+    Unreadable(String),
+}
+
+fn read_record(cache: &Cache, recipe: &str, stage: &str) -> Result<Record, RecordError> {
+    // An unreadable or corrupt record only costs the explanation, never correctness: the key
+    // alone decides what runs.
+    let text = match std::fs::read_to_string(record_path(cache, recipe, stage)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(RecordError::Absent),
+        Err(e) => return Err(RecordError::Unreadable(e.to_string())),
+    };
+    serde_json::from_str(&text).map_err(|e| RecordError::Unreadable(e.to_string()))
+}
+
+/// Remember what `stage` was built from, so the next plan can explain what changed. The executor
+/// calls this after the stage's object is published. Written atomically (temp file + rename).
+pub fn record_fingerprint(cache: &Cache, recipe_name: &str, stage: &PlannedStage) -> std::io::Result<()> {
+    let path = record_path(cache, recipe_name, &stage.name);
+    let dir = path.parent().expect("record path has a parent");
+    std::fs::create_dir_all(dir)?;
+    let rec = Record { key: stage.key.clone(), fingerprint: stage.fingerprint.clone() };
+    let text = serde_json::to_string_pretty(&rec).map_err(std::io::Error::other)?;
+    let tmp = dir.join(format!(".{}.{}.tmp", stage.name, std::process::id()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)
+}
+
+impl Plan {
+    /// A stage by name.
+    pub fn stage(&self, name: &str) -> Option<&PlannedStage> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// `{"stages":[{"name","kind","key","status","reasons":[...]}]}` for `mmrun plan --json`.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "stages": self.stages.iter().map(|s| json!({
+                "name": s.name,
+                "kind": s.kind,
+                "key": s.key,
+                "status": s.status,
+                "reasons": s.reasons,
+            })).collect::<Vec<_>>()
+        })
+    }
+
+    /// The `--why <stage>` record: what went into the key, what was left out, and each reason.
+    pub fn explain(&self, stage: &str) -> Result<String, PlanError> {
+        let s = self.stage(stage).ok_or_else(|| {
+            let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
+            let dym = did_you_mean(stage, names.iter().copied()).map(|c| format!(" — did you mean '{c}'?"));
+            PlanError::NoSuchStage {
+                name: stage.to_string(),
+                hint: format!("{} (stages: {})", dym.unwrap_or_default(), names.join(", ")),
+            }
+        })?;
+        Ok(explain_stage(s))
+    }
+}
+
+impl std::fmt::Display for Plan {
+    /// The human listing of `mmrun plan`: one line per stage, reasons indented below.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let w = self.stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
+        for s in &self.stages {
+            writeln!(f, "{:<w$}  {:<10} {:<8} {}", s.name, s.kind, s.status.to_string(), short(&s.key))?;
+            for r in &s.reasons {
+                writeln!(f, "{:<w$}    - {r}", "")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn explain_stage(s: &PlannedStage) -> String {
+    let fp = &s.fingerprint;
+    let mut o = String::new();
+    let _ = writeln!(o, "stage {} (kind {}): {}", s.name, s.kind, s.status);
+    let _ = writeln!(o, "key {}", s.key);
+    let _ = writeln!(o, "\nin the key (blake3 of this record, names excluded):");
+    for field in ["kind", "version", "key_format", "seed", "device"] {
+        if let Some(v) = fp.get(field) {
+            let _ = writeln!(o, "  {field:<10} {}", reasons::show(v));
+        }
+    }
+    let params = fp.get("params").and_then(Value::as_object);
+    match params {
+        Some(p) if !p.is_empty() => {
+            let _ = writeln!(o, "  params");
+            for (k, v) in p {
+                let _ = writeln!(o, "    {k} = {}", reasons::show(v));
+            }
+        }
+        _ => {
+            let _ = writeln!(o, "  params     (none)");
+        }
+    }
+    for i in fp.get("inputs").and_then(Value::as_array).into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  input      {} = {} → key {}",
+            str_of(i, "param"),
+            str_of(i, "stage"),
+            short(str_of(i, "key"))
+        );
+    }
+    for d in fp.get("datasets").and_then(Value::as_array).into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  dataset    {} = {} → content {}, format {}{}",
+            str_of(d, "param"),
+            str_of(d, "dataset"),
+            short(str_of(d, "content_hash")),
+            reasons::show(&d["format"]),
+            match d.get("columns") {
+                Some(Value::Object(c)) if !c.is_empty() => format!(", columns {}", reasons::show(&d["columns"])),
+                _ => String::new(),
+            }
+        );
+    }
+    match fp.get("model") {
+        Some(Value::Object(m)) => {
+            let _ = writeln!(o, "  model");
+            for (k, v) in m {
+                let _ = writeln!(o, "    {k} = {}", reasons::show(v));
+            }
+        }
+        Some(Value::Null) => {
+            let _ = writeln!(o, "  model      (no [model] table)");
+        }
+        _ => {}
+    }
+    let _ = writeln!(o, "\nnot in the key:");
+    if s.excluded.is_empty() {
+        let _ = writeln!(o, "  cosmetic params: (none set)");
+    } else {
+        let c: Vec<String> = s.excluded.iter().map(|(k, v)| format!("{k} = {}", reasons::show(v))).collect();
+        let _ = writeln!(o, "  cosmetic params: {}", c.join(", "));
+    }
+    let _ = writeln!(o, "  stage/dataset names, dataset locations, recipe name, device index (see plan::key)");
+    let _ = writeln!(o, "\nstatus: {}", s.status);
+    if s.reasons.is_empty() {
+        let _ = writeln!(o, "  objects/{} is in the cache", short(&s.key));
+    }
+    for r in &s.reasons {
+        let _ = writeln!(o, "  - {r}");
+    }
+    o
+}
+
+fn str_of<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("?")
+}
+
+#[cfg(test)]
+mod tests;

@@ -4,6 +4,21 @@
 //! error names file, line, column, the offending key and a fix; stage tables are handed to their
 //! stage kind's parameter struct (`deny_unknown_fields`) and canonicalised.
 
+mod diag;
+mod load;
+mod model;
+mod overrides;
+pub mod schema;
+mod spans;
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
+
+pub use diag::{did_you_mean, Diagnostic, Location};
+pub use load::{load, load_str, load_with, RecipeError};
+pub use model::{resolve_model, ModelSpecError};
+
 use crate::stages::InputRef;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -115,6 +130,10 @@ pub struct ModelSpec {
     /// MoE load-balancing loss coefficient.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_aux_loss_coef: Option<f64>,
+    /// YaRN RoPE scaling with the reference's values (its `inference_rope_scaling`): longer
+    /// contexts than the model was trained at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_rope_scaling: Option<bool>,
 }
 
 /// Record formats a dataset can be read as.

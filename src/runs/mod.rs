@@ -1,24 +1,216 @@
 //! Run records: `runs/<timestamp>-<recipe>/run.json`, `metrics.jsonl`, `rejects.jsonl`, plots;
 //! listing and diffing them.
+//!
+//! `run.json` is rewritten atomically (write `run.json.tmp`, rename) every time a stage changes
+//! state, so a run killed at any moment still leaves a valid record saying how far it got.
+//! `runs/` is the user's record: the cache can be deleted and rebuilt from it.
 
+mod diff;
+mod list;
+mod record;
+
+pub use diff::{diff_runs, DiffOptions};
+pub use list::{find_run, last_unfinished, list_runs, referenced_keys, RunSummary};
+pub use record::{DatasetLock, RunLock, RunRecord, RunStatus, StageRecord, StageStatus};
+
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-/// Where a running pipeline writes its per-run records (metrics, rejects, plots).
+/// File names inside a run directory.
+pub mod files {
+    /// The run record.
+    pub const RUN_JSON: &str = "run.json";
+    /// One JSON object per line: `{"stage": ..., "step": ..., <metrics>}`.
+    pub const METRICS: &str = "metrics.jsonl";
+    /// One JSON object per line for every skipped bad record.
+    pub const REJECTS: &str = "rejects.jsonl";
+}
+
+/// What can go wrong writing or reading run records.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// File system error.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What we were doing.
+        what: &'static str,
+        /// Path involved.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A run.json that does not parse.
+    #[error("run record {} is not valid: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// No run matches a name or prefix.
+    #[error("no run named '{0}' in {1}; `mmrun runs` lists them")]
+    NotFound(String, PathBuf),
+    /// A prefix matches several runs.
+    #[error("'{0}' matches several runs ({1}); give more of the name")]
+    Ambiguous(String, String),
+}
+
+pub(crate) fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RunError {
+    let path = path.to_path_buf();
+    move |source| RunError::Io { what, path, source }
+}
+
+/// Where a running pipeline writes its per-run records (metrics, rejects, plots). Shared by
+/// reference with every stage, so all mutation goes through an internal lock.
 #[derive(Debug)]
 pub struct RunSink {
     dir: PathBuf,
+    record: Mutex<Option<RunRecord>>,
+    /// Serialises appends from several threads (lines never interleave).
+    append: Mutex<()>,
 }
 
 impl RunSink {
-    /// A sink writing into `dir` (created if needed).
+    /// A sink writing into `dir` (created if needed), without a `run.json` (tests, tools).
     pub fn create(dir: impl Into<PathBuf>) -> std::io::Result<Self> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir })
+        Ok(Self { dir, record: Mutex::new(None), append: Mutex::new(()) })
     }
 
-    /// The run directory.
+    /// Start a new run under `runs_dir`: create `<UTC timestamp>-<recipe>/` and write the initial
+    /// `run.json` (status `running`).
+    pub fn start(runs_dir: &Path, mut record: RunRecord) -> Result<Self, RunError> {
+        std::fs::create_dir_all(runs_dir).map_err(io_err("creating runs directory", runs_dir))?;
+        let now = time::OffsetDateTime::now_utc();
+        let stamp = now
+            .format(time::macros::format_description!(
+                "[year][month][day]T[hour][minute][second].[subsecond digits:3]Z"
+            ))
+            .expect("formattable");
+        let name = sanitize(&record.recipe_name);
+        let mut n = 1;
+        let dir = loop {
+            let id = if n == 1 { format!("{stamp}-{name}") } else { format!("{stamp}-{name}-{n}") };
+            let dir = runs_dir.join(&id);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {
+                    record.id = id;
+                    break dir;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+                Err(e) => return Err(io_err("creating run directory", &dir)(e)),
+            }
+        };
+        record.started = now.format(&time::format_description::well_known::Rfc3339).expect("formattable");
+        record.pid = std::process::id();
+        let sink = Self { dir, record: Mutex::new(Some(record)), append: Mutex::new(()) };
+        sink.save()?;
+        Ok(sink)
+    }
+
+    /// The run directory (plots go here).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// The run's id (its directory name).
+    pub fn id(&self) -> String {
+        self.dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()
+    }
+
+    /// Change the record and rewrite `run.json` atomically.
+    pub fn update(&self, f: impl FnOnce(&mut RunRecord)) -> Result<(), RunError> {
+        {
+            let mut rec = self.record.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(r) = rec.as_mut() {
+                f(r);
+            }
+        }
+        self.save()
+    }
+
+    /// A copy of the current record (None for sinks made with [`RunSink::create`]).
+    pub fn record(&self) -> Option<RunRecord> {
+        self.record.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn save(&self) -> Result<(), RunError> {
+        let rec = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(r) = rec.as_ref() else { return Ok(()) };
+        let json = serde_json::to_vec_pretty(r).expect("record serialises");
+        let tmp = self.dir.join("run.json.tmp");
+        let dst = self.dir.join(files::RUN_JSON);
+        let mut f = std::fs::File::create(&tmp).map_err(io_err("writing", &tmp))?;
+        f.write_all(&json).and_then(|_| f.sync_all()).map_err(io_err("writing", &tmp))?;
+        std::fs::rename(&tmp, &dst).map_err(io_err("writing", &dst))?;
+        Ok(())
+    }
+
+    fn append_line(&self, file: &str, value: &serde_json::Value) -> std::io::Result<()> {
+        let _g = self.append.lock().unwrap_or_else(|p| p.into_inner());
+        let mut line = serde_json::to_string(value).expect("json serialises");
+        line.push('\n');
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(file))?;
+        f.write_all(line.as_bytes())
+    }
+
+    /// Append one metrics point of `stage` to `metrics.jsonl`. `point` should be an object with
+    /// a `step` field (e.g. `{"step": 10, "loss": 3.2, "lr": 5e-4}`); `stage` is added.
+    pub fn metric(&self, stage: &str, point: serde_json::Value) -> std::io::Result<()> {
+        let mut obj = serde_json::Map::new();
+        obj.insert("stage".into(), stage.into());
+        match point {
+            serde_json::Value::Object(m) => obj.extend(m),
+            other => {
+                obj.insert("value".into(), other);
+            }
+        }
+        self.append_line(files::METRICS, &serde_json::Value::Object(obj))
+    }
+
+    /// Record a skipped bad record (`on_bad_record = "skip"`): appended to `rejects.jsonl` and
+    /// counted per dataset in `run.json` (recounted from the file at the next state change).
+    pub fn reject(&self, dataset: &str, file: &Path, line: usize, reason: &str, raw: &str) -> std::io::Result<()> {
+        let v = serde_json::json!({
+            "dataset": dataset,
+            "file": file.display().to_string(),
+            "line": line,
+            "reason": reason,
+            "raw": raw,
+        });
+        self.append_line(files::REJECTS, &v)
+    }
+
+    /// Skipped records per dataset, counted from `rejects.jsonl` (whoever appended them);
+    /// `None` when there are none.
+    pub fn count_rejects(&self) -> Option<std::collections::BTreeMap<String, u64>> {
+        let text = std::fs::read_to_string(self.dir.join(files::REJECTS)).ok()?;
+        let mut counts = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            let ds = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["dataset"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "?".into());
+            *counts.entry(ds).or_insert(0) += 1;
+        }
+        Some(counts)
+    }
 }
+
+/// Keep run directory names portable.
+fn sanitize(name: &str) -> String {
+    let s: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
+    if s.is_empty() {
+        "recipe".into()
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,315 @@
+//! The loss math of LoRA/SFT, DPO and GRPO as pure candle functions.
+//!
+//! Everything here is composite candle (differentiable by candle's autograd on any device); inputs
+//! are plain tensors so the functions are tested on tiny hand-computed values without a model.
+//! Conventions follow the reference (spec §11, §13) and TRL's metric names.
+
+use candle_core::{DType, Result, Tensor, D};
+use serde::Serialize;
+
+/// Label value that carries no loss (PyTorch's `ignore_index`, the data layer's masked positions).
+pub const IGNORE: i64 = -100;
+
+/// Errors in inputs that the loss functions cannot interpret.
+#[derive(Debug, thiserror::Error)]
+pub enum LossError {
+    /// Rewards cannot be split into groups of `group_size`.
+    #[error("{n} rewards cannot be split into groups of {group_size} (num_generations); each prompt needs exactly num_generations completions")]
+    BadGroups {
+        /// Number of rewards.
+        n: usize,
+        /// Group size.
+        group_size: usize,
+    },
+    /// A reward is NaN or infinite.
+    #[error("reward #{index} (prompt group {group}) is {value}; every reward function must return a finite number")]
+    NonFiniteReward {
+        /// Flat index of the completion.
+        index: usize,
+        /// Its group (prompt) index.
+        group: usize,
+        /// The value.
+        value: f32,
+    },
+}
+
+/// Numerically stable `log_softmax` over the last dimension (computed in f32).
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    // The max is a constant shift: detaching it keeps the gradient exact and avoids a max backward.
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&m)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// Per-token log-probabilities `[B, T]` of `targets: [B, T]` (integer ids; negative values are
+/// ignored and yield the log-prob of id 0, so callers must mask them) under `logits: [B, T, V]`.
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let t = targets.to_dtype(DType::I64)?;
+    let safe = t.ge(0i64)?.where_cond(&t, &t.zeros_like()?)?.to_dtype(DType::U32)?;
+    let lp = log_softmax_last(logits)?;
+    lp.gather(&safe.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)
+}
+
+/// Shift `labels: [B, T]`, aligned with the inputs as the data layer produces them (position `t`
+/// is predicted from position `t-1`), into next-token targets: `targets[t] = labels[t+1]`, the last
+/// position gets [`IGNORE`]. Returns `(targets: i64 [B, T], mask: f32 [B, T])` with mask 1 where
+/// the target is not ignored. This is the reference's `x = ids[:-1], y = ids[1:], mask[1:]`.
+pub fn shift_targets(labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, t) = labels.dims2()?;
+    let labels = labels.to_dtype(DType::I64)?;
+    let targets = if t > 1 {
+        let tail = labels.narrow(1, 1, t - 1)?;
+        let pad = Tensor::full(IGNORE, (b, 1), labels.device())?;
+        Tensor::cat(&[&tail, &pad], 1)?
+    } else {
+        Tensor::full(IGNORE, (b, t), labels.device())?
+    };
+    let mask = targets.ge(0i64)?.to_dtype(DType::F32)?;
+    Ok((targets, mask))
+}
+
+/// Per-token log-probs `[B, T]` and the loss mask `[B, T]` from logits and aligned labels (see
+/// [`shift_targets`]); masked positions hold 0 in the log-probs.
+pub fn masked_token_logprobs(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (targets, mask) = shift_targets(labels)?;
+    let lp = (token_logprobs(logits, &targets)? * &mask)?;
+    Ok((lp, mask))
+}
+
+/// Summed (not length-normalised, spec §11) log-probability of each row's trained tokens: logits
+/// `[B, T, V]`, aligned labels `[B, T]` with [`IGNORE`] outside the answer. Returns `[B]`.
+pub fn sequence_logprobs(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (lp, _) = masked_token_logprobs(logits, labels)?;
+    lp.sum(1)
+}
+
+/// `log(sigmoid(x))`, stable for large |x|: `-(relu(-x) + log(1 + exp(-|x|)))`.
+pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    let sp = (x.neg()?.relu()? + x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?;
+    sp.neg()
+}
+
+/// Per-step DPO metrics with TRL's meaning (batch means; rewards are `beta * (policy - reference)`
+/// summed log-probs, computed without gradient).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DpoMetrics {
+    /// The DPO loss.
+    pub loss: f32,
+    /// Mean implicit reward of the chosen answers.
+    #[serde(rename = "rewards/chosen")]
+    pub rewards_chosen: f32,
+    /// Mean implicit reward of the rejected answers.
+    #[serde(rename = "rewards/rejected")]
+    pub rewards_rejected: f32,
+    /// Fraction of pairs whose chosen reward is strictly above the rejected one.
+    #[serde(rename = "rewards/accuracy")]
+    pub rewards_accuracy: f32,
+    /// Mean of chosen minus rejected reward.
+    #[serde(rename = "rewards/margin")]
+    pub rewards_margin: f32,
+    /// Mean policy log-prob of the chosen answers.
+    #[serde(rename = "logps/chosen")]
+    pub logps_chosen: f32,
+    /// Mean policy log-prob of the rejected answers.
+    #[serde(rename = "logps/rejected")]
+    pub logps_rejected: f32,
+}
+
+/// DPO loss (scalar, differentiable through the policy log-probs) and its metrics.
+pub struct DpoOutput {
+    /// `mean_b(-logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))))`.
+    pub loss: Tensor,
+    /// Metrics of this batch.
+    pub metrics: DpoMetrics,
+}
+
+/// The DPO loss of spec §11 from summed sequence log-probs, each `[B]`: policy chosen/rejected
+/// (carrying gradients) and reference chosen/rejected (treated as constants).
+pub fn dpo_loss(pi_c: &Tensor, pi_r: &Tensor, ref_c: &Tensor, ref_r: &Tensor, beta: f64) -> Result<DpoOutput> {
+    let (ref_c, ref_r) = (ref_c.detach(), ref_r.detach());
+    let chosen = (pi_c - &ref_c)?;
+    let rejected = (pi_r - &ref_r)?;
+    let z = ((&chosen - &rejected)? * beta)?;
+    let loss = log_sigmoid(&z)?.neg()?.mean_all()?;
+    let rc = (chosen.detach() * beta)?;
+    let rr = (rejected.detach() * beta)?;
+    let mean = |t: &Tensor| -> Result<f32> { t.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>() };
+    let metrics = DpoMetrics {
+        loss: loss.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+        rewards_chosen: mean(&rc)?,
+        rewards_rejected: mean(&rr)?,
+        rewards_accuracy: mean(&rc.gt(&rr)?.to_dtype(DType::F32)?)?,
+        rewards_margin: mean(&(&rc - &rr)?)?,
+        logps_chosen: mean(&pi_c.detach())?,
+        logps_rejected: mean(&pi_r.detach())?,
+    };
+    Ok(DpoOutput { loss, metrics })
+}
+
+/// Group-normalised advantages of one rollout batch and the statistics GRPO reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupAdvantages {
+    /// `(r - mean_g) / (std_g + eps)` per completion, in input order.
+    pub advantages: Vec<f32>,
+    /// Mean over groups of the population standard deviation of the rewards.
+    pub mean_group_std: f32,
+    /// Groups whose rewards are all equal: their advantages are exactly 0 and they carry no signal.
+    pub zero_std_groups: usize,
+    /// Number of groups (prompts).
+    pub groups: usize,
+}
+
+/// GRPO advantages (spec §13): rewards are laid out group after group (`group_size` consecutive
+/// completions per prompt); within each group `(r - mean) / (population std + eps)` (the
+/// reference uses `eps = 1e-4`). A group whose rewards are all equal gets exact zeros (not
+/// rounding noise divided by `eps`) and is counted in `zero_std_groups`.
+pub fn group_advantages(
+    rewards: &[f32],
+    group_size: usize,
+    eps: f64,
+) -> std::result::Result<GroupAdvantages, LossError> {
+    if group_size == 0 || rewards.len() % group_size != 0 {
+        return Err(LossError::BadGroups { n: rewards.len(), group_size });
+    }
+    if let Some((i, &v)) = rewards.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(LossError::NonFiniteReward { index: i, group: i / group_size, value: v });
+    }
+    let mut advantages = Vec::with_capacity(rewards.len());
+    let (mut zero, mut std_sum) = (0usize, 0f64);
+    let groups = rewards.len() / group_size;
+    for g in rewards.chunks(group_size) {
+        let n = g.len() as f64;
+        let mean = g.iter().map(|&r| r as f64).sum::<f64>() / n;
+        let var = g.iter().map(|&r| (r as f64 - mean).powi(2)).sum::<f64>() / n;
+        let std = var.sqrt();
+        let all_equal = g.iter().all(|&r| r == g[0]);
+        if all_equal {
+            zero += 1;
+            advantages.extend(std::iter::repeat_n(0.0f32, g.len()));
+        } else {
+            std_sum += std;
+            advantages.extend(g.iter().map(|&r| ((r as f64 - mean) / (std + eps)) as f32));
+        }
+    }
+    let mean_group_std = if groups == 0 { 0.0 } else { (std_sum / groups as f64) as f32 };
+    Ok(GroupAdvantages { advantages, mean_group_std, zero_std_groups: zero, groups })
+}
+
+/// The k3 estimator of KL(policy ‖ reference) per token: `exp(ref - logp) - (ref - logp) - 1`
+/// (always ≥ 0, unbiased, low variance). `logp` carries gradients, `ref_logp` is a constant.
+pub fn k3_kl(logp: &Tensor, ref_logp: &Tensor) -> Result<Tensor> {
+    let d = (ref_logp.detach() - logp)?;
+    (d.exp()? - d)?.affine(1.0, -1.0)
+}
+
+/// The policy-gradient surrogate of GRPO.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyLossKind {
+    /// PPO-style clipped ratio: `min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`.
+    Grpo,
+    /// CISPO (the reference's default): `stopgrad(min(r, eps_high)) · A · logp`.
+    Cispo,
+}
+
+/// Hyper-parameters of [`grpo_loss`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GrpoLossConfig {
+    /// Which surrogate.
+    pub kind: PolicyLossKind,
+    /// Lower clip range (GRPO): ratios below `1 - clip_low` stop helping negative advantages.
+    pub clip_low: f64,
+    /// Upper clip range: GRPO clips at `1 + clip_high`; CISPO truncates the weight at `clip_high`
+    /// (the reference's `eps_high = 5.0`).
+    pub clip_high: f64,
+    /// KL coefficient (the reference's beta = 0.1).
+    pub beta: f64,
+}
+
+impl Default for GrpoLossConfig {
+    fn default() -> Self {
+        Self { kind: PolicyLossKind::Grpo, clip_low: 0.2, clip_high: 0.2, beta: 0.1 }
+    }
+}
+
+/// Token-level statistics of one GRPO loss evaluation (masked means over completion tokens).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GrpoLossMetrics {
+    /// The loss value.
+    pub loss: f32,
+    /// Mean k3 KL to the reference per completion token.
+    pub kl: f32,
+    /// Fraction of completion tokens where the clip (or CISPO truncation) is active.
+    pub clip_fraction: f32,
+    /// Mean importance ratio `exp(logp - old_logp)`.
+    pub ratio_mean: f32,
+}
+
+/// GRPO loss and its metrics.
+pub struct GrpoOutput {
+    /// Scalar loss to back-propagate.
+    pub loss: Tensor,
+    /// Its statistics.
+    pub metrics: GrpoLossMetrics,
+}
+
+/// The GRPO objective of spec §13 on completion tokens. `logp`, `old_logp`, `ref_logp`, `mask` are
+/// `[N, T]` (mask 1 on completion tokens up to and including the first EOS); `advantages` is `[N]`.
+/// `old_logp = None` means "the rollout policy is the current one" (`logp` detached: ratio 1 with
+/// the right gradient), which is the reference's single step per rollout batch.
+/// Per token: `-(surrogate - beta * k3)`; aggregated as a masked mean per sequence, then the mean
+/// over sequences (sample-level, like the reference; an empty completion contributes 0).
+pub fn grpo_loss(
+    logp: &Tensor,
+    old_logp: Option<&Tensor>,
+    ref_logp: &Tensor,
+    advantages: &Tensor,
+    mask: &Tensor,
+    cfg: &GrpoLossConfig,
+) -> Result<GrpoOutput> {
+    let mask = mask.to_dtype(DType::F32)?;
+    let old = match old_logp {
+        Some(o) => o.detach(),
+        None => logp.detach(),
+    };
+    let adv = advantages.to_dtype(DType::F32)?.detach().unsqueeze(1)?; // [N, 1]
+    let ratio = (logp - &old)?.exp()?;
+    let (surrogate, clipped) = match cfg.kind {
+        PolicyLossKind::Grpo => {
+            let unclipped = ratio.broadcast_mul(&adv)?;
+            let clipped_r = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)?;
+            let s = unclipped.minimum(&clipped_r.broadcast_mul(&adv)?)?;
+            // TRL's clip ratio: the clip is active where it removes the gradient.
+            let r = ratio.detach();
+            let neg = adv.lt(0f64)?.to_dtype(DType::F32)?;
+            let pos = adv.gt(0f64)?.to_dtype(DType::F32)?;
+            let low = r.lt(1.0 - cfg.clip_low)?.to_dtype(DType::F32)?.broadcast_mul(&neg)?;
+            let high = r.gt(1.0 + cfg.clip_high)?.to_dtype(DType::F32)?.broadcast_mul(&pos)?;
+            (s, (low + high)?)
+        }
+        PolicyLossKind::Cispo => {
+            let w = ratio.detach().minimum(cfg.clip_high)?;
+            let s = w.broadcast_mul(&adv)?.mul(logp)?;
+            (s, ratio.detach().gt(cfg.clip_high)?.to_dtype(DType::F32)?)
+        }
+    };
+    let kl = k3_kl(logp, ref_logp)?;
+    let per_tok = (surrogate - (&kl * cfg.beta)?)?.neg()?;
+    let counts = mask.sum(1)?.clamp(1.0, f64::INFINITY)?; // [N]
+    let per_seq = (per_tok * &mask)?.sum(1)?.div(&counts)?;
+    let loss = per_seq.mean_all()?;
+    let total = mask.sum_all()?.to_scalar::<f32>()?.max(1.0);
+    let masked_mean = |t: &Tensor| -> Result<f32> { Ok((t.detach() * &mask)?.sum_all()?.to_scalar::<f32>()? / total) };
+    let metrics = GrpoLossMetrics {
+        loss: loss.to_scalar::<f32>()?,
+        kl: masked_mean(&kl)?,
+        clip_fraction: masked_mean(&clipped)?,
+        ratio_mean: masked_mean(&ratio)?,
+    };
+    Ok(GrpoOutput { loss, metrics })
+}
+
+#[cfg(test)]
+mod tests;

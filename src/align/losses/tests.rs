@@ -1,0 +1,226 @@
+//! Hand-computed checks of the alignment losses and their gradients.
+
+use super::*;
+use candle_core::{Device, Tensor, Var};
+
+const DEV: Device = Device::Cpu;
+
+fn close(a: f32, b: f64, tol: f64, what: &str) {
+    assert!(((a as f64) - b).abs() <= tol, "{what}: got {a}, want {b}");
+}
+
+fn vec1(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn log_softmax_matches_hand_values() {
+    let x = Tensor::new(&[[1f32, 2., 3.]], &DEV).unwrap();
+    let got = vec1(&log_softmax_last(&x).unwrap());
+    let lse = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
+    for (g, v) in got.iter().zip([1.0, 2.0, 3.0]) {
+        close(*g, v - lse, 1e-6, "log_softmax");
+    }
+    // Large logits do not overflow.
+    let big = Tensor::new(&[[1000f32, 1000.]], &DEV).unwrap();
+    for g in vec1(&log_softmax_last(&big).unwrap()) {
+        close(g, -(2f64.ln()), 1e-6, "log_softmax(big)");
+    }
+}
+
+/// Logits whose softmax is exactly [0.25, 0.5, 0.25] (or a permutation).
+fn ln(v: f64) -> f32 {
+    v.ln() as f32
+}
+
+#[test]
+fn sequence_logprobs_sum_masked_shifted_targets() {
+    // B=2, T=3, V=3. Position t predicts labels[t+1].
+    let p = |hi: usize| {
+        let mut r = [ln(1.0), ln(1.0), ln(1.0)];
+        r[hi] = ln(2.0);
+        r
+    };
+    let logits = Tensor::new(&[[p(1), p(2), p(0)], [p(0), p(0), p(0)]], &DEV).unwrap();
+    // Row 0: targets [1, 2, ignored] → ln .5 + ln .5 (both hit the 0.5 token).
+    // Row 1: targets [ignored (prompt), 2, ignored] → ln .25.
+    let labels = Tensor::new(&[[IGNORE, 1, 2], [IGNORE, IGNORE, 2]], &DEV).unwrap();
+    let (targets, mask) = shift_targets(&labels).unwrap();
+    assert_eq!(targets.to_vec2::<i64>().unwrap(), vec![vec![1, 2, IGNORE], vec![IGNORE, 2, IGNORE]]);
+    assert_eq!(mask.to_vec2::<f32>().unwrap(), vec![vec![1., 1., 0.], vec![0., 1., 0.]]);
+    let s = vec1(&sequence_logprobs(&logits, &labels).unwrap());
+    close(s[0], 2.0 * 0.5f64.ln(), 1e-6, "row 0");
+    close(s[1], 0.25f64.ln(), 1e-6, "row 1");
+    let (lp, _) = masked_token_logprobs(&logits, &labels).unwrap();
+    let lp = lp.to_vec2::<f32>().unwrap();
+    assert_eq!(lp[1][0], 0.0, "masked positions hold 0");
+}
+
+#[test]
+fn sequence_logprobs_gradient_is_onehot_minus_softmax() {
+    let logits = Var::new(&[[[0f32, ln(2.0), 0.]]], &DEV).unwrap(); // probs .25 .5 .25
+    let labels = Tensor::new(&[[IGNORE, 1]], &DEV).unwrap(); // position 0 predicts token 1
+    let logits2 = Tensor::cat(&[logits.as_tensor(), &Tensor::zeros((1, 1, 3), DType::F32, &DEV).unwrap()], 1).unwrap();
+    let s = sequence_logprobs(&logits2, &labels).unwrap().sum_all().unwrap();
+    let g = s.backward().unwrap();
+    let gl = vec1(g.get(logits.as_tensor()).expect("logits get a gradient"));
+    for (a, b) in gl.iter().zip([-0.25, 0.5, -0.25]) {
+        close(*a, b, 1e-6, "d logp / d logits");
+    }
+}
+
+#[test]
+fn log_sigmoid_is_stable() {
+    let x = Tensor::new(&[-100f32, -1., 0., 1., 100.], &DEV).unwrap();
+    let got = vec1(&log_sigmoid(&x).unwrap());
+    let want = [-100.0, -(1.0 + 1f64.exp()).ln(), -(2f64.ln()), -(1.0 + (-1f64).exp()).ln(), 0.0];
+    for (g, w) in got.iter().zip(want) {
+        close(*g, w, 1e-5, "log_sigmoid");
+    }
+}
+
+#[test]
+fn dpo_loss_and_metrics_match_hand_computation() {
+    let pi_c = Var::new(&[-1f32, -2.], &DEV).unwrap();
+    let pi_r = Var::new(&[-3f32, -1.], &DEV).unwrap();
+    let ref_c = Var::new(&[-1.5f32, -2.], &DEV).unwrap();
+    let ref_r = Tensor::new(&[-2.5f32, -1.5], &DEV).unwrap();
+    let beta = 0.5;
+    let out = dpo_loss(pi_c.as_tensor(), pi_r.as_tensor(), ref_c.as_tensor(), &ref_r, beta).unwrap();
+    // chosen log-ratios [0.5, 0], rejected [-0.5, 0.5] → z = beta * [1.0, -0.5] = [0.5, -0.25].
+    let want = ((1.0 + (-0.5f64).exp()).ln() + (1.0 + 0.25f64.exp()).ln()) / 2.0;
+    close(out.loss.to_scalar::<f32>().unwrap(), want, 1e-6, "loss");
+    let m = &out.metrics;
+    close(m.loss, want, 1e-6, "metrics.loss");
+    close(m.rewards_chosen, 0.125, 1e-6, "rewards/chosen");
+    close(m.rewards_rejected, 0.0, 1e-6, "rewards/rejected");
+    close(m.rewards_accuracy, 0.5, 1e-6, "rewards/accuracy");
+    close(m.rewards_margin, 0.125, 1e-6, "rewards/margin");
+    close(m.logps_chosen, -1.5, 1e-6, "logps/chosen");
+    let json = serde_json::to_value(m).unwrap();
+    assert!(json.get("rewards/accuracy").is_some(), "TRL metric names: {json}");
+
+    let g = out.loss.backward().unwrap();
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    // dL/dpi_c_i = -(beta / B) * sigmoid(-z_i); dL/dpi_r_i is its negation.
+    let gc = vec1(g.get(pi_c.as_tensor()).unwrap());
+    let gr = vec1(g.get(pi_r.as_tensor()).unwrap());
+    for (i, z) in [0.5, -0.25].into_iter().enumerate() {
+        close(gc[i], -(beta / 2.0) * sig(-z), 1e-6, "d/dpi_c");
+        close(gr[i], (beta / 2.0) * sig(-z), 1e-6, "d/dpi_r");
+    }
+    assert!(g.get(ref_c.as_tensor()).is_none(), "the reference must not receive gradients");
+}
+
+#[test]
+fn group_advantages_normalise_within_groups_and_report_zero_std() {
+    let r = [1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 0.1, 0.1, 0.1, 0.1];
+    let a = group_advantages(&r, 4, 1e-4).unwrap();
+    let v = 0.5 / (0.5 + 1e-4);
+    for (g, w) in a.advantages[..4].iter().zip([v, -v, -v, v]) {
+        close(*g, w, 1e-6, "group 0");
+    }
+    // All-equal groups give exact zeros, even 0.1 whose mean is not exactly 0.1 in floating point.
+    assert!(a.advantages[4..].iter().all(|&x| x == 0.0), "{:?}", a.advantages);
+    assert_eq!(a.zero_std_groups, 2);
+    assert_eq!(a.groups, 3);
+    close(a.mean_group_std, 0.5 / 3.0, 1e-6, "mean group std");
+
+    // Uneven group sizes: population std (divide by n).
+    let b = group_advantages(&[0.0, 0.0, 3.0], 3, 0.0).unwrap();
+    let std = (2.0f64).sqrt(); // values 0,0,3: mean 1, var (1+1+4)/3 = 2
+    close(b.advantages[2], 2.0 / std, 1e-6, "population std");
+
+    assert!(matches!(group_advantages(&[1.0; 7], 4, 1e-4), Err(LossError::BadGroups { n: 7, group_size: 4 })));
+    assert!(matches!(group_advantages(&[1.0; 4], 0, 1e-4), Err(LossError::BadGroups { .. })));
+    let e = group_advantages(&[1.0, 2.0, f32::NAN, 0.0], 2, 1e-4).unwrap_err();
+    assert!(matches!(e, LossError::NonFiniteReward { index: 2, group: 1, .. }), "{e}");
+    assert!(e.to_string().contains("finite"), "{e}");
+}
+
+#[test]
+fn k3_kl_values_and_gradient() {
+    let logp = Var::new(&[0.5f64.ln() as f32, 0.3f64.ln() as f32], &DEV).unwrap();
+    let refl = Tensor::new(&[0.25f64.ln() as f32, 0.3f64.ln() as f32], &DEV).unwrap();
+    let kl = k3_kl(logp.as_tensor(), &refl).unwrap();
+    let v = vec1(&kl);
+    close(v[0], 0.5 + 2f64.ln() - 1.0, 1e-6, "k3");
+    close(v[1], 0.0, 1e-7, "k3 at equality");
+    let g = kl.sum_all().unwrap().backward().unwrap();
+    let gl = vec1(g.get(logp.as_tensor()).unwrap());
+    close(gl[0], 1.0 - 0.5, 1e-6, "dk3/dlogp = 1 - exp(ref - logp)");
+    close(gl[1], 0.0, 1e-6, "dk3/dlogp at equality");
+}
+
+#[test]
+fn grpo_clipped_objective_matches_hand_computation() {
+    // logp = 0 everywhere; old log-probs chosen so the ratios are as listed.
+    let ratios = [[1.5f64, 1.0, 0.5], [1.5, 0.7, 1.0]];
+    let old: Vec<Vec<f32>> = ratios.iter().map(|r| r.iter().map(|x| -(x.ln()) as f32).collect()).collect();
+    let old = Tensor::new(vec![old[0].clone(), old[1].clone()], &DEV).unwrap();
+    let logp = Var::zeros((2, 3), DType::F32, &DEV).unwrap();
+    let adv = Tensor::new(&[1f32, -2.], &DEV).unwrap();
+    let mask = Tensor::new(&[[1f32, 1., 1.], [1., 1., 0.]], &DEV).unwrap();
+    let cfg = GrpoLossConfig { kind: PolicyLossKind::Grpo, clip_low: 0.2, clip_high: 0.2, beta: 0.0 };
+    let out = grpo_loss(logp.as_tensor(), Some(&old), logp.as_tensor(), &adv, &mask, &cfg).unwrap();
+    // Row 0 (A=1): min(1.5,1.2)=1.2 (clipped), 1.0, min(0.5,0.8)=0.5 → mean 0.9.
+    // Row 1 (A=-2): min(-3,-2.4)=-3, min(-1.4,-1.6)=-1.6 (clipped), masked → mean -2.3.
+    close(out.metrics.loss, (-0.9 + 2.3) / 2.0, 1e-6, "loss");
+    close(out.metrics.clip_fraction, 2.0 / 5.0, 1e-6, "clip fraction");
+    close(out.metrics.ratio_mean, (1.5 + 1.0 + 0.5 + 1.5 + 0.7) / 5.0, 1e-6, "ratio mean");
+    close(out.metrics.kl, 0.0, 1e-7, "kl");
+    let g = out.loss.backward().unwrap();
+    let gl = g.get(logp.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+    // d/dlogp = -A * r / (N * n_i) where the unclipped branch is active, else 0.
+    let want = [[0.0, -1.0 / 6.0, -0.5 / 6.0], [0.75, 0.0, 0.0]];
+    for (gr, wr) in gl.iter().zip(want) {
+        for (g, w) in gr.iter().zip(wr) {
+            close(*g, w, 1e-6, "grpo gradient");
+        }
+    }
+}
+
+#[test]
+fn grpo_on_policy_with_kl_matches_hand_computation() {
+    let logp = Var::zeros((2, 2), DType::F32, &DEV).unwrap();
+    let refl = Tensor::full(-(2f64.ln()) as f32, (2, 2), &DEV).unwrap();
+    let adv = Tensor::new(&[1f32, -2.], &DEV).unwrap();
+    let mask = Tensor::ones((2, 2), DType::F32, &DEV).unwrap();
+    let cfg = GrpoLossConfig { beta: 0.1, ..Default::default() };
+    let out = grpo_loss(logp.as_tensor(), None, &refl, &adv, &mask, &cfg).unwrap();
+    let k3 = 0.5 + 2f64.ln() - 1.0;
+    close(out.metrics.kl, k3, 1e-6, "kl");
+    close(out.metrics.loss, (-(1.0 - 0.1 * k3) + (2.0 + 0.1 * k3)) / 2.0, 1e-6, "loss");
+    close(out.metrics.clip_fraction, 0.0, 0.0, "no clipping on-policy");
+    let g = out.loss.backward().unwrap();
+    let gl = g.get(logp.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+    // (-A + beta * (1 - exp(ref - logp))) / (N * T).
+    close(gl[0][0], (-1.0 + 0.1 * 0.5) / 4.0, 1e-6, "row 0");
+    close(gl[1][1], (2.0 + 0.1 * 0.5) / 4.0, 1e-6, "row 1");
+}
+
+#[test]
+fn cispo_truncates_the_detached_weight() {
+    let logp = Var::new(&[[-1f32, -1.]], &DEV).unwrap();
+    let old = Tensor::new(&[[-1.0 - 1.5f64.ln() as f32, -1.0 - 6f64.ln() as f32]], &DEV).unwrap();
+    let adv = Tensor::new(&[1f32], &DEV).unwrap();
+    let mask = Tensor::ones((1, 2), DType::F32, &DEV).unwrap();
+    let cfg = GrpoLossConfig { kind: PolicyLossKind::Cispo, clip_low: 0.0, clip_high: 5.0, beta: 0.0 };
+    let out = grpo_loss(logp.as_tensor(), Some(&old), logp.as_tensor(), &adv, &mask, &cfg).unwrap();
+    close(out.metrics.loss, -((1.5 * -1.0) + (5.0 * -1.0)) / 2.0, 1e-5, "cispo loss");
+    close(out.metrics.clip_fraction, 0.5, 1e-6, "truncated fraction");
+    let g = out.loss.backward().unwrap();
+    let gl = vec1(g.get(logp.as_tensor()).unwrap());
+    close(gl[0], -1.5 / 2.0, 1e-5, "cispo grad 0");
+    close(gl[1], -5.0 / 2.0, 1e-5, "cispo grad 1 (truncated)");
+}
+
+#[test]
+fn empty_completion_contributes_zero() {
+    let logp = Var::zeros((2, 2), DType::F32, &DEV).unwrap();
+    let adv = Tensor::new(&[1f32, 1.], &DEV).unwrap();
+    let mask = Tensor::new(&[[1f32, 1.], [0., 0.]], &DEV).unwrap();
+    let cfg = GrpoLossConfig { beta: 0.0, ..Default::default() };
+    let out = grpo_loss(logp.as_tensor(), None, logp.as_tensor(), &adv, &mask, &cfg).unwrap();
+    close(out.metrics.loss, -0.5, 1e-6, "mean over sequences, empty one counts 0");
+}

@@ -1,0 +1,5 @@
+//! Alignment: LoRA training, DPO and GRPO. The loss math lives in [`losses`] as pure candle
+//! functions (tested on tiny hand-computed tensors); the stages in `crate::stages::{lora,dpo,grpo}`
+//! wire it to the model, the data and the shared training loop.
+
+pub mod losses;

@@ -1,0 +1,108 @@
+//! blake3 file hashing, memoised by (canonical path, size, mtime) in `hashes.jsonl`.
+
+use super::{CacheError, IoCtx};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Files at least this large get a progress bar while hashing.
+const PROGRESS_MIN_BYTES: u64 = 64 << 20;
+
+/// One memo line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Entry {
+    path: String,
+    size: u64,
+    mtime_ns: i128,
+    blake3: String,
+}
+
+/// The memo of file hashes. Lines are appended (one `write` each, `O_APPEND`), so concurrent
+/// mmrun processes may share it; the last line for a path wins and unparsable lines (a torn
+/// write after a crash) are ignored.
+#[derive(Debug)]
+pub struct HashIndex {
+    file: PathBuf,
+    memo: Mutex<Option<HashMap<String, Entry>>>,
+}
+
+impl HashIndex {
+    /// An index stored in `file` (read lazily).
+    pub fn new(file: PathBuf) -> Self {
+        Self { file, memo: Mutex::new(None) }
+    }
+
+    fn load(&self) -> HashMap<String, Entry> {
+        let mut map = HashMap::new();
+        if let Ok(text) = std::fs::read_to_string(&self.file) {
+            for line in text.lines() {
+                if let Ok(e) = serde_json::from_str::<Entry>(line) {
+                    map.insert(e.path.clone(), e);
+                }
+            }
+        }
+        map
+    }
+
+    /// blake3 of `path` (hex), from the memo when size and mtime are unchanged.
+    pub fn hash_file(&self, path: &Path) -> Result<String, CacheError> {
+        let canon = std::fs::canonicalize(path).ctx("resolving", path)?;
+        let md = std::fs::metadata(&canon).ctx("reading metadata of", &canon)?;
+        let mtime_ns = md
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(-1);
+        let key = canon.to_string_lossy().to_string();
+        {
+            let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+            let map = memo.get_or_insert_with(|| self.load());
+            if let Some(e) = map.get(&key) {
+                if e.size == md.len() && e.mtime_ns == mtime_ns {
+                    return Ok(e.blake3.clone());
+                }
+            }
+        }
+        let (hash, size) = hash_path(&canon)?;
+        let entry = Entry { path: key.clone(), size, mtime_ns, blake3: hash.clone() };
+        let mut line = serde_json::to_string(&entry).expect("entry serialises");
+        line.push('\n');
+        // Best effort: a memo we cannot write only costs a rehash next time.
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&self.file) {
+            let _ = f.write_all(line.as_bytes());
+        }
+        let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        memo.get_or_insert_with(HashMap::new).insert(key, entry);
+        Ok(hash)
+    }
+}
+
+/// blake3 (hex) and size of one file, with a progress bar for large files.
+pub(crate) fn hash_path(p: &Path) -> Result<(String, u64), CacheError> {
+    let mut f = std::fs::File::open(p).ctx("opening", p)?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = (len >= PROGRESS_MIN_BYTES).then(|| {
+        crate::progress::bytes_bar(len, &format!("hashing {}", p.file_name().unwrap_or_default().to_string_lossy()))
+    });
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).ctx("reading", p)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+        if let Some(b) = &bar {
+            b.inc(n as u64);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok((hasher.finalize().to_hex().to_string(), total))
+}

@@ -1,0 +1,236 @@
+//! Built-in synthetic datasets (`source = "builtin:<name>"`), generated deterministically by mmrun
+//! itself so the quickstart needs no download.
+//!
+//! `builtin:arithmetic`: one- and two-digit addition/subtraction word problems with verifiable
+//! answers, written in the dataset's `format`:
+//!
+//! | format | record |
+//! |---|---|
+//! | `text` | `{"text": "Question: … Answer: 12 + 7 = 19. The answer is 19."}` |
+//! | `sharegpt` | human question, gpt `"12 + 7 = 19. The answer is 19."` |
+//! | `openai` | the same as `role`/`content` messages |
+//! | `alpaca` | `instruction` = question, `output` = the reply |
+//! | `dpo` | chosen = correct reply, rejected = the same reply with a wrong result |
+//! | `prompt_answer` | `{"question", "answer": "19"}` |
+//!
+//! Parameters (`[datasets.x] builtin = { … }`): `count` (default 1000), `seed` (default 1),
+//! `split` (`"train"` | `"test"`, default train), `max_operand` (default 50, at most 999).
+//!
+//! Splits never overlap, whatever the seeds: a problem `(a, op, b)` belongs to the test split iff
+//! a hash of it (independent of the seed) falls in the test bucket (1 in 8). Within a split,
+//! problems are drawn from a ChaCha RNG seeded by `seed`. The generated file is written once into
+//! `<cache>/builtin/<hash of name, format and params>/data.jsonl` (atomically).
+
+use super::{write_atomic, DataError};
+use crate::cache::Cache;
+use crate::recipe::{DataFormat, DatasetSpec};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+/// Bump when generated content changes for the same parameters.
+const GENERATOR_VERSION: u32 = 1;
+
+/// Parameters of `builtin:arithmetic`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ArithmeticParams {
+    /// Number of records.
+    pub count: usize,
+    /// RNG seed.
+    pub seed: u64,
+    /// Held-out test problems or training problems.
+    pub test: bool,
+    /// Largest operand.
+    pub max_operand: u32,
+}
+
+impl ArithmeticParams {
+    /// Parse `builtin = { … }` from a dataset declaration.
+    pub fn from_spec(spec: &DatasetSpec) -> Result<Self, String> {
+        let mut p = ArithmeticParams { count: 1000, seed: 1, test: false, max_operand: 50 };
+        for (k, v) in &spec.builtin {
+            let as_u64 = || v.as_u64().ok_or_else(|| format!("builtin parameter '{k}' must be a non-negative integer"));
+            match k.as_str() {
+                "count" => p.count = as_u64()? as usize,
+                "seed" => p.seed = as_u64()?,
+                "max_operand" => p.max_operand = as_u64()?.clamp(1, 999) as u32,
+                "split" => {
+                    p.test = match v.as_str() {
+                        Some("train") => false,
+                        Some("test") => true,
+                        _ => return Err("builtin parameter 'split' must be \"train\" or \"test\"".into()),
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "unknown builtin parameter '{other}' for builtin:arithmetic (expected count, seed, split, max_operand)"
+                    ))
+                }
+            }
+        }
+        if p.count == 0 {
+            return Err("builtin parameter 'count' must be at least 1".into());
+        }
+        Ok(p)
+    }
+}
+
+/// One arithmetic problem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The word problem.
+    pub question: String,
+    /// The worked reply, ending in "The answer is N."
+    pub reply: String,
+    /// The same reply with a wrong result.
+    pub wrong_reply: String,
+    /// The correct result.
+    pub answer: i64,
+}
+
+/// Whether `(a, op, b)` is a held-out test problem (independent of any seed).
+pub fn is_test_problem(a: u32, op: char, b: u32) -> bool {
+    let h = blake3::hash(format!("{a}{op}{b}").as_bytes());
+    h.as_bytes()[0].is_multiple_of(8)
+}
+
+const NAMES: &[&str] = &["Tom", "Anna", "Li", "Sara", "Ben", "Mia", "Omar", "Yuki"];
+const THINGS: &[&str] = &["apples", "books", "coins", "marbles", "pencils", "stickers"];
+
+/// Generate `p.count` problems.
+pub fn arithmetic(p: &ArithmeticParams) -> Vec<Problem> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(p.seed ^ if p.test { 0x7e57 } else { 0x7a19 });
+    let mut out = Vec::with_capacity(p.count);
+    while out.len() < p.count {
+        let op = if rng.random_bool(0.5) { '+' } else { '-' };
+        let (mut a, mut b) = (rng.random_range(0..=p.max_operand), rng.random_range(0..=p.max_operand));
+        if op == '-' && b > a {
+            std::mem::swap(&mut a, &mut b);
+        }
+        if is_test_problem(a, op, b) != p.test {
+            continue;
+        }
+        let answer = if op == '+' { a as i64 + b as i64 } else { a as i64 - b as i64 };
+        let name = NAMES[rng.random_range(0..NAMES.len())];
+        let thing = THINGS[rng.random_range(0..THINGS.len())];
+        let question = match (op, rng.random_range(0..3)) {
+            ('+', 0) => format!("What is {a} plus {b}?"),
+            ('+', 1) => format!("{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?"),
+            ('+', _) => format!("Compute {a} + {b}."),
+            (_, 0) => format!("What is {a} minus {b}?"),
+            (_, 1) => format!("{name} has {a} {thing} and gives away {b}. How many {thing} are left?"),
+            (_, _) => format!("Compute {a} - {b}."),
+        };
+        let mut wrong = answer + rng.random_range(1..=9) * if rng.random_bool(0.5) { 1 } else { -1 };
+        if wrong < 0 {
+            wrong = answer + rng.random_range(1..=9);
+        }
+        let reply = format!("{a} {op} {b} = {answer}. The answer is {answer}.");
+        let wrong_reply = format!("{a} {op} {b} = {wrong}. The answer is {wrong}.");
+        out.push(Problem { question, reply, wrong_reply, answer });
+    }
+    out
+}
+
+/// The JSON record of a problem in `format`.
+pub fn record(pr: &Problem, format: DataFormat) -> Value {
+    match format {
+        DataFormat::Text => json!({"text": format!("Question: {} Answer: {}", pr.question, pr.reply)}),
+        DataFormat::Sharegpt => json!({"conversations": [
+            {"from": "human", "value": pr.question}, {"from": "gpt", "value": pr.reply}]}),
+        DataFormat::Openai => json!({"messages": [
+            {"role": "user", "content": pr.question}, {"role": "assistant", "content": pr.reply}]}),
+        DataFormat::Alpaca => json!({"instruction": pr.question, "input": "", "output": pr.reply}),
+        DataFormat::Dpo => json!({"conversations": [{"from": "human", "value": pr.question}],
+            "chosen": pr.reply, "rejected": pr.wrong_reply}),
+        DataFormat::PromptAnswer => json!({"question": pr.question, "answer": pr.answer.to_string()}),
+    }
+}
+
+/// Generate (once) the file of a `builtin:` dataset into the cache and return its path.
+pub fn materialize(name: &str, generator: &str, spec: &DatasetSpec, cache: &Cache) -> Result<PathBuf, DataError> {
+    let err = |msg: String| DataError::Builtin { name: name.to_string(), msg };
+    if generator != "arithmetic" {
+        return Err(err(format!("unknown builtin dataset 'builtin:{generator}' (available: builtin:arithmetic)")));
+    }
+    let params = ArithmeticParams::from_spec(spec).map_err(err)?;
+    let ident = json!({
+        "generator": generator, "version": GENERATOR_VERSION, "format": spec.format,
+        "params": spec.builtin,
+    });
+    let hash = blake3::hash(ident.to_string().as_bytes()).to_hex();
+    let path = cache.root().join("builtin").join(&hash[..32]).join("data.jsonl");
+    if path.is_file() {
+        return Ok(path);
+    }
+    let mut body = String::new();
+    for pr in arithmetic(&params) {
+        body.push_str(&record(&pr, spec.format).to_string());
+        body.push('\n');
+    }
+    write_atomic(&path, body.as_bytes()).map_err(|e| DataError::io(&path, e))?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::read::{read_examples, Example};
+    use crate::recipe::OnBadRecord;
+    use std::collections::HashSet;
+
+    fn spec(format: DataFormat, params: Value) -> DatasetSpec {
+        DatasetSpec {
+            source: "builtin:arithmetic".into(),
+            format,
+            columns: Default::default(),
+            on_bad_record: OnBadRecord::Error,
+            builtin: serde_json::from_value(params).unwrap(),
+        }
+    }
+
+    #[test]
+    fn deterministic_and_splits_disjoint() {
+        let tr = ArithmeticParams { count: 3000, seed: 1, test: false, max_operand: 50 };
+        let te = ArithmeticParams { count: 300, seed: 1, test: true, max_operand: 50 };
+        assert_eq!(arithmetic(&tr), arithmetic(&tr));
+        let train: HashSet<String> = arithmetic(&tr).into_iter().map(|p| p.reply).collect();
+        let test: Vec<Problem> = arithmetic(&te);
+        assert!(test.iter().all(|p| !train.contains(&p.reply)));
+        for p in arithmetic(&tr).iter().chain(&test) {
+            assert!(p.reply.ends_with(&format!("The answer is {}.", p.answer)));
+            assert_ne!(p.reply, p.wrong_reply);
+            assert!(p.answer >= 0 && p.answer <= 100);
+        }
+        let other_seed = ArithmeticParams { seed: 2, ..tr.clone() };
+        assert_ne!(arithmetic(&other_seed), arithmetic(&tr));
+    }
+
+    #[test]
+    fn every_format_reads_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::open(tmp.path()).unwrap();
+        for fmt in [
+            DataFormat::Text,
+            DataFormat::Sharegpt,
+            DataFormat::Openai,
+            DataFormat::Alpaca,
+            DataFormat::Dpo,
+            DataFormat::PromptAnswer,
+        ] {
+            let s = spec(fmt, json!({"count": 50, "seed": 3, "split": "test"}));
+            let ds = crate::data::resolve("arith", &s, tmp.path(), &cache).unwrap();
+            let again = crate::data::resolve("arith", &s, tmp.path(), &cache).unwrap();
+            assert_eq!(ds.content_hash, again.content_hash);
+            assert!(ds.files[0].starts_with(tmp.path().join("builtin")));
+            let ex = read_examples(&ds, None).unwrap();
+            assert_eq!(ex.len(), 50, "{fmt:?}");
+            if let Example::PromptAnswer { final_answer, .. } = &ex[0] {
+                assert!(final_answer.as_ref().unwrap().parse::<i64>().is_ok());
+            }
+        }
+        let bad = spec(DataFormat::Text, json!({"cnt": 5}));
+        let e = crate::data::resolve("arith", &bad, tmp.path(), &cache).unwrap_err().to_string();
+        assert!(e.contains("unknown builtin parameter 'cnt'"), "{e}");
+    }
+}

@@ -1,0 +1,140 @@
+//! What can go wrong while fetching from the Hub. Every message is one line that names the dataset
+//! (its `hf://` URI), the URL involved and what the user can do about it. No variant ever carries
+//! the access token.
+
+use std::path::PathBuf;
+
+/// A Hub fetch failure.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The repository does not exist (or is private and no token was sent).
+    #[error("{dataset}: repository not found at {url}; check the owner/name in the recipe, or set HF_TOKEN if it is private")]
+    RepoNotFound {
+        /// The `hf://` URI being fetched.
+        dataset: String,
+        /// The URL that answered 404.
+        url: String,
+    },
+    /// The branch, tag or commit does not exist in the repository.
+    #[error("{dataset}: revision '{revision}' not found at {url}; check the @revision in the recipe (branch, tag or full commit id)")]
+    RevisionNotFound {
+        /// The `hf://` URI being fetched.
+        dataset: String,
+        /// The revision asked for.
+        revision: String,
+        /// The URL that answered 404.
+        url: String,
+    },
+    /// A file (or every file of a glob) is missing at the resolved commit.
+    #[error("{dataset}: no file '{path}' at commit {commit} ({url}); check the path or glob in the recipe against the repository's file list")]
+    FileNotFound {
+        /// The `hf://` URI being fetched.
+        dataset: String,
+        /// The path or glob inside the repository.
+        path: String,
+        /// The resolved commit.
+        commit: String,
+        /// The URL that was asked.
+        url: String,
+    },
+    /// 401/403: the repository is gated or private.
+    #[error("{dataset}: access denied (HTTP {status}) at {url}; the repository is gated or private: accept its conditions on the Hub page and set HF_TOKEN (or run `huggingface-cli login`){token_hint}")]
+    Unauthorized {
+        /// The `hf://` URI being fetched.
+        dataset: String,
+        /// 401 or 403.
+        status: u16,
+        /// The URL that refused.
+        url: String,
+        /// Whether a token was sent (the token itself is never kept here).
+        token_hint: &'static str,
+    },
+    /// The downloaded bytes do not match the size or hash the Hub announced, even after one retry.
+    #[error("{dataset}: checksum mismatch for {url}: expected {expected}, got {actual}; the bad download was deleted, retry later or report the mirror (HF_ENDPOINT) if it persists")]
+    ChecksumMismatch {
+        /// The `hf://` URI being fetched.
+        dataset: String,
+        /// The download URL.
+        url: String,
+        /// What the Hub announced (`sha256:…`, `git-sha1:…` or `size:…`).
+        expected: String,
+        /// What arrived.
+        actual: String,
+    },
+    /// The disk is full while writing into the cache.
+    #[error("{dataset}: disk full while writing {path} (downloading {url}); free space there or point HF_HUB_CACHE/HF_HOME at a larger disk")]
+    DiskFull {
+        /// The `hf://` URI being fetched.
+        dataset: String,
+        /// The file being written.
+        path: PathBuf,
+        /// The download URL.
+        url: String,
+    },
+    /// `HF_HUB_OFFLINE=1` and what is needed is not in the cache.
+    #[error("{dataset}: HF_HUB_OFFLINE=1 and {what} is not in the cache {cache} (would fetch {url}); run once online (unset HF_HUB_OFFLINE) to download it")]
+    OfflineNotCached {
+        /// The `hf://` URI being fetched.
+        dataset: String,
+        /// What is missing (a revision or a file).
+        what: String,
+        /// The cache directory searched.
+        cache: PathBuf,
+        /// What would have been fetched online.
+        url: String,
+    },
+    /// A network failure or a retryable status that persisted through every retry.
+    #[error("{dataset}: could not reach {url} after {attempts} attempts ({reason}); check the network or HF_ENDPOINT and retry")]
+    Network {
+        /// The `hf://` URI being fetched.
+        dataset: String,
+        /// The URL.
+        url: String,
+        /// How many attempts were made.
+        attempts: u32,
+        /// The last failure.
+        reason: String,
+    },
+    /// Any other unexpected HTTP status or malformed answer.
+    #[error(
+        "{dataset}: unexpected answer from {url}: {reason}; check HF_ENDPOINT points at a Hugging Face Hub (or mirror)"
+    )]
+    Protocol {
+        /// The `hf://` URI being fetched.
+        dataset: String,
+        /// The URL.
+        url: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The `hf://` URI itself is malformed.
+    #[error("dataset {dataset}: {reason}")]
+    BadUri {
+        /// The dataset name.
+        dataset: String,
+        /// The parser's message (it already says what is expected).
+        reason: String,
+    },
+    /// A local file-system failure in the cache.
+    #[error("{dataset}: cannot write the Hub cache at {path}: {source}; check permissions or set HF_HUB_CACHE")]
+    Io {
+        /// The `hf://` URI being fetched.
+        dataset: String,
+        /// The path involved.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl HubError {
+    /// Map an I/O error while writing `path` to [`HubError::DiskFull`] (ENOSPC / EDQUOT) or [`HubError::Io`].
+    pub fn from_write(dataset: &str, url: &str, path: &std::path::Path, e: std::io::Error) -> Self {
+        // ENOSPC = 28, EDQUOT = 122 on Linux; `StorageFull` covers the portable spelling.
+        if e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(28) | Some(122)) {
+            HubError::DiskFull { dataset: dataset.into(), path: path.into(), url: url.into() }
+        } else {
+            HubError::Io { dataset: dataset.into(), path: path.into(), source: e }
+        }
+    }
+}

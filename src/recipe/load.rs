@@ -1,0 +1,726 @@
+//! The recipe loader: TOML text (+ `--set` overrides) → a validated [`Recipe`], or every problem
+//! found, each pointing at its span.
+//!
+//! Phases: (1) parse with spans (syntax errors stop here); (2) apply overrides to a plain
+//! `toml::Table`; (3) type each section (`[recipe]`, `[model]`, `[datasets.*]`, `[stages.*]`, the
+//! latter through its kind's params struct) and map serde's messages back to the key's span;
+//! (4) check references, artifact types and cycles. Loading never panics on user input.
+
+use super::diag::{suggestion, Diagnostic, Location, SourceMap};
+use super::overrides::{self, Applied};
+use super::spans::SpanIndex;
+use super::{resolve_model, DatasetSpec, ModelSpec, Recipe, RecipeMeta, StageSpec};
+use crate::hub::HubUri;
+use crate::stages::{DynStage, InputRef};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Why a recipe could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    /// The file could not be read.
+    #[error("cannot read recipe {}: {source} (check the path)", path.display())]
+    Io {
+        /// The recipe path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The recipe is malformed; every problem found, in file order where possible.
+    #[error("{}", Rendered(.0))]
+    Invalid(Vec<Diagnostic>),
+}
+
+impl RecipeError {
+    /// The diagnostics (empty for I/O errors).
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        match self {
+            RecipeError::Invalid(d) => d,
+            RecipeError::Io { .. } => &[],
+        }
+    }
+}
+
+struct Rendered<'a>(&'a [Diagnostic]);
+
+impl fmt::Display for Rendered<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        if self.0.len() > 1 {
+            write!(f, "\n{} problems in the recipe", self.0.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// Load and validate a recipe with the stage kinds mmrun ships ([`crate::stages::registry`]).
+pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe, RecipeError> {
+    load_with(path, overrides, &crate::stages::registry())
+}
+
+/// [`load`] against an explicit set of stage kinds (tests use stub stages).
+pub fn load_with(path: &Path, overrides: &[String], registry: &[Box<dyn DynStage>]) -> Result<Recipe, RecipeError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io { path: path.to_path_buf(), source })?;
+    load_str(path, text, overrides, registry)
+}
+
+/// [`load_with`] on text already in memory; `path` is used for messages and relative paths only.
+pub fn load_str(
+    path: &Path,
+    text: String,
+    overrides: &[String],
+    registry: &[Box<dyn DynStage>],
+) -> Result<Recipe, RecipeError> {
+    let sm = SourceMap { text: &text };
+    let spanned = match toml::de::DeTable::parse(&text) {
+        Ok(t) => t,
+        Err(e) => {
+            let location = e.span().map(|s| sm.locate(s)).unwrap_or(Location::WholeFile);
+            return Err(RecipeError::Invalid(vec![Diagnostic {
+                file: path.to_path_buf(),
+                location,
+                key: None,
+                message: format!("TOML syntax error: {}", e.message().trim_end()),
+                hint: Some("see https://toml.io for the syntax".into()),
+            }]));
+        }
+    };
+    let spans = SpanIndex::build(&spanned);
+    let mut doc: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            // DeTable accepted it, so this is unreachable in practice; still no panic.
+            return Err(RecipeError::Invalid(vec![Diagnostic {
+                file: path.to_path_buf(),
+                location: Location::WholeFile,
+                key: None,
+                message: format!("TOML error: {}", e.message()),
+                hint: None,
+            }]));
+        }
+    };
+    let applied = overrides::apply(path, &mut doc, overrides).map_err(RecipeError::Invalid)?;
+    let mut l = Loader { file: path, sm, spans, applied, diags: Vec::new(), registry };
+    let recipe = l.typed(&doc, &text, overrides);
+    if l.diags.is_empty() {
+        Ok(recipe.expect("no diagnostics means every section typed"))
+    } else {
+        // Read top to bottom: file positions in order, then command-line overrides.
+        l.diags.sort_by_key(|d| match &d.location {
+            Location::WholeFile => (0, 0, 0),
+            Location::File { line, column, .. } => (1, *line, *column),
+            Location::Override(_) => (2, 0, 0),
+        });
+        Err(RecipeError::Invalid(l.diags))
+    }
+}
+
+const TOP_LEVEL: &[&str] = &["recipe", "model", "datasets", "stages"];
+
+struct Loader<'a> {
+    file: &'a Path,
+    sm: SourceMap<'a>,
+    spans: SpanIndex,
+    applied: Vec<Applied>,
+    diags: Vec<Diagnostic>,
+    registry: &'a [Box<dyn DynStage>],
+}
+
+fn p(segs: &[&str]) -> Vec<String> {
+    segs.iter().map(|s| s.to_string()).collect()
+}
+
+/// `stages.base.data.1` → `stages.base.data[1]`.
+fn dotted(path: &[String]) -> String {
+    let mut s = String::new();
+    for seg in path {
+        if seg.parse::<usize>().is_ok() && !s.is_empty() {
+            s.push_str(&format!("[{seg}]"));
+        } else {
+            if !s.is_empty() {
+                s.push('.');
+            }
+            s.push_str(seg);
+        }
+    }
+    s
+}
+
+/// How a table is named in messages: `[stages.base]`.
+fn section(path: &[String]) -> String {
+    format!("[{}]", path.join("."))
+}
+
+/// Names are used as file names (fingerprints, run directories): keep them tame.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// All `` `quoted` `` words in a serde message after `from`.
+fn backticked(s: &str) -> Vec<&str> {
+    s.split('`').skip(1).step_by(2).collect()
+}
+
+impl Loader<'_> {
+    /// Where `path` is: the override that set it, its value (or key) span, or its nearest ancestor.
+    fn locate(&self, path: &[String], prefer_key: bool) -> Location {
+        if let Some(a) = self.applied.iter().rev().find(|a| path.starts_with(&a.path)) {
+            return Location::Override(a.raw.clone());
+        }
+        match self.spans.get(path) {
+            Some(e) => self.sm.locate(if prefer_key { e.key.clone() } else { e.value.clone() }),
+            None => match self.spans.nearest(path) {
+                Some(e) => self.sm.locate(e.key.clone()),
+                None => Location::WholeFile,
+            },
+        }
+    }
+
+    fn error(&mut self, path: &[String], prefer_key: bool, message: String, hint: Option<String>) {
+        let location = self.locate(path, prefer_key);
+        let key = (!path.is_empty()).then(|| dotted(path));
+        self.diags.push(Diagnostic { file: self.file.to_path_buf(), location, key, message, hint });
+    }
+
+    /// Map a serde message about table `at` (whose content is `table`) to the key it is about.
+    fn serde_error(&mut self, at: &[String], table: &toml::Table, msg: &str) {
+        let sec = section(at);
+        if let Some(rest) = msg.strip_prefix("unknown field `") {
+            let (name, rest) = rest.split_once('`').unwrap_or((rest, ""));
+            let known = backticked(rest);
+            // The key may sit in a nested table (`generation = { temprature = 1 }`): find it.
+            let mut path = at.to_vec();
+            path.extend(find_key(table, name).unwrap_or_else(|| vec![name.to_string()]));
+            let sec = section(&path[..path.len() - 1]);
+            let hint = if known.is_empty() {
+                format!("{sec} takes no other keys")
+            } else {
+                format!("known keys in {sec}: {}", known.join(", "))
+            };
+            self.error(
+                &path,
+                true,
+                format!("unknown key '{name}' in {sec}{}", suggestion(name, known.iter().copied())),
+                Some(hint),
+            );
+        } else if let Some(rest) = msg.strip_prefix("missing field `") {
+            let name = rest.split('`').next().unwrap_or(rest);
+            self.error(
+                at,
+                true,
+                format!("missing required key '{name}' in {sec}"),
+                Some(format!("add `{name} = …` to {sec}")),
+            );
+        } else if let Some(rest) = msg.strip_prefix("unknown variant `") {
+            let (v, rest) = rest.split_once('`').unwrap_or((rest, ""));
+            let known = backticked(rest);
+            let found = find_leaf(table, &|x| matches!(x, toml::Value::String(s) if s == v));
+            let mut path = at.to_vec();
+            path.extend(found.clone().unwrap_or_default());
+            let keyname = found.map(|f| dotted(&f)).unwrap_or_else(|| "a key".into());
+            self.error(
+                &path,
+                false,
+                format!("unknown value '{v}' for {keyname} in {sec}{}", suggestion(v, known.iter().copied())),
+                Some(format!("expected one of: {}", known.join(", "))),
+            );
+        } else if let Some((unexpected, expected)) = msg
+            .strip_prefix("invalid type: ")
+            .or_else(|| msg.strip_prefix("invalid value: "))
+            .and_then(|r| r.split_once(", expected "))
+        {
+            let found = find_leaf(table, &|x| matches_unexpected(x, unexpected));
+            match found {
+                Some(rel) => {
+                    let mut path = at.to_vec();
+                    path.extend(rel.iter().cloned());
+                    self.error(
+                        &path,
+                        false,
+                        format!("wrong type for '{}' in {sec}: expected {expected}, found {unexpected}", dotted(&rel)),
+                        Some(format!("{} takes {}", dotted(&rel), human_type(expected))),
+                    );
+                }
+                None => self.error(at, true, format!("invalid {sec}: {msg}"), None),
+            }
+        } else {
+            self.error(at, true, format!("invalid {sec}: {msg}"), None);
+        }
+    }
+
+    /// Deserialize `value` (the table at `at`) into `T`, reporting failures.
+    fn typed_section<T: serde::de::DeserializeOwned>(&mut self, at: &[String], value: &toml::Value) -> Option<T> {
+        let toml::Value::Table(t) = value else {
+            self.error(
+                at,
+                false,
+                format!("'{}' must be a table, found {}", dotted(at), overrides::type_name(value)),
+                Some(format!("write it as {}", section(at))),
+            );
+            return None;
+        };
+        match value.clone().try_into::<T>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.serde_error(at, t, e.message());
+                None
+            }
+        }
+    }
+
+    fn typed(&mut self, doc: &toml::Table, text: &str, overrides: &[String]) -> Option<Recipe> {
+        for k in doc.keys() {
+            if !TOP_LEVEL.contains(&k.as_str()) {
+                self.error(
+                    &p(&[k]),
+                    true,
+                    format!("unknown top-level key '{k}'{}", suggestion(k, TOP_LEVEL.iter().copied())),
+                    Some("a recipe has the tables [recipe], [model], [datasets.<name>] and [stages.<name>]".into()),
+                );
+            }
+        }
+
+        let meta = match doc.get("recipe") {
+            Some(v) => self.typed_section::<RecipeMeta>(&p(&["recipe"]), v),
+            None => {
+                self.error(
+                    &[],
+                    true,
+                    "the recipe has no [recipe] table".into(),
+                    Some("start the file with [recipe] and name = \"my-recipe\"".into()),
+                );
+                None
+            }
+        };
+        if let Some(m) = &meta {
+            if !valid_name(&m.name) {
+                self.error(
+                    &p(&["recipe", "name"]),
+                    false,
+                    format!("recipe name '{}' is not usable as a directory name", m.name),
+                    Some("use letters, digits, '_' and '-'".into()),
+                );
+            }
+            let d = m.device.as_str();
+            let ok = d == "auto"
+                || d == "cpu"
+                || d == "cuda"
+                || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+            if !ok {
+                self.error(
+                    &p(&["recipe", "device"]),
+                    false,
+                    format!("unknown device '{d}'{}", suggestion(d, ["auto", "cpu", "cuda"])),
+                    Some("use \"auto\", \"cpu\" or \"cuda:N\"".into()),
+                );
+            }
+        }
+
+        let model = match doc.get("model") {
+            Some(v) => {
+                let spec = self.typed_section::<ModelSpec>(&p(&["model"]), v);
+                if let Some(s) = &spec {
+                    // A recipe may train no model at all (tokenizer only), so an absent [model]
+                    // is fine; a present one must be buildable.
+                    if let Err(e) = resolve_model(s, None) {
+                        let path = match e.key {
+                            Some(k) if s.preset.is_some() || k != "hidden_size" => p(&["model", k]),
+                            _ => p(&["model"]),
+                        };
+                        self.error(&path, false, e.message, e.hint);
+                    }
+                }
+                spec
+            }
+            None => Some(ModelSpec::default()),
+        };
+
+        let mut datasets = BTreeMap::new();
+        match doc.get("datasets") {
+            None => {}
+            Some(toml::Value::Table(t)) => {
+                for (name, v) in t {
+                    let at = p(&["datasets", name]);
+                    if !valid_name(name) {
+                        self.error(
+                            &at,
+                            true,
+                            format!("dataset name '{name}' has characters other than letters, digits, '_' and '-'"),
+                            None,
+                        );
+                    }
+                    if let Some(spec) = self.typed_section::<DatasetSpec>(&at, v) {
+                        self.check_source(&at, &spec.source);
+                        datasets.insert(name.clone(), spec);
+                    }
+                }
+            }
+            Some(other) => self.error(
+                &p(&["datasets"]),
+                false,
+                format!("'datasets' must be a table of tables, found {}", overrides::type_name(other)),
+                Some("declare each dataset as [datasets.<name>]".into()),
+            ),
+        }
+
+        let mut stages = Vec::new();
+        match doc.get("stages") {
+            None => self.error(
+                &[],
+                true,
+                "the recipe has no stages".into(),
+                Some("add at least one [stages.<name>] table with kind = \"…\"".into()),
+            ),
+            Some(toml::Value::Table(t)) => {
+                for (name, v) in t {
+                    if let Some(s) = self.stage(name, v) {
+                        stages.push(s);
+                    }
+                }
+            }
+            Some(other) => self.error(
+                &p(&["stages"]),
+                false,
+                format!("'stages' must be a table of tables, found {}", overrides::type_name(other)),
+                Some("declare each stage as [stages.<name>]".into()),
+            ),
+        }
+        let all_stage_names: Vec<String> = match doc.get("stages") {
+            Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        let dataset_names: Vec<String> = match doc.get("datasets") {
+            Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        self.check_references(&stages, &all_stage_names, &dataset_names);
+        if self.diags.is_empty() {
+            self.check_cycles(&stages);
+        }
+
+        Some(Recipe {
+            path: self.file.to_path_buf(),
+            source_text: text.to_string(),
+            overrides: overrides.to_vec(),
+            meta: meta?,
+            model: model?,
+            datasets,
+            stages,
+        })
+    }
+
+    fn check_source(&mut self, at: &[String], source: &str) {
+        let mut path = at.to_vec();
+        path.push("source".into());
+        if source.trim().is_empty() {
+            self.error(
+                &path,
+                false,
+                format!("{} has an empty source", section(at)),
+                Some("give a local path, glob or directory, an hf:// URI, or builtin:<name>".into()),
+            );
+        } else if source.starts_with("hf://") {
+            if let Err(e) = HubUri::parse(source) {
+                self.error(
+                    &path,
+                    false,
+                    format!("invalid hf:// URI in {}: {}", section(at), e.problem),
+                    Some(
+                        "expected hf://datasets/<owner>/<name>[@<revision>]/<path-or-glob> or hf://<owner>/<name>[@<revision>]/<path>"
+                            .into(),
+                    ),
+                );
+            }
+        } else if let Some(scheme) = source.split_once("://").map(|(s, _)| s) {
+            self.error(
+                &path,
+                false,
+                format!("unsupported source scheme '{scheme}://' in {}", section(at)),
+                Some("use a local path, an hf:// URI or builtin:<name>".into()),
+            );
+        }
+    }
+
+    fn stage(&mut self, name: &str, v: &toml::Value) -> Option<StageSpec> {
+        let at = p(&["stages", name]);
+        let toml::Value::Table(t) = v else {
+            self.error(
+                &at,
+                false,
+                format!("stage '{name}' must be a table, found {}", overrides::type_name(v)),
+                Some(format!("write it as [stages.{name}] with kind = \"…\"")),
+            );
+            return None;
+        };
+        if !valid_name(name) {
+            self.error(
+                &at,
+                true,
+                format!("stage name '{name}' has characters other than letters, digits, '_' and '-'"),
+                None,
+            );
+        }
+        let known: Vec<&str> = self.registry.iter().map(|s| s.kind()).collect();
+        let known_list = if known.is_empty() { "(none registered)".to_string() } else { known.join(", ") };
+        let kind = match t.get("kind") {
+            Some(toml::Value::String(k)) => k.clone(),
+            Some(other) => {
+                self.error(
+                    &p(&["stages", name, "kind"]),
+                    false,
+                    format!("'kind' of stage '{name}' must be a string, found {}", overrides::type_name(other)),
+                    Some(format!("known kinds: {known_list}")),
+                );
+                return None;
+            }
+            None => {
+                self.error(
+                    &at,
+                    true,
+                    format!("stage '{name}' has no 'kind'"),
+                    Some(format!("add kind = \"…\" (known kinds: {known_list})")),
+                );
+                return None;
+            }
+        };
+        let Some(stage) = self.registry.iter().find(|s| s.kind() == kind) else {
+            self.error(
+                &p(&["stages", name, "kind"]),
+                false,
+                format!("unknown stage kind '{kind}'{} known kinds: {known_list}", {
+                    let s = suggestion(&kind, known.iter().copied());
+                    if s.is_empty() {
+                        " —".to_string()
+                    } else {
+                        s
+                    }
+                }),
+                None,
+            );
+            return None;
+        };
+        let mut params = t.clone();
+        params.remove("kind");
+        match stage.parse_params(&params) {
+            Ok(parsed) => {
+                Some(StageSpec { name: name.to_string(), kind, params: parsed.canonical, inputs: parsed.inputs })
+            }
+            Err(msg) => {
+                self.serde_error(&at, &params, &msg);
+                None
+            }
+        }
+    }
+
+    /// Path of the value that names `target` in `stages.<stage>.<param>` (a string or an array).
+    fn ref_path(&self, stage: &str, param: &str, target: &str, value: Option<&serde_json::Value>) -> Vec<String> {
+        let mut path = p(&["stages", stage, param]);
+        if let Some(serde_json::Value::Array(a)) = value {
+            if let Some(i) = a.iter().position(|v| v.as_str() == Some(target)) {
+                path.push(i.to_string());
+            }
+        }
+        path
+    }
+
+    fn check_references(&mut self, stages: &[StageSpec], all_stages: &[String], datasets: &[String]) {
+        let kinds: BTreeMap<&str, &str> = stages.iter().map(|s| (s.name.as_str(), s.kind.as_str())).collect();
+        for s in stages {
+            for input in &s.inputs {
+                match input {
+                    InputRef::Stage { param, stage, accepts } => {
+                        let path = self.ref_path(&s.name, param, stage, s.params.get(*param));
+                        if stage == &s.name {
+                            self.error(
+                                &path,
+                                false,
+                                format!("stage '{}' takes {param} = '{stage}', which is itself", s.name),
+                                Some("a stage reads the output of another, earlier stage".into()),
+                            );
+                        } else if !all_stages.contains(stage) {
+                            let others = all_stages.iter().filter(|n| *n != &s.name).map(String::as_str);
+                            self.error(
+                                &path,
+                                false,
+                                format!(
+                                    "stage '{}' takes {param} = '{stage}', but there is no stage '{stage}'{}",
+                                    s.name,
+                                    suggestion(stage, others.clone())
+                                ),
+                                Some(format!("stages in this recipe: {}", others.collect::<Vec<_>>().join(", "))),
+                            );
+                        } else if let Some(up_kind) = kinds.get(stage.as_str()) {
+                            let Some(up) = self.registry.iter().find(|r| r.kind() == *up_kind) else { continue };
+                            if !accepts.contains(&up.output()) {
+                                let wanted: Vec<&str> = accepts.iter().map(|k| k.describe()).collect();
+                                let producers: Vec<&str> = self
+                                    .registry
+                                    .iter()
+                                    .filter(|r| accepts.contains(&r.output()))
+                                    .map(|r| r.kind())
+                                    .collect();
+                                self.error(
+                                    &path,
+                                    false,
+                                    format!(
+                                        "stage '{}' takes {param} = '{stage}', but '{stage}' (kind {up_kind}) produces {}, not {}",
+                                        s.name,
+                                        up.output().describe(),
+                                        wanted.join(" or ")
+                                    ),
+                                    Some(format!(
+                                        "point {param} at a stage of kind {}",
+                                        if producers.is_empty() { "(none known)".into() } else { producers.join(" or ") }
+                                    )),
+                                );
+                            }
+                        }
+                    }
+                    InputRef::Dataset { param, dataset } => {
+                        if !datasets.contains(dataset) {
+                            let path = self.ref_path(&s.name, param, dataset, s.params.get(*param));
+                            self.error(
+                                &path,
+                                false,
+                                format!(
+                                    "stage '{}' takes {param} = '{dataset}', but there is no dataset '{dataset}'{}",
+                                    s.name,
+                                    suggestion(dataset, datasets.iter().map(String::as_str))
+                                ),
+                                Some(if datasets.is_empty() {
+                                    format!("declare it as [datasets.{dataset}] with source and format")
+                                } else {
+                                    format!(
+                                        "datasets in this recipe: {} (or declare [datasets.{dataset}])",
+                                        datasets.join(", ")
+                                    )
+                                }),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_cycles(&mut self, stages: &[StageSpec]) {
+        if let Err(cycle) = crate::plan::dag::topo_order(stages) {
+            // Point at the reference that closes the cycle: the first stage's input from the last.
+            let first = &cycle[0];
+            let last = cycle.last().expect("a cycle has stages");
+            let spec = stages.iter().find(|s| &s.name == first).expect("cycle names recipe stages");
+            let param = spec
+                .inputs
+                .iter()
+                .find_map(|i| match i {
+                    InputRef::Stage { param, stage, .. } if stage == last => Some(*param),
+                    _ => None,
+                })
+                .unwrap_or("from");
+            let path = self.ref_path(first, param, last, spec.params.get(param));
+            let mut ring = cycle.clone();
+            ring.push(cycle[0].clone());
+            self.error(
+                &path,
+                false,
+                format!("stages depend on each other in a cycle: {}", ring.join(" → ")),
+                Some(
+                    "each arrow reads \"feeds\"; break the cycle by pointing one of these inputs at an earlier stage"
+                        .into(),
+                ),
+            );
+        }
+    }
+}
+
+/// Path (relative to `t`) of the first key called `name`, searching nested tables in file order.
+fn find_key(t: &toml::Table, name: &str) -> Option<Vec<String>> {
+    if t.contains_key(name) {
+        return Some(vec![name.to_string()]);
+    }
+    t.iter().find_map(|(k, v)| match v {
+        toml::Value::Table(inner) => find_key(inner, name).map(|mut p| {
+            p.insert(0, k.clone());
+            p
+        }),
+        _ => None,
+    })
+}
+
+/// serde's name for an expected type, in recipe terms.
+fn human_type(expected: &str) -> String {
+    let e = expected.trim();
+    match e {
+        "f32" | "f64" => "a number, e.g. 3e-4 or 0.5".into(),
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a non-negative whole number, e.g. 32".into(),
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number, e.g. 32".into(),
+        "a boolean" => "true or false".into(),
+        "a string" => "a quoted string, e.g. \"text\"".into(),
+        "a sequence" => "an array, e.g. [\"a\", \"b\"]".into(),
+        "a map" => "a table, e.g. { key = \"value\" }".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The first leaf (in file order) of `t` for which `pred` holds, as a path relative to `t`.
+fn find_leaf(t: &toml::Table, pred: &dyn Fn(&toml::Value) -> bool) -> Option<Vec<String>> {
+    fn walk(v: &toml::Value, pred: &dyn Fn(&toml::Value) -> bool, path: &mut Vec<String>) -> bool {
+        if pred(v) {
+            return true;
+        }
+        match v {
+            toml::Value::Table(t) => {
+                for (k, x) in t {
+                    path.push(k.clone());
+                    if walk(x, pred, path) {
+                        return true;
+                    }
+                    path.pop();
+                }
+                false
+            }
+            toml::Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    path.push(i.to_string());
+                    if walk(x, pred, path) {
+                        return true;
+                    }
+                    path.pop();
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+    for (k, v) in t {
+        let mut path = vec![k.clone()];
+        if walk(v, pred, &mut path) {
+            return Some(path);
+        }
+    }
+    None
+}
+
+/// Whether `v` is what serde's `Unexpected` description (`string "x"`, ``integer `5` ``, `map`, …)
+/// describes.
+fn matches_unexpected(v: &toml::Value, unexpected: &str) -> bool {
+    let tick = || backticked(unexpected).first().copied();
+    match v {
+        toml::Value::String(s) => unexpected.starts_with("string ") && unexpected == format!("string {s:?}"),
+        toml::Value::Integer(i) => unexpected.starts_with("integer") && tick() == Some(&i.to_string()),
+        toml::Value::Float(f) => {
+            unexpected.starts_with("floating point") && tick().and_then(|t| t.parse::<f64>().ok()) == Some(*f)
+        }
+        toml::Value::Boolean(b) => unexpected.starts_with("boolean") && tick() == Some(&b.to_string()),
+        toml::Value::Table(_) => unexpected == "map",
+        toml::Value::Array(_) => unexpected == "sequence",
+        toml::Value::Datetime(_) => false,
+    }
+}

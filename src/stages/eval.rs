@@ -1,0 +1,545 @@
+//! `kind = "eval"`: score one or more models on held-out data and fixed prompts, producing an
+//! `EvalReport` (`report.json`).
+//!
+//! Per model and per dataset (by format):
+//! * `text`: perplexity over every token (BOS + text + EOS, as pretraining sees it);
+//! * `prompt_answer`: exact-match accuracy of greedy answers (see [`crate::eval::answer`]) and the
+//!   perplexity of the reference answers; records with `choices` are scored as multiple choice
+//!   instead (schema in [`crate::eval`]);
+//! * chat formats (`sharegpt`, `openai`, `alpaca`): perplexity over assistant tokens, masked exactly
+//!   as in SFT.
+//!
+//! Prompts are rendered per model: `prompt_style = "auto"` uses BOS + the raw question for models
+//! produced by a `pretrain` stage (what the reference's `eval_llm.py` does for pretrain weights) and
+//! the chat template with the generation prompt for everything else.
+
+use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
+use crate::artifact::{layout, Artifact, ArtifactKind};
+use crate::data::tokenize::{ChatOptions, TextTokenizer};
+use crate::data::{Example, Message, ResolvedDataset};
+use crate::eval::score::ScoredSeq;
+use crate::eval::{DatasetReport, EvalReport, Evaluator, GenerationSample, McItem, ModelReport, PromptEncoder};
+use crate::model::generate::GenerationConfig;
+use crate::recipe::DataFormat;
+use anyhow::{anyhow, bail, Context};
+use candle_core::Device;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// How questions are turned into prompts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptStyle {
+    /// `raw` for models from a `pretrain` stage, `chat` otherwise.
+    #[default]
+    Auto,
+    /// The tokenizer's chat template with the generation prompt.
+    Chat,
+    /// BOS + the question as plain text.
+    Raw,
+}
+
+/// Parameters of an `eval` stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvalParams {
+    /// Stages whose models are evaluated, e.g. `["base", "sft"]`.
+    pub models: Vec<String>,
+    /// Held-out datasets to score (see the stage docs for what each format measures).
+    #[serde(default)]
+    pub data: Vec<String>,
+    /// Fixed prompts whose generations are kept in the report (for `mmrun diff`).
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// Decoding settings for exact match and the fixed prompts (greedy by default).
+    #[serde(default)]
+    pub generation: GenerationConfig,
+    /// At most this many records per dataset (the first ones, in file order).
+    #[serde(default = "default_max_samples")]
+    pub max_samples: usize,
+    /// `auto`, `chat` or `raw`.
+    #[serde(default)]
+    pub prompt_style: PromptStyle,
+    /// Sequences per forward pass.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Longest scored sequence in tokens (longer ones keep their tail).
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    /// Graded exact-match samples kept per dataset in the report.
+    #[serde(default = "default_keep_samples")]
+    pub keep_samples: usize,
+}
+
+fn default_max_samples() -> usize {
+    200
+}
+fn default_batch_size() -> usize {
+    16
+}
+fn default_max_seq_len() -> usize {
+    512
+}
+fn default_keep_samples() -> usize {
+    5
+}
+
+impl StageParams for EvalParams {
+    // Batching only changes how rows are grouped into forward passes, never their values.
+    const COSMETIC: &'static [&'static str] = &["batch_size"];
+
+    fn inputs(&self) -> Vec<InputRef> {
+        let mut v: Vec<InputRef> = self
+            .models
+            .iter()
+            .map(|m| InputRef::Stage { param: "models", stage: m.clone(), accepts: vec![ArtifactKind::Model] })
+            .collect();
+        v.extend(self.data.iter().map(|d| InputRef::Dataset { param: "data", dataset: d.clone() }));
+        v
+    }
+}
+
+/// The `eval` stage kind.
+pub struct EvalStage;
+
+impl Stage for EvalStage {
+    const KIND: &'static str = "eval";
+    const VERSION: u32 = 1;
+    const OUTPUT: ArtifactKind = ArtifactKind::EvalReport;
+    const DOC: &'static str =
+        "Evaluate models: perplexity, exact-match and multiple-choice accuracy, generations for fixed prompts";
+    type Params = EvalParams;
+
+    fn run(&self, ctx: &mut StageContext<'_>, params: &EvalParams) -> anyhow::Result<StageOutcome> {
+        if params.models.is_empty() {
+            bail!("eval stage '{}': `models` is empty; name at least one stage that produces a model", ctx.name);
+        }
+        let device = crate::train::device::select(&ctx.recipe.meta.device)?;
+        let mut gen = params.generation.clone();
+        if gen.seed == 0 {
+            gen.seed = ctx.recipe.meta.seed;
+        }
+        // Datasets are read once and shared by every model.
+        let mut sets = Vec::new();
+        for name in &params.data {
+            let ds = ctx.inputs.dataset(name)?;
+            sets.push((name.clone(), load_eval_set(ds, params.max_samples, ctx)?));
+        }
+        let mut report = EvalReport::default();
+        let mut metrics = serde_json::Map::new();
+        for model_name in &params.models {
+            if ctx.cancel.is_cancelled() {
+                return Err(crate::cancel::Interrupted.into());
+            }
+            let art = ctx.inputs.artifact(model_name)?;
+            let mr = eval_model(ctx, art, model_name, params, &gen, &sets, &device)
+                .with_context(|| format!("eval stage '{}': evaluating model '{model_name}'", ctx.name))?;
+            for (k, v) in
+                [("perplexity", mr.perplexity), ("exact_match", mr.exact_match), ("mc_accuracy", mr.mc_accuracy)]
+            {
+                if let Some(v) = v.filter(|v| v.is_finite()) {
+                    metrics.insert(format!("{model_name}.{k}"), serde_json::json!(v));
+                }
+            }
+            report.models.insert(model_name.clone(), mr);
+        }
+        write_report(ctx.out_dir, &report, &params.models)?;
+        Ok(StageOutcome { metrics })
+    }
+}
+
+/// `report.json`: the typed report plus a flat `generations` list (`prompt`, `model`, `output`)
+/// that `mmrun diff` shows side by side.
+fn write_report(out_dir: &std::path::Path, report: &EvalReport, order: &[String]) -> anyhow::Result<()> {
+    let mut v = serde_json::to_value(report)?;
+    let mut flat = vec![];
+    for m in order {
+        if let Some(mr) = report.models.get(m) {
+            for g in &mr.generations {
+                flat.push(serde_json::json!({"prompt": g.prompt, "model": m, "output": g.output}));
+            }
+        }
+    }
+    v["generations"] = serde_json::Value::Array(flat);
+    let path = out_dir.join(layout::REPORT_JSON);
+    std::fs::write(&path, serde_json::to_string_pretty(&v)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// What one dataset contributes to an evaluation.
+enum EvalSet {
+    /// Documents or conversations for perplexity.
+    Scored(Vec<Example>),
+    /// Question / reference pairs.
+    PromptAnswer(Vec<(String, String)>),
+    /// Multiple-choice items.
+    MultipleChoice(Vec<McItem>),
+}
+
+fn load_eval_set(ds: &ResolvedDataset, max: usize, ctx: &StageContext<'_>) -> anyhow::Result<EvalSet> {
+    if ds.spec.format == DataFormat::PromptAnswer {
+        if let Some(items) = read_mc_items(ds, max)? {
+            return Ok(EvalSet::MultipleChoice(items));
+        }
+    }
+    let mut examples = crate::data::read_examples(ds, Some(ctx.run))
+        .with_context(|| format!("reading dataset '{}' for evaluation", ds.name))?;
+    examples.truncate(max);
+    Ok(match ds.spec.format {
+        DataFormat::Text | DataFormat::Sharegpt | DataFormat::Openai | DataFormat::Alpaca => EvalSet::Scored(examples),
+        DataFormat::PromptAnswer => EvalSet::PromptAnswer(
+            examples
+                .into_iter()
+                .filter_map(|e| match e {
+                    Example::PromptAnswer { prompt, answer, .. } => Some((prompt, answer)),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        DataFormat::Dpo => bail!(
+            "dataset '{}' has format dpo, which eval cannot score; use a text, chat or prompt_answer dataset",
+            ds.name
+        ),
+    })
+}
+
+/// Multiple-choice items when the records of a `prompt_answer` dataset carry `choices` (checked on
+/// the first record); `None` otherwise. Column renames (`columns = { question = "q" }`) apply.
+fn read_mc_items(ds: &ResolvedDataset, max: usize) -> anyhow::Result<Option<Vec<McItem>>> {
+    let col = |name: &str| ds.spec.columns.get(name).cloned().unwrap_or_else(|| name.to_string());
+    let (qcol, ccol, acol) = (col("question"), col("choices"), col("answer"));
+    let mut items = vec![];
+    for file in &ds.files {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let records: Vec<(usize, serde_json::Value)> = if text.trim_start().starts_with('[') {
+            let arr: Vec<serde_json::Value> =
+                serde_json::from_str(&text).with_context(|| format!("{}: not a JSON array", file.display()))?;
+            arr.into_iter().enumerate().map(|(i, v)| (i + 1, v)).collect()
+        } else {
+            let mut v = vec![];
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str(line) {
+                    Ok(j) => v.push((i + 1, j)),
+                    // Not our concern here: the regular reader reports bad records.
+                    Err(_) if items.is_empty() && v.is_empty() => return Ok(None),
+                    Err(e) => bail!("{}:{}: invalid JSON: {e}", file.display(), i + 1),
+                }
+            }
+            v
+        };
+        for (line, rec) in records {
+            let Some(choices) = rec.get(&ccol) else {
+                if items.is_empty() {
+                    return Ok(None);
+                }
+                bail!("{}:{line}: record has no `{ccol}` but earlier records are multiple choice", file.display());
+            };
+            let choices: Vec<String> = choices
+                .as_array()
+                .ok_or_else(|| anyhow!("{}:{line}: `{ccol}` must be an array of strings", file.display()))?
+                .iter()
+                .map(|c| c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string()))
+                .collect();
+            let question =
+                rec.get(&qcol).or_else(|| rec.get("prompt")).and_then(|q| q.as_str()).ok_or_else(|| {
+                    anyhow!("{}:{line}: multiple-choice record needs a string `{qcol}`", file.display())
+                })?;
+            let answer = rec.get(&acol).ok_or_else(|| anyhow!("{}:{line}: record has no `{acol}`", file.display()))?;
+            items.push(
+                McItem::new(question.to_string(), choices, answer)
+                    .map_err(|e| anyhow!("{}:{line}: {e}", file.display()))?,
+            );
+            if items.len() >= max {
+                return Ok(Some(items));
+            }
+        }
+    }
+    Ok(if items.is_empty() { None } else { Some(items) })
+}
+
+fn eval_model(
+    ctx: &StageContext<'_>,
+    art: &Artifact,
+    name: &str,
+    params: &EvalParams,
+    gen: &GenerationConfig,
+    sets: &[(String, EvalSet)],
+    device: &Device,
+) -> anyhow::Result<ModelReport> {
+    let model = crate::model::weights::load_dir(&art.dir, device, false)
+        .with_context(|| format!("loading model '{name}' from {}", art.dir.display()))?;
+    let style = match params.prompt_style {
+        PromptStyle::Auto if art.manifest.stage_kind == "pretrain" => PromptStyle::Raw,
+        PromptStyle::Auto => PromptStyle::Chat,
+        s => s,
+    };
+    let enc = TokEncoder::load(art, style)?;
+    let mut gen = gen.clone();
+    if gen.stop_token_ids.is_empty() {
+        gen.stop_token_ids = vec![enc.eos_id()];
+    }
+    let ev = Evaluator { model: &model, enc: &enc, batch_size: params.batch_size, max_len: params.max_seq_len };
+    let mut mr = ModelReport {
+        prompt_style: if style == PromptStyle::Raw { "raw" } else { "chat" }.to_string(),
+        ..Default::default()
+    };
+    for (ds_name, set) in sets {
+        if ctx.cancel.is_cancelled() {
+            return Err(crate::cancel::Interrupted.into());
+        }
+        let mut dr = DatasetReport::default();
+        match set {
+            EvalSet::Scored(examples) => {
+                dr.n = examples.len();
+                let mut seqs = vec![];
+                for ex in examples {
+                    seqs.extend(enc.scored(ex, params.max_seq_len)?);
+                }
+                dr.perplexity = Some(ev.perplexity(&seqs)?);
+            }
+            EvalSet::PromptAnswer(items) => {
+                dr.n = items.len();
+                let (acc, samples) = ev.exact_match(items, &gen, params.keep_samples)?;
+                dr.exact_match = Some(acc);
+                dr.samples = samples;
+                dr.perplexity = Some(ev.answer_perplexity(items)?);
+            }
+            EvalSet::MultipleChoice(items) => {
+                dr.n = items.len();
+                dr.mc_accuracy = Some(ev.multiple_choice(items)?);
+            }
+        }
+        mr.perplexity = mr.perplexity.or(dr.perplexity);
+        mr.exact_match = mr.exact_match.or(dr.exact_match);
+        mr.mc_accuracy = mr.mc_accuracy.or(dr.mc_accuracy);
+        ctx.run_metric(name, ds_name, &dr);
+        mr.datasets.insert(ds_name.clone(), dr);
+    }
+    if !params.prompts.is_empty() {
+        let outputs = ev.generate_texts(&params.prompts, &gen)?;
+        mr.generations = params
+            .prompts
+            .iter()
+            .zip(outputs)
+            .map(|(p, o)| GenerationSample { prompt: p.clone(), output: o })
+            .collect();
+    }
+    Ok(mr)
+}
+
+/// Prompt encoding with the model's own tokenizer files (the data layer's tokenizer, so prompts
+/// and masks are exactly what training produced).
+struct TokEncoder {
+    tok: TextTokenizer,
+    chat: bool,
+}
+
+impl TokEncoder {
+    fn load(art: &Artifact, style: PromptStyle) -> anyhow::Result<Self> {
+        let tok = TextTokenizer::from_dir(&art.dir)
+            .with_context(|| format!("loading the tokenizer of model artifact {}", art.dir.display()))?;
+        Ok(Self { tok, chat: style == PromptStyle::Chat })
+    }
+
+    /// Sequences scored for perplexity: text as pretraining sees it (every token), conversations
+    /// with the SFT assistant-only mask.
+    fn scored(&self, ex: &Example, max_len: usize) -> anyhow::Result<Vec<ScoredSeq>> {
+        let samples = self.tok.example(ex, max_len, &ChatOptions::default(), 0)?;
+        Ok(samples
+            .into_iter()
+            .map(|s| ScoredSeq { targets: s.mask.iter().map(|&m| m == 1).collect(), ids: s.ids })
+            .collect())
+    }
+}
+
+impl PromptEncoder for TokEncoder {
+    fn prompt_ids(&self, user_text: &str) -> anyhow::Result<Vec<u32>> {
+        if self.chat {
+            return Ok(self.tok.prompt(&[Message::new("user", user_text)], false)?);
+        }
+        let mut ids = vec![self.tok.bos];
+        ids.extend(self.tok.encode(user_text)?);
+        Ok(ids)
+    }
+
+    fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        Ok(self.tok.encode(text)?)
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        self.tok.decode(ids).unwrap_or_default()
+    }
+
+    fn eos_id(&self) -> u32 {
+        self.tok.eos
+    }
+}
+
+trait RunMetric {
+    fn run_metric(&self, model: &str, dataset: &str, dr: &DatasetReport);
+}
+
+impl RunMetric for StageContext<'_> {
+    /// One `metrics.jsonl` line per (model, dataset), so runs record eval numbers as they appear.
+    fn run_metric(&self, model: &str, dataset: &str, dr: &DatasetReport) {
+        let _ = self.run.metric(
+            self.name,
+            serde_json::json!({"model": model, "dataset": dataset, "n": dr.n, "perplexity": dr.perplexity,
+                "exact_match": dr.exact_match, "mc_accuracy": dr.mc_accuracy}),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::Manifest;
+    use crate::model::MiniMind;
+    use crate::stages::Inputs;
+    use std::path::Path;
+
+    /// A model artifact directory: random tiny MiniMind + the reference tokenizer.
+    fn model_artifact(dir: &Path, tok_dir: &Path, stage_kind: &str) -> Artifact {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut cfg = crate::model::ModelConfig::dense(32, 1, 2, 1);
+        cfg.max_position_embeddings = 512;
+        let model = MiniMind::new(&cfg, 1, &Device::Cpu).unwrap();
+        crate::model::weights::save(&model, &dir.join(layout::MODEL_WEIGHTS)).unwrap();
+        std::fs::write(dir.join(layout::MODEL_CONFIG_JSON), cfg.to_hf_json().to_string()).unwrap();
+        for f in [layout::TOKENIZER_JSON, layout::TOKENIZER_CONFIG_JSON] {
+            std::fs::copy(tok_dir.join(f), dir.join(f)).unwrap();
+        }
+        let manifest = Manifest {
+            kind: ArtifactKind::Model,
+            stage_kind: stage_kind.into(),
+            key: stage_kind.into(),
+            mmrun_version: crate::VERSION.into(),
+            created_unix: 0,
+            files: vec![],
+            metrics: Default::default(),
+        };
+        Artifact { dir: dir.to_path_buf(), manifest }
+    }
+
+    #[test]
+    fn eval_stage_writes_a_report_for_every_model_and_metric() {
+        let Some(shared) = crate::testutil::shared_data() else { return };
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        let tok_dir = shared.join("minimind_tokenizer");
+        std::fs::write(
+            t.join("qa.jsonl"),
+            "{\"question\":\"1+1?\",\"answer\":\"2\"}\n{\"question\":\"2+3?\",\"answer\":\"#### 5\"}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            t.join("mc.jsonl"),
+            "{\"question\":\"Sky?\",\"choices\":[\"blue\",\"red\"],\"answer\":\"A\"}\n{\"question\":\"2+2?\",\"choices\":[\"3\",\"4\",\"5\"],\"answer\":1}\n",
+        )
+        .unwrap();
+        std::fs::write(t.join("text.jsonl"), "{\"text\":\"hello world\"}\n").unwrap();
+        std::fs::write(
+            t.join("chat.jsonl"),
+            "{\"conversations\":[{\"from\":\"human\",\"value\":\"hi\"},{\"from\":\"gpt\",\"value\":\"hello\"}]}\n",
+        )
+        .unwrap();
+        let ds = |file: &str, format: DataFormat| crate::recipe::DatasetSpec {
+            source: file.into(),
+            format,
+            columns: Default::default(),
+            on_bad_record: Default::default(),
+            builtin: Default::default(),
+        };
+        let recipe = crate::recipe::Recipe {
+            path: t.join("r.toml"),
+            source_text: String::new(),
+            overrides: vec![],
+            meta: crate::recipe::RecipeMeta { name: "t".into(), description: None, seed: 1, device: "cpu".into() },
+            model: Default::default(),
+            datasets: [
+                ("qa", ds("qa.jsonl", DataFormat::PromptAnswer)),
+                ("mc", ds("mc.jsonl", DataFormat::PromptAnswer)),
+                ("text", ds("text.jsonl", DataFormat::Text)),
+                ("chat", ds("chat.jsonl", DataFormat::Sharegpt)),
+            ]
+            .into_iter()
+            .map(|(n, d)| (n.to_string(), d))
+            .collect(),
+            stages: vec![],
+        };
+        let mut inputs = Inputs::default();
+        inputs.artifacts.insert("base".into(), model_artifact(&t.join("base"), &tok_dir, "pretrain"));
+        inputs.artifacts.insert("sft".into(), model_artifact(&t.join("sft"), &tok_dir, "sft"));
+        for (name, file, format) in [
+            ("qa", "qa.jsonl", DataFormat::PromptAnswer),
+            ("mc", "mc.jsonl", DataFormat::PromptAnswer),
+            ("text", "text.jsonl", DataFormat::Text),
+            ("chat", "chat.jsonl", DataFormat::Sharegpt),
+        ] {
+            let spec = recipe.datasets[name].clone();
+            assert_eq!(spec.format, format);
+            inputs.datasets.insert(
+                name.into(),
+                ResolvedDataset { name: name.into(), spec, files: vec![t.join(file)], content_hash: name.into() },
+            );
+        }
+        let cache = crate::cache::Cache::open(t.join("cache")).unwrap();
+        let run = crate::runs::RunSink::create(t.join("run")).unwrap();
+        let cancel = crate::cancel::CancelToken::new();
+        let out = t.join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let work = t.join("work");
+        let mut ctx = StageContext {
+            name: "report",
+            key: "k",
+            recipe: &recipe,
+            inputs: &inputs,
+            out_dir: &out,
+            work_dir: &work,
+            cache: &cache,
+            run: &run,
+            cancel: &cancel,
+        };
+        let params = EvalParams {
+            models: vec!["base".into(), "sft".into()],
+            data: vec!["qa".into(), "mc".into(), "text".into(), "chat".into()],
+            prompts: vec!["Hello".into()],
+            generation: GenerationConfig { max_new_tokens: 4, ..Default::default() },
+            max_samples: 10,
+            prompt_style: PromptStyle::Auto,
+            batch_size: 2,
+            max_seq_len: 128,
+            keep_samples: 1,
+        };
+        let outcome = EvalStage.run(&mut ctx, &params).unwrap();
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(layout::REPORT_JSON)).unwrap()).unwrap();
+        for (m, style) in [("base", "raw"), ("sft", "chat")] {
+            let r = &report["models"][m];
+            assert_eq!(r["prompt_style"], style);
+            let em = r["exact_match"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&em));
+            let mc = r["mc_accuracy"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&mc));
+            assert_eq!(r["datasets"]["mc"]["n"], 2);
+            assert_eq!(r["datasets"]["qa"]["samples"].as_array().unwrap().len(), 1);
+            for ds in ["qa", "text", "chat"] {
+                let ppl = r["datasets"][ds]["perplexity"].as_f64().unwrap();
+                // A random model is near-uniform over 6400 tokens.
+                assert!(ppl > 1000.0 && ppl < 20000.0, "{m}/{ds}: perplexity {ppl}");
+            }
+            assert_eq!(r["generations"][0]["prompt"], "Hello");
+            assert!(outcome.metrics.contains_key(&format!("{m}.exact_match")));
+            assert!(outcome.metrics.contains_key(&format!("{m}.perplexity")));
+        }
+        let flat = report["generations"].as_array().unwrap();
+        assert_eq!(flat.len(), 2);
+        assert_eq!(flat[1]["model"], "sft");
+        // Every (model, dataset) pair was logged to the run's metrics.
+        let lines = std::fs::read_to_string(run.dir().join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 8);
+    }
+}

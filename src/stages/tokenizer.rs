@@ -1,0 +1,366 @@
+//! `kind = "tokenizer"`: train a byte-level BPE tokenizer exactly as the reference does (spec §6.1)
+//! or adopt an existing one (`source = "<dir or tokenizer.json>"`).
+//!
+//! Training: HF `tokenizers` BPE, ByteLevel pre-tokenizer (no prefix space, GPT-2 regex) and
+//! decoder, no normalizer, no post-processor; the 36 MiniMind special tokens take ids 0..35 (the
+//! first 21 special, the tool/think/buffer ones `special: false` so decoding keeps them), then the
+//! 256 byte tokens. The training text of one record is the newline-join of its non-empty texts
+//! (for chat: all message contents, as the reference). `tokenizer_config.json` carries the
+//! reference fields and chat template.
+//!
+//! Adopting copies `tokenizer.json` (and `tokenizer_config.json`, adding the reference template
+//! when it has none) unchanged, so encodings are preserved bit for bit.
+
+use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
+use crate::artifact::{layout, ArtifactKind};
+use crate::data::chat::REFERENCE_TEMPLATE;
+use crate::data::read::{for_each_example, Example};
+use crate::data::tokenize::TextTokenizer;
+use crate::data::DataError;
+use anyhow::{bail, Context};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+/// The 36 MiniMind special tokens, ids 0..35 (spec §6.2).
+pub const SPECIAL_TOKENS: [&str; 36] = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<|audio_pad|>",
+    "<tts_pad>",
+    "<tts_text_bos>",
+    "<tts_text_eod>",
+    "<tts_text_bos_single>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+    "<|buffer1|>",
+    "<|buffer2|>",
+    "<|buffer3|>",
+    "<|buffer4|>",
+    "<|buffer5|>",
+    "<|buffer6|>",
+    "<|buffer7|>",
+    "<|buffer8|>",
+    "<|buffer9|>",
+];
+
+/// Tokens from this id on are written `special: false` (tool/think/buffer tags).
+pub const FIRST_NON_SPECIAL: usize = 21;
+
+/// Parameters of the tokenizer stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerParams {
+    /// Datasets whose text trains the BPE (any format).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<String>,
+    /// Adopt an existing tokenizer instead of training: a directory holding `tokenizer.json`, or
+    /// the file itself (relative to the recipe), or an `hf://` URI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Vocabulary size, special and byte tokens included.
+    #[serde(default = "default_vocab")]
+    pub vocab_size: usize,
+    /// Train on at most this many records (0 = all; the reference uses 10000 lines).
+    #[serde(default)]
+    pub max_texts: usize,
+}
+
+fn default_vocab() -> usize {
+    6400
+}
+
+impl StageParams for TokenizerParams {
+    fn inputs(&self) -> Vec<InputRef> {
+        self.data.iter().map(|d| InputRef::Dataset { param: "data", dataset: d.clone() }).collect()
+    }
+}
+
+/// The tokenizer stage.
+pub struct TokenizerStage;
+
+impl Stage for TokenizerStage {
+    const KIND: &'static str = "tokenizer";
+    const VERSION: u32 = 1;
+    const OUTPUT: ArtifactKind = ArtifactKind::Tokenizer;
+    const DOC: &'static str =
+        "Train a byte-level BPE tokenizer (MiniMind special tokens and chat template) or adopt one";
+    type Params = TokenizerParams;
+
+    fn run(&self, ctx: &mut StageContext<'_>, params: &Self::Params) -> anyhow::Result<StageOutcome> {
+        let started = std::time::Instant::now();
+        let mut metrics = serde_json::Map::new();
+        match (&params.source, params.data.is_empty()) {
+            (Some(_), false) => bail!("stage '{}': give either `source` (adopt) or `data` (train), not both", ctx.name),
+            (None, true) => bail!("stage '{}': set `data = [\"<dataset>\", …]` to train a tokenizer or `source = \"<path>\"` to adopt one", ctx.name),
+            (Some(src), true) => {
+                let recipe_dir = ctx.recipe.path.parent().unwrap_or(Path::new("."));
+                adopt(src, recipe_dir, ctx.out_dir).with_context(|| format!("stage '{}'", ctx.name))?;
+                metrics.insert("adopted".into(), json!(src));
+            }
+            (None, false) => {
+                let mut texts = Vec::new();
+                for name in &params.data {
+                    let ds = ctx.inputs.dataset(name)?;
+                    let limit = params.max_texts;
+                    let res = for_each_example(ds, Some(ctx.run), |ex| {
+                        if limit == 0 || texts.len() < limit {
+                            texts.push(training_text(&ex));
+                        }
+                        if ctx.cancel.is_cancelled() {
+                            return Err(Stop::Cancelled);
+                        }
+                        Ok(())
+                    });
+                    match res {
+                        Err(Stop::Cancelled) => return Err(crate::cancel::Interrupted.into()),
+                        Err(Stop::Data(e)) => return Err(e).with_context(|| format!("stage '{}'", ctx.name)),
+                        Ok(_) => {}
+                    }
+                }
+                let bar = crate::data::progress_spinner(&format!("training BPE tokenizer on {} texts", texts.len()));
+                let tok = train(&texts, params.vocab_size)?;
+                bar.finish_and_clear();
+                write_trained(&tok, ctx.out_dir)?;
+                metrics.insert("texts".into(), json!(texts.len()));
+            }
+        }
+        // Validate what we wrote: it loads and has the markers the loss masks need.
+        let t = TextTokenizer::from_dir(ctx.out_dir).context("the tokenizer artifact does not load")?;
+        metrics.insert("vocab_size".into(), json!(t.vocab_size()));
+        metrics.insert("seconds".into(), json!(started.elapsed().as_secs_f64()));
+        Ok(StageOutcome { metrics })
+    }
+}
+
+enum Stop {
+    Cancelled,
+    Data(DataError),
+}
+
+impl From<DataError> for Stop {
+    fn from(e: DataError) -> Self {
+        Stop::Data(e)
+    }
+}
+
+/// The text one record contributes to tokenizer training.
+pub fn training_text(ex: &Example) -> String {
+    let join = |msgs: &mut dyn Iterator<Item = &crate::data::Message>| {
+        msgs.filter(|m| !m.content.is_empty()).map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n")
+    };
+    match ex {
+        Example::Text { text } => text.clone(),
+        Example::Chat { messages, .. } => join(&mut messages.iter()),
+        Example::Preference { prompt, chosen, rejected, .. } => join(&mut prompt.iter().chain(chosen).chain(rejected)),
+        Example::PromptAnswer { prompt, answer, .. } => format!("{prompt}\n{answer}"),
+    }
+}
+
+/// Train a byte-level BPE with the MiniMind special tokens (ids 0..35).
+pub fn train(texts: &[String], vocab_size: usize) -> anyhow::Result<tokenizers::Tokenizer> {
+    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper};
+    let floor = SPECIAL_TOKENS.len() + 256;
+    if vocab_size < floor {
+        bail!("vocab_size = {vocab_size} is too small: it must be at least {floor} (36 special + 256 byte tokens)");
+    }
+    let mut trainer = BpeTrainerBuilder::new()
+        .show_progress(false)
+        .vocab_size(vocab_size)
+        .min_frequency(0)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .special_tokens(SPECIAL_TOKENS.iter().map(|s| AddedToken::from(s.to_string(), true)).collect())
+        .build();
+    let mut tok = tokenizers::TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_normalizer(None)
+    .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
+    .with_post_processor(None)
+    .with_decoder(Some(ByteLevel::new(false, true, true).into()))
+    .build()
+    .map_err(|e| anyhow::anyhow!("building the tokenizer: {e}"))?;
+    tok.train(&mut trainer, texts.iter()).map_err(|e| anyhow::anyhow!("training the tokenizer: {e}"))?;
+    // As the reference: rewrite the tool/think/buffer tags to `special: false` in tokenizer.json.
+    let generic: tokenizers::Tokenizer = tok.into();
+    let mut j: Value = serde_json::from_str(&generic.to_string(false).map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    if let Some(added) = j.get_mut("added_tokens").and_then(Value::as_array_mut) {
+        for t in added {
+            let id = t.get("id").and_then(Value::as_u64).unwrap_or(0) as usize;
+            t["special"] = json!(id < FIRST_NON_SPECIAL);
+        }
+    }
+    let out: tokenizers::Tokenizer = j.to_string().parse().map_err(|e| anyhow::anyhow!("reloading: {e}"))?;
+    for (i, s) in SPECIAL_TOKENS.iter().enumerate() {
+        if out.token_to_id(s) != Some(i as u32) {
+            bail!("internal: special token {s} did not get id {i}");
+        }
+    }
+    Ok(out)
+}
+
+/// The reference `tokenizer_config.json` (spec §6.2) with the reference chat template.
+pub fn reference_config() -> Value {
+    let mut decoder = serde_json::Map::new();
+    for (i, s) in SPECIAL_TOKENS.iter().enumerate() {
+        decoder.insert(
+            i.to_string(),
+            json!({"content": s, "lstrip": false, "normalized": false, "rstrip": false,
+                   "single_word": false, "special": i < FIRST_NON_SPECIAL}),
+        );
+    }
+    json!({
+        "add_bos_token": false,
+        "add_eos_token": false,
+        "add_prefix_space": false,
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": SPECIAL_TOKENS[1..FIRST_NON_SPECIAL],
+        "bos_token": "<|im_start|>",
+        "clean_up_tokenization_spaces": false,
+        "eos_token": "<|im_end|>",
+        "legacy": true,
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "sp_model_kwargs": {},
+        "spaces_between_special_tokens": false,
+        "unk_token": "<|endoftext|>",
+        "chat_template": REFERENCE_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    })
+}
+
+fn write_trained(tok: &tokenizers::Tokenizer, out: &Path) -> anyhow::Result<()> {
+    let tj = out.join(layout::TOKENIZER_JSON);
+    tok.save(&tj, false).map_err(|e| anyhow::anyhow!("{}: {e}", tj.display()))?;
+    let cfg = out.join(layout::TOKENIZER_CONFIG_JSON);
+    std::fs::write(&cfg, serde_json::to_string_pretty(&reference_config())?)
+        .with_context(|| cfg.display().to_string())?;
+    Ok(())
+}
+
+/// Where an adopted tokenizer's files are. The one place to wire `hf://` through the hub client.
+fn adopt_location(src: &str, recipe_dir: &Path) -> anyhow::Result<PathBuf> {
+    if src.starts_with("hf://") {
+        bail!("tokenizer source '{src}': hf:// sources are not yet supported by this build; download the tokenizer folder and give its local path");
+    }
+    let p = recipe_dir.join(src);
+    let dir = if p.is_dir() { p.clone() } else { p.parent().map(Path::to_path_buf).unwrap_or_default() };
+    let tj = if p.is_dir() { p.join(layout::TOKENIZER_JSON) } else { p.clone() };
+    if !tj.is_file() {
+        bail!("tokenizer source '{src}': {} not found (give a folder with tokenizer.json, or the file)", tj.display());
+    }
+    Ok(dir.join(tj.file_name().expect("a file name")))
+}
+
+fn adopt(src: &str, recipe_dir: &Path, out: &Path) -> anyhow::Result<()> {
+    let tj = adopt_location(src, recipe_dir)?;
+    std::fs::copy(&tj, out.join(layout::TOKENIZER_JSON)).with_context(|| format!("copying {}", tj.display()))?;
+    let cfg_src = tj.with_file_name(layout::TOKENIZER_CONFIG_JSON);
+    let cfg_dst = out.join(layout::TOKENIZER_CONFIG_JSON);
+    if cfg_src.is_file() {
+        let text = std::fs::read_to_string(&cfg_src).with_context(|| cfg_src.display().to_string())?;
+        let mut cfg: Value = serde_json::from_str(&text).with_context(|| cfg_src.display().to_string())?;
+        if cfg.get("chat_template").is_none() {
+            cfg["chat_template"] = json!(REFERENCE_TEMPLATE);
+            std::fs::write(&cfg_dst, serde_json::to_string_pretty(&cfg)?)?;
+        } else {
+            // Byte-identical copy: keeps every field the source model expects.
+            std::fs::copy(&cfg_src, &cfg_dst)?;
+        }
+    } else {
+        std::fs::write(&cfg_dst, serde_json::to_string_pretty(&reference_config())?)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trains_reference_layout() {
+        let p = crate::data::builtin::ArithmeticParams { count: 400, seed: 1, test: false, max_operand: 50 };
+        let texts: Vec<String> = crate::data::builtin::arithmetic(&p)
+            .iter()
+            .map(|pr| format!("{}\n{}", pr.question, pr.reply))
+            .chain(["天龙八部 传染病是指由病原微生物".to_string()])
+            .collect();
+        let tok = train(&texts, 600).unwrap();
+        // A tiny corpus runs out of merges before 600; the size is an upper bound.
+        assert!((500..=600).contains(&tok.get_vocab_size(true)), "{}", tok.get_vocab_size(true));
+        let j: Value = serde_json::from_str(&tok.to_string(false).unwrap()).unwrap();
+        let added = j["added_tokens"].as_array().unwrap();
+        assert_eq!(added.len(), 36);
+        assert_eq!(added[2]["content"], "<|im_end|>");
+        assert_eq!(added[2]["special"], true);
+        assert_eq!(added[25]["content"], "<think>");
+        assert_eq!(added[25]["special"], false);
+        assert!(j["normalizer"].is_null() && j["post_processor"].is_null());
+        assert_eq!(j["pre_tokenizer"]["type"], "ByteLevel");
+        assert_eq!(j["pre_tokenizer"]["add_prefix_space"], false);
+        assert_eq!(tok.token_to_id("!"), Some(36));
+        // Round trip, any bytes; think tags survive skip_special decoding.
+        let s = "What is 12 plus 7? <think>\n\n</think> 天龙 🙂";
+        let ids = tok.encode(s, false).unwrap().get_ids().to_vec();
+        assert_eq!(tok.decode(&ids, true).unwrap(), s);
+        assert_eq!(tok.encode("<|im_start|>", false).unwrap().get_ids(), &[1]);
+
+        let dir = tempfile::tempdir().unwrap();
+        write_trained(&tok, dir.path()).unwrap();
+        let t = TextTokenizer::from_dir(dir.path()).unwrap();
+        assert_eq!(t.assistant_start[0], 1);
+        assert_eq!(t.turn_end[0], 2);
+        assert!(train(&texts, 100).unwrap_err().to_string().contains("too small"));
+    }
+
+    #[test]
+    fn adopting_preserves_encodings() {
+        let Some(d) = crate::testutil::shared_data() else { return };
+        let out = tempfile::tempdir().unwrap();
+        adopt("minimind_tokenizer", &d, out.path()).unwrap();
+        let t = TextTokenizer::from_dir(out.path()).unwrap();
+        assert_eq!(t.encode("<|im_start|>assistant\n").unwrap(), vec![1, 1388, 570, 811, 234]);
+        assert_eq!(t.vocab_size(), 6400);
+        let orig = std::fs::read(d.join("minimind_tokenizer/tokenizer.json")).unwrap();
+        assert_eq!(std::fs::read(out.path().join("tokenizer.json")).unwrap(), orig);
+        // The file form works too; a missing one says what to do.
+        let out2 = tempfile::tempdir().unwrap();
+        adopt("minimind_tokenizer/tokenizer.json", &d, out2.path()).unwrap();
+        let e = adopt("nope", &d, out2.path()).unwrap_err().to_string();
+        assert!(e.contains("not found"), "{e}");
+        // Our reference config equals the shipped one field by field.
+        let shipped: Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("minimind_tokenizer/tokenizer_config.json")).unwrap())
+                .unwrap();
+        let ours = reference_config();
+        for (k, v) in ours.as_object().unwrap() {
+            assert_eq!(&shipped[k], v, "{k}");
+        }
+    }
+}

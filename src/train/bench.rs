@@ -1,0 +1,294 @@
+//! `mmrun bench`: training and generation throughput on the reference shape, on synthetic tokens.
+//!
+//! Trains the shape the PyTorch baseline was measured at (hidden 512, 8 layers, 8 q / 4 kv heads,
+//! intermediate 1664, vocab 6400, seq 512, batch 8) for a few steps with the real training step
+//! (forward, backward, global-norm clip, in-place AdamW), times greedy KV-cache generation at
+//! batch 1, and measures the device's f32 matmul peak so that MFU is relative to what this machine
+//! can actually do.
+
+use super::optim::{clip_coefficient, global_norm, AdamW, AdamWConfig, GradAccumulator};
+use crate::model::{MiniMind, ModelConfig};
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+/// Options of `mmrun bench` (every shape knob defaults to the baseline's).
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// `auto`, `cpu` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Model width.
+    #[arg(long, default_value_t = 512)]
+    pub hidden: usize,
+    /// Decoder blocks.
+    #[arg(long, default_value_t = 8)]
+    pub layers: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 8)]
+    pub heads: usize,
+    /// Key/value heads.
+    #[arg(long, default_value_t = 4)]
+    pub kv_heads: usize,
+    /// SwiGLU width.
+    #[arg(long, default_value_t = 1664)]
+    pub intermediate: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 6400)]
+    pub vocab: usize,
+    /// Training sequence length.
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    /// Training batch size.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Timed training steps (after one untimed warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Tokens to generate (greedy, batch 1, KV cache; 0 skips generation).
+    #[arg(long, default_value_t = 200)]
+    pub gen_tokens: usize,
+    /// Prompt length for generation.
+    #[arg(long, default_value_t = 24)]
+    pub prompt_len: usize,
+    /// Side of the square f32 matmul used to measure the peak.
+    #[arg(long, default_value_t = 2048)]
+    pub matmul_size: usize,
+}
+
+impl Default for BenchArgs {
+    fn default() -> Self {
+        Self {
+            json: false,
+            device: "auto".into(),
+            hidden: 512,
+            layers: 8,
+            heads: 8,
+            kv_heads: 4,
+            intermediate: 1664,
+            vocab: 6400,
+            seq: 512,
+            batch: 8,
+            steps: 5,
+            gen_tokens: 200,
+            prompt_len: 24,
+            matmul_size: 2048,
+        }
+    }
+}
+
+impl BenchArgs {
+    /// The model config the bench trains.
+    pub fn model_config(&self) -> ModelConfig {
+        let mut cfg = ModelConfig::dense(self.hidden, self.layers, self.heads, self.kv_heads);
+        cfg.intermediate_size = self.intermediate;
+        cfg.vocab_size = self.vocab;
+        cfg
+    }
+}
+
+/// Model FLOPs per trained token: 6 × parameters for the matmuls of forward + backward, plus
+/// attention scores and values, 12 × layers × seq × (heads × head_dim) (the PaLM accounting,
+/// which `baseline.md` also uses: ≈ 205 MFLOP for the 30 M reference shape at seq 512).
+pub fn train_flops_per_token(cfg: &ModelConfig, seq: usize) -> f64 {
+    6.0 * cfg.num_params() as f64
+        + 12.0 * cfg.num_hidden_layers as f64 * seq as f64 * (cfg.num_attention_heads * cfg.head_dim) as f64
+}
+
+/// Peak resident memory of this process in MiB (`VmHWM`), if the OS reports it.
+pub fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Best-of-N GFLOP/s of an `n × n` by `n × n` f32 matmul on `device`.
+pub fn matmul_peak_gflops(device: &Device, n: usize) -> anyhow::Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..4 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        device.synchronize()?;
+        best = best.min(t.elapsed().as_secs_f64());
+        drop(c);
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// Run the benchmark and return the result object:
+/// `{"device","threads","dtype","config","train_tokens_per_s","gen_tokens_per_s","peak_rss_mb",
+/// "matmul_peak_gflops","mfu", …}`.
+pub fn run(args: BenchArgs) -> anyhow::Result<serde_json::Value> {
+    let device = super::device::select(&args.device)?;
+    let cfg = args.model_config();
+    cfg.validate().context("invalid bench shape; fix the --hidden/--heads/--kv-heads flags")?;
+    anyhow::ensure!(args.seq >= 2 && args.batch >= 1, "--seq must be >= 2 and --batch >= 1");
+
+    let peak = matmul_peak_gflops(&device, args.matmul_size)?;
+
+    let model = MiniMind::new(&cfg, 42, &device)?;
+    let params = model.params().to_vec();
+    let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
+    let mut acc = GradAccumulator::new(params.len());
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut step_times = Vec::new();
+    let mut last_loss = f32::NAN;
+    for step in 0..=args.steps {
+        let ids: Vec<u32> = (0..args.batch * args.seq).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
+        let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+        let input = Tensor::from_vec(ids, (args.batch, args.seq), &device)?;
+        let labels = Tensor::from_vec(labels, (args.batch, args.seq), &device)?;
+        let t = Instant::now();
+        let (ce, aux) = model.forward_train(&input, &labels)?;
+        let loss = (ce + aux)?;
+        let grads = loss.backward()?;
+        acc.clear();
+        acc.add(&params, &grads)?;
+        drop(grads);
+        let norm = global_norm(acc.grads())?;
+        opt.step(acc.grads(), 5e-4, clip_coefficient(norm, 1.0))?;
+        last_loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        device.synchronize()?;
+        if step > 0 {
+            step_times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    acc.clear();
+    let step_s = median(step_times);
+    let train_tps = (args.batch * args.seq) as f64 / step_s;
+
+    let gen_tps = if args.gen_tokens > 0 { Some(generation_tokens_per_s(&model, &args, &mut rng)?) } else { None };
+
+    let flops = train_flops_per_token(&cfg, args.seq);
+    let mfu = train_tps * flops / (peak * 1e9);
+    Ok(serde_json::json!({
+        "device": super::device::describe(&device),
+        "threads": candle_core::utils::get_num_threads(),
+        "dtype": "f32",
+        "config": {
+            "hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
+            "intermediate": args.intermediate, "vocab": args.vocab, "seq": args.seq, "batch": args.batch,
+            "steps": args.steps, "params": cfg.num_params(), "gen_tokens": args.gen_tokens, "prompt_len": args.prompt_len,
+        },
+        "train_tokens_per_s": train_tps,
+        "train_step_s": step_s,
+        "train_flops_per_token": flops,
+        "gen_tokens_per_s": gen_tps,
+        "peak_rss_mb": peak_rss_mb(),
+        "matmul_peak_gflops": peak,
+        "mfu": mfu,
+        "final_loss": last_loss,
+    }))
+}
+
+/// Greedy decoding at batch 1 with the KV cache: prompt prefill plus `gen_tokens` steps; new
+/// tokens per second over the whole call (what the baseline's `generate` timing measures).
+fn generation_tokens_per_s(model: &MiniMind, args: &BenchArgs, rng: &mut impl Rng) -> anyhow::Result<f64> {
+    let device = model.device().clone();
+    let vocab = model.config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..args.prompt_len.max(1)).map(|_| rng.random_range(0..vocab)).collect();
+    let t = Instant::now();
+    let mut cache = model.new_cache();
+    let mut input = Tensor::from_vec(prompt.clone(), (1, prompt.len()), &device)?;
+    let mut pos = 0;
+    for _ in 0..args.gen_tokens {
+        let logits = model.forward_step(&input, &mut cache, pos)?;
+        pos += input.dim(1)?;
+        let next = logits.argmax(candle_core::D::Minus1)?.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?[0];
+        input = Tensor::from_vec(vec![next], (1, 1), &device)?;
+    }
+    Ok(args.gen_tokens as f64 / t.elapsed().as_secs_f64())
+}
+
+/// A human-readable rendering of [`run`]'s result (for `mmrun bench` without `--json`).
+pub fn render_text(v: &serde_json::Value) -> String {
+    let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+    format!(
+        "device {} ({} threads, {})\nconfig {}\ntrain      {} tokens/s ({} s/step)\ngenerate   {} tokens/s (batch 1, greedy, KV cache)\nmatmul     {} GFLOP/s peak\nMFU        {:.1} %\npeak RSS   {} MiB\n",
+        v["device"].as_str().unwrap_or("?"),
+        v["threads"],
+        v["dtype"].as_str().unwrap_or("?"),
+        v["config"],
+        f("train_tokens_per_s"),
+        v["train_step_s"].as_f64().map(|x| format!("{x:.3}")).unwrap_or_default(),
+        f("gen_tokens_per_s"),
+        f("matmul_peak_gflops"),
+        v["mfu"].as_f64().unwrap_or(f64::NAN) * 100.0,
+        f("peak_rss_mb"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_per_token_matches_baseline_accounting() {
+        let cfg = BenchArgs::default().model_config();
+        // 30.025 M parameters, ≈ 205 MFLOP per token at seq 512 (baseline.md).
+        assert!((cfg.num_params() as f64 - 30.025e6).abs() < 0.01e6, "{}", cfg.num_params());
+        let f = train_flops_per_token(&cfg, 512);
+        assert!((f / 1e6 - 205.3).abs() < 1.0, "{f}");
+    }
+
+    #[test]
+    fn tiny_bench_runs_and_reports_every_field() {
+        let args = BenchArgs {
+            device: "cpu".into(),
+            hidden: 32,
+            layers: 1,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 64,
+            vocab: 64,
+            seq: 16,
+            batch: 2,
+            steps: 1,
+            gen_tokens: 4,
+            prompt_len: 3,
+            matmul_size: 64,
+            json: true,
+        };
+        let v = run(args).unwrap();
+        for k in [
+            "device",
+            "threads",
+            "dtype",
+            "config",
+            "train_tokens_per_s",
+            "gen_tokens_per_s",
+            "peak_rss_mb",
+            "matmul_peak_gflops",
+            "mfu",
+        ] {
+            assert!(!v[k].is_null(), "{k} missing in {v}");
+        }
+        assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(!render_text(&v).is_empty());
+    }
+}
+
+/// The full reference-shape bench, printed (`cargo test --release --lib reference_shape -- --ignored --nocapture`).
+#[cfg(test)]
+#[test]
+#[ignore = "slow: the full benchmark"]
+fn reference_shape() {
+    let steps = std::env::var("MMRUN_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let v = run(BenchArgs { steps, device: "cpu".into(), ..Default::default() }).unwrap();
+    println!("{v}");
+}

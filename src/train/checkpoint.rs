@@ -1,0 +1,145 @@
+//! Resumable checkpoints in a stage's work directory.
+//!
+//! Layout: `<work_dir>/checkpoints/step-00000042/{weights.safetensors, optimizer.safetensors,
+//! state.json}`. A checkpoint is assembled in a `.tmp-…` sibling, `state.json` is written last and
+//! synced, then the directory is renamed into place: a `step-*` directory is complete iff its
+//! `state.json` exists. The two newest checkpoints are kept.
+
+use super::optim::AdamW;
+use anyhow::Context;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Bumped when the checkpoint format changes.
+pub const FORMAT: u32 = 1;
+const WEIGHTS: &str = "weights.safetensors";
+const OPTIM: &str = "optimizer.safetensors";
+const STATE: &str = "state.json";
+const KEEP: usize = 2;
+
+/// Everything but tensors needed to continue a run exactly where it stopped.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Checkpoint format version.
+    pub format: u32,
+    /// Optimiser steps completed.
+    pub step: usize,
+    /// Micro-steps (batches) completed over the whole run (the schedule's `cur`).
+    pub micro_step: usize,
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Next micro-batch index within the epoch (the data position).
+    pub batch_in_epoch: usize,
+    /// The run seed. The data-order RNG is ChaCha8 seeded with `seed + epoch`, so (seed, epoch)
+    /// is its complete state.
+    pub seed: u64,
+    /// Tokens seen (padding included).
+    pub tokens: u64,
+    /// Loss-bearing tokens seen.
+    pub useful_tokens: u64,
+    /// Mean loss of every optimiser step so far (for the loss curve after a resume).
+    pub losses: Vec<f32>,
+    /// Parameter names, in optimiser order (checked on load).
+    pub params: Vec<String>,
+}
+
+fn root(work_dir: &Path) -> PathBuf {
+    work_dir.join("checkpoints")
+}
+
+/// Write a checkpoint of `params`, `opt` and `state` atomically; returns its directory.
+pub fn save(work_dir: &Path, params: &[(String, Var)], opt: &AdamW, state: &TrainState) -> anyhow::Result<PathBuf> {
+    let root = root(work_dir);
+    std::fs::create_dir_all(&root).with_context(|| format!("cannot create checkpoint dir {}", root.display()))?;
+    let final_dir = root.join(format!("step-{:08}", state.step));
+    let tmp = root.join(format!(".tmp-step-{:08}-{}", state.step, std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    let weights: HashMap<String, Tensor> = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    candle_core::safetensors::save(&weights, tmp.join(WEIGHTS)).context("writing checkpoint weights")?;
+    candle_core::safetensors::save(&opt.state_tensors()?, tmp.join(OPTIM)).context("writing optimizer state")?;
+    let text = serde_json::to_vec_pretty(state)?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(tmp.join(STATE))?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+    }
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("cannot move checkpoint into place at {}", final_dir.display()))?;
+    prune(&root)?;
+    Ok(final_dir)
+}
+
+/// Complete checkpoints, oldest first.
+fn complete(root: &Path) -> anyhow::Result<Vec<(usize, PathBuf)>> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root) else { return Ok(out) };
+    for e in rd {
+        let p = e?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) {
+            if p.join(STATE).is_file() {
+                out.push((step, p));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn prune(root: &Path) -> anyhow::Result<()> {
+    let all = complete(root)?;
+    for (_, p) in all.iter().take(all.len().saturating_sub(KEEP)) {
+        std::fs::remove_dir_all(p)?;
+    }
+    // Leftovers of a crash while writing.
+    for e in std::fs::read_dir(root)? {
+        let p = e?.path();
+        if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".tmp-")) {
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint in `work_dir`, if any.
+pub fn latest(work_dir: &Path) -> anyhow::Result<Option<(PathBuf, TrainState)>> {
+    let Some((_, dir)) = complete(&root(work_dir))?.pop() else { return Ok(None) };
+    let text = std::fs::read(dir.join(STATE))?;
+    let state: TrainState = serde_json::from_slice(&text)
+        .with_context(|| format!("checkpoint {} is unreadable; delete it to start over", dir.display()))?;
+    anyhow::ensure!(
+        state.format == FORMAT,
+        "checkpoint {} has format {} (this mmrun writes {FORMAT}); delete it to start over",
+        dir.display(),
+        state.format
+    );
+    Ok(Some((dir, state)))
+}
+
+/// Load the weights and optimiser state of the checkpoint in `dir` into `params` and `opt`.
+pub fn restore(dir: &Path, state: &TrainState, params: &[(String, Var)], opt: &mut AdamW) -> anyhow::Result<()> {
+    let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+    anyhow::ensure!(
+        names == state.params,
+        "checkpoint {} was made for different parameters; delete it to start over",
+        dir.display()
+    );
+    let dev = params.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
+    let weights = candle_core::safetensors::load(dir.join(WEIGHTS), &dev).context("reading checkpoint weights")?;
+    for (name, var) in params {
+        let t = weights.get(name).with_context(|| format!("checkpoint {} lacks weight '{name}'", dir.display()))?;
+        var.set(&t.to_dtype(var.dtype())?).with_context(|| format!("restoring '{name}'"))?;
+    }
+    let st = candle_core::safetensors::load(dir.join(OPTIM), &dev).context("reading optimizer state")?;
+    opt.load_state(&st, state.step as u64)?;
+    Ok(())
+}

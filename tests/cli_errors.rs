@@ -1,0 +1,87 @@
+//! Error behaviour of the CLI: bad recipes point at file:line:col; bad records name file:line
+//! or, with `on_bad_record = "skip"`, are counted in the run and written to `rejects.jsonl`.
+
+mod common;
+
+use common::{shared_data, Sandbox, SMALL_RECIPE};
+
+#[test]
+fn bad_recipe_names_file_line_and_column() {
+    let sb = Sandbox::new();
+    // Line 26 (the `tokenizer = "tko"` line) references a stage that does not exist.
+    let text = SMALL_RECIPE.replace("tokenizer = \"tok\"\ndata = \"text\"", "tokenizer = \"tko\"\ndata = \"text\"");
+    let line = text.lines().position(|l| l.contains("\"tko\"")).unwrap() + 1;
+    sb.write("bad.toml", &text);
+    let o = sb.run(&["bad.toml"]);
+    assert_eq!(o.code, Some(2), "stderr:\n{}", o.stderr);
+    assert!(o.stderr.contains(&format!("bad.toml:{line}:")), "no file:line in:\n{}", o.stderr);
+    assert!(o.stderr.contains("tok"), "suggests the right name:\n{}", o.stderr);
+    assert!(!sb.runs().exists() || sb.runs_json().is_empty(), "no run record for a recipe that never loaded");
+
+    // An unknown key is also pointed at.
+    sb.write(
+        "bad2.toml",
+        &SMALL_RECIPE.replace("max_seq_len = 64\n\n[stages.sft_data]", "max_seq_lne = 64\n\n[stages.sft_data]"),
+    );
+    let o = sb.run(&["plan", "bad2.toml"]);
+    assert_eq!(o.code, Some(2));
+    assert!(o.stderr.contains("bad2.toml:") && o.stderr.contains("max_seq_lne"), "{}", o.stderr);
+
+    // A missing file is an error too (exit 1, says which file).
+    let o = sb.run(&["nope.toml"]);
+    assert_ne!(o.code, Some(0));
+    assert!(o.stderr.contains("nope.toml"), "{}", o.stderr);
+}
+
+fn bad_record_recipe(data: &std::path::Path, policy: &str) -> String {
+    format!(
+        r#"[recipe]
+name = "badrec"
+
+[datasets.text]
+source = "builtin:arithmetic"
+format = "text"
+builtin = {{ count = 100 }}
+
+[datasets.sft]
+source = "{}"
+format = "sharegpt"
+on_bad_record = "{policy}"
+
+[stages.tok]
+kind = "tokenizer"
+data = ["text"]
+vocab_size = 300
+
+[stages.sft_data]
+kind = "prepare"
+tokenizer = "tok"
+data = "sft"
+"#,
+        data.join("bad/missing_field_sft.jsonl").display()
+    )
+}
+
+#[test]
+fn bad_record_errors_with_file_and_line_or_is_skipped_and_counted() {
+    let Some(data) = shared_data() else { return };
+    let sb = Sandbox::new();
+    sb.write("strict.toml", &bad_record_recipe(&data, "error"));
+    let o = sb.run(&["strict.toml"]);
+    assert_eq!(o.code, Some(1), "stderr:\n{}", o.stderr);
+    assert!(o.stderr.contains("missing_field_sft.jsonl:2"), "names file:line:\n{}", o.stderr);
+    let rec = sb.last_run();
+    assert_eq!(rec["status"], "failed");
+    assert_eq!(rec["stages"]["sft_data"]["status"], "failed");
+    assert!(rec["stages"]["sft_data"]["error"].as_str().unwrap().contains("missing_field_sft.jsonl:2"));
+
+    sb.write("lenient.toml", &bad_record_recipe(&data, "skip"));
+    sb.run_ok(&["lenient.toml"]);
+    let rec = sb.last_run();
+    assert_eq!(rec["status"], "succeeded");
+    assert_eq!(rec["rejects"]["sft"], 4, "lines 2-5 are bad: {rec}");
+    let rejects = std::fs::read_to_string(sb.run_dir(rec["id"].as_str().unwrap()).join("rejects.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = rejects.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.iter().map(|l| l["line"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3, 4, 5]);
+    assert!(lines.iter().all(|l| l["dataset"] == "sft"));
+}
