@@ -11,6 +11,16 @@ use candle_core::{DType, Device, Tensor};
 use mmrun::model::{ops, preset, MiniMind};
 use std::time::Instant;
 
+/// CPU seconds (user + system) this process has used, from /proc/self/stat (0 elsewhere). On a
+/// shared, oversubscribed machine, tokens per CPU-second × cores estimates uncontended speed.
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
 fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
 }
@@ -26,12 +36,18 @@ fn bench_fwd_bwd_and_decode() {
     let x = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
     let labels = x.to_dtype(DType::I64).unwrap();
     let step = || {
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_seconds());
         let (loss, aux) = m.forward_train(&x, &labels).unwrap();
         let t1 = Instant::now();
         let grads = (loss + aux).unwrap().backward().unwrap();
         let t2 = Instant::now();
         drop(grads);
+        let cpu = cpu_seconds() - c0;
+        eprintln!(
+            "  step: wall {:.2}s, cpu {cpu:.2}s -> {:.0} tokens per CPU-second",
+            (t2 - t0).as_secs_f64(),
+            (b * t) as f64 / cpu
+        );
         ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64())
     };
     let modes: &[&str] =
