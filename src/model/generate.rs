@@ -89,7 +89,7 @@ pub struct GenerationConfig {
     /// Generation of a row stops when it produces one of these (not included in the output). Empty
     /// means the model's eos (`<|im_end|>`, id 2).
     pub stop_token_ids: Vec<u32>,
-    /// Seed of the sampling RNG.
+    /// Seed of the sampling RNG (in an `eval` stage, `0` means the recipe seed).
     pub seed: u64,
 }
 
