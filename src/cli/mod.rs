@@ -1,8 +1,341 @@
 //! Command-line interface: argument parsing and dispatch; no logic of its own.
+//!
+//! Exit codes: 0 success, 1 a stage or command failed, 2 bad usage or a bad recipe, 130
+//! interrupted (Ctrl-C; a checkpoint was saved).
 
+use crate::exec::pipeline::{self, Paths, RecipeSource, RunEnd};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// Train small MiniMind-style language models end to end from one TOML recipe.
+#[derive(Debug, Parser)]
+#[command(name = "mmrun", version, about, long_about = None)]
+pub struct Cli {
+    /// Override a recipe value, e.g. `--set stages.base.lr=3e-4` (repeatable; recorded in the run).
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE", global = true)]
+    pub set: Vec<String>,
+    /// More log output (`-v` debug, `-vv` trace); `RUST_LOG` takes precedence.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Cache directory (content-addressed artifacts, checkpoints, locks).
+    #[arg(long, env = "MMRUN_HOME", default_value = ".mmrun", global = true)]
+    pub home: PathBuf,
+    /// Where run records are written.
+    #[arg(long, env = "MMRUN_RUNS_DIR", default_value = "runs", global = true)]
+    pub runs_dir: PathBuf,
+    /// The command (`mmrun <recipe>` is short for `mmrun run <recipe>`).
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// mmrun's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a recipe: build every stage that is not cached, record the run.
+    Run {
+        /// The recipe file.
+        recipe: PathBuf,
+    },
+    /// Dry run: show each stage as cached / stale / missing, with the reasons.
+    Plan {
+        /// The recipe file.
+        recipe: PathBuf,
+        /// Print `{"stages":[{"name","kind","key","status","reasons"}]}`.
+        #[arg(long)]
+        json: bool,
+        /// Explain one stage: why it is stale and everything that enters its key.
+        #[arg(long, value_name = "STAGE")]
+        why: Option<String>,
+    },
+    /// List past runs.
+    Runs,
+    /// Compare two runs: params, stage keys, metrics, loss curves, eval generations.
+    Diff {
+        /// First run (directory name or unique prefix).
+        a: String,
+        /// Second run.
+        b: String,
+    },
+    /// Continue the last unfinished run (or the one named), with its recipe and overrides.
+    Resume {
+        /// Run directory name or unique prefix.
+        run: Option<String>,
+    },
+    /// Measure training and generation speed on this machine (tokens/s, MFU, memory).
+    Bench(crate::train::bench::BenchArgs),
+    /// Re-resolve the recipe's `hf://` datasets to their branches' current commits and rewrite
+    /// the lock file next to the recipe (all datasets, or only the one named).
+    Update {
+        /// The recipe file.
+        recipe: PathBuf,
+        /// Only this dataset.
+        dataset: Option<String>,
+    },
+    /// Delete cache objects no run record references, and stale temporary directories.
+    Gc {
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+const SUBCOMMANDS: &[&str] = &["run", "plan", "runs", "diff", "resume", "bench", "update", "gc", "help"];
+/// Global options that take a value (so the shorthand detection skips their values).
+const VALUE_OPTS: &[&str] = &["--set", "--home", "--runs-dir"];
+
+/// Insert `run` before the first positional argument when it is not a subcommand, so
+/// `mmrun recipe.toml` means `mmrun run recipe.toml`.
+pub fn expand_shorthand(args: Vec<String>) -> Vec<String> {
+    let mut i = 1;
+    while i < args.len() {
+        let a = &args[i];
+        if a == "--" {
+            break;
+        }
+        if a.starts_with('-') {
+            if VALUE_OPTS.contains(&a.as_str()) {
+                i += 1;
+            }
+            i += 1;
+            continue;
+        }
+        if !SUBCOMMANDS.contains(&a.as_str()) {
+            let mut out = args.clone();
+            out.insert(i, "run".into());
+            return out;
+        }
+        break;
+    }
+    args
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,mmrun=info",
+        1 => "info,mmrun=debug",
+        _ => "debug,mmrun=trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(verbose > 0);
+    let _ = if verbose > 0 { builder.try_init() } else { builder.without_time().try_init() };
+}
 
 /// Entry point of the `mmrun` binary.
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let args = expand_shorthand(std::env::args().collect());
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    init_logging(cli.verbose);
+    match dispatch(&cli) {
+        Ok(code) => code,
+        Err(e) => report(&e),
+    }
+}
+
+/// Print an error (recipe diagnostics as rendered by the loader, others as `error: a: b: c`)
+/// and choose the exit code.
+fn report(e: &anyhow::Error) -> ExitCode {
+    if let Some(re) = e.downcast_ref::<crate::recipe::RecipeError>() {
+        if matches!(re, crate::recipe::RecipeError::Invalid(_)) {
+            eprintln!("{re}");
+            return ExitCode::from(2);
+        }
+    }
+    eprintln!("error: {e:#}");
+    ExitCode::from(1)
+}
+
+fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let paths = Paths { home: cli.home.clone(), runs_dir: cli.runs_dir.clone() };
+    match &cli.command {
+        Command::Run { recipe } => {
+            let src = RecipeSource { path: recipe.clone(), overrides: cli.set.clone(), text: None };
+            finish(pipeline::run(&src, &paths)?)
+        }
+        Command::Plan { recipe, json, why } => {
+            let cache = crate::cache::Cache::open(&paths.home)
+                .with_context(|| format!("opening the cache {}", paths.home.display()))?;
+            let src = RecipeSource { path: recipe.clone(), overrides: cli.set.clone(), text: None };
+            let (recipe, _datasets, plan) = pipeline::make_plan(&src, &cache)?;
+            if let Some(stage) = why {
+                print!("{}", pipeline::plan_why(&plan, stage)?);
+            } else if *json {
+                println!("{}", serde_json::to_string_pretty(&pipeline::plan_json(&plan))?);
+            } else {
+                print!("{}", pipeline::plan_text(&recipe, &plan));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runs => {
+            print!("{}", format_runs(&crate::runs::list_runs(&paths.runs_dir)?));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff { a, b } => {
+            let ra = crate::runs::find_run(&paths.runs_dir, a)?;
+            let rb = crate::runs::find_run(&paths.runs_dir, b)?;
+            let cache = crate::cache::Cache::open(&paths.home).ok();
+            print!("{}", crate::runs::diff_runs(&ra, &rb, &crate::runs::DiffOptions { cache, loss_points: 8 }));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume { run } => {
+            let target = match run {
+                Some(name) => crate::runs::find_run(&paths.runs_dir, name)?,
+                None => crate::runs::last_unfinished(&crate::runs::list_runs(&paths.runs_dir)?).ok_or_else(|| {
+                    anyhow::anyhow!("no unfinished run in {}; nothing to resume", paths.runs_dir.display())
+                })?,
+            };
+            let rec = &target.record;
+            if !cli.set.is_empty() {
+                anyhow::bail!(
+                    "`resume` replays the run's own overrides {:?}; drop --set (or use `mmrun run`)",
+                    rec.overrides
+                );
+            }
+            eprintln!("resuming {} ({})", rec.id, rec.recipe_path);
+            let src = RecipeSource {
+                path: rec.recipe_path.clone().into(),
+                overrides: rec.overrides.clone(),
+                text: Some(rec.recipe_text.clone()),
+            };
+            finish(pipeline::run(&src, &paths)?)
+        }
+        Command::Bench(args) => {
+            let json = args.json;
+            let v = crate::train::bench::run(args.clone())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", crate::train::bench::render_text(&v));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Update { recipe, dataset } => {
+            let lock = crate::hub::lock::update(recipe, dataset.as_deref())?;
+            println!("updated {}:", crate::hub::lock::lock_path(recipe).display());
+            for (name, d) in &lock.datasets {
+                println!("  {name}: {} @ {} ({} files)", d.uri, d.commit, d.files.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc { dry_run } => {
+            let cache = crate::cache::Cache::open(&paths.home)
+                .with_context(|| format!("opening the cache {}", paths.home.display()))?;
+            let keep = crate::runs::referenced_keys(&paths.runs_dir)?;
+            let r = cache.gc(&keep, *dry_run)?;
+            let verb = if *dry_run { "would remove" } else { "removed" };
+            println!(
+                "{verb} {} objects and {} temporary directories, {} freed; kept {} objects referenced by runs in {}",
+                r.removed_objects.len(),
+                r.removed_tmp,
+                human_bytes(r.freed_bytes),
+                r.kept_objects,
+                paths.runs_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn finish(end: RunEnd) -> anyhow::Result<ExitCode> {
+    Ok(match end {
+        RunEnd::Succeeded { .. } => ExitCode::SUCCESS,
+        RunEnd::Failed { run_dir, error } => {
+            eprintln!("error: {error:#}");
+            eprintln!("run record: {}", run_dir.display());
+            ExitCode::from(1)
+        }
+        RunEnd::Interrupted { run_dir } => {
+            eprintln!(
+                "interrupted; run the same command or `mmrun resume` to continue (run record: {})",
+                run_dir.display()
+            );
+            ExitCode::from(130)
+        }
+    })
+}
+
+/// `mmrun runs` table.
+pub fn format_runs(runs: &[crate::runs::RunSummary]) -> String {
+    use crate::runs::StageStatus;
+    use std::fmt::Write;
+    if runs.is_empty() {
+        return "no runs yet\n".into();
+    }
+    let w = runs.iter().map(|r| r.record.id.len()).max().unwrap_or(10);
+    let mut s =
+        format!("{:w$}  {:12}  {:11}  {:>3} {:>6}  {:>8}\n", "run", "recipe", "status", "ran", "cached", "seconds");
+    for r in runs {
+        let _ = writeln!(
+            s,
+            "{:w$}  {:12}  {:11}  {:>3} {:>6}  {:>8.1}",
+            r.record.id,
+            r.record.recipe_name,
+            r.record.effective_status(),
+            r.count(StageStatus::Ran),
+            r.count(StageStatus::Cached),
+            r.record.seconds
+        );
+    }
+    s
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn shorthand_inserts_run_before_a_recipe() {
+        assert_eq!(expand_shorthand(v(&["mmrun", "r.toml"])), v(&["mmrun", "run", "r.toml"]));
+        assert_eq!(
+            expand_shorthand(v(&["mmrun", "--set", "a.b=1", "-v", "r.toml"])),
+            v(&["mmrun", "--set", "a.b=1", "-v", "run", "r.toml"])
+        );
+        assert_eq!(expand_shorthand(v(&["mmrun", "plan", "r.toml"])), v(&["mmrun", "plan", "r.toml"]));
+        assert_eq!(expand_shorthand(v(&["mmrun", "--help"])), v(&["mmrun", "--help"]));
+    }
+
+    #[test]
+    fn parses_global_options_anywhere() {
+        let cli = Cli::try_parse_from(v(&["mmrun", "run", "r.toml", "--set", "x.y=2", "--set", "z=3", "--home", "h"]))
+            .unwrap();
+        assert_eq!(cli.set, ["x.y=2", "z=3"]);
+        assert_eq!(cli.home, PathBuf::from("h"));
+        assert!(matches!(cli.command, Command::Run { .. }));
+        let cli = Cli::try_parse_from(v(&["mmrun", "plan", "r.toml", "--why", "base"])).unwrap();
+        assert!(matches!(cli.command, Command::Plan { why: Some(ref s), json: false, .. } if s == "base"));
+    }
+
+    #[test]
+    fn human_bytes_is_readable() {
+        assert_eq!(human_bytes(10), "10 B");
+        assert_eq!(human_bytes(2048), "2.0 KiB");
+    }
 }

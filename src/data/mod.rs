@@ -20,9 +20,7 @@ pub use read::{read_examples, Example, Message, ReadStats};
 
 use crate::cache::Cache;
 use crate::recipe::DatasetSpec;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 /// A dataset whose files are local and whose content hash is known.
 #[derive(Clone, Debug)]
@@ -100,6 +98,14 @@ pub enum DataError {
         /// Records skipped.
         skipped: usize,
     },
+    /// Hashing a dataset file failed.
+    #[error("{path}: cannot hash dataset file: {msg}")]
+    Hash {
+        /// The file.
+        path: String,
+        /// Why.
+        msg: String,
+    },
     /// I/O with a path.
     #[error("{path}: {source}")]
     Io {
@@ -138,7 +144,7 @@ pub fn resolve(name: &str, spec: &DatasetSpec, recipe_dir: &Path, cache: &Cache)
     } else {
         resolve_local(name, source, recipe_dir)?
     };
-    let content_hash = content_hash(&files, &base)?;
+    let content_hash = content_hash(&files, &base, cache)?;
     Ok(ResolvedDataset { name: name.to_string(), spec: spec.clone(), files, content_hash })
 }
 
@@ -209,36 +215,19 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 
 /// blake3 over `(relative name, file content hash)` of every file, in order. Names are relative to
 /// the source's base so that moving a project (or the cache) does not change the hash.
-fn content_hash(files: &[PathBuf], base: &Path) -> Result<String, DataError> {
+fn content_hash(files: &[PathBuf], base: &Path, cache: &Cache) -> Result<String, DataError> {
     let mut h = blake3::Hasher::new();
     for f in files {
         let rel = f.strip_prefix(base).unwrap_or(f);
         h.update(rel.to_string_lossy().replace('\\', "/").as_bytes());
         h.update(b"\0");
-        h.update(hash_file(f)?.as_bytes());
+        // Memoised by (path, size, mtime) in the cache, so a large corpus is hashed once.
+        let fh =
+            cache.hash_file(f).map_err(|e| DataError::Hash { path: f.display().to_string(), msg: e.to_string() })?;
+        h.update(fh.as_bytes());
         h.update(b"\n");
     }
     Ok(h.finalize().to_hex().to_string())
-}
-
-/// blake3 of a file, memoised by (path, size, mtime) for this process.
-///
-/// The one place to swap in the engine's persistent `Cache::hash_file` once it exists.
-pub(crate) fn hash_file(path: &Path) -> Result<String, DataError> {
-    type Memo = HashMap<(PathBuf, u64, std::time::SystemTime), String>;
-    static MEMO: Mutex<Option<Memo>> = Mutex::new(None);
-    let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
-    let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-    let key = (path.to_path_buf(), meta.len(), mtime);
-    if let Some(h) = MEMO.lock().expect("hash memo poisoned").get_or_insert_with(HashMap::new).get(&key) {
-        return Ok(h.clone());
-    }
-    let mut hasher = blake3::Hasher::new();
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    hasher.update_reader(file).map_err(|e| DataError::io(path, e))?;
-    let hex = hasher.finalize().to_hex().to_string();
-    MEMO.lock().expect("hash memo poisoned").get_or_insert_with(HashMap::new).insert(key, hex.clone());
-    Ok(hex)
 }
 
 /// Write `bytes` to `path` atomically (temp file in the same directory, then rename).
@@ -260,20 +249,8 @@ pub(crate) fn progress_spinner(msg: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// `../shared/data` for tests: skip (None, with a notice) when absent, panic when
-/// `MMRUN_REQUIRE_SHARED=1`. Local copy until `crate::testutil::shared_data` lands.
 #[cfg(test)]
-pub(crate) fn shared_data() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
-    if p.is_dir() {
-        return Some(p);
-    }
-    if std::env::var("MMRUN_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("../shared/data is required (MMRUN_REQUIRE_SHARED=1) but missing");
-    }
-    eprintln!("SKIP: ../shared/data not found");
-    None
-}
+pub(crate) use crate::testutil::shared_data;
 
 #[cfg(test)]
 mod tests {

@@ -184,7 +184,7 @@ fn read_file<E: From<DataError>>(
                 f(e)
             }
             Err(p) => {
-                let file = path.display().to_string();
+                let file = display_path(path);
                 if !p.empty && ds.spec.on_bad_record == OnBadRecord::Error {
                     return Err(DataError::BadRecord {
                         dataset: ds.name.clone(),
@@ -213,7 +213,7 @@ fn read_file<E: From<DataError>>(
         // Rows become the same JSON records as JSONL lines; "line" numbers are 1-based row numbers.
         let unreadable = |e: crate::hub::parquet::ParquetError| DataError::BadRecord {
             dataset: ds.name.clone(),
-            file: path.display().to_string(),
+            file: display_path(path),
             line: e.row.map_or(0, |r| r + 1),
             problem: e.reason,
             format: format_name(fmt),
@@ -290,6 +290,12 @@ fn read_file<E: From<DataError>>(
     Ok(())
 }
 
+/// A path as users want to see it in errors: relative to the working directory when inside it.
+fn display_path(path: &Path) -> String {
+    let rel = std::env::current_dir().ok().and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf));
+    rel.unwrap_or_else(|| path.to_path_buf()).display().to_string()
+}
+
 fn strip_bom(b: &[u8]) -> &[u8] {
     b.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(b)
 }
@@ -301,8 +307,7 @@ fn starts_with_array(r: &mut BufReader<std::fs::File>) -> std::io::Result<bool> 
     Ok(b.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'['))
 }
 
-/// Append one rejected record to the run's `rejects.jsonl`. The one place to swap in the engine's
-/// `RunSink::reject` once it exists.
+/// Append one rejected record (raw text cut to 4 KiB) to the run's `rejects.jsonl`.
 fn write_reject(
     sink: &RunSink,
     dataset: &str,
@@ -311,12 +316,9 @@ fn write_reject(
     reason: &str,
     raw: &[u8],
 ) -> std::io::Result<()> {
-    use std::io::Write;
     const MAX_RAW: usize = 4096;
-    let raw = String::from_utf8_lossy(&raw[..raw.len().min(MAX_RAW)]).to_string();
-    let rec = serde_json::json!({"dataset": dataset, "file": file, "line": line, "reason": reason, "raw": raw});
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(sink.dir().join("rejects.jsonl"))?;
-    writeln!(f, "{rec}")
+    let raw = String::from_utf8_lossy(&raw[..raw.len().min(MAX_RAW)]);
+    sink.reject(dataset, Path::new(file), line, reason, &raw)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -647,6 +649,48 @@ pub fn normalize_answer(answer: &str) -> Option<String> {
     Some(normalize_number(t).unwrap_or_else(|| t.to_string()))
 }
 
+/// The final answer in a model's generated text: the number after "The answer is" (the
+/// `builtin:arithmetic` form), GSM8K's `#### n`, or `\boxed{…}` — the last such occurrence; else
+/// `None`. Numbers are normalised like [`normalize_number`], so the result compares with
+/// `Example::PromptAnswer::final_answer`.
+pub fn extract_answer(generated: &str) -> Option<String> {
+    let mut best: Option<(usize, String)> = None;
+    let mut consider = |at: usize, raw: &str| {
+        let raw = raw.trim();
+        let v = normalize_number(raw).unwrap_or_else(|| raw.to_string());
+        if !v.is_empty() && best.as_ref().is_none_or(|(b, _)| at >= *b) {
+            best = Some((at, v));
+        }
+    };
+    for marker in ["The answer is", "the answer is", "####"] {
+        for (at, _) in generated.match_indices(marker) {
+            let rest = &generated[at + marker.len()..];
+            let end = rest.find('\n').unwrap_or(rest.len());
+            let line = rest[..end].trim().trim_start_matches(':').trim();
+            let token: String = line
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || matches!(c, '-' | '\u{2212}' | ',' | '.' | '$'))
+                .collect();
+            consider(at, if token.is_empty() { line.trim_end_matches('.') } else { &token });
+        }
+    }
+    for (at, _) in generated.match_indices("\\boxed{") {
+        let rest = &generated[at + 7..];
+        let mut depth = 1;
+        if let Some(end) = rest.char_indices().find_map(|(i, c)| {
+            match c {
+                '{' => depth += 1,
+                '}' => depth -= 1,
+                _ => {}
+            }
+            (depth == 0).then_some(i)
+        }) {
+            consider(at, &rest[..end]);
+        }
+    }
+    best.map(|(_, v)| v)
+}
+
 /// `"1,234"` → `"1234"`, `"−3"` → `"-3"`, `"5.0"` stays; `None` if not a number.
 pub fn normalize_number(s: &str) -> Option<String> {
     let cleaned: String = s.trim().replace('\u{2212}', "-").chars().filter(|c| *c != ',' && *c != '$').collect();
@@ -781,6 +825,11 @@ mod tests {
             .count();
         assert_eq!(commas, 14);
         assert!(g.iter().all(|e| matches!(e, Example::PromptAnswer { final_answer: Some(a), .. } if !a.contains(','))));
+        // The answer extractor (for generated text) agrees with the reader on every gold solution.
+        for e in &g {
+            let Example::PromptAnswer { answer, final_answer, .. } = e else { unreachable!() };
+            assert_eq!(&extract_answer(answer), final_answer, "{answer}");
+        }
 
         // DPO forms: string (with system prompt), legacy flat, message objects, conversation form.
         let (c, _) = read(&d.join("medicalgpt/reward/dpo_zh_500.jsonl"), DataFormat::Dpo).unwrap();
@@ -926,5 +975,10 @@ mod tests {
         assert_eq!(normalize_answer(" 56 ").as_deref(), Some("56"));
         assert_eq!(normalize_answer("−3").as_deref(), Some("-3"));
         assert_eq!(normalize_answer("食管克罗恩病").as_deref(), Some("食管克罗恩病"));
+        assert_eq!(extract_answer("12 + 7 = 19. The answer is 19.").as_deref(), Some("19"));
+        assert_eq!(extract_answer("The answer is 3. Wait, the answer is 1,200.").as_deref(), Some("1200"));
+        assert_eq!(extract_answer("so\n#### 18").as_deref(), Some("18"));
+        assert_eq!(extract_answer("thus $\\boxed{\\frac{1}{2}}$").as_deref(), Some("\\frac{1}{2}"));
+        assert_eq!(extract_answer("no idea"), None);
     }
 }

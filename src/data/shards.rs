@@ -404,6 +404,11 @@ impl TokenShards {
         Ok(Self { dir: dir.to_path_buf(), meta, chunks, starts })
     }
 
+    /// The shards of a `prepare` stage's `Dataset` artifact.
+    pub fn from_artifact(artifact: &Artifact) -> Result<Self, ShardError> {
+        Self::open(&artifact.dir)
+    }
+
     /// Where it lives.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -778,6 +783,49 @@ mod tests {
             .unwrap();
         assert_eq!(m.totals.samples, 2);
         assert!(m.totals.tokens <= 1024);
+    }
+
+    /// Throughput figures for the report: `cargo test --lib -- --ignored tokenise_throughput --nocapture`.
+    #[test]
+    #[ignore]
+    fn tokenise_throughput() {
+        let Some(d) = shared_data() else { return };
+        let tok = TextTokenizer::from_dir(&d.join("minimind_tokenizer")).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::open(tmp.path().join("c")).unwrap();
+        let base = DatasetSpec {
+            source: String::new(),
+            format: DataFormat::Text,
+            columns: Default::default(),
+            on_bad_record: OnBadRecord::Skip,
+            builtin: Default::default(),
+        };
+        for (i, (src, fmt)) in [
+            ("tinyshakespeare/input.txt", DataFormat::Text),
+            ("medicalgpt/sft/sharegpt_zh_1K_format.jsonl", DataFormat::Sharegpt),
+            ("medicalgpt/sft/glaive_toolcall_zh_demo.jsonl", DataFormat::Sharegpt),
+            ("medicalgpt/reward/dpo_zh_500.jsonl", DataFormat::Dpo),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let spec = DatasetSpec { format: fmt, ..spec_with(&base, src) };
+            let ds = crate::data::resolve("b", &spec, &d, &cache).unwrap();
+            let bytes: u64 = ds.files.iter().map(|f| std::fs::metadata(f).unwrap().len()).sum();
+            let params = ShardParams { max_seq_len: 100_000, ..Default::default() };
+            let t = std::time::Instant::now();
+            let m =
+                build(&ds, &tok, &params, &tmp.path().join(i.to_string()), &CancelToken::new(), None, &|_| {}).unwrap();
+            let s = t.elapsed().as_secs_f64();
+            eprintln!(
+                "{src}: {} samples, {} tokens ({} trained) in {s:.2}s = {:.0} tokens/s, {:.2} MB/s",
+                m.totals.samples,
+                m.totals.tokens,
+                m.totals.trained_tokens,
+                m.totals.tokens as f64 / s,
+                bytes as f64 / s / 1e6
+            );
+        }
     }
 
     fn spec_with(s: &DatasetSpec, source: &str) -> DatasetSpec {

@@ -46,18 +46,18 @@ pub enum TokenizeError {
     Encode(String),
 }
 
-/// The 10 system prompts the reference injects (`lm_dataset.py:9-29`).
+/// The 10 system prompts the reference draws from (`lm_dataset.py` `pre_processing_chat`).
 const SYSTEM_PROMPTS: &[&str] = &[
+    "你是一个知识丰富的AI，尽力为用户提供准确的信息。",
     "你是minimind，一个小巧但有用的语言模型。",
-    "你是一个乐于助人的AI助手。",
-    "你是一个知识渊博的助手，请尽力回答用户的问题。",
-    "你是一个友好的AI，请用简洁的语言回答问题。",
-    "你是minimind，请认真回答用户的问题。",
+    "你是一个专业的AI助手，请提供有价值的回答。",
+    "你是minimind，请尽力帮助用户解决问题。",
+    "你是一个可靠的AI，请给出准确的回答。",
     "You are a helpful AI assistant.",
+    "You are minimind, a lightweight intelligent assistant.",
+    "You are a friendly chatbot. Please answer the user's questions carefully.",
+    "You are a knowledgeable AI. Try your best to provide accurate information.",
     "You are minimind, a small but useful language model.",
-    "You are a knowledgeable assistant. Answer the user's questions as well as you can.",
-    "You are a friendly AI. Answer questions concisely.",
-    "You are minimind. Please answer the user's questions carefully.",
 ];
 
 /// Chat-rendering choices (see the module docs).
@@ -381,6 +381,47 @@ mod tests {
         let s = t.chat(&msgs[..2], Some(&tools), 150, &o, 0).unwrap();
         assert_eq!(s.ids.len(), 150);
         assert_eq!(*s.mask.last().unwrap(), 1);
+    }
+
+    /// Every real chat file: one trained span per assistant turn, each starting right after the
+    /// `<|im_start|>assistant\n` header and ending with `<|im_end|>\n` (untruncated).
+    #[test]
+    fn real_chat_files_have_one_span_per_assistant_turn() {
+        let Some(d) = shared_data() else { return };
+        let Some(t) = tok() else { return };
+        for (f, fmt) in [
+            ("medicalgpt/sft/glaive_toolcall_zh_demo.jsonl", crate::recipe::DataFormat::Sharegpt),
+            ("medicalgpt/sft/medical_sft_1K_format.jsonl", crate::recipe::DataFormat::Sharegpt),
+            ("medicalgpt_history/finetune/Belle_open_source_1k.json", crate::recipe::DataFormat::Alpaca),
+            ("minimind_pr802/tiny_sft.jsonl", crate::recipe::DataFormat::Openai),
+        ] {
+            let ds = crate::data::ResolvedDataset {
+                name: "t".into(),
+                spec: crate::recipe::DatasetSpec {
+                    source: f.into(),
+                    format: fmt,
+                    columns: Default::default(),
+                    on_bad_record: crate::recipe::OnBadRecord::Error,
+                    builtin: Default::default(),
+                },
+                files: vec![d.join(f)],
+                content_hash: String::new(),
+            };
+            for (i, ex) in crate::data::read_examples(&ds, None).unwrap().iter().enumerate().take(300) {
+                let Example::Chat { messages, tools } = ex else { panic!() };
+                let s = t.chat(messages, tools.as_deref(), 1 << 20, &ChatOptions::default(), i as u64).unwrap();
+                let sp = spans(&t, &s);
+                assert_eq!(sp.len(), messages.iter().filter(|m| m.role == "assistant").count(), "{f} #{i}");
+                for x in &sp {
+                    assert!(x.starts_with("<think>") && x.ends_with("<|im_end|>\n"), "{f} #{i}: {x:?}");
+                }
+                // The header tokens right before each span are never trained.
+                let starts: Vec<usize> = (1..s.ids.len()).filter(|&k| s.mask[k] == 1 && s.mask[k - 1] == 0).collect();
+                for k in starts {
+                    assert_eq!(&s.ids[k - 5..k], &t.assistant_start[..], "{f} #{i}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! This module knows nothing of candle or of any particular stage: it drives
 //! [`DynStage`]s through their object-safe interface.
 
-// pub mod pipeline;
+pub mod pipeline;
 
 use crate::artifact::Artifact;
 use crate::cache::Cache;

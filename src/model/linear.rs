@@ -12,6 +12,8 @@ pub struct Lora {
     pub b: Tensor,
     /// Output scale.
     pub scale: f64,
+    /// Dropout on the adapter's input (PEFT applies it to `x` before `A`); `None` = none.
+    pub dropout: Option<std::sync::Arc<super::lora::Dropout>>,
 }
 
 /// `y = x W^T` with W `[out, in]` (PyTorch layout, so weights load without transposes).
@@ -35,7 +37,11 @@ impl Linear {
         match &self.lora {
             None => Ok(y),
             Some(l) => {
-                let d = x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+                let xd = match &l.dropout {
+                    Some(d) => d.apply(x)?,
+                    None => x.clone(),
+                };
+                let d = xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
                 y + (d * l.scale)?
             }
         }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod generate;
 pub mod kv_cache;
 pub mod linear;
+pub mod lora;
 pub mod ops;
 pub mod rope;
 pub mod sampling;
@@ -492,7 +493,7 @@ impl MiniMind {
     }
 
     /// Every linear layer by module path (`model.layers.N.self_attn.q_proj`, ...), mutably.
-    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut v = Vec::new();
         for (l, b) in self.blocks.iter_mut().enumerate() {
             let p = format!("model.layers.{l}");
@@ -532,7 +533,8 @@ impl MiniMind {
             }
             let a = Var::from_tensor(&Tensor::from_vec(normal_vec(&mut rng, rank * inp, 0.02), (rank, inp), &device)?)?;
             let b = Var::from_tensor(&Tensor::zeros((out, rank), DType::F32, &device)?)?;
-            lin.lora = Some(linear::Lora { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: 1.0 });
+            lin.lora =
+                Some(linear::Lora { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: 1.0, dropout: None });
             new.push((format!("{name}.lora.A.weight"), a));
             new.push((format!("{name}.lora.B.weight"), b));
         }

@@ -17,7 +17,7 @@
 //! | each input dataset's content hash            | the bytes read, not where they live: moving a file or re-downloading it changes nothing   |
 //! | each input dataset's `format`, `columns`, `on_bad_record`, `builtin` | they change which examples the bytes turn into                    |
 //! | `recipe.seed`                                | init, data order and sampling depend on it; conservatively in every stage                 |
-//! | resolved `[model]` config (stages that *build* a model: output is a model and no input is one) | architecture; downstream stages get it through that stage's key |
+//! | resolved `[model]` config (stages that *build* a model: output is a model and no input is one) | architecture; downstream stages get it through that stage's key; `vocab_size` only when set explicitly (else the tokenizer input decides it) |
 //! | device class `cpu` / `cuda` (stages producing models, adapters, eval reports) | numerics (and dtype policy: f32 on CPU, bf16 on CUDA) differ by class |
 //! | [`KEY_FORMAT`]                               | lets a new mmrun invalidate keys whose recipe changed meaning                             |
 //!
@@ -48,11 +48,18 @@ const NAME_FIELDS: &[&str] = &["stage", "dataset"];
 /// The device class that enters keys: `cpu` or `cuda` (the index does not matter; `auto`
 /// resolves to what this build would use).
 pub fn device_class(device: &str) -> &'static str {
-    if device.starts_with("cuda") || (device == "auto" && candle_core::utils::cuda_is_available()) {
+    if device.starts_with("cuda") || (device == "auto" && auto_has_cuda()) {
         "cuda"
     } else {
         "cpu"
     }
+}
+
+/// What `auto` resolves to, by the same rule as `train::device::select`: CUDA when this build has
+/// it *and* device 0 opens. Probed once per process.
+fn auto_has_cuda() -> bool {
+    static PROBE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROBE.get_or_init(|| candle_core::utils::cuda_is_available() && candle_core::Device::new_cuda(0).is_ok())
 }
 
 /// What a stage's fingerprint needs besides its own spec.
@@ -167,7 +174,14 @@ pub fn fingerprint(
     fp.insert("seed".into(), json!(cx.recipe.meta.seed));
     if output == ArtifactKind::Model && !reads_model {
         let model = match resolve_model(&cx.recipe.model, None) {
-            Ok(cfg) => serde_json::to_value(cfg).expect("ModelConfig serialises"),
+            Ok(cfg) => {
+                let mut v = serde_json::to_value(cfg).expect("ModelConfig serialises");
+                if cx.recipe.model.vocab_size.is_none() {
+                    // Taken from the tokenizer at run time, whose key is already an input.
+                    v.as_object_mut().map(|o| o.remove("vocab_size"));
+                }
+                v
+            }
             // No [model] at all: this kind evidently gets its architecture elsewhere (or will say
             // so when it runs); there is nothing to hash.
             Err(_) if cx.recipe.model == ModelSpec::default() => Value::Null,

@@ -12,7 +12,7 @@ pub mod dag;
 pub mod key;
 mod reasons;
 
-use crate::artifact::{layout, ArtifactKind};
+use crate::artifact::ArtifactKind;
 use crate::cache::Cache;
 use crate::data::ResolvedDataset;
 use crate::recipe::{did_you_mean, Recipe};
@@ -265,9 +265,10 @@ pub(crate) fn short(k: &str) -> &str {
     &k[..k.len().min(12)]
 }
 
-/// Whether the cache holds a complete object for `key` (complete iff its manifest exists).
+/// Whether the cache holds a complete object for `key`: the executor's own test (a manifest that
+/// exists and parses), so plan and run never disagree about what is cached.
 fn has_object(cache: &Cache, key: &str) -> bool {
-    cache.root().join("objects").join(key).join(layout::MANIFEST).is_file()
+    cache.object(key).is_some()
 }
 
 /// The record kept per (recipe, stage) after a stage succeeds.
@@ -403,8 +404,17 @@ fn explain_stage(s: &PlannedStage) -> String {
             }
         );
     }
-    if let Some(m) = fp.get("model") {
-        let _ = writeln!(o, "  model      {}", reasons::show(m));
+    match fp.get("model") {
+        Some(Value::Object(m)) => {
+            let _ = writeln!(o, "  model");
+            for (k, v) in m {
+                let _ = writeln!(o, "    {k} = {}", reasons::show(v));
+            }
+        }
+        Some(Value::Null) => {
+            let _ = writeln!(o, "  model      (no [model] table)");
+        }
+        _ => {}
     }
     let _ = writeln!(o, "\nnot in the key:");
     if s.excluded.is_empty() {

@@ -35,7 +35,16 @@ fn publish_all(cache: &Cache, p: &Plan) {
     for s in &p.stages {
         let dir = cache.root().join("objects").join(&s.key);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("manifest.json"), "{}").unwrap();
+        let manifest = crate::artifact::Manifest {
+            kind: ArtifactKind::Model,
+            stage_kind: s.kind.clone(),
+            key: s.key.clone(),
+            mmrun_version: crate::VERSION.into(),
+            created_unix: 0,
+            files: vec![],
+            metrics: Default::default(),
+        };
+        std::fs::write(dir.join("manifest.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
         record_fingerprint(cache, "demo", s).unwrap();
     }
 }
@@ -151,6 +160,8 @@ fn model_change_reaches_only_the_stage_that_builds_the_model() {
     assert_eq!(p.stage("tok").unwrap().status, Status::Cached);
     let why = reasons(&p, "base");
     assert!(why.contains(&"model hidden_size 64 → 128".to_string()), "{why:?}");
+    // The vocabulary comes from the tokenizer (an input), not from the preset's placeholder.
+    assert!(p.stage("base").unwrap().fingerprint["model"].get("vocab_size").is_none());
     assert!(p.stage("sft").unwrap().fingerprint.get("model").is_none());
     assert_eq!(reasons(&p, "sft"), ["input base is stale"]);
 }

@@ -130,6 +130,10 @@ pub struct ModelSpec {
     /// MoE load-balancing loss coefficient.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_aux_loss_coef: Option<f64>,
+    /// YaRN RoPE scaling with the reference's values (its `inference_rope_scaling`): longer
+    /// contexts than the model was trained at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_rope_scaling: Option<bool>,
 }
 
 /// Record formats a dataset can be read as.

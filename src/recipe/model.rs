@@ -3,7 +3,7 @@
 
 use super::diag::suggestion;
 use super::ModelSpec;
-use crate::model::config::{default_intermediate_size, preset, ModelConfig, PRESETS};
+use crate::model::config::{default_intermediate_size, preset, ModelConfig, RopeScaling, PRESETS};
 
 /// Why a `[model]` section cannot be turned into a model.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -85,6 +85,7 @@ pub fn resolve_model(spec: &ModelSpec, vocab_from_tokenizer: Option<usize>) -> R
         cfg.num_experts_per_tok = b.num_experts_per_tok;
         cfg.norm_topk_prob = b.norm_topk_prob;
         cfg.router_aux_loss_coef = b.router_aux_loss_coef;
+        cfg.rope_scaling = b.rope_scaling.clone();
     }
     if let Some(v) = spec.head_dim {
         cfg.head_dim = v;
@@ -117,6 +118,9 @@ pub fn resolve_model(spec: &ModelSpec, vocab_from_tokenizer: Option<usize>) -> R
         norm_topk_prob,
         router_aux_loss_coef
     );
+    if let Some(on) = spec.inference_rope_scaling {
+        cfg.rope_scaling = on.then(RopeScaling::reference_yarn);
+    }
     match (spec.vocab_size, vocab_from_tokenizer) {
         (Some(v), Some(t)) if v != t => {
             return Err(err(
@@ -210,6 +214,9 @@ mod tests {
         let c = resolve_model(&s, Some(1000)).unwrap();
         assert_eq!((c.hidden_size, c.num_hidden_layers, c.head_dim, c.vocab_size), (128, 3, 32, 1000));
         assert_eq!(c.intermediate_size, default_intermediate_size(128));
+        let mut yarn = spec("tiny");
+        yarn.inference_rope_scaling = Some(true);
+        assert_eq!(resolve_model(&yarn, None).unwrap().rope_scaling, Some(RopeScaling::reference_yarn()));
         let moe = resolve_model(&spec("minimind-3-moe"), None).unwrap();
         assert!(moe.use_moe && moe.num_experts == 4);
     }

@@ -277,3 +277,50 @@ fn fixtures_under_tests_dir_fail_as_documented() {
     }
     assert!(n >= 3, "expected bad-recipe fixtures in {}", dir.display());
 }
+
+#[test]
+fn structural_oddities_are_reported_not_panicked_on() {
+    let d = one_error("[recipe]\nname = \"x\"\n[[stages]]\nkind = \"sft\"\n", &[]);
+    assert_eq!(d.message, "'stages' must be a table of tables, found an array");
+    assert_eq!(pos(&d), (3, 1));
+
+    let d = one_error(&bad("kind = \"sft\"", "kind = 3"), &[]);
+    assert_eq!(d.message, "'kind' of stage 'sft' must be a string, found an integer");
+
+    let d = one_error(&bad("device = \"cpu\"", "device = \"gpu:0\""), &[]);
+    assert_eq!(d.message, "unknown device 'gpu:0'");
+    assert_eq!(pos(&d), (4, 10));
+
+    let e = load_text(&bad("[stages.sft]", "[stages.\"s f t\"]"), &[]).unwrap_err();
+    let d = &e.diagnostics()[0];
+    assert!(d.message.starts_with("stage name 's f t' has characters"), "{}", d.message);
+    assert_eq!(pos(d), (29, 9));
+
+    // Inline stage tables work like header tables.
+    let inline = GOOD.replace(
+        "[stages.report]\nkind = \"eval\"\nmodels = [\"base\", \"sft\"]\nprompts = [\"1+1=\"]\n",
+        "[stages]\nreport = { kind = \"eval\", models = [\"base\", \"sfx\"] }\n",
+    );
+    let d = one_error(&inline, &[]);
+    assert!(d.message.contains("no stage 'sfx' — did you mean 'sft'?"), "{}", d.message);
+    assert_eq!(pos(&d), (35, 45));
+}
+
+/// "Recipe loading never panics": every truncation and every single-line deletion of a valid
+/// recipe loads or fails with diagnostics.
+#[test]
+fn loading_never_panics_on_mangled_recipes() {
+    let lines: Vec<&str> = GOOD.lines().collect();
+    for i in 0..lines.len() {
+        let text: String = lines.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, l)| format!("{l}\n")).collect();
+        if let Err(e) = load_text(&text, &[]) {
+            assert!(!e.diagnostics().is_empty());
+        }
+    }
+    for (cut, _) in GOOD.char_indices() {
+        if let Err(e) = load_text(&GOOD[..cut], &[]) {
+            assert!(!e.diagnostics().is_empty());
+            let _ = e.to_string();
+        }
+    }
+}

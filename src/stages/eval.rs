@@ -15,11 +15,11 @@
 
 use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
 use crate::artifact::{layout, Artifact, ArtifactKind};
-use crate::data::{Example, ResolvedDataset};
+use crate::data::tokenize::{ChatOptions, TextTokenizer};
+use crate::data::{Example, Message, ResolvedDataset};
 use crate::eval::score::ScoredSeq;
 use crate::eval::{DatasetReport, EvalReport, Evaluator, GenerationSample, McItem, ModelReport, PromptEncoder};
 use crate::model::generate::GenerationConfig;
-use crate::model::MiniMind;
 use crate::recipe::DataFormat;
 use anyhow::{anyhow, bail, Context};
 use candle_core::Device;
@@ -134,7 +134,8 @@ impl Stage for EvalStage {
             let art = ctx.inputs.artifact(model_name)?;
             let mr = eval_model(ctx, art, model_name, params, &gen, &sets, &device)
                 .with_context(|| format!("eval stage '{}': evaluating model '{model_name}'", ctx.name))?;
-            for (k, v) in [("perplexity", mr.perplexity), ("exact_match", mr.exact_match), ("mc_accuracy", mr.mc_accuracy)]
+            for (k, v) in
+                [("perplexity", mr.perplexity), ("exact_match", mr.exact_match), ("mc_accuracy", mr.mc_accuracy)]
             {
                 if let Some(v) = v.filter(|v| v.is_finite()) {
                     metrics.insert(format!("{model_name}.{k}"), serde_json::json!(v));
@@ -167,14 +168,12 @@ fn write_report(out_dir: &std::path::Path, report: &EvalReport, order: &[String]
 
 /// What one dataset contributes to an evaluation.
 enum EvalSet {
-    /// Documents for perplexity.
-    Text(Vec<String>),
+    /// Documents or conversations for perplexity.
+    Scored(Vec<Example>),
     /// Question / reference pairs.
     PromptAnswer(Vec<(String, String)>),
     /// Multiple-choice items.
     MultipleChoice(Vec<McItem>),
-    /// Conversations (perplexity over assistant turns).
-    Chat(Vec<Example>),
 }
 
 fn load_eval_set(ds: &ResolvedDataset, max: usize, ctx: &StageContext<'_>) -> anyhow::Result<EvalSet> {
@@ -187,15 +186,7 @@ fn load_eval_set(ds: &ResolvedDataset, max: usize, ctx: &StageContext<'_>) -> an
         .with_context(|| format!("reading dataset '{}' for evaluation", ds.name))?;
     examples.truncate(max);
     Ok(match ds.spec.format {
-        DataFormat::Text => EvalSet::Text(
-            examples
-                .into_iter()
-                .filter_map(|e| match e {
-                    Example::Text { text } => Some(text),
-                    _ => None,
-                })
-                .collect(),
-        ),
+        DataFormat::Text | DataFormat::Sharegpt | DataFormat::Openai | DataFormat::Alpaca => EvalSet::Scored(examples),
         DataFormat::PromptAnswer => EvalSet::PromptAnswer(
             examples
                 .into_iter()
@@ -205,7 +196,6 @@ fn load_eval_set(ds: &ResolvedDataset, max: usize, ctx: &StageContext<'_>) -> an
                 })
                 .collect(),
         ),
-        DataFormat::Sharegpt | DataFormat::Openai | DataFormat::Alpaca => EvalSet::Chat(examples),
         DataFormat::Dpo => bail!(
             "dataset '{}' has format dpo, which eval cannot score; use a text, chat or prompt_answer dataset",
             ds.name
@@ -253,11 +243,10 @@ fn read_mc_items(ds: &ResolvedDataset, max: usize) -> anyhow::Result<Option<Vec<
                 .iter()
                 .map(|c| c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string()))
                 .collect();
-            let question = rec
-                .get(&qcol)
-                .or_else(|| rec.get("prompt"))
-                .and_then(|q| q.as_str())
-                .ok_or_else(|| anyhow!("{}:{line}: multiple-choice record needs a string `{qcol}`", file.display()))?;
+            let question =
+                rec.get(&qcol).or_else(|| rec.get("prompt")).and_then(|q| q.as_str()).ok_or_else(|| {
+                    anyhow!("{}:{line}: multiple-choice record needs a string `{qcol}`", file.display())
+                })?;
             let answer = rec.get(&acol).ok_or_else(|| anyhow!("{}:{line}: record has no `{acol}`", file.display()))?;
             items.push(
                 McItem::new(question.to_string(), choices, answer)
@@ -287,10 +276,10 @@ fn eval_model(
         PromptStyle::Auto => PromptStyle::Chat,
         s => s,
     };
-    let enc = TokEncoder::load(art, style, &model)?;
+    let enc = TokEncoder::load(art, style)?;
     let mut gen = gen.clone();
     if gen.stop_token_ids.is_empty() {
-        gen.stop_token_ids = vec![enc.eos];
+        gen.stop_token_ids = vec![enc.eos_id()];
     }
     let ev = Evaluator { model: &model, enc: &enc, batch_size: params.batch_size, max_len: params.max_seq_len };
     let mut mr = ModelReport {
@@ -303,18 +292,12 @@ fn eval_model(
         }
         let mut dr = DatasetReport::default();
         match set {
-            EvalSet::Text(docs) => {
-                dr.n = docs.len();
-                let seqs = docs
-                    .iter()
-                    .map(|d| {
-                        let mut ids = vec![enc.bos];
-                        ids.extend(enc.encode(d)?);
-                        ids.push(enc.eos);
-                        let targets = vec![true; ids.len()];
-                        Ok(ScoredSeq { ids, targets })
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
+            EvalSet::Scored(examples) => {
+                dr.n = examples.len();
+                let mut seqs = vec![];
+                for ex in examples {
+                    seqs.extend(enc.scored(ex, params.max_seq_len)?);
+                }
                 dr.perplexity = Some(ev.perplexity(&seqs)?);
             }
             EvalSet::PromptAnswer(items) => {
@@ -327,11 +310,6 @@ fn eval_model(
             EvalSet::MultipleChoice(items) => {
                 dr.n = items.len();
                 dr.mc_accuracy = Some(ev.multiple_choice(items)?);
-            }
-            EvalSet::Chat(examples) => {
-                dr.n = examples.len();
-                let seqs = chat_sequences(art, examples)?;
-                dr.perplexity = Some(ev.perplexity(&seqs)?);
             }
         }
         mr.perplexity = mr.perplexity.or(dr.perplexity);
@@ -352,66 +330,51 @@ fn eval_model(
     Ok(mr)
 }
 
-/// Conversations tokenised with the SFT loss mask (assistant spans only).
-fn chat_sequences(art: &Artifact, examples: &[Example]) -> anyhow::Result<Vec<ScoredSeq>> {
-    let tok = crate::data::tokenize::TextTokenizer::from_artifact(art)?;
-    examples
-        .iter()
-        .map(|e| {
-            let (ids, mask) = tok.sft_example(e)?;
-            Ok(ScoredSeq { ids, targets: mask })
-        })
-        .collect()
-}
-
-/// Prompt encoding with the model's own tokenizer files.
+/// Prompt encoding with the model's own tokenizer files (the data layer's tokenizer, so prompts
+/// and masks are exactly what training produced).
 struct TokEncoder {
-    tok: tokenizers::Tokenizer,
-    template: Option<crate::data::chat::ChatTemplate>,
-    bos: u32,
-    eos: u32,
+    tok: TextTokenizer,
+    chat: bool,
 }
 
 impl TokEncoder {
-    fn load(art: &Artifact, style: PromptStyle, model: &MiniMind) -> anyhow::Result<Self> {
-        let path = art.tokenizer_json();
-        let tok = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| anyhow!("loading tokenizer {}: {e}; the model artifact should carry its tokenizer", path.display()))?;
-        let template = if style == PromptStyle::Chat {
-            Some(crate::data::chat::ChatTemplate::from_tokenizer_config(&art.tokenizer_config_json())?)
-        } else {
-            None
-        };
-        let cfg = model.config();
-        Ok(Self { tok, template, bos: cfg.bos_token_id, eos: cfg.eos_token_id })
+    fn load(art: &Artifact, style: PromptStyle) -> anyhow::Result<Self> {
+        let tok = TextTokenizer::from_dir(&art.dir)
+            .with_context(|| format!("loading the tokenizer of model artifact {}", art.dir.display()))?;
+        Ok(Self { tok, chat: style == PromptStyle::Chat })
+    }
+
+    /// Sequences scored for perplexity: text as pretraining sees it (every token), conversations
+    /// with the SFT assistant-only mask.
+    fn scored(&self, ex: &Example, max_len: usize) -> anyhow::Result<Vec<ScoredSeq>> {
+        let samples = self.tok.example(ex, max_len, &ChatOptions::default(), 0)?;
+        Ok(samples
+            .into_iter()
+            .map(|s| ScoredSeq { targets: s.mask.iter().map(|&m| m == 1).collect(), ids: s.ids })
+            .collect())
     }
 }
 
 impl PromptEncoder for TokEncoder {
     fn prompt_ids(&self, user_text: &str) -> anyhow::Result<Vec<u32>> {
-        match &self.template {
-            Some(t) => {
-                let text = t.render_generation_prompt(&[crate::data::Message::new("user", user_text)])?;
-                self.encode(&text)
-            }
-            None => {
-                let mut ids = vec![self.bos];
-                ids.extend(self.encode(user_text)?);
-                Ok(ids)
-            }
+        if self.chat {
+            return Ok(self.tok.prompt(&[Message::new("user", user_text)], false)?);
         }
+        let mut ids = vec![self.tok.bos];
+        ids.extend(self.tok.encode(user_text)?);
+        Ok(ids)
     }
 
     fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
-        Ok(self.tok.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
+        Ok(self.tok.encode(text)?)
     }
 
     fn decode(&self, ids: &[u32]) -> String {
-        self.tok.decode(ids, true).unwrap_or_default()
+        self.tok.decode(ids).unwrap_or_default()
     }
 
     fn eos_id(&self) -> u32 {
-        self.eos
+        self.tok.eos
     }
 }
 
@@ -427,5 +390,156 @@ impl RunMetric for StageContext<'_> {
             serde_json::json!({"model": model, "dataset": dataset, "n": dr.n, "perplexity": dr.perplexity,
                 "exact_match": dr.exact_match, "mc_accuracy": dr.mc_accuracy}),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::Manifest;
+    use crate::model::MiniMind;
+    use crate::stages::Inputs;
+    use std::path::Path;
+
+    /// A model artifact directory: random tiny MiniMind + the reference tokenizer.
+    fn model_artifact(dir: &Path, tok_dir: &Path, stage_kind: &str) -> Artifact {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut cfg = crate::model::ModelConfig::dense(32, 1, 2, 1);
+        cfg.max_position_embeddings = 512;
+        let model = MiniMind::new(&cfg, 1, &Device::Cpu).unwrap();
+        crate::model::weights::save(&model, &dir.join(layout::MODEL_WEIGHTS)).unwrap();
+        std::fs::write(dir.join(layout::MODEL_CONFIG_JSON), cfg.to_hf_json().to_string()).unwrap();
+        for f in [layout::TOKENIZER_JSON, layout::TOKENIZER_CONFIG_JSON] {
+            std::fs::copy(tok_dir.join(f), dir.join(f)).unwrap();
+        }
+        let manifest = Manifest {
+            kind: ArtifactKind::Model,
+            stage_kind: stage_kind.into(),
+            key: stage_kind.into(),
+            mmrun_version: crate::VERSION.into(),
+            created_unix: 0,
+            files: vec![],
+            metrics: Default::default(),
+        };
+        Artifact { dir: dir.to_path_buf(), manifest }
+    }
+
+    #[test]
+    fn eval_stage_writes_a_report_for_every_model_and_metric() {
+        let Some(shared) = crate::testutil::shared_data() else { return };
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        let tok_dir = shared.join("minimind_tokenizer");
+        std::fs::write(
+            t.join("qa.jsonl"),
+            "{\"question\":\"1+1?\",\"answer\":\"2\"}\n{\"question\":\"2+3?\",\"answer\":\"#### 5\"}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            t.join("mc.jsonl"),
+            "{\"question\":\"Sky?\",\"choices\":[\"blue\",\"red\"],\"answer\":\"A\"}\n{\"question\":\"2+2?\",\"choices\":[\"3\",\"4\",\"5\"],\"answer\":1}\n",
+        )
+        .unwrap();
+        std::fs::write(t.join("text.jsonl"), "{\"text\":\"hello world\"}\n").unwrap();
+        std::fs::write(
+            t.join("chat.jsonl"),
+            "{\"conversations\":[{\"from\":\"human\",\"value\":\"hi\"},{\"from\":\"gpt\",\"value\":\"hello\"}]}\n",
+        )
+        .unwrap();
+        let ds = |file: &str, format: DataFormat| crate::recipe::DatasetSpec {
+            source: file.into(),
+            format,
+            columns: Default::default(),
+            on_bad_record: Default::default(),
+            builtin: Default::default(),
+        };
+        let recipe = crate::recipe::Recipe {
+            path: t.join("r.toml"),
+            source_text: String::new(),
+            overrides: vec![],
+            meta: crate::recipe::RecipeMeta { name: "t".into(), description: None, seed: 1, device: "cpu".into() },
+            model: Default::default(),
+            datasets: [
+                ("qa", ds("qa.jsonl", DataFormat::PromptAnswer)),
+                ("mc", ds("mc.jsonl", DataFormat::PromptAnswer)),
+                ("text", ds("text.jsonl", DataFormat::Text)),
+                ("chat", ds("chat.jsonl", DataFormat::Sharegpt)),
+            ]
+            .into_iter()
+            .map(|(n, d)| (n.to_string(), d))
+            .collect(),
+            stages: vec![],
+        };
+        let mut inputs = Inputs::default();
+        inputs.artifacts.insert("base".into(), model_artifact(&t.join("base"), &tok_dir, "pretrain"));
+        inputs.artifacts.insert("sft".into(), model_artifact(&t.join("sft"), &tok_dir, "sft"));
+        for (name, file, format) in [
+            ("qa", "qa.jsonl", DataFormat::PromptAnswer),
+            ("mc", "mc.jsonl", DataFormat::PromptAnswer),
+            ("text", "text.jsonl", DataFormat::Text),
+            ("chat", "chat.jsonl", DataFormat::Sharegpt),
+        ] {
+            let spec = recipe.datasets[name].clone();
+            assert_eq!(spec.format, format);
+            inputs.datasets.insert(
+                name.into(),
+                ResolvedDataset { name: name.into(), spec, files: vec![t.join(file)], content_hash: name.into() },
+            );
+        }
+        let cache = crate::cache::Cache::open(t.join("cache")).unwrap();
+        let run = crate::runs::RunSink::create(t.join("run")).unwrap();
+        let cancel = crate::cancel::CancelToken::new();
+        let out = t.join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let work = t.join("work");
+        let mut ctx = StageContext {
+            name: "report",
+            key: "k",
+            recipe: &recipe,
+            inputs: &inputs,
+            out_dir: &out,
+            work_dir: &work,
+            cache: &cache,
+            run: &run,
+            cancel: &cancel,
+        };
+        let params = EvalParams {
+            models: vec!["base".into(), "sft".into()],
+            data: vec!["qa".into(), "mc".into(), "text".into(), "chat".into()],
+            prompts: vec!["Hello".into()],
+            generation: GenerationConfig { max_new_tokens: 4, ..Default::default() },
+            max_samples: 10,
+            prompt_style: PromptStyle::Auto,
+            batch_size: 2,
+            max_seq_len: 128,
+            keep_samples: 1,
+        };
+        let outcome = EvalStage.run(&mut ctx, &params).unwrap();
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(layout::REPORT_JSON)).unwrap()).unwrap();
+        for (m, style) in [("base", "raw"), ("sft", "chat")] {
+            let r = &report["models"][m];
+            assert_eq!(r["prompt_style"], style);
+            let em = r["exact_match"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&em));
+            let mc = r["mc_accuracy"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&mc));
+            assert_eq!(r["datasets"]["mc"]["n"], 2);
+            assert_eq!(r["datasets"]["qa"]["samples"].as_array().unwrap().len(), 1);
+            for ds in ["qa", "text", "chat"] {
+                let ppl = r["datasets"][ds]["perplexity"].as_f64().unwrap();
+                // A random model is near-uniform over 6400 tokens.
+                assert!(ppl > 1000.0 && ppl < 20000.0, "{m}/{ds}: perplexity {ppl}");
+            }
+            assert_eq!(r["generations"][0]["prompt"], "Hello");
+            assert!(outcome.metrics.contains_key(&format!("{m}.exact_match")));
+            assert!(outcome.metrics.contains_key(&format!("{m}.perplexity")));
+        }
+        let flat = report["generations"].as_array().unwrap();
+        assert_eq!(flat.len(), 2);
+        assert_eq!(flat[1]["model"], "sft");
+        // Every (model, dataset) pair was logged to the run's metrics.
+        let lines = std::fs::read_to_string(run.dir().join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 8);
     }
 }

@@ -5,7 +5,10 @@
 //! that declaration. The planner and executor only see the object-safe [`DynStage`].
 
 mod context;
+pub mod eval;
 pub mod prepare;
+pub mod pretrain;
+pub mod sft;
 pub mod tokenizer;
 
 pub use context::{Inputs, StageContext, StageOutcome};
@@ -129,7 +132,13 @@ impl<S: Stage> DynStage for S {
 
 /// Every stage kind mmrun knows, in pipeline order.
 pub fn registry() -> Vec<Box<dyn DynStage>> {
-    vec![Box::new(tokenizer::TokenizerStage), Box::new(prepare::PrepareStage)]
+    vec![
+        Box::new(tokenizer::TokenizerStage),
+        Box::new(prepare::PrepareStage),
+        Box::new(pretrain::PretrainStage),
+        Box::new(sft::SftStage),
+        Box::new(eval::EvalStage),
+    ]
 }
 
 /// Look a stage kind up by its `kind` string.

@@ -92,17 +92,22 @@ impl Stage for PrepareStage {
             Err(e) => return Err(e).with_context(|| format!("stage '{}': tokenising dataset '{}'", ctx.name, ds.name)),
         };
         bar.finish_and_clear();
-        // Move the finished shards into the artifact (same file system: renames).
+        // Hard-link the finished shards into the artifact (same file system; a copy otherwise). The
+        // work directory stays complete until the executor publishes and removes it, so a crash in
+        // between never leaves a half-moved shard set behind.
         for entry in std::fs::read_dir(&work).with_context(|| work.display().to_string())? {
             let p = entry?.path();
-            if p.extension().is_some_and(|e| e == "tmp") || !p.is_file() {
+            // Skip temp files of an interrupted atomic write (tempfile names start with a dot).
+            let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if hidden || !p.is_file() {
                 continue;
             }
             let dst = ctx.out_dir.join(p.file_name().expect("a file name"));
-            if std::fs::rename(&p, &dst).is_err() {
+            if std::fs::hard_link(&p, &dst).is_err() {
                 std::fs::copy(&p, &dst).with_context(|| format!("copying {} to {}", p.display(), dst.display()))?;
             }
         }
+        shards::TokenShards::open(ctx.out_dir).with_context(|| format!("stage '{}': verifying shards", ctx.name))?;
         let secs = started.elapsed().as_secs_f64();
         let t = &meta.totals;
         let mut metrics = serde_json::Map::new();

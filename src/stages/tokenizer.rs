@@ -303,18 +303,6 @@ fn adopt(src: &str, recipe_dir: &Path, out: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn shared() -> Option<PathBuf> {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
-        if p.is_dir() {
-            return Some(p);
-        }
-        if std::env::var("MMRUN_REQUIRE_SHARED").as_deref() == Ok("1") {
-            panic!("../shared/data is required (MMRUN_REQUIRE_SHARED=1) but missing");
-        }
-        eprintln!("SKIP: ../shared/data not found");
-        None
-    }
-
     #[test]
     fn trains_reference_layout() {
         let p = crate::data::builtin::ArithmeticParams { count: 400, seed: 1, test: false, max_operand: 50 };
@@ -353,7 +341,7 @@ mod tests {
 
     #[test]
     fn adopting_preserves_encodings() {
-        let Some(d) = shared() else { return };
+        let Some(d) = crate::testutil::shared_data() else { return };
         let out = tempfile::tempdir().unwrap();
         adopt("minimind_tokenizer", &d, out.path()).unwrap();
         let t = TextTokenizer::from_dir(out.path()).unwrap();

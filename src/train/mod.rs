@@ -8,7 +8,9 @@
 pub mod batch;
 pub mod bench;
 pub mod checkpoint;
+pub mod data_source;
 pub mod device;
+pub mod fit;
 pub mod loss;
 pub mod metrics;
 pub mod optim;

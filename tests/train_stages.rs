@@ -1,0 +1,205 @@
+//! The pretrain and SFT stages end to end on a tiny model: artifact layout, interruption and exact
+//! resume (the resumed model's bytes equal an uninterrupted run's), and SFT from the result.
+
+mod common;
+
+use mmrun::artifact::{Artifact, ArtifactKind, Manifest};
+use mmrun::cache::Cache;
+use mmrun::cancel::{CancelToken, Interrupted};
+use mmrun::data::ResolvedDataset;
+use mmrun::recipe::{DataFormat, DatasetSpec, OnBadRecord, Recipe};
+use mmrun::runs::RunSink;
+use mmrun::stages::{Inputs, StageContext};
+use std::path::{Path, PathBuf};
+
+fn artifact(dir: &Path, kind: ArtifactKind, stage_kind: &str, key: &str) -> Artifact {
+    Artifact {
+        dir: dir.to_path_buf(),
+        manifest: Manifest {
+            kind,
+            stage_kind: stage_kind.into(),
+            key: key.into(),
+            mmrun_version: mmrun::VERSION.into(),
+            created_unix: 0,
+            files: vec![],
+            metrics: Default::default(),
+        },
+    }
+}
+
+fn dataset(dir: &Path, name: &str, format: DataFormat, lines: &[String]) -> ResolvedDataset {
+    let path = dir.join(format!("{name}.jsonl"));
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    ResolvedDataset {
+        name: name.into(),
+        spec: DatasetSpec {
+            source: path.display().to_string(),
+            format,
+            columns: Default::default(),
+            on_bad_record: OnBadRecord::Error,
+            builtin: Default::default(),
+        },
+        files: vec![path.clone()],
+        content_hash: blake3::hash(&std::fs::read(&path).unwrap()).to_hex().to_string(),
+    }
+}
+
+const RECIPE: &str = r#"
+[recipe]
+name = "t"
+seed = 3
+device = "cpu"
+
+[model]
+preset = "tiny"
+
+[datasets.text]
+source = "text.jsonl"
+format = "text"
+
+[datasets.chat]
+source = "chat.jsonl"
+format = "sharegpt"
+
+[stages.tok]
+kind = "pretrain"
+data = "text"
+"#;
+
+struct World {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    cache: Cache,
+    recipe: Recipe,
+    inputs: Inputs,
+}
+
+fn world(shared: &Path) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let cache = Cache::open(root.join("cache")).unwrap();
+    let rpath = root.join("r.toml");
+    std::fs::write(&rpath, RECIPE).unwrap();
+    let recipe = mmrun::recipe::load(&rpath, &[]).unwrap();
+    let texts: Vec<String> = (0..40)
+        .map(|i| serde_json::json!({"text": format!("Sentence number {i}: the cat sat on mat {}.", i % 7)}).to_string())
+        .collect();
+    let chats: Vec<String> = (0..24)
+        .map(|i| {
+            serde_json::json!({"conversations": [
+                {"role": "user", "content": format!("What is {i} plus 1?")},
+                {"role": "assistant", "content": format!("{}", i + 1)}
+            ]})
+            .to_string()
+        })
+        .collect();
+    let mut inputs = Inputs::default();
+    inputs.datasets.insert("text".into(), dataset(&root, "text", DataFormat::Text, &texts));
+    inputs.datasets.insert("chat".into(), dataset(&root, "chat", DataFormat::Sharegpt, &chats));
+    let tok = artifact(&shared.join("minimind_tokenizer"), ArtifactKind::Tokenizer, "tokenizer", "tok-key");
+    inputs.artifacts.insert("tok".into(), tok);
+    World { _dir: dir, root, cache, recipe, inputs }
+}
+
+fn run_stage(
+    w: &World,
+    kind: &str,
+    params: toml::Table,
+    work: &str,
+    out: &str,
+    cancel: &CancelToken,
+) -> (anyhow::Result<mmrun::stages::StageOutcome>, PathBuf) {
+    let stage = mmrun::stages::find(kind).expect("registered");
+    let canonical = stage.parse_params(&params).unwrap().canonical;
+    let out_dir = w.root.join(out);
+    let work_dir = w.root.join(work);
+    std::fs::create_dir_all(&out_dir).unwrap();
+    std::fs::create_dir_all(&work_dir).unwrap();
+    let run = RunSink::create(w.root.join(format!("run-{out}"))).unwrap();
+    let mut ctx = StageContext {
+        name: "stage",
+        key: "k",
+        recipe: &w.recipe,
+        inputs: &w.inputs,
+        out_dir: &out_dir,
+        work_dir: &work_dir,
+        cache: &w.cache,
+        run: &run,
+        cancel,
+    };
+    (stage.run(&mut ctx, &canonical), out_dir)
+}
+
+fn pretrain_params() -> toml::Table {
+    toml::toml! {
+        tokenizer = "tok"
+        data = "text"
+        max_seq_len = 32
+        batch_size = 4
+        max_steps = 60
+        lr = 3e-3
+        save_every = 7
+    }
+}
+
+#[test]
+fn pretrain_resumes_exactly_and_sft_builds_on_it() {
+    let Some(shared) = common::shared_data() else { return };
+    let w = world(&shared);
+
+    // Uninterrupted reference run.
+    let (res, full) = run_stage(&w, "pretrain", pretrain_params(), "work-a", "out-a", &CancelToken::new());
+    let outcome = res.unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(full.join(f).is_file(), "{f} missing from the pretrain artifact");
+    }
+    let final_loss = outcome.metrics["final_loss"].as_f64().unwrap();
+    let metrics = std::fs::read_to_string(w.root.join("run-out-a/metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert!(final_loss < first["loss"].as_f64().unwrap() - 1.0, "loss {} -> {final_loss}", first["loss"]);
+    assert!(w.root.join("run-out-a/stage-loss.png").is_file());
+
+    // Interrupted as soon as a few steps are logged, then resumed in the same work dir.
+    let cancel = CancelToken::new();
+    let watcher = {
+        let (cancel, m) = (cancel.clone(), w.root.join("run-out-b/metrics.jsonl"));
+        std::thread::spawn(move || loop {
+            if std::fs::read_to_string(&m).map(|s| s.lines().count() >= 3).unwrap_or(false) {
+                cancel.cancel();
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        })
+    };
+    let (res, _) = run_stage(&w, "pretrain", pretrain_params(), "work-b", "out-b", &cancel);
+    watcher.join().unwrap();
+    let err = res.expect_err("the run should have been interrupted");
+    assert!(err.downcast_ref::<Interrupted>().is_some(), "{err:#}");
+    let (res, resumed) = run_stage(&w, "pretrain", pretrain_params(), "work-b", "out-b2", &CancelToken::new());
+    res.unwrap();
+    assert_eq!(
+        std::fs::read(full.join("model.safetensors")).unwrap(),
+        std::fs::read(resumed.join("model.safetensors")).unwrap(),
+        "resumed weights differ from the uninterrupted run"
+    );
+
+    // SFT from the pretrained model.
+    let mut w = w;
+    w.inputs.artifacts.insert("base".into(), artifact(&full, ArtifactKind::Model, "pretrain", "base-key"));
+    let params = toml::toml! {
+        from = "base"
+        data = "chat"
+        max_seq_len = 64
+        batch_size = 4
+        max_steps = 6
+        lr = 1e-3
+    };
+    let (res, sft) = run_stage(&w, "sft", params, "work-s", "out-s", &CancelToken::new());
+    let m = res.unwrap().metrics;
+    assert!(m["final_loss"].as_f64().unwrap().is_finite());
+    assert!(sft.join("model.safetensors").is_file() && sft.join("tokenizer.json").is_file());
+    assert_ne!(
+        std::fs::read(sft.join("model.safetensors")).unwrap(),
+        std::fs::read(full.join("model.safetensors")).unwrap()
+    );
+}
