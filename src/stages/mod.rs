@@ -5,6 +5,7 @@
 //! that declaration. The planner and executor only see the object-safe [`DynStage`].
 
 mod context;
+pub mod dpo;
 pub mod prepare;
 pub mod tokenizer;
 
@@ -129,7 +130,7 @@ impl<S: Stage> DynStage for S {
 
 /// Every stage kind mmrun knows, in pipeline order.
 pub fn registry() -> Vec<Box<dyn DynStage>> {
-    vec![Box::new(tokenizer::TokenizerStage), Box::new(prepare::PrepareStage)]
+    vec![Box::new(tokenizer::TokenizerStage), Box::new(prepare::PrepareStage), Box::new(dpo::DpoStage)]
 }
 
 /// Look a stage kind up by its `kind` string.
