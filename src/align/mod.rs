@@ -2,4 +2,6 @@
 //! functions (tested on tiny hand-computed tensors); the stages in `crate::stages::{lora,dpo,grpo}`
 //! wire it to the model, the data and the shared training loop.
 
+pub mod dpo;
 pub mod losses;
+pub mod rewards;

@@ -5,6 +5,7 @@
 //! that declaration. The planner and executor only see the object-safe [`DynStage`].
 
 mod context;
+pub mod dpo;
 pub mod eval;
 pub mod prepare;
 pub mod pretrain;
@@ -137,6 +138,7 @@ pub fn registry() -> Vec<Box<dyn DynStage>> {
         Box::new(prepare::PrepareStage),
         Box::new(pretrain::PretrainStage),
         Box::new(sft::SftStage),
+        Box::new(dpo::DpoStage),
         Box::new(eval::EvalStage),
     ]
 }

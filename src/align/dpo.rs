@@ -1,0 +1,156 @@
+//! DPO training (spec §11) on top of the shared training loop: chosen and rejected answers share one
+//! forward batch (chosen rows first), sequence scores are summed answer-token log-probs, the
+//! reference is frozen, and TRL-style metrics are reported per micro-batch.
+
+use super::losses::{dpo_loss, sequence_logprobs, DpoMetrics};
+use crate::cancel::CancelToken;
+use crate::data::tokenize::Sample;
+use crate::model::lora::LoraAdapters;
+use crate::model::MiniMind;
+use crate::train::batch::IGNORE;
+use crate::train::trainer::LossOutput;
+use crate::train::{train, Batch, BatchSource, TrainOptions, TrainSummary};
+use candle_core::{Tensor, Var};
+
+/// Tokenised preference pairs (each side: full conversation ids + answer-only mask).
+#[derive(Clone, Debug)]
+pub struct PairRows {
+    pairs: Vec<(Sample, Sample)>,
+    pad_id: u32,
+}
+
+impl PairRows {
+    /// Pairs of (chosen, rejected) samples, right-padded with `pad_id` in batches.
+    pub fn new(pairs: Vec<(Sample, Sample)>, pad_id: u32) -> Self {
+        Self { pairs, pad_id }
+    }
+}
+
+impl BatchSource for PairRows {
+    fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// `2k` rows: the `k` chosen sequences, then the `k` rejected ones in the same order, padded to
+    /// the longest of them (padding is causal-masked and label-ignored, so it changes nothing).
+    fn batch(&self, indices: &[usize]) -> anyhow::Result<Batch> {
+        let rows: Vec<&Sample> =
+            indices.iter().map(|&i| &self.pairs[i].0).chain(indices.iter().map(|&i| &self.pairs[i].1)).collect();
+        let seq_len = rows.iter().map(|s| s.ids.len()).max().unwrap_or(0).max(1);
+        let mut input_ids = Vec::with_capacity(rows.len() * seq_len);
+        let mut labels = Vec::with_capacity(rows.len() * seq_len);
+        for s in rows {
+            let l = s.labels();
+            input_ids.extend_from_slice(&s.ids);
+            labels.extend_from_slice(&l);
+            input_ids.extend(std::iter::repeat_n(self.pad_id, seq_len - s.ids.len()));
+            labels.extend(std::iter::repeat_n(IGNORE, seq_len - s.ids.len()));
+        }
+        Ok(Batch { batch_size: 2 * indices.len(), seq_len, input_ids, labels })
+    }
+}
+
+/// A frozen reference built from the policy's current weights: deep copies for full fine-tuning
+/// (the policy's `Var`s change in place), shared tensors when the base is already frozen (LoRA: the
+/// reference is the base without adapters, at no extra memory).
+pub fn frozen_reference(policy: &MiniMind) -> anyhow::Result<MiniMind> {
+    let shared = policy.params().is_empty();
+    let mut named = std::collections::HashMap::new();
+    for (n, t) in policy.named_tensors() {
+        let t = if shared && !t.is_variable() { t } else { t.copy()? };
+        named.insert(n, t);
+    }
+    Ok(MiniMind::from_tensors(policy.config(), named, policy.device(), false)?)
+}
+
+/// Train `policy` with DPO. `params` are the trainable tensors (the policy's own for full
+/// fine-tuning, or `adapters.params()` for LoRA); `reference` must be frozen. `on_metrics(i, m)` is
+/// called after every micro-batch with its global 0-based index (continuing after a resume).
+#[allow(clippy::too_many_arguments)]
+pub fn train_dpo(
+    policy: &MiniMind,
+    params: &[(String, Var)],
+    reference: &MiniMind,
+    adapters: Option<&LoraAdapters>,
+    data: &PairRows,
+    opts: &TrainOptions,
+    beta: f64,
+    cancel: &CancelToken,
+    mut on_metrics: impl FnMut(usize, &DpoMetrics),
+) -> anyhow::Result<TrainSummary> {
+    anyhow::ensure!(beta > 0.0 && beta.is_finite(), "dpo: `beta` must be a positive number, got {beta}");
+    anyhow::ensure!(reference.params().is_empty(), "dpo: the reference model must be frozen");
+    let device = policy.device().clone();
+    let mut micro = crate::train::checkpoint::latest(&opts.work_dir)?.map(|(_, s)| s.micro_step).unwrap_or(0);
+    if let Some(a) = adapters {
+        a.set_training(true);
+    }
+    let result = train(params, data, opts, cancel, |b: &Batch| {
+        let ids = b.input_tensor(&device)?;
+        let labels = b.label_tensor(&device)?;
+        if let Some(a) = adapters {
+            // Masks depend only on the batch content and position: resumed runs are identical.
+            a.reseed_dropout(batch_seed(b, opts.seed));
+        }
+        let (h, aux) = policy.forward_hidden(&ids, None, 0, None, true)?;
+        let lp = sequence_logprobs(&policy.logits(&h)?, &labels)?;
+        let ref_lp = sequence_logprobs(&reference.forward_logits(&ids, None)?, &labels)?.detach();
+        let k = b.batch_size / 2;
+        let out = dpo_loss(
+            &lp.narrow(0, 0, k)?,
+            &lp.narrow(0, k, k)?,
+            &ref_lp.narrow(0, 0, k)?,
+            &ref_lp.narrow(0, k, k)?,
+            beta,
+        )?;
+        on_metrics(micro, &out.metrics);
+        micro += 1;
+        let loss = (out.loss + &aux)?;
+        Ok(LossOutput { loss, aux: Some(aux) })
+    });
+    if let Some(a) = adapters {
+        a.set_training(false);
+    }
+    result
+}
+
+/// A seed from a batch's token ids (FNV-1a), mixed with the run seed.
+pub(crate) fn batch_seed(b: &Batch, seed: u64) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325 ^ seed;
+    for &x in &b.input_ids {
+        h ^= x as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// DPO metrics of `policy` against `reference` on every pair (no gradients), as batch means.
+pub fn evaluate_dpo(
+    policy: &MiniMind,
+    reference: &MiniMind,
+    data: &PairRows,
+    beta: f64,
+    batch_size: usize,
+) -> anyhow::Result<DpoMetrics> {
+    let n = data.len();
+    let (mut lp_all, mut ref_all) = (Vec::new(), Vec::new());
+    let dev = policy.device();
+    for lo in (0..n).step_by(batch_size.max(1)) {
+        let idx: Vec<usize> = (lo..(lo + batch_size.max(1)).min(n)).collect();
+        let b = data.batch(&idx)?;
+        let ids = b.input_tensor(dev)?;
+        let labels = b.label_tensor(dev)?;
+        let k = idx.len();
+        let lp = sequence_logprobs(&policy.forward_logits(&ids, None)?, &labels)?;
+        let rl = sequence_logprobs(&reference.forward_logits(&ids, None)?, &labels)?;
+        lp_all.push((lp.narrow(0, 0, k)?, lp.narrow(0, k, k)?));
+        ref_all.push((rl.narrow(0, 0, k)?, rl.narrow(0, k, k)?));
+    }
+    let cat = |v: Vec<Tensor>| Tensor::cat(&v, 0);
+    let (pc, pr): (Vec<Tensor>, Vec<Tensor>) = lp_all.into_iter().unzip();
+    let (rc, rr): (Vec<Tensor>, Vec<Tensor>) = ref_all.into_iter().unzip();
+    Ok(dpo_loss(&cat(pc)?, &cat(pr)?, &cat(rc)?, &cat(rr)?, beta)?.metrics)
+}
+
+#[cfg(test)]
+mod tests;

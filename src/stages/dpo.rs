@@ -1,0 +1,266 @@
+//! `kind = "dpo"`: Direct Preference Optimisation (spec §11) of a model on a `dpo`-format dataset.
+//!
+//! The policy starts `from` a model; the frozen reference is the same starting weights unless
+//! `reference` names another stage. Chosen and rejected answers share one forward batch and only
+//! assistant-answer tokens are scored (summed log-probs, like the reference). With `lora = { … }` only
+//! adapters are trained and merged into the output model. Per micro-batch the run's `metrics.jsonl`
+//! gets TRL's `rewards/chosen`, `rewards/rejected`, `rewards/accuracy`, `rewards/margin`.
+//!
+//! Bad pairs (missing or empty answer, chosen identical to rejected) are rejected by the data reader
+//! per `on_bad_record` with file:line; pairs whose answer is truncated away by `max_seq_len`, or
+//! whose two sides become identical after truncation, are skipped and counted in the stage metrics.
+
+use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
+use crate::align::dpo::{evaluate_dpo, frozen_reference, train_dpo, PairRows};
+use crate::artifact::ArtifactKind;
+use crate::data::shards::{tokenized, ShardParams};
+use crate::model::lora::{LoraAdapters, LoraConfig, Targets};
+use crate::model::weights;
+use crate::recipe::DataFormat;
+use crate::train::{AdamWConfig, TrainOptions};
+use anyhow::{bail, Context};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// LoRA settings inside a training stage (`lora = { rank = 8 }`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraParams {
+    /// Adapter rank.
+    pub rank: usize,
+    /// `lora_alpha` (update scale alpha / rank); default `2 * rank`.
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// Dropout on the adapter input while training.
+    #[serde(default)]
+    pub dropout: f64,
+    /// `"all-linear"` or a comma-separated list of module names (`"q_proj,v_proj"`).
+    #[serde(default = "default_targets")]
+    pub targets: String,
+}
+
+fn default_targets() -> String {
+    "all-linear".into()
+}
+
+impl LoraParams {
+    /// The model-level config (seeded from the stage seed).
+    pub fn to_config(&self, seed: u64) -> anyhow::Result<LoraConfig> {
+        Ok(LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha.unwrap_or(2.0 * self.rank as f64),
+            dropout: self.dropout,
+            targets: Targets::parse(&self.targets)?,
+            seed,
+        })
+    }
+}
+
+/// Parameters of a `dpo` stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DpoParams {
+    /// Stage whose model is the starting policy (and, by default, the frozen reference).
+    pub from: String,
+    /// Stage whose model is the frozen reference (default: the starting policy's weights).
+    #[serde(default)]
+    pub reference: Option<String>,
+    /// A dataset in `dpo` format.
+    pub data: String,
+    /// DPO temperature (the reference trains with 0.15).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// Peak learning rate (reference 4e-8 for a 768-wide model; tiny models need far more).
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Passes over the pairs (ignored with `max_steps`).
+    #[serde(default = "one")]
+    pub epochs: usize,
+    /// Stop after this many optimiser steps.
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    /// Pairs per micro-batch (the forward batch holds twice as many rows).
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    #[serde(default = "one")]
+    pub accumulation_steps: usize,
+    /// Global gradient-norm clip.
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+    /// Linear warmup steps before the cosine schedule.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// AdamW weight decay.
+    #[serde(default = "default_wd")]
+    pub weight_decay: f64,
+    /// Longest tokenised conversation (longer ones are truncated).
+    #[serde(default = "default_max_len")]
+    pub max_seq_len: usize,
+    /// Data-order / adapter-init seed (default: the recipe seed).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Train LoRA adapters instead of all weights (merged into the output model).
+    #[serde(default)]
+    pub lora: Option<LoraParams>,
+    /// Checkpoint every N steps (0: only on interrupt).
+    #[serde(default)]
+    pub save_every: usize,
+    /// Progress refresh interval in steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+}
+
+fn default_beta() -> f64 {
+    0.15
+}
+fn default_lr() -> f64 {
+    4e-8
+}
+fn one() -> usize {
+    1
+}
+fn default_batch() -> usize {
+    4
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_wd() -> f64 {
+    0.01
+}
+fn default_max_len() -> usize {
+    1024
+}
+fn default_log_every() -> usize {
+    10
+}
+
+impl StageParams for DpoParams {
+    // Checkpoint cadence and progress output never change the trained weights.
+    const COSMETIC: &'static [&'static str] = &["save_every", "log_every"];
+
+    fn inputs(&self) -> Vec<InputRef> {
+        let mut v =
+            vec![InputRef::Stage { param: "from", stage: self.from.clone(), accepts: vec![ArtifactKind::Model] }];
+        if let Some(r) = &self.reference {
+            v.push(InputRef::Stage { param: "reference", stage: r.clone(), accepts: vec![ArtifactKind::Model] });
+        }
+        v.push(InputRef::Dataset { param: "data", dataset: self.data.clone() });
+        v
+    }
+}
+
+/// The `dpo` stage kind.
+pub struct DpoStage;
+
+impl Stage for DpoStage {
+    const KIND: &'static str = "dpo";
+    const VERSION: u32 = 1;
+    const OUTPUT: ArtifactKind = ArtifactKind::Model;
+    const DOC: &'static str = "Direct Preference Optimisation against a frozen reference (full fine-tuning or LoRA)";
+    type Params = DpoParams;
+
+    fn run(&self, ctx: &mut StageContext<'_>, p: &DpoParams) -> anyhow::Result<StageOutcome> {
+        let stage = ctx.name.to_string();
+        let device = crate::train::device::select(&ctx.recipe.meta.device)?;
+        let seed = p.seed.unwrap_or(ctx.recipe.meta.seed);
+        let ds = ctx.inputs.dataset(&p.data)?;
+        if ds.spec.format != DataFormat::Dpo {
+            bail!(
+                "dpo stage '{stage}': dataset '{}' has format {:?}; DPO needs format = \"dpo\" (chosen/rejected pairs)",
+                p.data,
+                ds.spec.format
+            );
+        }
+        let from = ctx.inputs.artifact(&p.from)?;
+        let sp = ShardParams { max_seq_len: p.max_seq_len, seed, ..ShardParams::default() };
+        let shards = tokenized(ctx.cache, ds, from, &sp, ctx.cancel, Some(ctx.run))
+            .with_context(|| format!("dpo stage '{stage}': tokenising dataset '{}'", p.data))?;
+        let (mut pairs, mut no_answer, mut identical) = (Vec::new(), 0usize, 0usize);
+        for i in 0..shards.len() {
+            let mut v = shards.get(i);
+            let (r, c) = (v.pop().expect("pair"), v.pop().expect("pair"));
+            if c.trained() == 0 || r.trained() == 0 {
+                no_answer += 1;
+            } else if c == r {
+                identical += 1;
+            } else {
+                pairs.push((c, r));
+            }
+        }
+        if pairs.is_empty() {
+            bail!(
+                "dpo stage '{stage}': no usable pairs in '{}' ({no_answer} lost their answer to max_seq_len = {}, \
+                 {identical} identical after truncation); raise max_seq_len or check the data",
+                p.data,
+                p.max_seq_len
+            );
+        }
+        let data = PairRows::new(pairs, shards.meta().pad_id);
+
+        let mut policy = weights::load_dir(&from.dir, &device, p.lora.is_none())
+            .with_context(|| format!("dpo stage '{stage}': loading model from stage '{}'", p.from))?;
+        let adapters = match &p.lora {
+            Some(l) => Some(LoraAdapters::attach(&mut policy, &l.to_config(seed)?)?),
+            None => None,
+        };
+        let reference = match &p.reference {
+            Some(r) => weights::load_dir(&ctx.inputs.artifact(r)?.dir, &device, false)
+                .with_context(|| format!("dpo stage '{stage}': loading reference from stage '{r}'"))?,
+            None => frozen_reference(&policy)?,
+        };
+        let params = match &adapters {
+            Some(a) => a.params(),
+            None => policy.params().to_vec(),
+        };
+
+        let mut opts = TrainOptions::new(&stage, ctx.work_dir.to_path_buf());
+        opts.lr = p.lr;
+        opts.warmup_steps = p.warmup_steps;
+        opts.adamw = AdamWConfig { weight_decay: p.weight_decay, ..AdamWConfig::default() };
+        opts.grad_clip = p.grad_clip;
+        opts.accumulation_steps = p.accumulation_steps;
+        opts.batch_size = p.batch_size;
+        opts.epochs = p.epochs;
+        opts.max_steps = p.max_steps;
+        opts.save_every = p.save_every;
+        opts.log_every = p.log_every;
+        opts.seed = seed;
+        opts.metrics_path = Some(ctx.run.dir().join(crate::runs::files::METRICS));
+        opts.progress = true;
+
+        let run = ctx.run;
+        let summary =
+            train_dpo(&policy, &params, &reference, adapters.as_ref(), &data, &opts, p.beta, ctx.cancel, |i, m| {
+                let mut point = serde_json::to_value(m).expect("metrics serialise");
+                if let Some(o) = point.as_object_mut() {
+                    let loss = o.remove("loss");
+                    o.insert("micro_step".into(), (i + 1).into());
+                    o.insert("dpo_loss".into(), loss.unwrap_or_default());
+                }
+                // Metrics are best effort: a full disk must not kill a training run.
+                let _ = run.metric(&stage, point);
+            })?;
+
+        if let Some(a) = adapters {
+            a.merge(&mut policy)?;
+        }
+        let fin = evaluate_dpo(&policy, &reference, &data, p.beta, p.batch_size)?;
+        weights::export(&policy, Some(&from.dir), ctx.out_dir)
+            .with_context(|| format!("dpo stage '{stage}': writing the model"))?;
+
+        let mut metrics = summary.to_metrics();
+        for (k, v) in serde_json::to_value(&fin)?.as_object().expect("object") {
+            metrics.insert(format!("final/{k}"), v.clone());
+        }
+        metrics.insert("pairs".into(), data_len(&data).into());
+        metrics.insert("skipped_no_answer".into(), no_answer.into());
+        metrics.insert("skipped_identical".into(), identical.into());
+        Ok(StageOutcome { metrics })
+    }
+}
+
+fn data_len(d: &PairRows) -> usize {
+    crate::train::BatchSource::len(d)
+}
