@@ -17,6 +17,16 @@ const SETS: &[&str] = &[
     "stages.base.max_seq_len=64",
     "--set",
     "stages.base.batch_size=8",
+    "--set",
+    "stages.base.max_steps=3",
+    "--set",
+    "stages.sft.max_seq_len=64",
+    "--set",
+    "stages.sft.batch_size=8",
+    "--set",
+    "stages.sft.max_steps=3",
+    "--set",
+    "stages.report.generation.max_new_tokens=8",
 ];
 
 #[test]

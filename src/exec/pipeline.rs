@@ -70,6 +70,9 @@ pub fn load_recipe(src: &RecipeSource) -> Result<Recipe, crate::recipe::RecipeEr
 pub fn resolve_datasets(recipe: &Recipe, cache: &Cache) -> anyhow::Result<BTreeMap<String, ResolvedDataset>> {
     let dir = recipe.path.parent().map(Path::to_path_buf).unwrap_or_default();
     let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    // Hub datasets go through the recipe's lock (written on first use), so data::resolve sees the locked files.
+    crate::hub::lock::fetch_recipe(&recipe.path, &recipe.datasets, &crate::hub::HubOptions::from_env())
+        .context("fetching Hugging Face Hub datasets")?;
     let mut out = BTreeMap::new();
     for (name, spec) in &recipe.datasets {
         let sp = crate::progress::spinner(&format!("resolving dataset {name}"));
