@@ -6,6 +6,7 @@
 
 mod context;
 pub mod dpo;
+pub mod lora;
 pub mod prepare;
 pub mod tokenizer;
 
@@ -130,7 +131,7 @@ impl<S: Stage> DynStage for S {
 
 /// Every stage kind mmrun knows, in pipeline order.
 pub fn registry() -> Vec<Box<dyn DynStage>> {
-    vec![Box::new(tokenizer::TokenizerStage), Box::new(prepare::PrepareStage), Box::new(dpo::DpoStage)]
+    vec![Box::new(tokenizer::TokenizerStage), Box::new(prepare::PrepareStage), Box::new(dpo::DpoStage), Box::new(lora::LoraStage)]
 }
 
 /// Look a stage kind up by its `kind` string.
