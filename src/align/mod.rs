@@ -5,3 +5,4 @@
 pub mod dpo;
 pub mod losses;
 pub mod rewards;
+pub mod sft_lora;

@@ -164,7 +164,12 @@ pub fn resolve_locked(
 fn hub_resolve(name: &str, uri: &str, lock: Option<&crate::hub::LockedDataset>) -> Result<Vec<PathBuf>, DataError> {
     let err = |msg: String| DataError::Hub { name: name.to_string(), msg };
     let parsed = crate::hub::HubUri::parse(uri).map_err(|e| err(e.to_string()))?;
-    let fetched = crate::hub::resolve_dataset(&parsed, lock, &crate::hub::HubOptions::from_env())
+    // Without an explicit lock entry, use what the recipe's lock fetched earlier in this process
+    // (`hub::lock::fetch_recipe`), so a moved branch never changes the data behind the lock.
+    let Some(lock) = lock else {
+        return crate::hub::fetch_for_data(name, uri).map_err(|e| err(e.to_string()));
+    };
+    let fetched = crate::hub::resolve_dataset(&parsed, Some(lock), &crate::hub::HubOptions::from_env())
         .map_err(|e| err(e.to_string()))?;
     if fetched.files.is_empty() {
         return Err(err(format!("{uri} matched no file at commit {}", fetched.commit)));

@@ -141,10 +141,11 @@ impl StageParams for DpoParams {
     const COSMETIC: &'static [&'static str] = &["save_every", "log_every"];
 
     fn inputs(&self) -> Vec<InputRef> {
-        let mut v =
-            vec![InputRef::Stage { param: "from", stage: self.from.clone(), accepts: vec![ArtifactKind::Model] }];
+        // A `lora` stage with `merge = true` carries a full model too.
+        let models = vec![ArtifactKind::Model, ArtifactKind::Adapter];
+        let mut v = vec![InputRef::Stage { param: "from", stage: self.from.clone(), accepts: models.clone() }];
         if let Some(r) = &self.reference {
-            v.push(InputRef::Stage { param: "reference", stage: r.clone(), accepts: vec![ArtifactKind::Model] });
+            v.push(InputRef::Stage { param: "reference", stage: r.clone(), accepts: models });
         }
         v.push(InputRef::Dataset { param: "data", dataset: self.data.clone() });
         v
@@ -174,6 +175,15 @@ impl Stage for DpoStage {
             );
         }
         let from = ctx.inputs.artifact(&p.from)?;
+        let mut starts = vec![(&p.from, from)];
+        if let Some(r) = &p.reference {
+            starts.push((r, ctx.inputs.artifact(r)?));
+        }
+        for (name, art) in starts {
+            if !art.model_weights().is_file() {
+                bail!("dpo stage '{stage}': stage '{name}' produced an adapter without a merged model; set `merge = true` there");
+            }
+        }
         let sp = ShardParams { max_seq_len: p.max_seq_len, seed, ..ShardParams::default() };
         let shards = tokenized(ctx.cache, ds, from, &sp, ctx.cancel, Some(ctx.run))
             .with_context(|| format!("dpo stage '{stage}': tokenising dataset '{}'", p.data))?;

@@ -7,6 +7,7 @@
 mod context;
 pub mod dpo;
 pub mod eval;
+pub mod lora;
 pub mod prepare;
 pub mod pretrain;
 pub mod sft;
@@ -138,6 +139,7 @@ pub fn registry() -> Vec<Box<dyn DynStage>> {
         Box::new(prepare::PrepareStage),
         Box::new(pretrain::PretrainStage),
         Box::new(sft::SftStage),
+        Box::new(lora::LoraStage),
         Box::new(dpo::DpoStage),
         Box::new(eval::EvalStage),
     ]

@@ -1,0 +1,244 @@
+//! `kind = "lora"`: train LoRA adapters on a frozen model with SFT-format data (same chat template
+//! and assistant-only masks as SFT). The artifact is an `Adapter` in PEFT's layout
+//! (`adapter_model.safetensors` + `adapter_config.json`, loadable by `peft` onto the exported base)
+//! plus the tokenizer files; with `merge = true` it also holds the merged full model
+//! (`config.json` + `model.safetensors`), which `dpo` can start from.
+
+use super::dpo::LoraParams;
+use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
+use crate::align::sft_lora::train_lora;
+use crate::artifact::ArtifactKind;
+use crate::data::shards::{tokenized, ShardParams};
+use crate::model::lora::LoraAdapters;
+use crate::model::weights;
+use crate::recipe::DataFormat;
+use crate::train::batch::PaddedRows;
+use crate::train::{AdamWConfig, TrainOptions};
+use anyhow::{bail, Context};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Parameters of a `lora` stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraStageParams {
+    /// Stage whose model is the frozen base.
+    pub from: String,
+    /// A dataset in a chat format (`sharegpt`, `openai`, `alpaca`).
+    pub data: String,
+    /// Adapter rank (reference 16).
+    #[serde(default = "default_rank")]
+    pub rank: usize,
+    /// `lora_alpha` (scale alpha / rank); default `2 * rank`.
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// Dropout on the adapter input while training.
+    #[serde(default)]
+    pub dropout: f64,
+    /// `"all-linear"` or a comma-separated list of module names (`"q_proj,v_proj"`).
+    #[serde(default = "default_targets")]
+    pub targets: String,
+    /// Also write the merged full model into the artifact.
+    #[serde(default)]
+    pub merge: bool,
+    /// Peak learning rate (reference 1e-4).
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Passes over the data (reference 10; ignored with `max_steps`).
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    /// Stop after this many optimiser steps.
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    /// Rows per micro-batch (reference 32).
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    #[serde(default = "one")]
+    pub accumulation_steps: usize,
+    /// Global gradient-norm clip over the adapters.
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+    /// Linear warmup steps.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// AdamW weight decay.
+    #[serde(default = "default_wd")]
+    pub weight_decay: f64,
+    /// Longest tokenised conversation (reference 340).
+    #[serde(default = "default_max_len")]
+    pub max_seq_len: usize,
+    /// Data-order / adapter-init seed (default: the recipe seed).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Checkpoint every N steps (0: only on interrupt).
+    #[serde(default)]
+    pub save_every: usize,
+    /// Progress refresh interval in steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+}
+
+fn default_rank() -> usize {
+    16
+}
+fn default_targets() -> String {
+    "all-linear".into()
+}
+fn default_lr() -> f64 {
+    1e-4
+}
+fn default_epochs() -> usize {
+    10
+}
+fn default_batch() -> usize {
+    32
+}
+fn one() -> usize {
+    1
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_wd() -> f64 {
+    0.01
+}
+fn default_max_len() -> usize {
+    340
+}
+fn default_log_every() -> usize {
+    10
+}
+
+impl StageParams for LoraStageParams {
+    // Checkpoint cadence and progress output never change the trained weights.
+    const COSMETIC: &'static [&'static str] = &["save_every", "log_every"];
+
+    fn inputs(&self) -> Vec<InputRef> {
+        vec![
+            InputRef::Stage { param: "from", stage: self.from.clone(), accepts: vec![ArtifactKind::Model] },
+            InputRef::Dataset { param: "data", dataset: self.data.clone() },
+        ]
+    }
+}
+
+/// The `lora` stage kind.
+pub struct LoraStage;
+
+impl Stage for LoraStage {
+    const KIND: &'static str = "lora";
+    const VERSION: u32 = 1;
+    const OUTPUT: ArtifactKind = ArtifactKind::Adapter;
+    const DOC: &'static str = "Train PEFT-compatible LoRA adapters on a frozen model with SFT data (optionally merged)";
+    type Params = LoraStageParams;
+
+    fn run(&self, ctx: &mut StageContext<'_>, p: &LoraStageParams) -> anyhow::Result<StageOutcome> {
+        let stage = ctx.name.to_string();
+        let device = crate::train::device::select(&ctx.recipe.meta.device)?;
+        let seed = p.seed.unwrap_or(ctx.recipe.meta.seed);
+        let ds = ctx.inputs.dataset(&p.data)?;
+        if !matches!(ds.spec.format, DataFormat::Sharegpt | DataFormat::Openai | DataFormat::Alpaca) {
+            bail!(
+                "lora stage '{stage}': dataset '{}' has format {:?}; LoRA trains on chat data (sharegpt, openai or alpaca)",
+                p.data,
+                ds.spec.format
+            );
+        }
+        let from = ctx.inputs.artifact(&p.from)?;
+        let sp = ShardParams { max_seq_len: p.max_seq_len, seed, ..ShardParams::default() };
+        let shards = tokenized(ctx.cache, ds, from, &sp, ctx.cancel, Some(ctx.run))
+            .with_context(|| format!("lora stage '{stage}': tokenising dataset '{}'", p.data))?;
+        let (mut rows, mut no_loss) = (Vec::new(), 0usize);
+        for i in 0..shards.len() {
+            let s = shards.get(i).swap_remove(0);
+            if s.trained() == 0 {
+                no_loss += 1;
+            } else {
+                rows.push((s.ids.clone(), s.labels()));
+            }
+        }
+        if rows.is_empty() {
+            bail!("lora stage '{stage}': no trainable rows in '{}' ({no_loss} have no answer tokens within max_seq_len = {})", p.data, p.max_seq_len);
+        }
+        let n_rows = rows.len();
+        let data = PaddedRows::new(rows, shards.meta().pad_id, None);
+
+        let mut model = weights::load_dir(&from.dir, &device, false)
+            .with_context(|| format!("lora stage '{stage}': loading model from stage '{}'", p.from))?;
+        let lp = LoraParams { rank: p.rank, alpha: p.alpha, dropout: p.dropout, targets: p.targets.clone() };
+        let adapters = LoraAdapters::attach(&mut model, &lp.to_config(seed)?)?;
+
+        let mut opts = TrainOptions::new(&stage, ctx.work_dir.to_path_buf());
+        opts.lr = p.lr;
+        opts.warmup_steps = p.warmup_steps;
+        opts.adamw = AdamWConfig { weight_decay: p.weight_decay, ..AdamWConfig::default() };
+        opts.grad_clip = p.grad_clip;
+        opts.accumulation_steps = p.accumulation_steps;
+        opts.batch_size = p.batch_size;
+        opts.epochs = p.epochs;
+        opts.max_steps = p.max_steps;
+        opts.save_every = p.save_every;
+        opts.log_every = p.log_every;
+        opts.seed = seed;
+        opts.metrics_path = Some(ctx.run.dir().join(crate::runs::files::METRICS));
+        opts.progress = true;
+        let summary = train_lora(&model, &adapters, &data, &opts, ctx.cancel)?;
+
+        adapters
+            .save(ctx.out_dir, Some(&p.from))
+            .with_context(|| format!("lora stage '{stage}': saving the adapter"))?;
+        let mut metrics = summary.to_metrics();
+        metrics.insert("adapter_params".into(), adapters.num_params().into());
+        metrics.insert("rows".into(), n_rows.into());
+        metrics.insert("skipped_no_loss".into(), no_loss.into());
+        if p.merge {
+            adapters.merge(&mut model)?;
+            weights::export(&model, Some(&from.dir), ctx.out_dir)
+                .with_context(|| format!("lora stage '{stage}': writing the merged model"))?;
+        } else {
+            for f in weights::TOKENIZER_FILES {
+                let src = from.dir.join(f);
+                if src.is_file() {
+                    std::fs::copy(&src, ctx.out_dir.join(f)).with_context(|| format!("copying {}", src.display()))?;
+                }
+            }
+        }
+        Ok(StageOutcome { metrics })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::find;
+    use super::*;
+
+    fn table(s: &str) -> toml::Table {
+        toml::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn lora_and_dpo_params_parse_with_defaults_and_reject_typos() {
+        let l = find("lora").expect("lora is registered");
+        let p = l.parse_params(&table("from = \"sft\"\ndata = \"med\"\nrank = 8")).unwrap();
+        assert_eq!(p.canonical["targets"], "all-linear");
+        assert_eq!(p.canonical["merge"], false);
+        assert_eq!(p.inputs.len(), 2);
+        assert!(l.parse_params(&table("from = \"sft\"\ndata = \"d\"\nrnak = 8")).unwrap_err().contains("rnak"));
+        assert_eq!(l.output(), ArtifactKind::Adapter);
+
+        let d = find("dpo").expect("dpo is registered");
+        let p = d.parse_params(&table("from = \"lora\"\ndata = \"prefs\"\nlora = { rank = 4 }")).unwrap();
+        assert_eq!(p.canonical["beta"], 0.15);
+        assert_eq!(p.canonical["lora"]["targets"], "all-linear");
+        let accepts_adapter =
+            |i: &InputRef| matches!(i, InputRef::Stage { accepts, .. } if accepts.contains(&ArtifactKind::Adapter));
+        assert!(p.inputs.iter().any(accepts_adapter));
+        assert!(d
+            .parse_params(&table("from = \"a\"\ndata = \"p\"\nlora = { rank = 4, alpah = 2 }"))
+            .unwrap_err()
+            .contains("alpah"));
+        let lp: LoraParams = serde_json::from_value(p.canonical["lora"].clone()).unwrap();
+        let c = lp.to_config(1).unwrap();
+        assert_eq!((c.rank, c.alpha), (4, 8.0), "alpha defaults to 2 * rank");
+    }
+}
