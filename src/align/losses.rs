@@ -170,7 +170,7 @@ pub fn group_advantages(
     group_size: usize,
     eps: f64,
 ) -> std::result::Result<GroupAdvantages, LossError> {
-    if group_size == 0 || rewards.len() % group_size != 0 {
+    if group_size == 0 || !rewards.len().is_multiple_of(group_size) {
         return Err(LossError::BadGroups { n: rewards.len(), group_size });
     }
     if let Some((i, &v)) = rewards.iter().enumerate().find(|(_, v)| !v.is_finite()) {

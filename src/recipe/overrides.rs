@@ -118,7 +118,10 @@ fn set(
         return Ok(());
     }
     if !table.contains_key(seg) {
-        if depth == 0 && CREATABLE_ROOTS.contains(&seg.as_str()) {
+        // Inside an existing stage or dataset table (depth >= 2) a missing sub-table such as
+        // `stages.report.generation` is created: it is a param left at its default, and the kind's
+        // own validation still rejects a misspelt key with a did-you-mean.
+        if (depth == 0 && CREATABLE_ROOTS.contains(&seg.as_str())) || depth >= 2 {
             table.insert(seg.clone(), toml::Value::Table(toml::Table::new()));
         } else {
             let here = if depth == 0 { "the recipe".to_string() } else { format!("[{}]", path[..depth].join(".")) };
@@ -159,6 +162,13 @@ mod tests {
     fn paths_split_on_unquoted_dots() {
         assert_eq!(split_path("a.\"b.c\".d").unwrap(), vec!["a", "b.c", "d"]);
         assert!(split_path("a..b").is_none());
+    }
+
+    #[test]
+    fn missing_sub_table_inside_a_stage_is_created() {
+        let mut doc: toml::Table = "[stages.report]\nkind = \"eval\"\n".parse().unwrap();
+        apply(Path::new("r.toml"), &mut doc, &["stages.report.generation.max_new_tokens=8".into()]).unwrap();
+        assert_eq!(doc["stages"]["report"]["generation"]["max_new_tokens"], toml::Value::Integer(8));
     }
 
     #[test]
