@@ -7,6 +7,7 @@ mod common;
 use common::Sandbox;
 use mmrun::hub::lock::{lock_path, LockFile};
 use mmrun::hub::testserver::TestHub;
+use mmrun::hub::RepoType;
 
 const SETS: &[&str] = &[
     "--set",
@@ -79,5 +80,24 @@ fn medical_sft_recipe_runs_against_local_hub_and_writes_lock() {
     hub.clear_seen();
     run(true);
     assert!(hub.seen().is_empty(), "offline run made requests: {:?}", hub.seen());
+    assert_eq!(std::fs::read_to_string(lock_path(&recipe)).unwrap(), before);
+
+    // The branch moves upstream: `mmrun plan` says so (and how to adopt it), the lock stays put.
+    let moved =
+        hub.commit(RepoType::Dataset, "shibing624/medical", "main", vec![("NEWS.md".into(), b"v2".to_vec(), false)]);
+    let mut args = vec!["plan", "recipes/medical_sft.toml"];
+    args.extend_from_slice(SETS);
+    let out = sb
+        .command(&args)
+        .env("HF_ENDPOINT", hub.url())
+        .env("HF_HOME", &hf_home)
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("branch main of shibing624/medical has moved"), "{stderr}");
+    assert!(stderr.contains(&moved[..12]) && stderr.contains("mmrun update"), "{stderr}");
     assert_eq!(std::fs::read_to_string(lock_path(&recipe)).unwrap(), before);
 }

@@ -25,21 +25,24 @@ fn find_reports(dir: &Path, out: &mut Vec<PathBuf>) {
 fn quickstart_sft_beats_base_on_held_out_exact_match() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let home = tempfile::tempdir().unwrap();
-    let mut cmd = assert_cmd::Command::cargo_bin("mmrun").unwrap();
-    cmd.current_dir(home.path())
-        .env("MMRUN_HOME", home.path().join("mmrun"))
-        .env("MMRUN_RUNS_DIR", home.path().join("runs"))
-        .arg(root.join("recipes/quickstart.toml"));
-    for o in OVERRIDES {
-        cmd.arg("--set").arg(o);
-    }
-    let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "quickstart failed:\nstdout:\n{}\nstderr:\n{stderr}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let run = |extra: &[&str]| {
+        let mut cmd = assert_cmd::Command::cargo_bin("mmrun").unwrap();
+        cmd.current_dir(home.path())
+            .env("MMRUN_HOME", home.path().join("mmrun"))
+            .env("MMRUN_RUNS_DIR", home.path().join("runs"))
+            .arg(root.join("recipes/quickstart.toml"));
+        for o in OVERRIDES.iter().chain(extra) {
+            cmd.arg("--set").arg(o);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "quickstart failed:\nstdout:\n{}\nstderr:\n{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    run(&[]);
 
     let mut reports = vec![];
     find_reports(home.path(), &mut reports);
@@ -58,4 +61,29 @@ fn quickstart_sft_beats_base_on_held_out_exact_match() {
         assert!(ppl.is_finite() && ppl >= 1.0, "{m} perplexity {ppl}");
         assert!(!report["models"][m]["generations"].as_array().unwrap().is_empty(), "{m} has no generations");
     }
+
+    // Cosmetic stage params (log/checkpoint intervals, eval batch size) rebuild nothing ...
+    run(&["stages.base.log_every=3", "stages.sft.save_every=17", "stages.report.batch_size=3"]);
+    assert_eq!(last_statuses(&home.path().join("runs")), statuses(&["cached"; 4]));
+    // ... while an output-affecting one reruns exactly that stage and its descendants.
+    run(&["stages.sft.lr=5e-4", "stages.sft.max_steps=20"]);
+    assert_eq!(last_statuses(&home.path().join("runs")), statuses(&["cached", "cached", "ran", "ran"]));
+}
+
+/// `(stage, status)` of the tok → base → sft → report pipeline with the given statuses.
+fn statuses(s: &[&str]) -> Vec<(String, String)> {
+    ["tok", "base", "sft", "report"].iter().zip(s).map(|(a, b)| (a.to_string(), b.to_string())).collect()
+}
+
+/// Stage statuses of the newest run record (run directories start with a sortable timestamp).
+fn last_statuses(runs: &Path) -> Vec<(String, String)> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(runs).unwrap().flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    let rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dirs.last().unwrap().join("run.json")).unwrap()).unwrap();
+    let stages = rec["stages"].as_object().unwrap_or_else(|| panic!("no stages map in {rec:#}"));
+    ["tok", "base", "sft", "report"]
+        .iter()
+        .map(|s| (s.to_string(), stages[*s]["status"].as_str().unwrap_or("?").to_string()))
+        .collect()
 }

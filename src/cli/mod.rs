@@ -166,6 +166,11 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("opening the cache {}", paths.home.display()))?;
             let src = RecipeSource { path: recipe.clone(), overrides: cli.set.clone(), text: None };
             let (recipe, _datasets, plan) = pipeline::make_plan(&src, &cache)?;
+            // Locked Hub datasets stay pinned; tell the user when their branch has moved since.
+            match crate::hub::lock::check_recipe(&recipe.path, &crate::hub::HubOptions::from_env()) {
+                Ok(moved) => moved.iter().for_each(|m| eprintln!("note: {m}")),
+                Err(e) => eprintln!("warning: could not check whether locked Hub branches moved: {e}"),
+            }
             if let Some(stage) = why {
                 print!("{}", pipeline::plan_why(&plan, stage)?);
             } else if *json {
