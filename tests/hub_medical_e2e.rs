@@ -27,14 +27,28 @@ const SETS: &[&str] = &[
     "--set",
     "stages.sft.max_steps=3",
     "--set",
+    "stages.lora.max_seq_len=64",
+    "--set",
+    "stages.lora.batch_size=8",
+    "--set",
+    "stages.lora.max_steps=2",
+    "--set",
+    "stages.dpo.max_seq_len=64",
+    "--set",
+    "stages.dpo.batch_size=2",
+    "--set",
+    "stages.dpo.max_steps=2",
+    "--set",
     "stages.report.generation.max_new_tokens=8",
 ];
 
 #[test]
 fn medical_sft_recipe_runs_against_local_hub_and_writes_lock() {
     let Some(shared) = common::shared_data() else { return };
-    let missing: Vec<&str> =
-        ["tokenizer", "pretrain", "sft", "eval"].into_iter().filter(|k| mmrun::stages::find(k).is_none()).collect();
+    let missing: Vec<&str> = ["tokenizer", "pretrain", "sft", "lora", "dpo", "eval"]
+        .into_iter()
+        .filter(|k| mmrun::stages::find(k).is_none())
+        .collect();
     if !missing.is_empty() {
         eprintln!("SKIP: stage kinds {missing:?} are not registered yet");
         return;
@@ -63,6 +77,10 @@ fn medical_sft_recipe_runs_against_local_hub_and_writes_lock() {
         );
     };
     run(false);
+    let first = sb.last_run();
+    for stage in ["tok", "base", "sft", "lora", "dpo", "report"] {
+        assert_eq!(first["stages"][stage]["status"], "ran", "{stage}: {first:#}");
+    }
     let lock = LockFile::load(&lock_path(&recipe)).unwrap().expect("the first run writes recipes/medical_sft.lock");
     assert_eq!(lock.datasets.len(), 3, "{lock:?}");
     for (name, l) in &lock.datasets {
