@@ -107,7 +107,7 @@ impl RepoCache {
             return Ok(());
         }
         std::fs::create_dir_all(p.parent().expect("ref has a parent"))?;
-        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = p.with_extension(format!("tmp{}", tmp_suffix()));
         std::fs::write(&tmp, commit)?;
         std::fs::rename(tmp, p)
     }
@@ -132,7 +132,7 @@ impl RepoCache {
         let tmp = pointer.with_file_name(format!(
             ".{}.tmp{}",
             pointer.file_name().expect("file name").to_string_lossy(),
-            std::process::id()
+            tmp_suffix()
         ));
         let _ = std::fs::remove_file(&tmp);
         symlink(&target, &tmp)?;
@@ -176,6 +176,13 @@ fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
     // Windows without developer mode cannot create symlinks; huggingface_hub then copies the blob.
     let blob = link.parent().map(|p| p.join(target)).unwrap_or_else(|| target.to_path_buf());
     std::fs::copy(blob, link).map(|_| ())
+}
+
+/// A temp-file suffix unique across processes *and* threads: two fetches in one process (or two
+/// processes) writing the same ref or snapshot link must never rename each other's temp file away.
+pub(crate) fn tmp_suffix() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 #[cfg(test)]

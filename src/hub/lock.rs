@@ -141,7 +141,7 @@ impl LockFile {
             "# mmrun lock file: the exact Hugging Face Hub data this recipe used (commits, files, sizes, sha256).\n\
              # Commit it next to the recipe. `mmrun update <recipe> [dataset]` re-resolves branches.\n{body}"
         );
-        let tmp = path.with_extension(format!("lock.tmp{}", std::process::id()));
+        let tmp = path.with_extension(format!("lock.tmp{}", super::cache::tmp_suffix()));
         std::fs::write(&tmp, text).map_err(|e| LockError::Write { path: path.into(), source: e })?;
         std::fs::rename(&tmp, path).map_err(|e| LockError::Write { path: path.into(), source: e })
     }
