@@ -5,19 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// `../shared/data` relative to the crate, if present. When it is absent the caller should skip
-/// (a notice is printed), unless `MMRUN_REQUIRE_SHARED=1`, in which case this panics.
-pub fn shared_data() -> Option<std::path::PathBuf> {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
-    if p.is_dir() {
-        return Some(p);
-    }
-    if std::env::var("MMRUN_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("../shared/data is required (MMRUN_REQUIRE_SHARED=1) but missing");
-    }
-    eprintln!("SKIP: ../shared/data not found");
-    None
-}
+// One definition of the skip-or-require rule, shared with the unit tests; not every test binary uses it.
+#[allow(unused_imports)]
+pub use mmrun::testutil::shared_data;
 
 /// A temporary directory with its own cache, runs dir and recipe file.
 pub struct Sandbox {
