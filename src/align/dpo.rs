@@ -46,7 +46,7 @@ impl BatchSource for PairRows {
             input_ids.extend(std::iter::repeat_n(self.pad_id, seq_len - s.ids.len()));
             labels.extend(std::iter::repeat_n(IGNORE, seq_len - s.ids.len()));
         }
-        Ok(Batch { batch_size: 2 * indices.len(), seq_len, input_ids, labels })
+        Ok(Batch { batch_size: 2 * indices.len(), seq_len, input_ids, labels, indices: indices.to_vec() })
     }
 }
 

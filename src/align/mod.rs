@@ -3,6 +3,7 @@
 //! wire it to the model, the data and the shared training loop.
 
 pub mod dpo;
+pub mod grpo;
 pub mod losses;
 pub mod rewards;
 pub mod sft_lora;

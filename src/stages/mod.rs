@@ -7,6 +7,7 @@
 mod context;
 pub mod dpo;
 pub mod eval;
+pub mod grpo;
 pub mod lora;
 pub mod prepare;
 pub mod pretrain;
@@ -141,6 +142,7 @@ pub fn registry() -> Vec<Box<dyn DynStage>> {
         Box::new(sft::SftStage),
         Box::new(lora::LoraStage),
         Box::new(dpo::DpoStage),
+        Box::new(grpo::GrpoStage),
         Box::new(eval::EvalStage),
     ]
 }

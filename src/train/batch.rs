@@ -20,6 +20,9 @@ pub struct Batch {
     pub input_ids: Vec<u32>,
     /// Labels, `batch_size * seq_len`, `IGNORE` where no loss is taken.
     pub labels: Vec<i64>,
+    /// The source's example indices this batch was built from, in order (a loss that needs more
+    /// than tokens, e.g. GRPO's reference answers, looks its examples up by them).
+    pub indices: Vec<usize>,
 }
 
 impl Batch {
@@ -106,7 +109,7 @@ impl BatchSource for PaddedRows {
             input_ids.extend(std::iter::repeat_n(self.pad_id, t - ids.len()));
             labels.extend(std::iter::repeat_n(IGNORE, t - ids.len()));
         }
-        Ok(Batch { batch_size: indices.len(), seq_len: t, input_ids, labels })
+        Ok(Batch { batch_size: indices.len(), seq_len: t, input_ids, labels, indices: indices.to_vec() })
     }
 }
 

@@ -59,6 +59,12 @@ impl BatchSource for ShardSource {
         let longest = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
         let t = if self.pad_to_max { self.seq_len } else { longest.clamp(2, self.seq_len.max(2)) };
         let b = pad_batch(&samples, t, self.pad_id);
-        Ok(Batch { batch_size: b.rows, seq_len: b.seq_len, input_ids: b.input_ids, labels: b.labels })
+        Ok(Batch {
+            batch_size: b.rows,
+            seq_len: b.seq_len,
+            input_ids: b.input_ids,
+            labels: b.labels,
+            indices: indices.to_vec(),
+        })
     }
 }

@@ -1,0 +1,421 @@
+//! `kind = "grpo"`: Group Relative Policy Optimisation (spec §13) with verifiable rewards.
+//!
+//! For each prompt the policy samples `num_generations` completions, the recipe's `rewards` score
+//! them, advantages are normalised within each prompt's group, and the clipped-ratio objective
+//! with a per-token k3 KL to the frozen reference is optimised (or CISPO with
+//! `loss_type = "cispo"`, the reference's default). Prompts come from a `prompt_answer` dataset
+//! (question + answer: exact-match rewards compare against its final answer) or from a chat
+//! dataset, whose last assistant turn is dropped (no answer: only answer-free rewards apply).
+//!
+//! Prompts longer than `max_prompt_len` are skipped and counted (a truncated question may no
+//! longer determine its answer; the reference keeps the tail instead). With `lora = { … }` only
+//! adapters train and are merged into the output model. Per micro-batch the run's `metrics.jsonl`
+//! gets reward mean/std, the mean group std, zero-std groups, each reward term, KL, clip fraction,
+//! completion length and the truncated fraction; the loop's own line adds loss, lr and grad norm.
+//! With `reward_eval_prompts = N` the stage also measures the mean reward on the first N prompts
+//! before and after training with identical sampling seeds (`reward_before` / `reward_after`).
+
+use super::dpo::LoraParams;
+use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
+use crate::align::dpo::frozen_reference;
+use crate::align::grpo::{Grpo, Prompt, PromptSet, RolloutConfig};
+use crate::align::losses::{GrpoLossConfig, PolicyLossKind};
+use crate::align::rewards::{RewardSet, RewardSpec};
+use crate::artifact::ArtifactKind;
+use crate::data::tokenize::TextTokenizer;
+use crate::data::{Example, Message};
+use crate::model::generate::GenerationConfig;
+use crate::model::lora::LoraAdapters;
+use crate::model::weights;
+use crate::recipe::DataFormat;
+use crate::train::{AdamWConfig, BatchSource, TrainOptions};
+use anyhow::{bail, Context};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Parameters of a `grpo` stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoParams {
+    /// Stage whose model is the starting policy (and, by default, the frozen reference).
+    pub from: String,
+    /// Stage whose model is the frozen KL reference (default: the starting policy's weights).
+    #[serde(default)]
+    pub reference: Option<String>,
+    /// Prompts: a `prompt_answer` dataset, or a chat dataset (its last assistant turn is dropped).
+    pub data: String,
+    /// Reward terms, summed: `[{ kind = "exact_match", weight = 1.0 }, { kind = "format", pattern = "…" }]`.
+    pub rewards: Vec<RewardSpec>,
+    /// Completions sampled per prompt (the group; reference 6).
+    #[serde(default = "default_generations")]
+    pub num_generations: usize,
+    /// Sampling temperature of the rollouts (reference 0.8); must be positive.
+    #[serde(default = "default_temperature")]
+    pub temperature: f32,
+    /// Top-k filter of the rollouts (reference 50; 0 = off).
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    /// Nucleus filter of the rollouts (reference 0.85; 1 = off).
+    #[serde(default = "default_top_p")]
+    pub top_p: f32,
+    /// Most tokens per completion (reference 1024).
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Longest prompt in tokens (reference 768); longer prompts are skipped and counted.
+    #[serde(default = "default_max_prompt_len")]
+    pub max_prompt_len: usize,
+    /// `"grpo"` (clipped ratio, the default) or `"cispo"` (the reference's default).
+    #[serde(default = "default_loss_type")]
+    pub loss_type: PolicyLossKind,
+    /// KL coefficient to the reference (reference 0.1).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// Lower clip range of the ratio (`grpo`).
+    #[serde(default = "default_clip")]
+    pub clip_low: f64,
+    /// Upper clip range (`grpo`: ratio clipped at 1 + clip_high, default 0.2; `cispo`: weight
+    /// truncated at clip_high, default 5.0).
+    #[serde(default)]
+    pub clip_high: Option<f64>,
+    /// Peak learning rate (reference 3e-7 for a 768-wide model; tiny models need far more).
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Passes over the prompts (ignored with `max_steps`).
+    #[serde(default = "one")]
+    pub epochs: usize,
+    /// Stop after this many optimiser steps.
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    /// Prompts per micro-batch (reference 2); the rollout batch has `num_generations` times more rows.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    #[serde(default = "one")]
+    pub accumulation_steps: usize,
+    /// Global gradient-norm clip.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: f64,
+    /// Linear warmup steps before the cosine schedule.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// AdamW weight decay.
+    #[serde(default = "default_wd")]
+    pub weight_decay: f64,
+    /// Data-order / sampling / adapter-init seed (default: the recipe seed).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Train LoRA adapters instead of all weights (merged into the output model).
+    #[serde(default)]
+    pub lora: Option<LoraParams>,
+    /// Measure the mean reward on the first N prompts before and after training (0 = off).
+    #[serde(default)]
+    pub reward_eval_prompts: usize,
+    /// Checkpoint every N steps (0: only on interrupt).
+    #[serde(default)]
+    pub save_every: usize,
+    /// Progress refresh interval in steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+}
+
+fn default_generations() -> usize {
+    6
+}
+fn default_temperature() -> f32 {
+    0.8
+}
+fn default_top_k() -> usize {
+    50
+}
+fn default_top_p() -> f32 {
+    0.85
+}
+fn default_max_new_tokens() -> usize {
+    1024
+}
+fn default_max_prompt_len() -> usize {
+    768
+}
+fn default_loss_type() -> PolicyLossKind {
+    PolicyLossKind::Grpo
+}
+fn default_beta() -> f64 {
+    0.1
+}
+fn default_clip() -> f64 {
+    0.2
+}
+fn default_lr() -> f64 {
+    3e-7
+}
+fn one() -> usize {
+    1
+}
+fn default_batch() -> usize {
+    2
+}
+fn default_grad_clip() -> f64 {
+    1.0
+}
+fn default_wd() -> f64 {
+    0.01
+}
+fn default_log_every() -> usize {
+    1
+}
+
+impl StageParams for GrpoParams {
+    // Checkpoint cadence and progress output never change the trained weights.
+    const COSMETIC: &'static [&'static str] = &["save_every", "log_every"];
+
+    fn inputs(&self) -> Vec<InputRef> {
+        let models = vec![ArtifactKind::Model, ArtifactKind::Adapter];
+        let mut v = vec![InputRef::Stage { param: "from", stage: self.from.clone(), accepts: models.clone() }];
+        if let Some(r) = &self.reference {
+            v.push(InputRef::Stage { param: "reference", stage: r.clone(), accepts: models });
+        }
+        v.push(InputRef::Dataset { param: "data", dataset: self.data.clone() });
+        v
+    }
+}
+
+impl GrpoParams {
+    /// Values no run can use, as one actionable message.
+    fn validate(&self, stage: &str) -> anyhow::Result<()> {
+        let bad = |what: String| anyhow::anyhow!("grpo stage '{stage}': {what}");
+        if self.num_generations < 2 {
+            return Err(bad(format!(
+                "num_generations = {} leaves each group with one completion, so every advantage is 0; use 2 or more",
+                self.num_generations
+            )));
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(bad(format!(
+                "temperature = {} makes every completion of a prompt identical (no signal); use e.g. 0.8",
+                self.temperature
+            )));
+        }
+        if self.max_new_tokens == 0 {
+            return Err(bad("max_new_tokens must be at least 1".into()));
+        }
+        if !(self.beta >= 0.0 && self.beta.is_finite()) {
+            return Err(bad(format!("beta must be a non-negative number, got {}", self.beta)));
+        }
+        Ok(())
+    }
+
+    fn loss_config(&self) -> GrpoLossConfig {
+        let clip_high = self.clip_high.unwrap_or(match self.loss_type {
+            PolicyLossKind::Grpo => 0.2,
+            PolicyLossKind::Cispo => 5.0,
+        });
+        GrpoLossConfig { kind: self.loss_type, clip_low: self.clip_low, clip_high, beta: self.beta }
+    }
+}
+
+/// The `grpo` stage kind.
+pub struct GrpoStage;
+
+impl Stage for GrpoStage {
+    const KIND: &'static str = "grpo";
+    const VERSION: u32 = 1;
+    const OUTPUT: ArtifactKind = ArtifactKind::Model;
+    const DOC: &'static str = "GRPO: sampled groups per prompt, verifiable rewards, clipped objective with a KL to a frozen reference";
+    type Params = GrpoParams;
+
+    fn run(&self, ctx: &mut StageContext<'_>, p: &GrpoParams) -> anyhow::Result<StageOutcome> {
+        let stage = ctx.name.to_string();
+        p.validate(&stage)?;
+        let rewards = RewardSet::new(&p.rewards).map_err(|e| anyhow::anyhow!("grpo stage '{stage}': {e}"))?;
+        let device = crate::train::device::select(&ctx.recipe.meta.device)?;
+        let seed = p.seed.unwrap_or(ctx.recipe.meta.seed);
+        let from = ctx.inputs.artifact(&p.from)?;
+        let mut starts = vec![(&p.from, from)];
+        if let Some(r) = &p.reference {
+            starts.push((r, ctx.inputs.artifact(r)?));
+        }
+        for (name, art) in starts {
+            if !art.model_weights().is_file() {
+                bail!("grpo stage '{stage}': stage '{name}' produced an adapter without a merged model; set `merge = true` there");
+            }
+        }
+        let tok = TextTokenizer::from_artifact(from)
+            .with_context(|| format!("grpo stage '{stage}': loading the tokenizer of stage '{}'", p.from))?;
+
+        let mut policy = weights::load_dir(&from.dir, &device, p.lora.is_none())
+            .with_context(|| format!("grpo stage '{stage}': loading model from stage '{}'", p.from))?;
+        let max_prompt = p.max_prompt_len.min(policy.config().max_position_embeddings.saturating_sub(1));
+        let (prompts, skipped_long) = load_prompts(ctx, p, &tok, &rewards, max_prompt)?;
+        let data = PromptSet::new(prompts, tok.pad);
+
+        let adapters = match &p.lora {
+            Some(l) => Some(LoraAdapters::attach(&mut policy, &l.to_config(seed)?)?),
+            None => None,
+        };
+        let reference = match &p.reference {
+            Some(r) => weights::load_dir(&ctx.inputs.artifact(r)?.dir, &device, false)
+                .with_context(|| format!("grpo stage '{stage}': loading reference from stage '{r}'"))?,
+            None => frozen_reference(&policy)?,
+        };
+        let params = match &adapters {
+            Some(a) => a.params(),
+            None => policy.params().to_vec(),
+        };
+        let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
+        let generation = GenerationConfig {
+            max_new_tokens: p.max_new_tokens,
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            repetition_penalty: 1.0,
+            stop_token_ids: vec![tok.eos],
+            seed,
+        };
+        let grpo = Grpo {
+            policy: &policy,
+            params: &params,
+            reference: &reference,
+            adapters: adapters.as_ref(),
+            rewards: &rewards,
+            rollout: RolloutConfig { num_generations: p.num_generations, generation, pad_id: tok.pad },
+            loss: p.loss_config(),
+            decode: &decode,
+        };
+        let eval_set: Vec<&Prompt> = (0..p.reward_eval_prompts.min(data.len())).map(|i| data.get(i)).collect();
+        // A fixed seed apart from the training streams: before and after see the same draws.
+        let eval_seed = seed ^ 0x5EED_0F_E7A1;
+        let reward_before = if eval_set.is_empty() {
+            None
+        } else {
+            Some(grpo.mean_reward(&eval_set, p.batch_size, eval_seed)?)
+        };
+
+        let mut opts = TrainOptions::new(&stage, ctx.work_dir.to_path_buf());
+        opts.lr = p.lr;
+        opts.warmup_steps = p.warmup_steps;
+        opts.adamw = AdamWConfig { weight_decay: p.weight_decay, ..AdamWConfig::default() };
+        opts.grad_clip = p.grad_clip;
+        opts.accumulation_steps = p.accumulation_steps;
+        opts.batch_size = p.batch_size;
+        opts.epochs = p.epochs;
+        opts.max_steps = p.max_steps;
+        opts.save_every = p.save_every;
+        opts.log_every = p.log_every;
+        opts.seed = seed;
+        opts.metrics_path = Some(ctx.run.dir().join(crate::runs::files::METRICS));
+        opts.plot_path = Some(ctx.run.dir().join(format!("{stage}-loss.png")));
+        opts.progress = true;
+
+        let run = ctx.run;
+        let (mut reward_sum, mut zero_std, mut groups, mut steps) = (0f64, 0usize, 0usize, 0usize);
+        let summary = grpo.train(&data, &opts, ctx.cancel, |i, m| {
+            reward_sum += m.reward_mean;
+            zero_std += m.zero_std_groups;
+            groups += m.groups;
+            steps += 1;
+            let mut point = serde_json::to_value(m).expect("metrics serialise");
+            if let Some(o) = point.as_object_mut() {
+                o.insert("micro_step".into(), (i + 1).into());
+                if let Some(serde_json::Value::Object(parts)) = o.remove("rewards") {
+                    for (k, v) in parts {
+                        o.insert(format!("reward/{k}"), v);
+                    }
+                }
+            }
+            // Metrics are best effort: a full disk must not kill a training run.
+            let _ = run.metric(&stage, point);
+        })?;
+        if zero_std > 0 {
+            tracing::info!(
+                stage = %stage,
+                "{zero_std} of {groups} rollout groups had identical rewards (no policy signal)"
+            );
+        }
+        let reward_after = if eval_set.is_empty() {
+            None
+        } else {
+            Some(grpo.mean_reward(&eval_set, p.batch_size, eval_seed)?)
+        };
+
+        if let Some(a) = adapters {
+            a.merge(&mut policy)?;
+        }
+        weights::export(&policy, Some(&from.dir), ctx.out_dir)
+            .with_context(|| format!("grpo stage '{stage}': writing the model"))?;
+
+        let mut metrics = summary.to_metrics();
+        metrics.insert("prompts".into(), data.len().into());
+        metrics.insert("skipped_long_prompts".into(), skipped_long.into());
+        if steps > 0 {
+            metrics.insert("reward_mean".into(), (reward_sum / steps as f64).into());
+            metrics.insert("zero_std_groups".into(), zero_std.into());
+            metrics.insert("groups".into(), groups.into());
+        }
+        if let (Some(b), Some(a)) = (reward_before, reward_after) {
+            metrics.insert("reward_before".into(), b.into());
+            metrics.insert("reward_after".into(), a.into());
+        }
+        Ok(StageOutcome { metrics })
+    }
+}
+
+/// Generation prompts (chat template, assistant header) and final answers from the stage's
+/// dataset; prompts longer than `max_prompt` tokens are left out and counted.
+fn load_prompts(
+    ctx: &StageContext<'_>,
+    p: &GrpoParams,
+    tok: &TextTokenizer,
+    rewards: &RewardSet,
+    max_prompt: usize,
+) -> anyhow::Result<(Vec<Prompt>, usize)> {
+    let stage = ctx.name;
+    let ds = ctx.inputs.dataset(&p.data)?;
+    let has_answers = match ds.spec.format {
+        DataFormat::PromptAnswer => true,
+        DataFormat::Sharegpt | DataFormat::Openai | DataFormat::Alpaca => false,
+        f => bail!(
+            "grpo stage '{stage}': dataset '{}' has format {f:?}; GRPO needs prompts: format = \"prompt_answer\" \
+             (with answers for exact-match rewards) or a chat format",
+            p.data
+        ),
+    };
+    if !has_answers && rewards.names().contains(&"exact_match") {
+        bail!(
+            "grpo stage '{stage}': the exact_match reward needs reference answers, but dataset '{}' is a chat \
+             dataset; use format = \"prompt_answer\" or drop that reward",
+            p.data
+        );
+    }
+    let examples = crate::data::read_examples(ds, Some(ctx.run))
+        .with_context(|| format!("grpo stage '{stage}': reading dataset '{}'", p.data))?;
+    let (mut prompts, mut skipped) = (Vec::new(), 0usize);
+    for ex in examples {
+        let (messages, answer) = match ex {
+            Example::PromptAnswer { prompt, final_answer, .. } => (vec![Message::new("user", prompt)], final_answer),
+            Example::Chat { mut messages, .. } => {
+                if messages.last().is_some_and(|m| m.role == "assistant") {
+                    messages.pop();
+                }
+                (messages, None)
+            }
+            _ => continue,
+        };
+        let ids = tok.prompt(&messages, false)?;
+        if ids.len() > max_prompt {
+            skipped += 1;
+            continue;
+        }
+        prompts.push(Prompt { ids, answer });
+    }
+    if skipped > 0 {
+        tracing::warn!(stage, "{skipped} prompts longer than {max_prompt} tokens were skipped");
+    }
+    if prompts.is_empty() {
+        bail!(
+            "grpo stage '{stage}': no usable prompts in '{}' ({skipped} longer than max_prompt_len = {max_prompt}); \
+             raise max_prompt_len or check the data",
+            p.data
+        );
+    }
+    Ok((prompts, skipped))
+}
