@@ -25,6 +25,10 @@ pub enum ArtifactKind {
 }
 
 impl ArtifactKind {
+    /// What a stage that needs a full model accepts: a model, or an adapter whose stage also wrote
+    /// its merged model (`merge = true`; checked when the stage runs, by `Inputs::model`).
+    pub const MODEL_INPUTS: [ArtifactKind; 2] = [ArtifactKind::Model, ArtifactKind::Adapter];
+
     /// Human-readable name used in error messages ("a model", "a tokenizer").
     pub fn describe(self) -> &'static str {
         match self {

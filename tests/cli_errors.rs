@@ -85,3 +85,39 @@ fn bad_record_errors_with_file_and_line_or_is_skipped_and_counted() {
     assert_eq!(lines.iter().map(|l| l["line"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3, 4, 5]);
     assert!(lines.iter().all(|l| l["dataset"] == "sft"));
 }
+
+/// A GRPO stage that could never learn is refused when the recipe loads (before anything trains),
+/// pointing at the key; one that needs answers from a dataset without them fails with the reason.
+#[test]
+fn unusable_grpo_settings_are_refused_at_the_key() {
+    let sb = Sandbox::new();
+    let grpo = |extra: &str| {
+        format!(
+            "{SMALL_RECIPE}\n[stages.base]\nkind = \"pretrain\"\ntokenizer = \"tok\"\ndata = \"text\"\nmax_seq_len = 32\n\
+             batch_size = 4\nmax_steps = 2\n\n[stages.rl]\nkind = \"grpo\"\nfrom = \"base\"\ndata = \"chat\"\n{extra}\n"
+        )
+    };
+    let text = grpo("rewards = [{ kind = \"length\", max_chars = 20 }]\ntemperature = 0.0");
+    let line = text.lines().position(|l| l.starts_with("temperature = 0.0")).unwrap() + 1;
+    sb.write("t0.toml", &text);
+    let o = sb.run(&["plan", "t0.toml"]);
+    assert_eq!(o.code, Some(2), "stderr:\n{}", o.stderr);
+    assert!(o.stderr.contains(&format!("t0.toml:{line}:")), "no file:line in:\n{}", o.stderr);
+    assert!(o.stderr.contains("positive temperature"), "says what to do:\n{}", o.stderr);
+
+    sb.write("g1.toml", &grpo("rewards = [{ kind = \"exact_match\" }]\nnum_generations = 1"));
+    let o = sb.run(&["plan", "g1.toml"]);
+    assert_eq!(o.code, Some(2));
+    assert!(o.stderr.contains("num_generations"), "{}", o.stderr);
+
+    sb.write("nr.toml", &grpo("rewards = []"));
+    let o = sb.run(&["plan", "nr.toml"]);
+    assert_eq!(o.code, Some(2));
+    assert!(o.stderr.contains("no rewards declared"), "{}", o.stderr);
+
+    // Exact match against a chat dataset (no reference answers): stops at the GRPO stage, saying why.
+    sb.write("em.toml", &grpo("rewards = [{ kind = \"exact_match\" }]\nmax_new_tokens = 4"));
+    let o = sb.run(&["em.toml"]);
+    assert_ne!(o.code, Some(0));
+    assert!(o.stderr.contains("needs reference answers") && o.stderr.contains("prompt_answer"), "{}", o.stderr);
+}

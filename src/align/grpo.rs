@@ -147,7 +147,13 @@ impl Rollout {
     /// Prompt + completion rows, right-padded, with labels only on completion tokens (aligned with
     /// the inputs, as the loss helpers expect). Right padding keeps RoPE positions exact (the
     /// reference left-pads and ignores the offset, spec quirk 11).
-    fn scoring_batch(&self, prompts: &[&Prompt], g: usize, pad_id: u32, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    fn scoring_batch(
+        &self,
+        prompts: &[&Prompt],
+        g: usize,
+        pad_id: u32,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let n = self.completions.len();
         let t = (0..n).map(|i| self.prompt_lens[i] + self.completions[i].len()).max().unwrap_or(1).max(2);
         let mut ids = Vec::with_capacity(n * t);

@@ -151,7 +151,6 @@ pub struct MiniMind {
     norm: Tensor,
     rope: RopeTables,
     params: Vec<(String, Var)>,
-    lora_params: Vec<(String, Var)>,
 }
 
 /// Box-Muller standard normals from a seeded ChaCha stream (candle's CPU RNG cannot be seeded).
@@ -277,7 +276,6 @@ impl MiniMind {
             norm,
             rope: RopeTables::new(cfg),
             params,
-            lora_params: Vec::new(),
         })
     }
 
@@ -517,36 +515,6 @@ impl MiniMind {
         v
     }
 
-    /// Attach LoRA adapters the reference way (spec §10): every square linear layer (in practice
-    /// `q_proj` and `o_proj`) gets `A [rank, in] ~ N(0, 0.02)` and `B [out, rank] = 0`, output
-    /// `W x + B(A x)` (scale 1). The adapters are trainable `Var`s listed by [`Self::lora_params`]
-    /// under `<module>.lora.A.weight` / `.lora.B.weight`; base weights stay as they are (build the
-    /// model with `trainable = false` to freeze them).
-    pub fn add_lora(&mut self, rank: usize, seed: u64) -> Result<()> {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let device = self.device.clone();
-        let mut new = Vec::new();
-        for (name, lin) in self.linears_mut() {
-            let (out, inp) = lin.weight.dims2()?;
-            if out != inp {
-                continue;
-            }
-            let a = Var::from_tensor(&Tensor::from_vec(normal_vec(&mut rng, rank * inp, 0.02), (rank, inp), &device)?)?;
-            let b = Var::from_tensor(&Tensor::zeros((out, rank), DType::F32, &device)?)?;
-            lin.lora =
-                Some(linear::Lora { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: 1.0, dropout: None });
-            new.push((format!("{name}.lora.A.weight"), a));
-            new.push((format!("{name}.lora.B.weight"), b));
-        }
-        self.lora_params = new;
-        Ok(())
-    }
-
-    /// The LoRA adapter parameters (empty without [`Self::add_lora`]).
-    pub fn lora_params(&self) -> &[(String, Var)] {
-        &self.lora_params
-    }
-
     /// Fold the adapters into the base weights (`W <- W + B A`) and drop them. Trainable base
     /// weights are updated in place; frozen ones are replaced.
     pub fn merge_lora(&mut self) -> Result<()> {
@@ -560,7 +528,6 @@ impl MiniMind {
                 }
             }
         }
-        self.lora_params.clear();
         Ok(())
     }
 

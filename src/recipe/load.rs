@@ -11,7 +11,7 @@ use super::overrides::{self, Applied};
 use super::spans::SpanIndex;
 use super::{resolve_model, DatasetSpec, ModelSpec, Recipe, RecipeMeta, StageSpec};
 use crate::hub::HubUri;
-use crate::stages::{DynStage, InputRef};
+use crate::stages::{DynStage, InputRef, ParamsError};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -512,8 +512,14 @@ impl Loader<'_> {
             Ok(parsed) => {
                 Some(StageSpec { name: name.to_string(), kind, params: parsed.canonical, inputs: parsed.inputs })
             }
-            Err(msg) => {
+            Err(ParamsError::Serde(msg)) => {
                 self.serde_error(&at, &params, &msg);
+                None
+            }
+            Err(ParamsError::Invalid(e)) => {
+                let mut path = at.clone();
+                path.push(e.key.to_string());
+                self.error(&path, false, format!("{} in {}", e.message, section(&at)), Some(e.hint));
                 None
             }
         }

@@ -24,6 +24,18 @@ impl Inputs {
         self.artifacts.get(name).ok_or_else(|| anyhow::anyhow!("internal: input stage '{name}' was not provided"))
     }
 
+    /// The full model produced by stage `name`: a model artifact, or an adapter artifact that also
+    /// holds its merged model (`merge = true`). `who` names the asking stage in the error.
+    pub fn model(&self, name: &str, who: &str) -> anyhow::Result<&Artifact> {
+        let art = self.artifact(name)?;
+        if !art.model_weights().is_file() {
+            anyhow::bail!(
+                "stage '{who}': stage '{name}' produced an adapter without a merged model; set `merge = true` there"
+            );
+        }
+        Ok(art)
+    }
+
     /// The dataset called `name`.
     pub fn dataset(&self, name: &str) -> anyhow::Result<&ResolvedDataset> {
         self.datasets.get(name).ok_or_else(|| anyhow::anyhow!("internal: dataset '{name}' was not provided"))

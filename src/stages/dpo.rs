@@ -141,8 +141,7 @@ impl StageParams for DpoParams {
     const COSMETIC: &'static [&'static str] = &["save_every", "log_every"];
 
     fn inputs(&self) -> Vec<InputRef> {
-        // A `lora` stage with `merge = true` carries a full model too.
-        let models = vec![ArtifactKind::Model, ArtifactKind::Adapter];
+        let models = ArtifactKind::MODEL_INPUTS.to_vec();
         let mut v = vec![InputRef::Stage { param: "from", stage: self.from.clone(), accepts: models.clone() }];
         if let Some(r) = &self.reference {
             v.push(InputRef::Stage { param: "reference", stage: r.clone(), accepts: models });
@@ -174,16 +173,7 @@ impl Stage for DpoStage {
                 ds.spec.format
             );
         }
-        let from = ctx.inputs.artifact(&p.from)?;
-        let mut starts = vec![(&p.from, from)];
-        if let Some(r) = &p.reference {
-            starts.push((r, ctx.inputs.artifact(r)?));
-        }
-        for (name, art) in starts {
-            if !art.model_weights().is_file() {
-                bail!("dpo stage '{stage}': stage '{name}' produced an adapter without a merged model; set `merge = true` there");
-            }
-        }
+        let from = ctx.inputs.model(&p.from, &stage)?;
         let sp = ShardParams { max_seq_len: p.max_seq_len, seed, ..ShardParams::default() };
         let shards = tokenized(ctx.cache, ds, from, &sp, ctx.cancel, Some(ctx.run))
             .with_context(|| format!("dpo stage '{stage}': tokenising dataset '{}'", p.data))?;
@@ -216,7 +206,7 @@ impl Stage for DpoStage {
             None => None,
         };
         let reference = match &p.reference {
-            Some(r) => weights::load_dir(&ctx.inputs.artifact(r)?.dir, &device, false)
+            Some(r) => weights::load_dir(&ctx.inputs.model(r, &stage)?.dir, &device, false)
                 .with_context(|| format!("dpo stage '{stage}': loading reference from stage '{r}'"))?,
             None => frozen_reference(&policy)?,
         };

@@ -92,7 +92,11 @@ impl StageParams for EvalParams {
         let mut v: Vec<InputRef> = self
             .models
             .iter()
-            .map(|m| InputRef::Stage { param: "models", stage: m.clone(), accepts: vec![ArtifactKind::Model] })
+            .map(|m| InputRef::Stage {
+                param: "models",
+                stage: m.clone(),
+                accepts: ArtifactKind::MODEL_INPUTS.to_vec(),
+            })
             .collect();
         v.extend(self.data.iter().map(|d| InputRef::Dataset { param: "data", dataset: d.clone() }));
         v
@@ -131,7 +135,7 @@ impl Stage for EvalStage {
             if ctx.cancel.is_cancelled() {
                 return Err(crate::cancel::Interrupted.into());
             }
-            let art = ctx.inputs.artifact(model_name)?;
+            let art = ctx.inputs.model(model_name, ctx.name)?;
             let mr = eval_model(ctx, art, model_name, params, &gen, &sets, &device)
                 .with_context(|| format!("eval stage '{}': evaluating model '{model_name}'", ctx.name))?;
             for (k, v) in

@@ -16,7 +16,7 @@
 //! before and after training with identical sampling seeds (`reward_before` / `reward_after`).
 
 use super::dpo::LoraParams;
-use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
+use super::{InputRef, InvalidParam, Stage, StageContext, StageOutcome, StageParams};
 use crate::align::dpo::frozen_reference;
 use crate::align::grpo::{Grpo, Prompt, PromptSet, RolloutConfig};
 use crate::align::losses::{GrpoLossConfig, PolicyLossKind};
@@ -169,7 +169,7 @@ impl StageParams for GrpoParams {
     const COSMETIC: &'static [&'static str] = &["save_every", "log_every"];
 
     fn inputs(&self) -> Vec<InputRef> {
-        let models = vec![ArtifactKind::Model, ArtifactKind::Adapter];
+        let models = ArtifactKind::MODEL_INPUTS.to_vec();
         let mut v = vec![InputRef::Stage { param: "from", stage: self.from.clone(), accepts: models.clone() }];
         if let Some(r) = &self.reference {
             v.push(InputRef::Stage { param: "reference", stage: r.clone(), accepts: models });
@@ -177,33 +177,35 @@ impl StageParams for GrpoParams {
         v.push(InputRef::Dataset { param: "data", dataset: self.data.clone() });
         v
     }
-}
 
-impl GrpoParams {
-    /// Values no run can use, as one actionable message.
-    fn validate(&self, stage: &str) -> anyhow::Result<()> {
-        let bad = |what: String| anyhow::anyhow!("grpo stage '{stage}': {what}");
+    fn validate(&self) -> Result<(), InvalidParam> {
+        let bad = |key, message: String, hint: &str| Err(InvalidParam { key, message, hint: hint.into() });
+        if let Err(e) = RewardSet::new(&self.rewards) {
+            return bad("rewards", e.to_string(), "e.g. rewards = [{ kind = \"exact_match\" }]");
+        }
         if self.num_generations < 2 {
-            return Err(bad(format!(
-                "num_generations = {} leaves each group with one completion, so every advantage is 0; use 2 or more",
+            let m = format!(
+                "num_generations = {} leaves one completion per group, so every advantage is 0",
                 self.num_generations
-            )));
+            );
+            return bad("num_generations", m, "use 2 or more (the reference samples 6)");
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(bad(format!(
-                "temperature = {} makes every completion of a prompt identical (no signal); use e.g. 0.8",
-                self.temperature
-            )));
+            let m =
+                format!("temperature = {} makes every completion of a prompt identical (no signal)", self.temperature);
+            return bad("temperature", m, "sample with a positive temperature, e.g. 0.8");
         }
         if self.max_new_tokens == 0 {
-            return Err(bad("max_new_tokens must be at least 1".into()));
+            return bad("max_new_tokens", "max_new_tokens = 0 generates nothing".into(), "use at least 1");
         }
         if !(self.beta >= 0.0 && self.beta.is_finite()) {
-            return Err(bad(format!("beta must be a non-negative number, got {}", self.beta)));
+            return bad("beta", format!("beta = {} is not a KL coefficient", self.beta), "use a number >= 0, e.g. 0.1");
         }
         Ok(())
     }
+}
 
+impl GrpoParams {
     fn loss_config(&self) -> GrpoLossConfig {
         let clip_high = self.clip_high.unwrap_or(match self.loss_type {
             PolicyLossKind::Grpo => 0.2,
@@ -220,25 +222,16 @@ impl Stage for GrpoStage {
     const KIND: &'static str = "grpo";
     const VERSION: u32 = 1;
     const OUTPUT: ArtifactKind = ArtifactKind::Model;
-    const DOC: &'static str = "GRPO: sampled groups per prompt, verifiable rewards, clipped objective with a KL to a frozen reference";
+    const DOC: &'static str =
+        "GRPO: sampled groups per prompt, verifiable rewards, clipped objective with a KL to a frozen reference";
     type Params = GrpoParams;
 
     fn run(&self, ctx: &mut StageContext<'_>, p: &GrpoParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
-        p.validate(&stage)?;
         let rewards = RewardSet::new(&p.rewards).map_err(|e| anyhow::anyhow!("grpo stage '{stage}': {e}"))?;
         let device = crate::train::device::select(&ctx.recipe.meta.device)?;
         let seed = p.seed.unwrap_or(ctx.recipe.meta.seed);
-        let from = ctx.inputs.artifact(&p.from)?;
-        let mut starts = vec![(&p.from, from)];
-        if let Some(r) = &p.reference {
-            starts.push((r, ctx.inputs.artifact(r)?));
-        }
-        for (name, art) in starts {
-            if !art.model_weights().is_file() {
-                bail!("grpo stage '{stage}': stage '{name}' produced an adapter without a merged model; set `merge = true` there");
-            }
-        }
+        let from = ctx.inputs.model(&p.from, &stage)?;
         let tok = TextTokenizer::from_artifact(from)
             .with_context(|| format!("grpo stage '{stage}': loading the tokenizer of stage '{}'", p.from))?;
 
@@ -253,7 +246,7 @@ impl Stage for GrpoStage {
             None => None,
         };
         let reference = match &p.reference {
-            Some(r) => weights::load_dir(&ctx.inputs.artifact(r)?.dir, &device, false)
+            Some(r) => weights::load_dir(&ctx.inputs.model(r, &stage)?.dir, &device, false)
                 .with_context(|| format!("grpo stage '{stage}': loading reference from stage '{r}'"))?,
             None => frozen_reference(&policy)?,
         };
@@ -284,11 +277,8 @@ impl Stage for GrpoStage {
         let eval_set: Vec<&Prompt> = (0..p.reward_eval_prompts.min(data.len())).map(|i| data.get(i)).collect();
         // A fixed seed apart from the training streams: before and after see the same draws.
         let eval_seed = seed ^ 0x5EED_0F_E7A1;
-        let reward_before = if eval_set.is_empty() {
-            None
-        } else {
-            Some(grpo.mean_reward(&eval_set, p.batch_size, eval_seed)?)
-        };
+        let reward_before =
+            if eval_set.is_empty() { None } else { Some(grpo.mean_reward(&eval_set, p.batch_size, eval_seed)?) };
 
         let mut opts = TrainOptions::new(&stage, ctx.work_dir.to_path_buf());
         opts.lr = p.lr;
@@ -331,11 +321,8 @@ impl Stage for GrpoStage {
                 "{zero_std} of {groups} rollout groups had identical rewards (no policy signal)"
             );
         }
-        let reward_after = if eval_set.is_empty() {
-            None
-        } else {
-            Some(grpo.mean_reward(&eval_set, p.batch_size, eval_seed)?)
-        };
+        let reward_after =
+            if eval_set.is_empty() { None } else { Some(grpo.mean_reward(&eval_set, p.batch_size, eval_seed)?) };
 
         if let Some(a) = adapters {
             a.merge(&mut policy)?;

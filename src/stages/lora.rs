@@ -223,7 +223,11 @@ mod tests {
         assert_eq!(p.canonical["targets"], "all-linear");
         assert_eq!(p.canonical["merge"], false);
         assert_eq!(p.inputs.len(), 2);
-        assert!(l.parse_params(&table("from = \"sft\"\ndata = \"d\"\nrnak = 8")).unwrap_err().contains("rnak"));
+        assert!(l
+            .parse_params(&table("from = \"sft\"\ndata = \"d\"\nrnak = 8"))
+            .unwrap_err()
+            .to_string()
+            .contains("rnak"));
         assert_eq!(l.output(), ArtifactKind::Adapter);
 
         let d = find("dpo").expect("dpo is registered");

@@ -51,6 +51,41 @@ pub trait StageParams: DeserializeOwned + Serialize + JsonSchema + Clone + Send 
 
     /// The artifacts and datasets this stage reads.
     fn inputs(&self) -> Vec<InputRef>;
+
+    /// Reject values that deserialise but can never work (`temperature = 0` for GRPO), so the
+    /// recipe loader points at the key before any stage runs.
+    fn validate(&self) -> Result<(), InvalidParam> {
+        Ok(())
+    }
+}
+
+/// A parameter value no run can use, found by [`StageParams::validate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidParam {
+    /// The offending top-level key of the stage table.
+    pub key: &'static str,
+    /// What is wrong.
+    pub message: String,
+    /// What to write instead.
+    pub hint: String,
+}
+
+/// Why a stage table was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParamsError {
+    /// serde's message, e.g. "unknown field `lrr`, expected one of …".
+    Serde(String),
+    /// A value that parses but cannot work.
+    Invalid(InvalidParam),
+}
+
+impl std::fmt::Display for ParamsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParamsError::Serde(m) => f.write_str(m),
+            ParamsError::Invalid(e) => write!(f, "`{}`: {} ({})", e.key, e.message, e.hint),
+        }
+    }
 }
 
 /// A stage kind (tokenizer, pretrain, sft, …).
@@ -93,9 +128,9 @@ pub trait DynStage: Send + Sync {
     fn doc(&self) -> &'static str;
     /// See [`StageParams::COSMETIC`].
     fn cosmetic(&self) -> &'static [&'static str];
-    /// Deserialize (with `deny_unknown_fields`) and canonicalise a stage table, `kind` removed.
-    /// The error is serde's message, e.g. "unknown field `lrr`, expected one of …".
-    fn parse_params(&self, table: &toml::Table) -> Result<ParsedParams, String>;
+    /// Deserialize (with `deny_unknown_fields`), validate and canonicalise a stage table, `kind`
+    /// removed.
+    fn parse_params(&self, table: &toml::Table) -> Result<ParsedParams, ParamsError>;
     /// JSON Schema of the params.
     fn params_schema(&self, gen: &mut schemars::SchemaGenerator) -> schemars::Schema;
     /// Run with canonical params produced by [`DynStage::parse_params`].
@@ -118,10 +153,12 @@ impl<S: Stage> DynStage for S {
     fn cosmetic(&self) -> &'static [&'static str] {
         S::Params::COSMETIC
     }
-    fn parse_params(&self, table: &toml::Table) -> Result<ParsedParams, String> {
-        let params: S::Params =
-            toml::Value::Table(table.clone()).try_into().map_err(|e: toml::de::Error| e.message().to_string())?;
-        let canonical = serde_json::to_value(&params).map_err(|e| e.to_string())?;
+    fn parse_params(&self, table: &toml::Table) -> Result<ParsedParams, ParamsError> {
+        let params: S::Params = toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| ParamsError::Serde(e.message().to_string()))?;
+        params.validate().map_err(ParamsError::Invalid)?;
+        let canonical = serde_json::to_value(&params).map_err(|e| ParamsError::Serde(e.to_string()))?;
         Ok(ParsedParams { canonical, inputs: params.inputs() })
     }
     fn params_schema(&self, gen: &mut schemars::SchemaGenerator) -> schemars::Schema {
