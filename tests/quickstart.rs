@@ -1,13 +1,13 @@
-//! Quickstart quality: `recipes/quickstart.toml` (shrunk with `--set`) runs tokenizer → pretrain →
-//! sft → eval end to end through the binary, and the SFT model answers held-out arithmetic problems
-//! clearly better than the pretrained one.
+//! Quickstart quality: `recipes/quickstart.toml` runs tokenizer → pretrain → sft → lora → dpo →
+//! grpo → eval end to end through the binary (fixed seed, CPU: deterministic, so not flaky). The SFT
+//! model answers held-out arithmetic problems clearly better than the pretrained one, DPO ranks the
+//! correct answers above the wrong ones, and GRPO raises both the mean reward and the held-out
+//! exact match over its starting point.
 
 use std::path::{Path, PathBuf};
 
-/// Overrides on top of the recipe. The recipe itself is already sized for a couple of CPU minutes
-/// (300 pretrain + 300 SFT steps of a 0.5M-parameter model); shrinking it further made the
-/// base/SFT gap too small to assert reliably.
-const OVERRIDES: &[&str] = &[];
+/// The pipeline's stages, in order.
+const STAGES: [&str; 7] = ["tok", "base", "sft", "lora", "dpo", "grpo", "report"];
 
 fn find_reports(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(rd) = std::fs::read_dir(dir) else { return };
@@ -22,7 +22,7 @@ fn find_reports(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 #[test]
-fn quickstart_sft_beats_base_on_held_out_exact_match() {
+fn quickstart_stages_each_improve_what_they_optimise() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let home = tempfile::tempdir().unwrap();
     let run = |extra: &[&str]| {
@@ -31,7 +31,7 @@ fn quickstart_sft_beats_base_on_held_out_exact_match() {
             .env("MMRUN_HOME", home.path().join("mmrun"))
             .env("MMRUN_RUNS_DIR", home.path().join("runs"))
             .arg(root.join("recipes/quickstart.toml"));
-        for o in OVERRIDES.iter().chain(extra) {
+        for o in extra {
             cmd.arg("--set").arg(o);
         }
         let out = cmd.output().unwrap();
@@ -51,39 +51,49 @@ fn quickstart_sft_beats_base_on_held_out_exact_match() {
     let em = |m: &str| {
         report["models"][m]["exact_match"].as_f64().unwrap_or_else(|| panic!("no {m}.exact_match in {report:#}"))
     };
-    let (base, sft) = (em("base"), em("sft"));
-    eprintln!("quickstart exact match: base {base:.3}, sft {sft:.3}");
-    // Measured: base 0.01, sft 0.18 on 100 held-out problems.
+    let (base, sft, dpo, grpo) = (em("base"), em("sft"), em("dpo"), em("grpo"));
+    eprintln!("quickstart exact match: base {base:.3}, sft {sft:.3}, dpo {dpo:.3}, grpo {grpo:.3}");
+    // Measured (seed 42): base 0.04, sft 0.23, dpo 0.17, grpo 0.24 on 100 held-out problems.
     assert!(sft >= base + 0.08, "SFT ({sft:.3}) should beat the base model ({base:.3}) by at least 0.08 exact match");
     assert!(sft >= 0.1, "SFT exact match {sft:.3} is too low to show learning");
-    for m in ["base", "sft"] {
+    assert!(grpo >= dpo + 0.04, "GRPO ({grpo:.3}) should beat its starting point, the DPO model ({dpo:.3})");
+    for m in ["base", "sft", "lora", "dpo", "grpo"] {
         let ppl = report["models"][m]["perplexity"].as_f64().unwrap();
         assert!(ppl.is_finite() && ppl >= 1.0, "{m} perplexity {ppl}");
         assert!(!report["models"][m]["generations"].as_array().unwrap().is_empty(), "{m} has no generations");
     }
+    let metrics = |stage: &str| last_run(&home.path().join("runs"))["stages"][stage]["metrics"].clone();
+    let dpo_acc = metrics("dpo")["final/rewards/accuracy"].as_f64().unwrap();
+    assert!(dpo_acc >= 0.6, "DPO should rank the correct answer above the wrong one: reward accuracy {dpo_acc}");
+    let g = metrics("grpo");
+    let (before, after) = (g["reward_before"].as_f64().unwrap(), g["reward_after"].as_f64().unwrap());
+    eprintln!("quickstart dpo reward accuracy {dpo_acc:.3}; grpo mean reward {before:.3} -> {after:.3}");
+    assert!(after >= before + 0.04, "GRPO should raise the mean reward: {before:.3} -> {after:.3}");
 
     // Cosmetic stage params (log/checkpoint intervals, eval batch size) rebuild nothing ...
-    run(&["stages.base.log_every=3", "stages.sft.save_every=17", "stages.report.batch_size=3"]);
-    assert_eq!(last_statuses(&home.path().join("runs")), statuses(&["cached"; 4]));
+    run(&["stages.base.log_every=3", "stages.sft.save_every=17", "stages.grpo.log_every=5", "stages.report.batch_size=3"]);
+    assert_eq!(last_statuses(&home.path().join("runs")), statuses(&["cached"; 7]));
     // ... while an output-affecting one reruns exactly that stage and its descendants.
-    run(&["stages.sft.lr=5e-4", "stages.sft.max_steps=20"]);
-    assert_eq!(last_statuses(&home.path().join("runs")), statuses(&["cached", "cached", "ran", "ran"]));
+    run(&["stages.grpo.lr=1e-5", "stages.grpo.max_steps=5"]);
+    let expect = ["cached", "cached", "cached", "cached", "cached", "ran", "ran"];
+    assert_eq!(last_statuses(&home.path().join("runs")), statuses(&expect));
 }
 
-/// `(stage, status)` of the tok → base → sft → report pipeline with the given statuses.
+/// `(stage, status)` of the pipeline with the given statuses.
 fn statuses(s: &[&str]) -> Vec<(String, String)> {
-    ["tok", "base", "sft", "report"].iter().zip(s).map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    STAGES.iter().zip(s).map(|(a, b)| (a.to_string(), b.to_string())).collect()
 }
 
-/// Stage statuses of the newest run record (run directories start with a sortable timestamp).
-fn last_statuses(runs: &Path) -> Vec<(String, String)> {
+/// The newest run record (run directories start with a sortable timestamp).
+fn last_run(runs: &Path) -> serde_json::Value {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(runs).unwrap().flatten().map(|e| e.path()).collect();
     dirs.sort();
-    let rec: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dirs.last().unwrap().join("run.json")).unwrap()).unwrap();
+    serde_json::from_str(&std::fs::read_to_string(dirs.last().unwrap().join("run.json")).unwrap()).unwrap()
+}
+
+/// Stage statuses of the newest run record.
+fn last_statuses(runs: &Path) -> Vec<(String, String)> {
+    let rec = last_run(runs);
     let stages = rec["stages"].as_object().unwrap_or_else(|| panic!("no stages map in {rec:#}"));
-    ["tok", "base", "sft", "report"]
-        .iter()
-        .map(|s| (s.to_string(), stages[*s]["status"].as_str().unwrap_or("?").to_string()))
-        .collect()
+    STAGES.iter().map(|s| (s.to_string(), stages[*s]["status"].as_str().unwrap_or("?").to_string())).collect()
 }

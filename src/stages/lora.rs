@@ -240,6 +240,7 @@ mod tests {
         assert!(d
             .parse_params(&table("from = \"a\"\ndata = \"p\"\nlora = { rank = 4, alpah = 2 }"))
             .unwrap_err()
+            .to_string()
             .contains("alpah"));
         let lp: LoraParams = serde_json::from_value(p.canonical["lora"].clone()).unwrap();
         let c = lp.to_config(1).unwrap();
