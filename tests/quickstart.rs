@@ -71,7 +71,12 @@ fn quickstart_stages_each_improve_what_they_optimise() {
     assert!(after >= before + 0.04, "GRPO should raise the mean reward: {before:.3} -> {after:.3}");
 
     // Cosmetic stage params (log/checkpoint intervals, eval batch size) rebuild nothing ...
-    run(&["stages.base.log_every=3", "stages.sft.save_every=17", "stages.grpo.log_every=5", "stages.report.batch_size=3"]);
+    run(&[
+        "stages.base.log_every=3",
+        "stages.sft.save_every=17",
+        "stages.grpo.log_every=5",
+        "stages.report.batch_size=3",
+    ]);
     assert_eq!(last_statuses(&home.path().join("runs")), statuses(&["cached"; 7]));
     // ... while an output-affecting one reruns exactly that stage and its descendants.
     run(&["stages.grpo.lr=1e-5", "stages.grpo.max_steps=5"]);

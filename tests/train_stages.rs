@@ -7,7 +7,7 @@ use mmrun::artifact::{Artifact, ArtifactKind, Manifest};
 use mmrun::cache::Cache;
 use mmrun::cancel::{CancelToken, Interrupted};
 use mmrun::data::ResolvedDataset;
-use mmrun::recipe::{DataFormat, DatasetSpec, OnBadRecord, Recipe};
+use mmrun::recipe::{DataFormat, DatasetSpec, OnBadRecord, Precision, Recipe};
 use mmrun::runs::RunSink;
 use mmrun::stages::{Inputs, StageContext};
 use std::path::{Path, PathBuf};
@@ -202,4 +202,63 @@ fn pretrain_resumes_exactly_and_sft_builds_on_it() {
         std::fs::read(sft.join("model.safetensors")).unwrap(),
         std::fs::read(full.join("model.safetensors")).unwrap()
     );
+}
+
+/// `[recipe] precision = "bf16"` reaches every training stage: pretrain, SFT, LoRA (merged) and DPO
+/// each produce different weights than the same stage in f32 (so the policy was applied), stored
+/// as f32 safetensors, with finite losses.
+#[test]
+fn bf16_precision_reaches_every_training_stage() {
+    let Some(shared) = common::shared_data() else { return };
+    let mut w = world(&shared);
+    let pairs: Vec<String> = (0..12)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("What is {i} plus 1?"),
+                "chosen": format!("{}", i + 1),
+                "rejected": format!("{}", i + 7),
+            })
+            .to_string()
+        })
+        .collect();
+    w.inputs.datasets.insert("pairs".into(), dataset(&w.root, "pairs", DataFormat::Dpo, &pairs));
+    let stages: [(&str, toml::Table); 4] = [
+        (
+            "pretrain",
+            toml::toml! { tokenizer = "tok" data = "text" max_seq_len = 32 batch_size = 4 max_steps = 6 lr = 3e-3 },
+        ),
+        ("sft", toml::toml! { from = "base" data = "chat" max_seq_len = 64 batch_size = 4 max_steps = 3 lr = 1e-3 }),
+        (
+            "lora",
+            toml::toml! { from = "base" data = "chat" rank = 4 merge = true max_seq_len = 64 batch_size = 4 max_steps = 3 lr = 1e-2 },
+        ),
+        ("dpo", toml::toml! { from = "base" data = "pairs" max_seq_len = 64 batch_size = 4 max_steps = 3 lr = 1e-3 }),
+    ];
+    let weights = |dir: &Path, file: &str| -> (Vec<u8>, Vec<(String, safetensors::Dtype)>) {
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let dtypes = st.tensors().into_iter().map(|(n, t)| (n, t.dtype())).collect();
+        (bytes, dtypes)
+    };
+    // Downstream stages all start from the f32 pretrain output, so a difference between their f32
+    // and bf16 outputs can only come from their own precision.
+    for (kind, params) in &stages {
+        let mut out = Vec::new();
+        for precision in [Precision::F32, Precision::Bf16] {
+            w.recipe.meta.precision = precision;
+            let tag = format!("{kind}-{}", precision.as_str());
+            let (res, dir) =
+                run_stage(&w, kind, params.clone(), &format!("work-{tag}"), &format!("out-{tag}"), &CancelToken::new());
+            let metrics = res.unwrap_or_else(|e| panic!("{tag}: {e:#}")).metrics;
+            assert!(metrics["final_loss"].as_f64().is_some_and(f64::is_finite), "{tag}: {metrics:?}");
+            let file = if *kind == "lora" { "adapter_model.safetensors" } else { "model.safetensors" };
+            let (bytes, dtypes) = weights(&dir, file);
+            assert!(dtypes.iter().all(|(_, d)| *d == safetensors::Dtype::F32), "{tag}: {dtypes:?}");
+            out.push(bytes);
+            if *kind == "pretrain" && precision == Precision::F32 {
+                w.inputs.artifacts.insert("base".into(), artifact(&dir, ArtifactKind::Model, "pretrain", "base-key"));
+            }
+        }
+        assert_ne!(out[0], out[1], "{kind} ignored precision = bf16");
+    }
 }

@@ -52,7 +52,8 @@ impl BatchSource for PairRows {
 
 /// A frozen reference built from the policy's current weights: deep copies for full fine-tuning
 /// (the policy's `Var`s change in place), shared tensors when the base is already frozen (LoRA: the
-/// reference is the base without adapters, at no extra memory).
+/// reference is the base without adapters, at no extra memory). It computes in the policy's dtype,
+/// so that at step 0 the policy's and the reference's log-probs agree exactly.
 pub fn frozen_reference(policy: &MiniMind) -> anyhow::Result<MiniMind> {
     let shared = policy.params().is_empty();
     let mut named = std::collections::HashMap::new();
@@ -60,7 +61,9 @@ pub fn frozen_reference(policy: &MiniMind) -> anyhow::Result<MiniMind> {
         let t = if shared && !t.is_variable() { t } else { t.copy()? };
         named.insert(n, t);
     }
-    Ok(MiniMind::from_tensors(policy.config(), named, policy.device(), false)?)
+    let mut reference = MiniMind::from_tensors(policy.config(), named, policy.device(), false)?;
+    reference.set_compute_dtype(policy.compute_dtype())?;
+    Ok(reference)
 }
 
 /// Train `policy` with DPO. `params` are the trainable tensors (the policy's own for full

@@ -31,9 +31,13 @@ impl Linear {
         Self { weight, lora: None }
     }
 
-    /// Apply to `x` of shape `[N, in]` (2-D; callers flatten batch and time first).
+    /// Apply to `x` of shape `[N, in]` (2-D; callers flatten batch and time first). The matmul
+    /// runs in `x`'s dtype: weights (f32 masters) are cast to it at use, which is how bf16 mixed
+    /// precision works here. The cast is differentiable (its backward casts the gradient back), so
+    /// f32 `Var`s still receive f32 gradients; for f32 `x` the cast is a no-op.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let dt = x.dtype();
+        let y = x.matmul(&self.weight.to_dtype(dt)?.t()?)?;
         match &self.lora {
             None => Ok(y),
             Some(l) => {
@@ -41,7 +45,7 @@ impl Linear {
                     Some(d) => d.apply(x)?,
                     None => x.clone(),
                 };
-                let d = xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+                let d = xd.matmul(&l.a.to_dtype(dt)?.t()?)?.matmul(&l.b.to_dtype(dt)?.t()?)?;
                 y + (d * l.scale)?
             }
         }

@@ -97,6 +97,9 @@ pub enum ModelError {
         /// From the config.
         want: Vec<usize>,
     },
+    /// A compute dtype the model does not support.
+    #[error("compute dtype {0:?} is not supported: use f32, or bf16 for mixed precision (f16 would need loss scaling, which mmrun does not do)")]
+    ComputeDtype(DType),
     /// Config inconsistency.
     #[error(transparent)]
     Config(#[from] config::HfConfigError),
@@ -151,6 +154,7 @@ pub struct MiniMind {
     norm: Tensor,
     rope: RopeTables,
     params: Vec<(String, Var)>,
+    compute_dtype: DType,
 }
 
 /// Box-Muller standard normals from a seeded ChaCha stream (candle's CPU RNG cannot be seeded).
@@ -276,6 +280,7 @@ impl MiniMind {
             norm,
             rope: RopeTables::new(cfg),
             params,
+            compute_dtype: DType::F32,
         })
     }
 
@@ -287,6 +292,26 @@ impl MiniMind {
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The dtype matmuls and the activations between them run in: f32 (the default) or bf16.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
+    }
+
+    /// Choose the compute dtype (mixed precision when bf16). Weights stay what they are (f32
+    /// `Var`s for training, so gradients and optimizer state stay f32) and are cast at use; the
+    /// residual stream, RMSNorm, RoPE, the attention softmax, the MoE router and the logits stay
+    /// f32, like PyTorch autocast. In bf16 the fused CPU kernels (f32-only) are bypassed wherever
+    /// a tensor is bf16, and the composite ops run instead.
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> std::result::Result<(), ModelError> {
+        match dtype {
+            DType::F32 | DType::BF16 => {
+                self.compute_dtype = dtype;
+                Ok(())
+            }
+            other => Err(ModelError::ComputeDtype(other)),
+        }
     }
 
     /// Trainable parameters in a stable order with Qwen3 key names (empty for a frozen model).
@@ -347,25 +372,32 @@ impl MiniMind {
         let cfg = &self.cfg;
         let (c, d, h, kh) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
         let eps = cfg.rms_norm_eps;
+        // Mixed precision (see `set_compute_dtype`): `x`, the residual stream, stays f32; what
+        // goes into a matmul is cast to `cd` and what comes out is cast back. For f32 every
+        // `to_dtype` below is a no-op, so the f32 path is exactly the plain one.
+        let (cd, f32) = (self.compute_dtype, DType::F32);
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
         let mut x = self.embed.index_select(&ids, 0)?; // [N, C]
         let mut aux = Tensor::zeros((), DType::F32, &self.device)?;
         for (l, blk) in self.blocks.iter().enumerate() {
             // Attention.
-            let hn = ops::rms_norm(&x, &blk.input_ln, eps)?;
-            let q = blk.q.forward(&hn)?.reshape((b, t, h, d))?;
-            let k = blk.k.forward(&hn)?.reshape((b, t, kh, d))?;
+            let hn = ops::rms_norm(&x, &blk.input_ln, eps)?.to_dtype(cd)?;
+            let q = blk.q.forward(&hn)?.reshape((b, t, h, d))?.to_dtype(f32)?;
+            let k = blk.k.forward(&hn)?.reshape((b, t, kh, d))?.to_dtype(f32)?;
             let v = blk.v.forward(&hn)?.reshape((b, t, kh, d))?;
-            let q = ops::rope(&ops::rms_norm(&q, &blk.q_norm, eps)?, &self.rope, start_pos)?;
-            let k = ops::rope(&ops::rms_norm(&k, &blk.k_norm, eps)?, &self.rope, start_pos)?;
+            // q/k norms and RoPE in f32: the rotation of bf16 values by bf16 tables loses the
+            // position signal at long range.
+            let q = ops::rope(&ops::rms_norm(&q, &blk.q_norm, eps)?, &self.rope, start_pos)?.to_dtype(cd)?;
+            let k = ops::rope(&ops::rms_norm(&k, &blk.k_norm, eps)?, &self.rope, start_pos)?.to_dtype(cd)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(cache) => cache.append(l, &k, &v)?,
                 None => (k, v),
             };
+            // The attention softmax itself runs in f32 inside `ops::attention` for every dtype.
             let o = ops::attention(&q, &k, &v, key_mask)?.reshape((b * t, h * d))?;
-            x = (x + blk.o.forward(&o)?)?;
+            x = (x + blk.o.forward(&o)?.to_dtype(f32)?)?;
             // Feed-forward.
-            let hn = ops::rms_norm(&x, &blk.post_ln, eps)?;
+            let hn = ops::rms_norm(&x, &blk.post_ln, eps)?.to_dtype(cd)?;
             let y = match &blk.mlp {
                 Mlp::Dense(f) => f.forward(&hn)?,
                 Mlp::Moe(m) => {
@@ -374,7 +406,7 @@ impl MiniMind {
                     y
                 }
             };
-            x = (x + y)?;
+            x = (x + y.to_dtype(f32)?)?;
         }
         let x = ops::rms_norm(&x, &self.norm, eps)?;
         Ok((x.reshape((b, t, c))?, aux))
@@ -386,7 +418,9 @@ impl MiniMind {
         let cfg = &self.cfg;
         let (n, c) = x.dims2()?;
         let (e_n, k) = (cfg.num_experts, cfg.num_experts_per_tok);
-        let probs = ops::softmax_last(&m.router.forward(x)?.to_dtype(DType::F32)?)?; // [N, E]
+        // The router in f32 (logits and softmax): top-k picks are discontinuous, and bf16 logits
+        // would flip near-ties between experts.
+        let probs = ops::softmax_last(&m.router.forward(&x.to_dtype(DType::F32)?)?)?; // [N, E]
         let pv: Vec<Vec<f32>> = probs.to_vec2()?;
         let mut idx = Vec::with_capacity(n * k);
         for row in &pv {
@@ -434,16 +468,18 @@ impl MiniMind {
         Ok((out, aux))
     }
 
-    /// LM head on hidden states `[.., C]` → logits `[.., V]`.
+    /// LM head on hidden states `[.., C]` → logits `[.., V]`, always f32 (the matmul runs in the
+    /// compute dtype; log-softmax, cross-entropy and sampling downstream want f32).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let dims = hidden.dims().to_vec();
         let c = *dims.last().expect("rank >= 1");
         let n = hidden.elem_count() / c;
-        let h2 = hidden.reshape((n, c))?;
+        let h2 = hidden.reshape((n, c))?.to_dtype(self.compute_dtype)?;
         let out = match &self.lm_head {
             Some(l) => l.forward(&h2)?,
-            None => h2.matmul(&self.embed.t()?)?,
-        };
+            None => h2.matmul(&self.embed.to_dtype(self.compute_dtype)?.t()?)?,
+        }
+        .to_dtype(DType::F32)?;
         let mut od = dims;
         *od.last_mut().expect("rank >= 1") = self.cfg.vocab_size;
         out.reshape(od)

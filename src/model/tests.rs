@@ -213,3 +213,82 @@ fn fused_and_composite_paths_agree_on_loss_and_every_gradient() {
         }
     }
 }
+/// bf16 mixed precision: loss and aux are f32 scalars; every parameter (dense, untied, MoE with its
+/// router, LoRA adapters) gets a finite, non-zero gradient that is f32 like the parameter itself;
+/// and the forward stays close to the f32 one.
+#[test]
+fn bf16_mixed_precision_gives_every_param_a_finite_f32_gradient() {
+    for (moe, tied) in [(false, true), (false, false), (true, true)] {
+        let mut cfg = tiny(moe);
+        cfg.tie_word_embeddings = tied;
+        let f = MiniMind::new(&cfg, 1, &Device::Cpu).unwrap();
+        let mut m = MiniMind::new(&cfg, 1, &Device::Cpu).unwrap();
+        m.set_compute_dtype(DType::BF16).unwrap();
+        assert_eq!(m.compute_dtype(), DType::BF16);
+        let x = ids(2, 24, cfg.vocab_size, 3);
+        let labels = x.to_dtype(DType::I64).unwrap();
+        let (loss, aux) = m.forward_train(&x, &labels).unwrap();
+        assert_eq!((loss.dtype(), aux.dtype()), (DType::F32, DType::F32));
+        let (lf, _) = f.forward_train(&x, &labels).unwrap();
+        let (l, lf) = (loss.to_scalar::<f32>().unwrap(), lf.to_scalar::<f32>().unwrap());
+        // bf16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.2 %); at init the logits are
+        // tiny, so the loss barely moves: 1 % is far outside rounding noise but catches a wrong op.
+        assert!((l - lf).abs() < 0.01 * lf, "moe={moe} tied={tied}: bf16 loss {l} vs f32 {lf}");
+        let grads = (loss + aux).unwrap().backward().unwrap();
+        for (name, var) in m.params() {
+            assert_eq!(var.dtype(), DType::F32, "{name} is no longer an f32 master weight");
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("moe={moe}: no gradient for {name}"));
+            assert_eq!(g.dtype(), DType::F32, "{name}: gradient in {:?}", g.dtype());
+            let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(n > 0.0 && n.is_finite(), "moe={moe}: zero/non-finite gradient for {name}: {n}");
+        }
+        let lf = f.forward_logits(&x, None).unwrap();
+        let lb = m.forward_logits(&x, None).unwrap();
+        assert_eq!(lb.dtype(), DType::F32, "logits are handed out in f32");
+        let scale = lf.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let d = max_abs_diff(&lf, &lb);
+        assert!(d > 0.0, "bf16 logits equal f32 bit for bit: the bf16 path did not run");
+        assert!(d < 0.05 * scale, "moe={moe}: bf16 logits off by {d} (max |logit| {scale})");
+    }
+
+    // LoRA on a frozen base in bf16: the adapters (f32 Vars) get f32 gradients.
+    let cfg = tiny(false);
+    let base = MiniMind::new(&cfg, 3, &Device::Cpu).unwrap();
+    let mut m = MiniMind::from_tensors(&cfg, base.named_tensors().into_iter().collect(), &Device::Cpu, false).unwrap();
+    let lc = super::lora::LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: super::lora::Targets::AllLinear,
+        seed: 9,
+    };
+    let adapters = super::lora::LoraAdapters::attach(&mut m, &lc).unwrap();
+    m.set_compute_dtype(DType::BF16).unwrap();
+    let x = ids(1, 10, cfg.vocab_size, 4);
+    let (loss, _) = m.forward_train(&x, &x.to_dtype(DType::I64).unwrap()).unwrap();
+    let g = loss.backward().unwrap();
+    for (n, v) in adapters.params().iter().filter(|(n, _)| n.contains("lora_B")) {
+        let g = g.get(v.as_tensor()).unwrap_or_else(|| panic!("no grad for {n}"));
+        assert_eq!(g.dtype(), DType::F32, "{n}");
+    }
+}
+
+#[test]
+fn bf16_kv_cache_decoding_matches_its_full_forward_and_other_dtypes_are_refused() {
+    let cfg = tiny(true);
+    let mut m = MiniMind::new(&cfg, 2, &Device::Cpu).unwrap();
+    m.set_compute_dtype(DType::BF16).unwrap();
+    let x = ids(1, 9, cfg.vocab_size, 5);
+    let full = m.forward_logits(&x, None).unwrap();
+    let mut cache = m.new_cache();
+    m.forward_step(&x.narrow(1, 0, 6).unwrap(), &mut cache, 0).unwrap();
+    let step = m.forward_step(&x.narrow(1, 6, 3).unwrap(), &mut cache, 6).unwrap();
+    assert_eq!(cache.len(), 9);
+    let want = full.narrow(1, 8, 1).unwrap().squeeze(1).unwrap();
+    // Same bf16 ops in a different grouping (cache concat vs one pass): bf16-level agreement.
+    let scale = want.abs().unwrap().max(D::Minus1).unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(max_abs_diff(&step, &want) < 0.02 * scale.max(1e-3), "{}", max_abs_diff(&step, &want));
+    let e = m.set_compute_dtype(DType::F16).unwrap_err().to_string();
+    assert!(e.contains("F16") && e.contains("bf16"), "{e}");
+    assert_eq!(m.compute_dtype(), DType::BF16, "a refused dtype leaves the model as it was");
+}

@@ -18,7 +18,8 @@
 //! | each input dataset's `format`, `columns`, `on_bad_record`, `builtin` | they change which examples the bytes turn into                    |
 //! | `recipe.seed`                                | init, data order and sampling depend on it; conservatively in every stage                 |
 //! | resolved `[model]` config (stages that *build* a model: output is a model and no input is one) | architecture; downstream stages get it through that stage's key; `vocab_size` only when set explicitly (else the tokenizer input decides it) |
-//! | device class `cpu` / `cuda` (stages producing models, adapters, eval reports) | numerics (and dtype policy: f32 on CPU, bf16 on CUDA) differ by class |
+//! | device class `cpu` / `cuda` (stages producing models, adapters, eval reports) | numerics differ by class |
+//! | resolved `precision` when it is `bf16` (stages producing models and adapters) | bf16 mixed precision trains different weights than f32; `auto` enters as what it resolves to (`bf16` on CUDA, `f32` on the CPU) |
 //! | [`KEY_FORMAT`]                               | lets a new mmrun invalidate keys whose recipe changed meaning                             |
 //!
 //! | Deliberately *not* in the key                | Why                                                                                      |
@@ -28,13 +29,15 @@
 //! | stage and dataset *names*, and params that only name inputs (`from = "base"`) | renaming is not a change; the input's key stands in for the name (names stay in the fingerprint, for explanations) |
 //! | dataset `source` string                      | the content hash covers what was read                                                     |
 //! | device index (`cuda:0` vs `cuda:1`), `auto` vs the class it resolves to | same hardware class, same result                              |
+//! | `precision` when it resolves to `f32`, and `auto` vs what it resolves to | f32 is what every key meant before `precision` existed, so an absent field means f32 and those caches stay valid |
+//! | `precision` of eval stages               | generation and scoring always run in f32; the models they read carry their precision in their keys |
 //! | tokenizer / dataset stages' device class     | they do not run numerics that depend on it                                               |
 //! | recipe name, description, `--set` overrides as such, file path, mmrun version | only their *effect* on the values above matters                |
 //! | wall clock, host name, run directory         | not inputs of the computation                                                             |
 
 use crate::artifact::ArtifactKind;
 use crate::data::ResolvedDataset;
-use crate::recipe::{resolve_model, ModelSpec, Recipe, StageSpec};
+use crate::recipe::{resolve_model, ModelSpec, Precision, Recipe, StageSpec};
 use crate::stages::{DynStage, InputRef};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -74,6 +77,8 @@ pub struct KeyContext<'a> {
     pub datasets: &'a BTreeMap<String, ResolvedDataset>,
     /// `cpu` or `cuda`.
     pub device_class: &'a str,
+    /// The recipe's precision resolved for `device_class` (never `Auto`).
+    pub precision: Precision,
 }
 
 /// Why a fingerprint could not be computed.
@@ -191,6 +196,11 @@ pub fn fingerprint(
     }
     if matches!(output, ArtifactKind::Model | ArtifactKind::Adapter | ArtifactKind::EvalReport) {
         fp.insert("device".into(), json!(cx.device_class));
+    }
+    // Only bf16 is written: f32 is what keys meant before precision existed (see the table above).
+    let trains = matches!(output, ArtifactKind::Model | ArtifactKind::Adapter);
+    if trains && cx.precision.resolve(cx.device_class) == Precision::Bf16 {
+        fp.insert("precision".into(), json!(Precision::Bf16.as_str()));
     }
     Ok((Value::Object(fp), cosmetic))
 }

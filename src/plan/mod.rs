@@ -174,12 +174,20 @@ pub fn build_with(
     let order = dag::topo_order(&recipe.stages).map_err(PlanError::Cycle)?;
 
     let device = key::device_class(&recipe.meta.device);
+    let precision = recipe.meta.precision.resolve(device);
     let mut keys = BTreeMap::new();
     let mut statuses: BTreeMap<String, Status> = BTreeMap::new();
     let mut planned = Vec::with_capacity(order.len());
     for i in order {
         let spec = &recipe.stages[i];
-        let cx = key::KeyContext { recipe, stage_keys: &keys, stage_outputs: &outputs, datasets, device_class: device };
+        let cx = key::KeyContext {
+            recipe,
+            stage_keys: &keys,
+            stage_outputs: &outputs,
+            datasets,
+            device_class: device,
+            precision,
+        };
         let (fingerprint, excluded) = key::fingerprint(spec, defs[i], &cx)?;
         let k = key::key_of(&fingerprint);
         let (status, reasons) = if has_object(cache, &k) {
@@ -364,7 +372,7 @@ fn explain_stage(s: &PlannedStage) -> String {
     let _ = writeln!(o, "stage {} (kind {}): {}", s.name, s.kind, s.status);
     let _ = writeln!(o, "key {}", s.key);
     let _ = writeln!(o, "\nin the key (blake3 of this record, names excluded):");
-    for field in ["kind", "version", "key_format", "seed", "device"] {
+    for field in ["kind", "version", "key_format", "seed", "device", "precision"] {
         if let Some(v) = fp.get(field) {
             let _ = writeln!(o, "  {field:<10} {}", reasons::show(v));
         }

@@ -82,6 +82,11 @@ pub(crate) fn diff(old: &Value, new: &Value, statuses: &BTreeMap<String, Status>
             show(new.get("device").unwrap_or(&Value::Null))
         ));
     }
+    if old.get("precision") != new.get("precision") {
+        // Absent means f32 (see plan::key).
+        let p = |v: &Value| v.get("precision").and_then(Value::as_str).unwrap_or("f32").to_string();
+        out.push(format!("precision {} → {}", p(old), p(new)));
+    }
     diff_map("param", &obj(old.get("params")), &obj(new.get("params")), &mut out);
 
     // Inputs: matched by (param, position among that param's entries).
@@ -189,7 +194,7 @@ mod tests {
             "model": {"hidden_size": 64}
         });
         let new = json!({
-            "key_format": 1, "kind": "pretrain", "version": 2, "seed": 7, "device": "cuda",
+            "key_format": 1, "kind": "pretrain", "version": 2, "seed": 7, "device": "cuda", "precision": "bf16",
             "params": {"lr": 3e-4, "batch": 8},
             "inputs": [{"param": "tokenizer", "stage": "tok", "key": "bbbbbbbbbbbbbbbb"}],
             "datasets": [{"param": "data", "dataset": "medical", "content_hash": "3c4d5e6f7a8b9c0d", "format": "text"}],
@@ -202,6 +207,7 @@ mod tests {
                 "stage version 1 → 2",
                 "seed 42 → 7",
                 "device class cpu → cuda",
+                "precision f32 → bf16",
                 "param batch = 8 (new)",
                 "param lr 5e-4 → 3e-4",
                 "param warmup removed (was 10)",

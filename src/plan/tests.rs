@@ -287,3 +287,42 @@ fn unset_optional_params_stay_out_of_the_key() {
     let p = plan(&c, GOOD, &["stages.sft.max_steps=100"]);
     assert_eq!(reasons(&p, "sft"), ["param max_steps = 100 (new)"]);
 }
+
+#[test]
+fn precision_enters_model_keys_and_auto_keys_like_its_resolution() {
+    let (_d, c) = cache();
+    let keys = |p: &Plan| p.stages.iter().map(|s| (s.name.clone(), s.key.clone())).collect::<BTreeMap<_, _>>();
+    // GOOD runs on the CPU, where `auto` (the default) is f32.
+    let auto = plan(&c, GOOD, &[]);
+    assert_eq!(keys(&auto), keys(&plan(&c, GOOD, &["recipe.precision=auto"])));
+    assert_eq!(keys(&auto), keys(&plan(&c, GOOD, &["recipe.precision=f32"])));
+    assert!(auto.stage("base").unwrap().fingerprint.get("precision").is_none());
+
+    publish_all(&c, &auto);
+    let bf16 = plan(&c, GOOD, &["recipe.precision=bf16"]);
+    assert_eq!(bf16.stage("tok").unwrap().key, auto.stage("tok").unwrap().key, "a tokenizer has no numerics");
+    for name in ["base", "sft", "report"] {
+        assert_ne!(bf16.stage(name).unwrap().key, auto.stage(name).unwrap().key, "{name}");
+    }
+    assert_eq!(bf16.stage("base").unwrap().fingerprint["precision"], "bf16");
+    assert_eq!(reasons(&bf16, "base"), ["precision f32 → bf16"]);
+    assert!(bf16.explain("base").unwrap().contains("precision  bf16"));
+    // Eval runs in f32 whatever the policy; it moves only because its models did.
+    assert!(bf16.stage("report").unwrap().fingerprint.get("precision").is_none());
+    assert_eq!(reasons(&bf16, "report"), ["input base is stale", "input sft is stale"]);
+
+    // On CUDA `auto` is bf16: it keys like explicit bf16, and explicit f32 differs from both.
+    let cuda = |p: &str| keys(&plan(&c, GOOD, &["recipe.device=cuda:0", &format!("recipe.precision={p}")]));
+    assert_eq!(cuda("auto"), cuda("bf16"));
+    assert_ne!(cuda("auto")["base"], cuda("f32")["base"]);
+    // ...and a CUDA f32 run keys exactly as CUDA runs did before precision existed (no field).
+    let cuda_f32 = plan(&c, GOOD, &["recipe.device=cuda:0", "recipe.precision=f32"]);
+    assert!(cuda_f32.stage("base").unwrap().fingerprint.get("precision").is_none());
+}
+
+#[test]
+fn unknown_precision_is_a_recipe_error() {
+    let o = vec!["recipe.precision=fp16".to_string()];
+    let e = load_str(Path::new("r.toml"), GOOD.to_string(), &o, &registry()).unwrap_err().to_string();
+    assert!(e.contains("precision") && e.contains("bf16"), "{e}");
+}

@@ -59,6 +59,49 @@ pub struct RecipeMeta {
     /// `auto` (CUDA if built with it and present, else CPU), `cpu`, or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// Training numerics: `auto` (bf16 mixed precision on CUDA, f32 on the CPU), `f32`, or `bf16`
+    /// (mixed precision: f32 master weights and optimizer state, bf16 matmuls).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// `[recipe] precision`: the numeric policy of the training stages.
+///
+/// `bf16` is *mixed* precision: weights, gradients and AdamW moments stay f32; matmuls and the
+/// activations between them run in bf16; RMSNorm statistics, RoPE, softmax, the cross-entropy and
+/// the MoE router run in f32. Saved weights are f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 on CUDA (what GPUs are fast at), f32 on the CPU (where bf16 matmuls are widened to f32
+    /// and so only slower).
+    #[default]
+    Auto,
+    /// f32 everywhere.
+    F32,
+    /// bf16 mixed precision, on any device (on the CPU it is slower than f32; useful for testing).
+    Bf16,
+}
+
+impl Precision {
+    /// What this resolves to on a device of class `device_class` (`"cpu"` or `"cuda"`): never
+    /// `Auto`. Used both by the stage keys and at run time, so `auto` keys like its resolution.
+    pub fn resolve(self, device_class: &str) -> Precision {
+        match self {
+            Precision::Auto if device_class == "cuda" => Precision::Bf16,
+            Precision::Auto => Precision::F32,
+            p => p,
+        }
+    }
+
+    /// The recipe spelling (`"auto"`, `"f32"`, `"bf16"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Auto => "auto",
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
 }
 
 fn default_seed() -> u64 {

@@ -163,7 +163,8 @@ impl Stage for DpoStage {
 
     fn run(&self, ctx: &mut StageContext<'_>, p: &DpoParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
-        let device = crate::train::device::select(&ctx.recipe.meta.device)?;
+        // Device and precision policy; every model below is built through it.
+        let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
         let seed = p.seed.unwrap_or(ctx.recipe.meta.seed);
         let ds = ctx.inputs.dataset(&p.data)?;
         if ds.spec.format != DataFormat::Dpo {
@@ -199,14 +200,16 @@ impl Stage for DpoStage {
         }
         let data = PairRows::new(pairs, shards.meta().pad_id);
 
-        let mut policy = weights::load_dir(&from.dir, &device, p.lora.is_none())
+        let mut policy = compute
+            .load_model(&from.dir, p.lora.is_none())
             .with_context(|| format!("dpo stage '{stage}': loading model from stage '{}'", p.from))?;
         let adapters = match &p.lora {
             Some(l) => Some(LoraAdapters::attach(&mut policy, &l.to_config(seed)?)?),
             None => None,
         };
         let reference = match &p.reference {
-            Some(r) => weights::load_dir(&ctx.inputs.model(r, &stage)?.dir, &device, false)
+            Some(r) => compute
+                .load_model(&ctx.inputs.model(r, &stage)?.dir, false)
                 .with_context(|| format!("dpo stage '{stage}': loading reference from stage '{r}'"))?,
             None => frozen_reference(&policy)?,
         };

@@ -461,7 +461,13 @@ mod tests {
             path: t.join("r.toml"),
             source_text: String::new(),
             overrides: vec![],
-            meta: crate::recipe::RecipeMeta { name: "t".into(), description: None, seed: 1, device: "cpu".into() },
+            meta: crate::recipe::RecipeMeta {
+                name: "t".into(),
+                description: None,
+                seed: 1,
+                device: "cpu".into(),
+                precision: Default::default(),
+            },
             model: Default::default(),
             datasets: [
                 ("qa", ds("qa.jsonl", DataFormat::PromptAnswer)),

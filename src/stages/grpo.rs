@@ -229,13 +229,14 @@ impl Stage for GrpoStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &GrpoParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
         let rewards = RewardSet::new(&p.rewards).map_err(|e| anyhow::anyhow!("grpo stage '{stage}': {e}"))?;
-        let device = crate::train::device::select(&ctx.recipe.meta.device)?;
+        let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
         let seed = p.seed.unwrap_or(ctx.recipe.meta.seed);
         let from = ctx.inputs.model(&p.from, &stage)?;
         let tok = TextTokenizer::from_artifact(from)
             .with_context(|| format!("grpo stage '{stage}': loading the tokenizer of stage '{}'", p.from))?;
 
-        let mut policy = weights::load_dir(&from.dir, &device, p.lora.is_none())
+        let mut policy = compute
+            .load_model(&from.dir, p.lora.is_none())
             .with_context(|| format!("grpo stage '{stage}': loading model from stage '{}'", p.from))?;
         let max_prompt = p.max_prompt_len.min(policy.config().max_position_embeddings.saturating_sub(1));
         let (prompts, skipped_long) = load_prompts(ctx, p, &tok, &rewards, max_prompt)?;
@@ -246,7 +247,8 @@ impl Stage for GrpoStage {
             None => None,
         };
         let reference = match &p.reference {
-            Some(r) => weights::load_dir(&ctx.inputs.model(r, &stage)?.dir, &device, false)
+            Some(r) => compute
+                .load_model(&ctx.inputs.model(r, &stage)?.dir, false)
                 .with_context(|| format!("grpo stage '{stage}': loading reference from stage '{r}'"))?,
             None => frozen_reference(&policy)?,
         };

@@ -134,7 +134,7 @@ impl Stage for LoraStage {
 
     fn run(&self, ctx: &mut StageContext<'_>, p: &LoraStageParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
-        let device = crate::train::device::select(&ctx.recipe.meta.device)?;
+        let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
         let seed = p.seed.unwrap_or(ctx.recipe.meta.seed);
         let ds = ctx.inputs.dataset(&p.data)?;
         if !matches!(ds.spec.format, DataFormat::Sharegpt | DataFormat::Openai | DataFormat::Alpaca) {
@@ -163,7 +163,8 @@ impl Stage for LoraStage {
         let n_rows = rows.len();
         let data = PaddedRows::new(rows, shards.meta().pad_id, None);
 
-        let mut model = weights::load_dir(&from.dir, &device, false)
+        let mut model = compute
+            .load_model(&from.dir, false)
             .with_context(|| format!("lora stage '{stage}': loading model from stage '{}'", p.from))?;
         let lp = LoraParams { rank: p.rank, alpha: p.alpha, dropout: p.dropout, targets: p.targets.clone() };
         let adapters = LoraAdapters::attach(&mut model, &lp.to_config(seed)?)?;

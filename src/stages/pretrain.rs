@@ -4,7 +4,7 @@
 use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
 use crate::artifact::ArtifactKind;
 use crate::data::shards::ShardParams;
-use crate::model::{MiniMind, ModelConfig};
+use crate::model::ModelConfig;
 use crate::train::fit::{self, Hyper};
 use anyhow::{bail, Context};
 use schemars::JsonSchema;
@@ -160,7 +160,7 @@ impl Stage for PretrainStage {
     type Params = PretrainParams;
 
     fn run(&self, ctx: &mut StageContext<'_>, p: &PretrainParams) -> anyhow::Result<StageOutcome> {
-        let device = crate::train::device::select(&ctx.recipe.meta.device)?;
+        let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
         let h = p.hyper();
         let tok_stage = match (&p.tokenizer, &p.from) {
             (Some(t), _) => t.clone(),
@@ -175,8 +175,7 @@ impl Stage for PretrainStage {
         let model = match &p.from {
             Some(f) => {
                 let art = ctx.inputs.artifact(f)?;
-                let m = crate::model::weights::load_dir(&art.dir, &device, true)
-                    .with_context(|| format!("loading model of stage '{f}'"))?;
+                let m = compute.load_model(&art.dir, true).with_context(|| format!("loading model of stage '{f}'"))?;
                 anyhow::ensure!(
                     m.config().vocab_size >= vocab,
                     "model of stage '{f}' has {} embeddings but tokenizer '{tok_stage}' has {vocab} tokens",
@@ -188,7 +187,7 @@ impl Stage for PretrainStage {
                 let mut cfg = model_config(ctx, vocab)?;
                 cfg.bos_token_id = bos.unwrap_or(cfg.bos_token_id);
                 cfg.eos_token_id = eos.unwrap_or(cfg.eos_token_id);
-                MiniMind::new(&cfg, fit::seed(ctx, &h), &device)?
+                compute.new_model(&cfg, fit::seed(ctx, &h))?
             }
         };
         let shard = ShardParams { max_seq_len: p.max_seq_len, ..ShardParams::default() };

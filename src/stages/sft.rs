@@ -146,7 +146,7 @@ impl Stage for SftStage {
     type Params = SftParams;
 
     fn run(&self, ctx: &mut StageContext<'_>, p: &SftParams) -> anyhow::Result<StageOutcome> {
-        let device = crate::train::device::select(&ctx.recipe.meta.device)?;
+        let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
         let h = p.hyper();
         let base = ctx.inputs.artifact(&p.from)?.clone();
         let tok = match &p.tokenizer {
@@ -156,8 +156,8 @@ impl Stage for SftStage {
         let (vocab, _, _) = fit::tokenizer_info(&tok).with_context(|| {
             format!("sft stage '{}': the tokenizer comes from stage '{}'", ctx.name, tok.manifest.stage_kind)
         })?;
-        let model = crate::model::weights::load_dir(&base.dir, &device, true)
-            .with_context(|| format!("loading the model of stage '{}'", p.from))?;
+        let model =
+            compute.load_model(&base.dir, true).with_context(|| format!("loading the model of stage '{}'", p.from))?;
         anyhow::ensure!(
             model.config().vocab_size >= vocab,
             "model of stage '{}' has {} embeddings but its tokenizer has {vocab} tokens",

@@ -4,10 +4,12 @@
 //! intermediate 1664, vocab 6400, seq 512, batch 8) for a few steps with the real training step
 //! (forward, backward, global-norm clip, in-place AdamW), times greedy KV-cache generation at
 //! batch 1, and measures the device's f32 matmul peak so that MFU is relative to what this machine
-//! can actually do.
+//! can actually do. `--dtype bf16` runs the same step in bf16 mixed precision (what training uses
+//! on CUDA); MFU stays relative to the f32 peak.
 
 use super::optim::{clip_coefficient, global_norm, AdamW, AdamWConfig, GradAccumulator};
 use crate::model::{MiniMind, ModelConfig};
+use crate::recipe::Precision;
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -22,6 +24,10 @@ pub struct BenchArgs {
     /// `auto`, `cpu` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Compute dtype, as `[recipe] precision`: `auto` (bf16 on CUDA, f32 on the CPU), `f32`, or
+    /// `bf16` (mixed precision: f32 weights and AdamW state, bf16 matmuls).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16"])]
+    pub dtype: String,
     /// Model width.
     #[arg(long, default_value_t = 512)]
     pub hidden: usize,
@@ -65,6 +71,7 @@ impl Default for BenchArgs {
         Self {
             json: false,
             device: "auto".into(),
+            dtype: "auto".into(),
             hidden: 512,
             layers: 8,
             heads: 8,
@@ -141,7 +148,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<serde_json::Value> {
 
     let peak = matmul_peak_gflops(&device, args.matmul_size)?;
 
-    let model = MiniMind::new(&cfg, 42, &device)?;
+    let precision = match args.dtype.as_str() {
+        "auto" => Precision::Auto,
+        "f32" => Precision::F32,
+        "bf16" => Precision::Bf16,
+        other => anyhow::bail!("unknown --dtype '{other}': use auto, f32 or bf16"),
+    };
+    let dtype = super::device::compute_dtype(precision, &device);
+    let mut model = MiniMind::new(&cfg, 42, &device)?;
+    model.set_compute_dtype(dtype)?;
     let params = model.params().to_vec();
     let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
     let mut acc = GradAccumulator::new(params.len());
@@ -179,7 +194,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::json!({
         "device": super::device::describe(&device),
         "threads": candle_core::utils::get_num_threads(),
-        "dtype": "f32",
+        "dtype": if dtype == DType::BF16 { "bf16" } else { "f32" },
         "config": {
             "hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
             "intermediate": args.intermediate, "vocab": args.vocab, "seq": args.seq, "batch": args.batch,
@@ -248,38 +263,43 @@ mod tests {
 
     #[test]
     fn tiny_bench_runs_and_reports_every_field() {
-        let args = BenchArgs {
-            device: "cpu".into(),
-            hidden: 32,
-            layers: 1,
-            heads: 4,
-            kv_heads: 2,
-            intermediate: 64,
-            vocab: 64,
-            seq: 16,
-            batch: 2,
-            steps: 1,
-            gen_tokens: 4,
-            prompt_len: 3,
-            matmul_size: 64,
-            json: true,
-        };
-        let v = run(args).unwrap();
-        for k in [
-            "device",
-            "threads",
-            "dtype",
-            "config",
-            "train_tokens_per_s",
-            "gen_tokens_per_s",
-            "peak_rss_mb",
-            "matmul_peak_gflops",
-            "mfu",
-        ] {
-            assert!(!v[k].is_null(), "{k} missing in {v}");
+        for dtype in ["f32", "bf16"] {
+            let args = BenchArgs {
+                device: "cpu".into(),
+                dtype: dtype.into(),
+                hidden: 32,
+                layers: 1,
+                heads: 4,
+                kv_heads: 2,
+                intermediate: 64,
+                vocab: 64,
+                seq: 16,
+                batch: 2,
+                steps: 1,
+                gen_tokens: 4,
+                prompt_len: 3,
+                matmul_size: 64,
+                json: true,
+            };
+            let v = run(args).unwrap();
+            for k in [
+                "device",
+                "threads",
+                "dtype",
+                "config",
+                "train_tokens_per_s",
+                "gen_tokens_per_s",
+                "peak_rss_mb",
+                "matmul_peak_gflops",
+                "mfu",
+            ] {
+                assert!(!v[k].is_null(), "{k} missing in {v}");
+            }
+            assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0);
+            assert_eq!(v["dtype"], dtype);
+            assert!(v["final_loss"].as_f64().unwrap().is_finite());
+            assert!(!render_text(&v).is_empty());
         }
-        assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0);
-        assert!(!render_text(&v).is_empty());
     }
 }
 

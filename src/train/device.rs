@@ -1,6 +1,10 @@
-//! Device selection from the recipe's `device` string.
+//! Device selection from the recipe's `device` string, and the numeric policy (`precision`) that
+//! goes with it.
 
-use candle_core::Device;
+use crate::model::{MiniMind, ModelConfig, ModelError};
+use crate::recipe::{Precision, RecipeMeta};
+use candle_core::{DType, Device};
+use std::path::Path;
 
 /// Why a device string could not be turned into a device.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +63,71 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
+/// The device class a device belongs to, as `plan::key` spells it (`"cpu"` or `"cuda"`).
+pub fn class(device: &Device) -> &'static str {
+    if device.is_cuda() {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+/// The compute dtype of a precision on `device`: `auto` is bf16 on CUDA and f32 elsewhere (by
+/// [`Precision::resolve`], the rule the stage keys use too).
+pub fn compute_dtype(precision: Precision, device: &Device) -> DType {
+    match precision.resolve(class(device)) {
+        Precision::Bf16 => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
+/// Where and in which precision a training stage computes, from its recipe's `[recipe]` table.
+///
+/// Every stage that trains a model (pretrain, SFT, LoRA, DPO, …) builds and loads its models
+/// through this, so the precision policy is applied in one place: models come back with their
+/// compute dtype set, weights still f32 (see [`MiniMind::set_compute_dtype`]).
+#[derive(Clone, Debug)]
+pub struct Compute {
+    /// The device.
+    pub device: Device,
+    /// The compute dtype (f32, or bf16 for mixed precision).
+    pub dtype: DType,
+}
+
+impl Compute {
+    /// Resolve `[recipe] device` and `precision`.
+    pub fn for_recipe(meta: &RecipeMeta) -> Result<Self, DeviceError> {
+        let device = select(&meta.device)?;
+        let dtype = compute_dtype(meta.precision, &device);
+        if dtype != DType::F32 {
+            tracing::info!(
+                "training in {dtype:?} mixed precision on {} (f32 weights and optimizer state)",
+                describe(&device)
+            );
+        }
+        Ok(Self { device, dtype })
+    }
+
+    /// Set this policy's compute dtype on `model`.
+    pub fn apply(&self, model: &mut MiniMind) -> Result<(), ModelError> {
+        model.set_compute_dtype(self.dtype)
+    }
+
+    /// A freshly initialised, trainable model (see [`MiniMind::new`]) in this policy.
+    pub fn new_model(&self, cfg: &ModelConfig, seed: u64) -> Result<MiniMind, ModelError> {
+        let mut m = MiniMind::new(cfg, seed, &self.device)?;
+        self.apply(&mut m)?;
+        Ok(m)
+    }
+
+    /// Load a model folder (see [`crate::model::weights::load_dir`]) in this policy.
+    pub fn load_model(&self, dir: &Path, trainable: bool) -> anyhow::Result<MiniMind> {
+        let mut m = crate::model::weights::load_dir(dir, &self.device, trainable)?;
+        self.apply(&mut m)?;
+        Ok(m)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +142,22 @@ mod tests {
             assert!(select("auto").unwrap().is_cpu());
             assert!(matches!(select("cuda:0"), Err(DeviceError::NoCuda(_))));
         }
+    }
+
+    #[test]
+    fn precision_resolves_by_device_class() {
+        let cpu = Device::Cpu;
+        assert_eq!(compute_dtype(Precision::Auto, &cpu), DType::F32);
+        assert_eq!(compute_dtype(Precision::F32, &cpu), DType::F32);
+        assert_eq!(compute_dtype(Precision::Bf16, &cpu), DType::BF16);
+        assert_eq!(Precision::Auto.resolve("cuda"), Precision::Bf16);
+        assert_eq!(Precision::F32.resolve("cuda"), Precision::F32);
+        let meta = |p| RecipeMeta { name: "t".into(), description: None, seed: 1, device: "cpu".into(), precision: p };
+        let cfg = crate::model::preset("tiny").unwrap();
+        let m = Compute::for_recipe(&meta(Precision::Bf16)).unwrap().new_model(&cfg, 1).unwrap();
+        assert_eq!(m.compute_dtype(), DType::BF16);
+        assert!(m.params().iter().all(|(_, v)| v.dtype() == DType::F32), "weights stay f32");
+        let m = Compute::for_recipe(&meta(Precision::Auto)).unwrap().new_model(&cfg, 1).unwrap();
+        assert_eq!(m.compute_dtype(), DType::F32);
     }
 }
