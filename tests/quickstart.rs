@@ -53,7 +53,8 @@ fn quickstart_stages_each_improve_what_they_optimise() {
     };
     let (base, sft, dpo, grpo) = (em("base"), em("sft"), em("dpo"), em("grpo"));
     eprintln!("quickstart exact match: base {base:.3}, sft {sft:.3}, dpo {dpo:.3}, grpo {grpo:.3}");
-    // Measured (seed 42): base 0.04, sft 0.23, dpo 0.17, grpo 0.24 on 100 held-out problems.
+    // Measured (seed 42): base 0.04, sft 0.23, dpo 0.17, grpo 0.25 on 100 held-out problems;
+    // DPO reward accuracy 0.74, GRPO mean reward 0.49 -> 0.65.
     assert!(sft >= base + 0.08, "SFT ({sft:.3}) should beat the base model ({base:.3}) by at least 0.08 exact match");
     assert!(sft >= 0.1, "SFT exact match {sft:.3} is too low to show learning");
     assert!(grpo >= dpo + 0.04, "GRPO ({grpo:.3}) should beat its starting point, the DPO model ({dpo:.3})");

@@ -278,7 +278,7 @@ impl Stage for GrpoStage {
         };
         let eval_set: Vec<&Prompt> = (0..p.reward_eval_prompts.min(data.len())).map(|i| data.get(i)).collect();
         // A fixed seed apart from the training streams: before and after see the same draws.
-        let eval_seed = seed ^ 0x5EED_0F_E7A1;
+        let eval_seed = seed ^ 0x5EED_F00D;
         let reward_before =
             if eval_set.is_empty() { None } else { Some(grpo.mean_reward(&eval_set, p.batch_size, eval_seed)?) };
 

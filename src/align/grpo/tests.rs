@@ -102,7 +102,7 @@ fn rollouts_are_grouped_per_prompt_scored_and_end_with_eos_when_stopped() {
         let ended = c.last() == Some(&EOS);
         stopped += ended as usize;
         assert!(c.len() <= 4 + ended as usize, "row {i}: {c:?}");
-        assert_eq!(!c[..c.len() - ended as usize].contains(&EOS), true, "eos only at the end");
+        assert!(!c[..c.len() - ended as usize].contains(&EOS), "eos only at the end");
         let text = &ro.texts[i];
         assert_eq!(ro.rewards[i], if text.starts_with('h') { 1.0 } else { 0.0 }, "row {i}: {text}");
     }
