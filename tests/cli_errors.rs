@@ -121,3 +121,44 @@ fn unusable_grpo_settings_are_refused_at_the_key() {
     assert_ne!(o.code, Some(0));
     assert!(o.stderr.contains("needs reference answers") && o.stderr.contains("prompt_answer"), "{}", o.stderr);
 }
+
+/// GRPO prompts longer than `max_prompt_len` are skipped and counted (a truncated question may no
+/// longer determine its answer); when none is left the stage says so and how to fix it.
+#[test]
+fn grpo_skips_and_counts_prompts_longer_than_max_prompt_len() {
+    let sb = Sandbox::new();
+    let long = "Please read this long story carefully before answering. ".repeat(12);
+    let mut lines: Vec<String> = (0..6)
+        .map(|i| {
+            serde_json::json!({"question": format!("What is {i} plus 1?"), "answer": format!("{}", i + 1)}).to_string()
+        })
+        .collect();
+    lines.push(serde_json::json!({"question": format!("{long} What is 2 plus 2?"), "answer": "4"}).to_string());
+    lines.push(serde_json::json!({"question": format!("{long} What is 3 plus 3?"), "answer": "6"}).to_string());
+    sb.write("problems.jsonl", &(lines.join("\n") + "\n"));
+    let recipe = |max_prompt_len: usize| {
+        format!(
+            "{SMALL_RECIPE}\n[datasets.problems]\nsource = \"problems.jsonl\"\nformat = \"prompt_answer\"\n\n\
+             [stages.base]\nkind = \"pretrain\"\ntokenizer = \"tok\"\ndata = \"text\"\nmax_seq_len = 32\nbatch_size = 4\n\
+             max_steps = 2\n\n[stages.rl]\nkind = \"grpo\"\nfrom = \"base\"\ndata = \"problems\"\n\
+             rewards = [{{ kind = \"exact_match\" }}]\nnum_generations = 2\nmax_new_tokens = 4\nbatch_size = 2\n\
+             max_steps = 2\nmax_prompt_len = {max_prompt_len}\n"
+        )
+    };
+    sb.write("some.toml", &recipe(64));
+    let o = sb.run(&["some.toml"]);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+    let m = &sb.last_run()["stages"]["rl"]["metrics"];
+    assert_eq!(m["skipped_long_prompts"], 2, "{m:#}");
+    assert_eq!(m["prompts"], 6, "{m:#}");
+    assert_eq!(m["steps"], 2, "{m:#}");
+
+    sb.write("none.toml", &recipe(3));
+    let o = sb.run(&["none.toml"]);
+    assert_ne!(o.code, Some(0));
+    assert!(
+        o.stderr.contains("no usable prompts") && o.stderr.contains("8 longer than max_prompt_len = 3"),
+        "{}",
+        o.stderr
+    );
+}
