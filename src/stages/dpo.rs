@@ -10,6 +10,7 @@
 //! per `on_bad_record` with file:line; pairs whose answer is truncated away by `max_seq_len`, or
 //! whose two sides become identical after truncation, are skipped and counted in the stage metrics.
 
+use super::training::training_params;
 use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
 use crate::align::dpo::{evaluate_dpo, frozen_reference, train_dpo, PairRows};
 use crate::artifact::ArtifactKind;
@@ -17,7 +18,6 @@ use crate::data::shards::{tokenized, ShardParams};
 use crate::model::lora::{LoraAdapters, LoraConfig, Targets};
 use crate::model::weights;
 use crate::recipe::DataFormat;
-use crate::train::{AdamWConfig, TrainOptions};
 use anyhow::{bail, Context};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -56,84 +56,34 @@ impl LoraParams {
     }
 }
 
-/// Parameters of a `dpo` stage.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DpoParams {
-    /// Stage whose model is the starting policy (and, by default, the frozen reference).
-    pub from: String,
-    /// Stage whose model is the frozen reference (default: the starting policy's weights).
-    #[serde(default)]
-    pub reference: Option<String>,
-    /// A dataset in `dpo` format.
-    pub data: String,
-    /// DPO temperature (the reference trains with 0.15).
-    #[serde(default = "default_beta")]
-    pub beta: f64,
-    /// Peak learning rate (reference 4e-8 for a 768-wide model; tiny models need far more).
-    #[serde(default = "default_lr")]
-    pub lr: f64,
-    /// Passes over the pairs (ignored with `max_steps`).
-    #[serde(default = "one")]
-    pub epochs: usize,
-    /// Stop after this many optimiser steps.
-    #[serde(default)]
-    pub max_steps: Option<usize>,
-    /// Pairs per micro-batch (the forward batch holds twice as many rows).
-    #[serde(default = "default_batch")]
-    pub batch_size: usize,
-    /// Micro-batches per optimiser step.
-    #[serde(default = "one")]
-    pub accumulation_steps: usize,
-    /// Global gradient-norm clip.
-    #[serde(default = "default_clip")]
-    pub grad_clip: f64,
-    /// Linear warmup steps before the cosine schedule.
-    #[serde(default)]
-    pub warmup_steps: usize,
-    /// AdamW weight decay.
-    #[serde(default = "default_wd")]
-    pub weight_decay: f64,
-    /// Longest tokenised conversation (longer ones are truncated).
-    #[serde(default = "default_max_len")]
-    pub max_seq_len: usize,
-    /// Data-order / adapter-init seed (default: the recipe seed).
-    #[serde(default)]
-    pub seed: Option<u64>,
-    /// Train LoRA adapters instead of all weights (merged into the output model).
-    #[serde(default)]
-    pub lora: Option<LoraParams>,
-    /// Checkpoint every N steps (0: only on interrupt).
-    #[serde(default)]
-    pub save_every: usize,
-    /// Progress refresh interval in steps.
-    #[serde(default = "default_log_every")]
-    pub log_every: usize,
+training_params! {
+    /// Parameters of a `dpo` stage.
+    pub struct DpoParams {
+        /// Stage whose model is the starting policy (and, by default, the frozen reference).
+        pub from: String,
+        /// Stage whose model is the frozen reference (default: the starting policy's weights).
+        #[serde(default)]
+        pub reference: Option<String>,
+        /// A dataset in `dpo` format.
+        pub data: String,
+        /// DPO temperature (the reference trains with 0.15).
+        #[serde(default = "default_beta")]
+        pub beta: f64,
+        /// Longest tokenised conversation (longer ones are truncated).
+        #[serde(default = "default_max_len")]
+        pub max_seq_len: usize,
+        /// Train LoRA adapters instead of all weights (merged into the output model).
+        #[serde(default)]
+        pub lora: Option<LoraParams>,
+    }
+    defaults { lr: 4e-8, batch_size: 4, epochs: 1, save_every: 0, log_every: 10 }
 }
 
 fn default_beta() -> f64 {
     0.15
 }
-fn default_lr() -> f64 {
-    4e-8
-}
-fn one() -> usize {
-    1
-}
-fn default_batch() -> usize {
-    4
-}
-fn default_clip() -> f64 {
-    1.0
-}
-fn default_wd() -> f64 {
-    0.01
-}
 fn default_max_len() -> usize {
     1024
-}
-fn default_log_every() -> usize {
-    10
 }
 
 impl StageParams for DpoParams {
@@ -141,13 +91,7 @@ impl StageParams for DpoParams {
     const COSMETIC: &'static [&'static str] = &["save_every", "log_every"];
 
     fn inputs(&self) -> Vec<InputRef> {
-        let models = ArtifactKind::MODEL_INPUTS.to_vec();
-        let mut v = vec![InputRef::Stage { param: "from", stage: self.from.clone(), accepts: models.clone() }];
-        if let Some(r) = &self.reference {
-            v.push(InputRef::Stage { param: "reference", stage: r.clone(), accepts: models });
-        }
-        v.push(InputRef::Dataset { param: "data", dataset: self.data.clone() });
-        v
+        super::training::policy_inputs(&self.from, self.reference.as_deref(), &self.data)
     }
 }
 
@@ -165,7 +109,7 @@ impl Stage for DpoStage {
         let stage = ctx.name.to_string();
         // Device and precision policy; every model below is built through it.
         let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
-        let seed = p.seed.unwrap_or(ctx.recipe.meta.seed);
+        let seed = p.seed_or(ctx.recipe.meta.seed);
         let ds = ctx.inputs.dataset(&p.data)?;
         if ds.spec.format != DataFormat::Dpo {
             bail!(
@@ -218,20 +162,7 @@ impl Stage for DpoStage {
             None => policy.params().to_vec(),
         };
 
-        let mut opts = TrainOptions::new(&stage, ctx.work_dir.to_path_buf());
-        opts.lr = p.lr;
-        opts.warmup_steps = p.warmup_steps;
-        opts.adamw = AdamWConfig { weight_decay: p.weight_decay, ..AdamWConfig::default() };
-        opts.grad_clip = p.grad_clip;
-        opts.accumulation_steps = p.accumulation_steps;
-        opts.batch_size = p.batch_size;
-        opts.epochs = p.epochs;
-        opts.max_steps = p.max_steps;
-        opts.save_every = p.save_every;
-        opts.log_every = p.log_every;
-        opts.seed = seed;
-        opts.metrics_path = Some(ctx.run.dir().join(crate::runs::files::METRICS));
-        opts.progress = true;
+        let opts = p.train_options(ctx);
 
         let run = ctx.run;
         let summary =

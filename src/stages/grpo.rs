@@ -16,6 +16,7 @@
 //! before and after training with identical sampling seeds (`reward_before` / `reward_after`).
 
 use super::dpo::LoraParams;
+use super::training::training_params;
 use super::{InputRef, InvalidParam, Stage, StageContext, StageOutcome, StageParams};
 use crate::align::dpo::frozen_reference;
 use crate::align::grpo::{Grpo, Prompt, PromptSet, RolloutConfig};
@@ -28,94 +29,60 @@ use crate::model::generate::GenerationConfig;
 use crate::model::lora::LoraAdapters;
 use crate::model::weights;
 use crate::recipe::DataFormat;
-use crate::train::{AdamWConfig, BatchSource, TrainOptions};
+use crate::train::BatchSource;
 use anyhow::{bail, Context};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 
-/// Parameters of a `grpo` stage.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct GrpoParams {
-    /// Stage whose model is the starting policy (and, by default, the frozen reference).
-    pub from: String,
-    /// Stage whose model is the frozen KL reference (default: the starting policy's weights).
-    #[serde(default)]
-    pub reference: Option<String>,
-    /// Prompts: a `prompt_answer` dataset, or a chat dataset (its last assistant turn is dropped).
-    pub data: String,
-    /// Reward terms, summed: `[{ kind = "exact_match", weight = 1.0 }, { kind = "format", pattern = "…" }]`.
-    pub rewards: Vec<RewardSpec>,
-    /// Completions sampled per prompt (the group; reference 6).
-    #[serde(default = "default_generations")]
-    pub num_generations: usize,
-    /// Sampling temperature of the rollouts (reference 0.8); must be positive.
-    #[serde(default = "default_temperature")]
-    pub temperature: f32,
-    /// Top-k filter of the rollouts (reference 50; 0 = off).
-    #[serde(default = "default_top_k")]
-    pub top_k: usize,
-    /// Nucleus filter of the rollouts (reference 0.85; 1 = off).
-    #[serde(default = "default_top_p")]
-    pub top_p: f32,
-    /// Most tokens per completion (reference 1024).
-    #[serde(default = "default_max_new_tokens")]
-    pub max_new_tokens: usize,
-    /// Longest prompt in tokens (reference 768); longer prompts are skipped and counted.
-    #[serde(default = "default_max_prompt_len")]
-    pub max_prompt_len: usize,
-    /// `"grpo"` (clipped ratio, the default) or `"cispo"` (the reference's default).
-    #[serde(default = "default_loss_type")]
-    pub loss_type: PolicyLossKind,
-    /// KL coefficient to the reference (reference 0.1).
-    #[serde(default = "default_beta")]
-    pub beta: f64,
-    /// Lower clip range of the ratio (`grpo`).
-    #[serde(default = "default_clip")]
-    pub clip_low: f64,
-    /// Upper clip range (`grpo`: ratio clipped at 1 + clip_high, default 0.2; `cispo`: weight
-    /// truncated at clip_high, default 5.0).
-    #[serde(default)]
-    pub clip_high: Option<f64>,
-    /// Peak learning rate (reference 3e-7 for a 768-wide model; tiny models need far more).
-    #[serde(default = "default_lr")]
-    pub lr: f64,
-    /// Passes over the prompts (ignored with `max_steps`).
-    #[serde(default = "one")]
-    pub epochs: usize,
-    /// Stop after this many optimiser steps.
-    #[serde(default)]
-    pub max_steps: Option<usize>,
-    /// Prompts per micro-batch (reference 2); the rollout batch has `num_generations` times more rows.
-    #[serde(default = "default_batch")]
-    pub batch_size: usize,
-    /// Micro-batches per optimiser step.
-    #[serde(default = "one")]
-    pub accumulation_steps: usize,
-    /// Global gradient-norm clip.
-    #[serde(default = "default_grad_clip")]
-    pub grad_clip: f64,
-    /// Linear warmup steps before the cosine schedule.
-    #[serde(default)]
-    pub warmup_steps: usize,
-    /// AdamW weight decay.
-    #[serde(default = "default_wd")]
-    pub weight_decay: f64,
-    /// Data-order / sampling / adapter-init seed (default: the recipe seed).
-    #[serde(default)]
-    pub seed: Option<u64>,
-    /// Train LoRA adapters instead of all weights (merged into the output model).
-    #[serde(default)]
-    pub lora: Option<LoraParams>,
-    /// Measure the mean reward on the first N prompts before and after training (0 = off).
-    #[serde(default)]
-    pub reward_eval_prompts: usize,
-    /// Checkpoint every N steps (0: only on interrupt).
-    #[serde(default)]
-    pub save_every: usize,
-    /// Progress refresh interval in steps.
-    #[serde(default = "default_log_every")]
-    pub log_every: usize,
+training_params! {
+    /// Parameters of a `grpo` stage.
+    pub struct GrpoParams {
+        /// Stage whose model is the starting policy (and, by default, the frozen reference).
+        pub from: String,
+        /// Stage whose model is the frozen KL reference (default: the starting policy's weights).
+        #[serde(default)]
+        pub reference: Option<String>,
+        /// Prompts: a `prompt_answer` dataset, or a chat dataset (its last assistant turn is dropped).
+        pub data: String,
+        /// Reward terms, summed: `[{ kind = "exact_match", weight = 1.0 }, { kind = "format", pattern = "…" }]`.
+        pub rewards: Vec<RewardSpec>,
+        /// Completions sampled per prompt (the group; reference 6).
+        #[serde(default = "default_generations")]
+        pub num_generations: usize,
+        /// Sampling temperature of the rollouts (reference 0.8); must be positive.
+        #[serde(default = "default_temperature")]
+        pub temperature: f32,
+        /// Top-k filter of the rollouts (reference 50; 0 = off).
+        #[serde(default = "default_top_k")]
+        pub top_k: usize,
+        /// Nucleus filter of the rollouts (reference 0.85; 1 = off).
+        #[serde(default = "default_top_p")]
+        pub top_p: f32,
+        /// Most tokens per completion (reference 1024).
+        #[serde(default = "default_max_new_tokens")]
+        pub max_new_tokens: usize,
+        /// Longest prompt in tokens (reference 768); longer prompts are skipped and counted.
+        #[serde(default = "default_max_prompt_len")]
+        pub max_prompt_len: usize,
+        /// `"grpo"` (clipped ratio, the default) or `"cispo"` (the reference's default).
+        #[serde(default = "default_loss_type")]
+        pub loss_type: PolicyLossKind,
+        /// KL coefficient to the reference (reference 0.1).
+        #[serde(default = "default_beta")]
+        pub beta: f64,
+        /// Lower clip range of the ratio (`grpo`).
+        #[serde(default = "default_clip")]
+        pub clip_low: f64,
+        /// Upper clip range (`grpo`: ratio clipped at 1 + clip_high, default 0.2; `cispo`: weight
+        /// truncated at clip_high, default 5.0).
+        #[serde(default)]
+        pub clip_high: Option<f64>,
+        /// Train LoRA adapters instead of all weights (merged into the output model).
+        #[serde(default)]
+        pub lora: Option<LoraParams>,
+        /// Measure the mean reward on the first N prompts before and after training (0 = off).
+        #[serde(default)]
+        pub reward_eval_prompts: usize,
+    }
+    defaults { lr: 3e-7, batch_size: 2, epochs: 1, save_every: 0, log_every: 1 }
 }
 
 fn default_generations() -> usize {
@@ -145,37 +112,13 @@ fn default_beta() -> f64 {
 fn default_clip() -> f64 {
     0.2
 }
-fn default_lr() -> f64 {
-    3e-7
-}
-fn one() -> usize {
-    1
-}
-fn default_batch() -> usize {
-    2
-}
-fn default_grad_clip() -> f64 {
-    1.0
-}
-fn default_wd() -> f64 {
-    0.01
-}
-fn default_log_every() -> usize {
-    1
-}
 
 impl StageParams for GrpoParams {
     // Checkpoint cadence and progress output never change the trained weights.
     const COSMETIC: &'static [&'static str] = &["save_every", "log_every"];
 
     fn inputs(&self) -> Vec<InputRef> {
-        let models = ArtifactKind::MODEL_INPUTS.to_vec();
-        let mut v = vec![InputRef::Stage { param: "from", stage: self.from.clone(), accepts: models.clone() }];
-        if let Some(r) = &self.reference {
-            v.push(InputRef::Stage { param: "reference", stage: r.clone(), accepts: models });
-        }
-        v.push(InputRef::Dataset { param: "data", dataset: self.data.clone() });
-        v
+        super::training::policy_inputs(&self.from, self.reference.as_deref(), &self.data)
     }
 
     fn validate(&self) -> Result<(), InvalidParam> {
@@ -230,7 +173,7 @@ impl Stage for GrpoStage {
         let stage = ctx.name.to_string();
         let rewards = RewardSet::new(&p.rewards).map_err(|e| anyhow::anyhow!("grpo stage '{stage}': {e}"))?;
         let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
-        let seed = p.seed.unwrap_or(ctx.recipe.meta.seed);
+        let seed = p.seed_or(ctx.recipe.meta.seed);
         let from = ctx.inputs.model(&p.from, &stage)?;
         let tok = TextTokenizer::from_artifact(from)
             .with_context(|| format!("grpo stage '{stage}': loading the tokenizer of stage '{}'", p.from))?;
@@ -282,21 +225,7 @@ impl Stage for GrpoStage {
         let reward_before =
             if eval_set.is_empty() { None } else { Some(grpo.mean_reward(&eval_set, p.batch_size, eval_seed)?) };
 
-        let mut opts = TrainOptions::new(&stage, ctx.work_dir.to_path_buf());
-        opts.lr = p.lr;
-        opts.warmup_steps = p.warmup_steps;
-        opts.adamw = AdamWConfig { weight_decay: p.weight_decay, ..AdamWConfig::default() };
-        opts.grad_clip = p.grad_clip;
-        opts.accumulation_steps = p.accumulation_steps;
-        opts.batch_size = p.batch_size;
-        opts.epochs = p.epochs;
-        opts.max_steps = p.max_steps;
-        opts.save_every = p.save_every;
-        opts.log_every = p.log_every;
-        opts.seed = seed;
-        opts.metrics_path = Some(ctx.run.dir().join(crate::runs::files::METRICS));
-        opts.plot_path = Some(ctx.run.dir().join(format!("{stage}-loss.png")));
-        opts.progress = true;
+        let opts = p.train_options(ctx);
 
         let run = ctx.run;
         let (mut reward_sum, mut zero_std, mut groups, mut steps) = (0f64, 0usize, 0usize, 0usize);

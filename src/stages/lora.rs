@@ -5,6 +5,7 @@
 //! (`config.json` + `model.safetensors`), which `dpo` can start from.
 
 use super::dpo::LoraParams;
+use super::training::training_params;
 use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
 use crate::align::sft_lora::train_lora;
 use crate::artifact::ArtifactKind;
@@ -13,70 +14,35 @@ use crate::model::lora::LoraAdapters;
 use crate::model::weights;
 use crate::recipe::DataFormat;
 use crate::train::batch::PaddedRows;
-use crate::train::{AdamWConfig, TrainOptions};
 use anyhow::{bail, Context};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 
-/// Parameters of a `lora` stage.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LoraStageParams {
-    /// Stage whose model is the frozen base.
-    pub from: String,
-    /// A dataset in a chat format (`sharegpt`, `openai`, `alpaca`).
-    pub data: String,
-    /// Adapter rank (reference 16).
-    #[serde(default = "default_rank")]
-    pub rank: usize,
-    /// `lora_alpha` (scale alpha / rank); default `2 * rank`.
-    #[serde(default)]
-    pub alpha: Option<f64>,
-    /// Dropout on the adapter input while training.
-    #[serde(default)]
-    pub dropout: f64,
-    /// `"all-linear"` or a comma-separated list of module names (`"q_proj,v_proj"`).
-    #[serde(default = "default_targets")]
-    pub targets: String,
-    /// Also write the merged full model into the artifact.
-    #[serde(default)]
-    pub merge: bool,
-    /// Peak learning rate (reference 1e-4).
-    #[serde(default = "default_lr")]
-    pub lr: f64,
-    /// Passes over the data (reference 10; ignored with `max_steps`).
-    #[serde(default = "default_epochs")]
-    pub epochs: usize,
-    /// Stop after this many optimiser steps.
-    #[serde(default)]
-    pub max_steps: Option<usize>,
-    /// Rows per micro-batch (reference 32).
-    #[serde(default = "default_batch")]
-    pub batch_size: usize,
-    /// Micro-batches per optimiser step.
-    #[serde(default = "one")]
-    pub accumulation_steps: usize,
-    /// Global gradient-norm clip over the adapters.
-    #[serde(default = "default_clip")]
-    pub grad_clip: f64,
-    /// Linear warmup steps.
-    #[serde(default)]
-    pub warmup_steps: usize,
-    /// AdamW weight decay.
-    #[serde(default = "default_wd")]
-    pub weight_decay: f64,
-    /// Longest tokenised conversation (reference 340).
-    #[serde(default = "default_max_len")]
-    pub max_seq_len: usize,
-    /// Data-order / adapter-init seed (default: the recipe seed).
-    #[serde(default)]
-    pub seed: Option<u64>,
-    /// Checkpoint every N steps (0: only on interrupt).
-    #[serde(default)]
-    pub save_every: usize,
-    /// Progress refresh interval in steps.
-    #[serde(default = "default_log_every")]
-    pub log_every: usize,
+training_params! {
+    /// Parameters of a `lora` stage.
+    pub struct LoraStageParams {
+        /// Stage whose model is the frozen base.
+        pub from: String,
+        /// A dataset in a chat format (`sharegpt`, `openai`, `alpaca`).
+        pub data: String,
+        /// Adapter rank (reference 16).
+        #[serde(default = "default_rank")]
+        pub rank: usize,
+        /// `lora_alpha` (scale alpha / rank); default `2 * rank`.
+        #[serde(default)]
+        pub alpha: Option<f64>,
+        /// Dropout on the adapter input while training.
+        #[serde(default)]
+        pub dropout: f64,
+        /// `"all-linear"` or a comma-separated list of module names (`"q_proj,v_proj"`).
+        #[serde(default = "default_targets")]
+        pub targets: String,
+        /// Also write the merged full model into the artifact.
+        #[serde(default)]
+        pub merge: bool,
+        /// Longest tokenised conversation (reference 340).
+        #[serde(default = "default_max_len")]
+        pub max_seq_len: usize,
+    }
+    defaults { lr: 1e-4, batch_size: 32, epochs: 10, save_every: 0, log_every: 10 }
 }
 
 fn default_rank() -> usize {
@@ -85,29 +51,8 @@ fn default_rank() -> usize {
 fn default_targets() -> String {
     "all-linear".into()
 }
-fn default_lr() -> f64 {
-    1e-4
-}
-fn default_epochs() -> usize {
-    10
-}
-fn default_batch() -> usize {
-    32
-}
-fn one() -> usize {
-    1
-}
-fn default_clip() -> f64 {
-    1.0
-}
-fn default_wd() -> f64 {
-    0.01
-}
 fn default_max_len() -> usize {
     340
-}
-fn default_log_every() -> usize {
-    10
 }
 
 impl StageParams for LoraStageParams {
@@ -135,7 +80,7 @@ impl Stage for LoraStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &LoraStageParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
         let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
-        let seed = p.seed.unwrap_or(ctx.recipe.meta.seed);
+        let seed = p.seed_or(ctx.recipe.meta.seed);
         let ds = ctx.inputs.dataset(&p.data)?;
         if !matches!(ds.spec.format, DataFormat::Sharegpt | DataFormat::Openai | DataFormat::Alpaca) {
             bail!(
@@ -169,20 +114,7 @@ impl Stage for LoraStage {
         let lp = LoraParams { rank: p.rank, alpha: p.alpha, dropout: p.dropout, targets: p.targets.clone() };
         let adapters = LoraAdapters::attach(&mut model, &lp.to_config(seed)?)?;
 
-        let mut opts = TrainOptions::new(&stage, ctx.work_dir.to_path_buf());
-        opts.lr = p.lr;
-        opts.warmup_steps = p.warmup_steps;
-        opts.adamw = AdamWConfig { weight_decay: p.weight_decay, ..AdamWConfig::default() };
-        opts.grad_clip = p.grad_clip;
-        opts.accumulation_steps = p.accumulation_steps;
-        opts.batch_size = p.batch_size;
-        opts.epochs = p.epochs;
-        opts.max_steps = p.max_steps;
-        opts.save_every = p.save_every;
-        opts.log_every = p.log_every;
-        opts.seed = seed;
-        opts.metrics_path = Some(ctx.run.dir().join(crate::runs::files::METRICS));
-        opts.progress = true;
+        let opts = p.train_options(ctx);
         let summary = train_lora(&model, &adapters, &data, &opts, ctx.cancel)?;
 
         adapters

@@ -13,6 +13,7 @@ pub mod prepare;
 pub mod pretrain;
 pub mod sft;
 pub mod tokenizer;
+mod training;
 
 pub use context::{Inputs, StageContext, StageOutcome};
 

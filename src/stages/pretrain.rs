@@ -1,120 +1,42 @@
 //! `kind = "pretrain"`: next-token training on plain text, from scratch (the recipe's `[model]`,
 //! vocabulary from the tokenizer) or continuing `from` a model. Produces a `Model`.
 
+use super::training::training_params;
 use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
 use crate::artifact::ArtifactKind;
 use crate::data::shards::ShardParams;
 use crate::model::ModelConfig;
-use crate::train::fit::{self, Hyper};
+use crate::train::fit;
 use anyhow::{bail, Context};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 
-/// Parameters of a `pretrain` stage. Defaults follow the reference's `train_pretrain.py` (spec §9)
-/// where that is sensible on a CPU.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PretrainParams {
-    /// Stage producing the tokenizer (required unless `from` is given, whose tokenizer is used).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tokenizer: Option<String>,
-    /// Continue from this stage's model instead of initialising the recipe's `[model]`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<String>,
-    /// Dataset (format `text`) to train on.
-    pub data: String,
-    /// Longest sequence in tokens (BOS + text + EOS; longer texts are truncated).
-    #[serde(default = "d_seq")]
-    pub max_seq_len: usize,
-    /// Rows per micro-batch.
-    #[serde(default = "d_batch")]
-    pub batch_size: usize,
-    /// Passes over the data (ignored when `max_steps` is set).
-    #[serde(default = "d_epochs")]
-    pub epochs: usize,
-    /// Stop after this many optimiser steps instead.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_steps: Option<usize>,
-    /// Peak learning rate (cosine to 10 % of it, spec §8).
-    #[serde(default = "d_lr")]
-    pub lr: f64,
-    /// Linear warmup in micro-steps (the reference has none).
-    #[serde(default)]
-    pub warmup_steps: usize,
-    /// AdamW decoupled weight decay (PyTorch default, applied to every parameter).
-    #[serde(default = "d_wd")]
-    pub weight_decay: f64,
-    /// Global gradient-norm clip (0 disables).
-    #[serde(default = "d_clip")]
-    pub grad_clip: f64,
-    /// Micro-batches per optimiser step.
-    #[serde(default = "d_accum")]
-    pub accumulation_steps: usize,
-    /// Pack several short documents into each row (fewer pad tokens; attention is not masked
-    /// between packed documents).
-    #[serde(default)]
-    pub packing: bool,
-    /// Pad every row to `max_seq_len` like the reference, instead of to the batch's longest row.
-    #[serde(default)]
-    pub pad_to_max: bool,
-    /// Seed for initialisation and data order (default: the recipe's).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
-    /// Checkpoint every N optimiser steps (cosmetic: resuming is exact either way).
-    #[serde(default = "d_save")]
-    pub save_every: usize,
-    /// Progress refresh every N steps (cosmetic; metrics are logged every step).
-    #[serde(default = "d_log")]
-    pub log_every: usize,
-}
-
-fn d_seq() -> usize {
-    512
-}
-fn d_batch() -> usize {
-    8
-}
-fn d_epochs() -> usize {
-    1
-}
-fn d_lr() -> f64 {
-    5e-4
-}
-fn d_wd() -> f64 {
-    0.01
-}
-fn d_clip() -> f64 {
-    1.0
-}
-fn d_accum() -> usize {
-    1
-}
-fn d_save() -> usize {
-    100
-}
-fn d_log() -> usize {
-    10
-}
-
-impl PretrainParams {
-    fn hyper(&self) -> Hyper {
-        Hyper {
-            max_seq_len: self.max_seq_len,
-            batch_size: self.batch_size,
-            epochs: self.epochs,
-            max_steps: self.max_steps,
-            lr: self.lr,
-            warmup_steps: self.warmup_steps,
-            weight_decay: self.weight_decay,
-            grad_clip: self.grad_clip,
-            accumulation_steps: self.accumulation_steps,
-            save_every: self.save_every,
-            log_every: self.log_every,
-            seed: self.seed,
-            packing: self.packing,
-            pad_to_max: self.pad_to_max,
-        }
+training_params! {
+    /// Parameters of a `pretrain` stage. Defaults follow the reference's `train_pretrain.py`
+    /// (spec §9) where that is sensible on a CPU.
+    pub struct PretrainParams {
+        /// Stage producing the tokenizer (required unless `from` is given, whose tokenizer is used).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub tokenizer: Option<String>,
+        /// Continue from this stage's model instead of initialising the recipe's `[model]`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub from: Option<String>,
+        /// Dataset (format `text`) to train on.
+        pub data: String,
+        /// Longest sequence in tokens (BOS + text + EOS; longer texts are truncated).
+        #[serde(default = "default_max_seq_len")]
+        pub max_seq_len: usize,
+        /// Pack several short documents into each row (fewer pad tokens; attention is not masked
+        /// between packed documents).
+        #[serde(default)]
+        pub packing: bool,
+        /// Pad every row to `max_seq_len` like the reference, instead of to the batch's longest row.
+        #[serde(default)]
+        pub pad_to_max: bool,
     }
+    defaults { lr: 5e-4, batch_size: 8, epochs: 1, save_every: 100, log_every: 10 }
+}
+
+fn default_max_seq_len() -> usize {
+    512
 }
 
 impl StageParams for PretrainParams {
@@ -161,7 +83,6 @@ impl Stage for PretrainStage {
 
     fn run(&self, ctx: &mut StageContext<'_>, p: &PretrainParams) -> anyhow::Result<StageOutcome> {
         let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
-        let h = p.hyper();
         let tok_stage = match (&p.tokenizer, &p.from) {
             (Some(t), _) => t.clone(),
             (None, Some(f)) => f.clone(),
@@ -187,11 +108,12 @@ impl Stage for PretrainStage {
                 let mut cfg = model_config(ctx, vocab)?;
                 cfg.bos_token_id = bos.unwrap_or(cfg.bos_token_id);
                 cfg.eos_token_id = eos.unwrap_or(cfg.eos_token_id);
-                compute.new_model(&cfg, fit::seed(ctx, &h))?
+                compute.new_model(&cfg, p.seed_or(ctx.recipe.meta.seed))?
             }
         };
         let shard = ShardParams { max_seq_len: p.max_seq_len, ..ShardParams::default() };
-        let source = fit::shard_source(ctx, &p.data, &tok, &h, shard)?;
-        fit::fit_and_export(ctx, &model, &source, &h, &tok.dir)
+        let opts = p.train_options(ctx);
+        let source = fit::shard_source(ctx, &p.data, &tok, &shard, p.packing, p.pad_to_max, opts.seed)?;
+        fit::fit_and_export(ctx, &model, &source, &opts, &tok.dir)
     }
 }

@@ -1,0 +1,135 @@
+//! The loop and optimiser parameters every training stage shares, declared once.
+//!
+//! Recipes keep them flat (`lr = …` next to `data = …`), and unknown keys must stay errors; serde's
+//! `flatten` cannot be combined with `deny_unknown_fields`, so [`training_params!`] writes the
+//! shared fields into each stage's struct instead, with that stage's defaults, and derives the
+//! loop's [`crate::train::TrainOptions`] from them in one place.
+
+/// Declare a training stage's parameter struct: the fields written inside, then the fields every
+/// trainer shares (`lr`, `batch_size`, `epochs`, `max_steps`, `accumulation_steps`, `grad_clip`,
+/// `warmup_steps`, `weight_decay`, `seed`, `save_every`, `log_every`) with this stage's defaults,
+/// plus `seed_or()` and `train_options()`. It defines `default_lr`, `default_batch_size`,
+/// `default_epochs`, `default_save_every` and `default_log_every` in the calling module.
+macro_rules! training_params {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident { $($fields:tt)* }
+        defaults { lr: $lr:expr, batch_size: $batch:expr, epochs: $epochs:expr, save_every: $save:expr, log_every: $log:expr $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($fields)*
+            /// Peak learning rate (cosine decay to 10 % of it, spec §8).
+            #[serde(default = "default_lr")]
+            pub lr: f64,
+            /// Examples (rows, pairs or prompts) per micro-batch.
+            #[serde(default = "default_batch_size")]
+            pub batch_size: usize,
+            /// Passes over the data (ignored when `max_steps` is set).
+            #[serde(default = "default_epochs")]
+            pub epochs: usize,
+            /// Stop after this many optimiser steps instead (wrapping epochs as needed).
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub max_steps: Option<usize>,
+            /// Micro-batches per optimiser step.
+            #[serde(default = "crate::stages::training::one")]
+            pub accumulation_steps: usize,
+            /// Global gradient-norm clip (0 disables).
+            #[serde(default = "crate::stages::training::default_grad_clip")]
+            pub grad_clip: f64,
+            /// Linear warmup in micro-steps before the cosine (the reference has none).
+            #[serde(default)]
+            pub warmup_steps: usize,
+            /// AdamW decoupled weight decay (on every parameter, like the reference).
+            #[serde(default = "crate::stages::training::default_weight_decay")]
+            pub weight_decay: f64,
+            /// Seed for initialisation, data order and sampling (default: the recipe's).
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub seed: Option<u64>,
+            /// Checkpoint every N optimiser steps (0: only on interrupt). Cosmetic: resuming is
+            /// exact either way.
+            #[serde(default = "default_save_every")]
+            pub save_every: usize,
+            /// Progress refresh every N steps (cosmetic; metrics are logged every step).
+            #[serde(default = "default_log_every")]
+            pub log_every: usize,
+        }
+
+        fn default_lr() -> f64 {
+            $lr
+        }
+        fn default_batch_size() -> usize {
+            $batch
+        }
+        fn default_epochs() -> usize {
+            $epochs
+        }
+        fn default_save_every() -> usize {
+            $save
+        }
+        fn default_log_every() -> usize {
+            $log
+        }
+
+        impl $name {
+            /// The seed this stage uses: its own `seed`, else the recipe's.
+            pub fn seed_or(&self, recipe_seed: u64) -> u64 {
+                self.seed.unwrap_or(recipe_seed)
+            }
+
+            /// The shared loop's options for this stage: checkpoints in its work dir, per-step
+            /// metrics and the loss curve in the run, a progress bar when stderr is a terminal.
+            pub fn train_options(&self, ctx: &crate::stages::StageContext<'_>) -> crate::train::TrainOptions {
+                let mut o = crate::train::TrainOptions::new(ctx.name, ctx.work_dir.to_path_buf());
+                o.lr = self.lr;
+                o.warmup_steps = self.warmup_steps;
+                o.adamw.weight_decay = self.weight_decay;
+                o.grad_clip = self.grad_clip;
+                o.accumulation_steps = self.accumulation_steps.max(1);
+                o.batch_size = self.batch_size.max(1);
+                o.epochs = self.epochs;
+                o.max_steps = self.max_steps;
+                o.save_every = self.save_every;
+                o.log_every = self.log_every;
+                o.seed = self.seed_or(ctx.recipe.meta.seed);
+                o.metrics_path = Some(ctx.run.dir().join(crate::runs::files::METRICS));
+                o.plot_path = Some(ctx.run.dir().join(format!("{}-loss.png", ctx.name)));
+                o.progress = crate::progress::enabled();
+                o
+            }
+        }
+    };
+}
+
+pub(crate) use training_params;
+
+/// The inputs of a stage that optimises a policy `from` a model against a frozen `reference`
+/// (DPO, GRPO): both accept a model or a merged LoRA stage.
+pub(crate) fn policy_inputs(from: &str, reference: Option<&str>, data: &str) -> Vec<super::InputRef> {
+    use super::InputRef;
+    use crate::artifact::ArtifactKind;
+    let models = ArtifactKind::MODEL_INPUTS.to_vec();
+    let mut v = vec![InputRef::Stage { param: "from", stage: from.to_string(), accepts: models.clone() }];
+    if let Some(r) = reference {
+        v.push(InputRef::Stage { param: "reference", stage: r.to_string(), accepts: models });
+    }
+    v.push(InputRef::Dataset { param: "data", dataset: data.to_string() });
+    v
+}
+
+/// Default of `accumulation_steps`.
+pub(crate) fn one() -> usize {
+    1
+}
+
+/// Default of `grad_clip` (the reference's).
+pub(crate) fn default_grad_clip() -> f64 {
+    1.0
+}
+
+/// Default of `weight_decay` (PyTorch's AdamW default, which the reference keeps).
+pub(crate) fn default_weight_decay() -> f64 {
+    0.01
+}
