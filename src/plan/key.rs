@@ -15,6 +15,7 @@
 //! | output-affecting params, canonical           | after serde defaults are applied, so writing a default explicitly changes nothing         |
 //! | keys of input stages (per param, in order)   | an upstream change propagates down the DAG; order matters (`models = ["a", "b"]`)         |
 //! | each input dataset's content hash            | the bytes read, not where they live: moving a file or re-downloading it changes nothing   |
+//! | content hash of each local file a stage reads ([`crate::stages::StageParams::local_files`]: an adopted tokenizer) | same rule as datasets: editing the file reruns the stage; the param naming the path is left out |
 //! | each input dataset's `format`, `columns`, `on_bad_record`, `builtin` | they change which examples the bytes turn into                    |
 //! | `recipe.seed`                                | init, data order and sampling depend on it; conservatively in every stage                 |
 //! | resolved `[model]` config (stages that *build* a model: output is a model and no input is one) | architecture; downstream stages get it through that stage's key; `vocab_size` only when set explicitly (else the tokenizer input decides it) |
@@ -124,13 +125,15 @@ pub fn fingerprint(
             InputRef::Stage { param, .. } | InputRef::Dataset { param, .. } => *param,
         })
         .collect();
+    let recipe_dir = cx.recipe.path.parent().unwrap_or(std::path::Path::new("."));
+    let local = def.local_files(&spec.params, recipe_dir);
     let mut params = Map::new();
     let mut cosmetic = Map::new();
     if let Value::Object(all) = &spec.params {
         for (k, v) in all {
             if def.cosmetic().contains(&k.as_str()) {
                 cosmetic.insert(k.clone(), v.clone());
-            } else if !ref_params.contains(&k.as_str()) && !v.is_null() {
+            } else if !ref_params.contains(&k.as_str()) && !local.iter().any(|(p, _)| p == k) && !v.is_null() {
                 params.insert(k.clone(), v.clone());
             }
         }
@@ -176,6 +179,16 @@ pub fn fingerprint(
     fp.insert("params".into(), Value::Object(params));
     fp.insert("inputs".into(), Value::Array(inputs));
     fp.insert("datasets".into(), Value::Array(datasets));
+    if !local.is_empty() {
+        let files = local
+            .iter()
+            .map(|(param, path)| {
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                json!({ "param": param, "file": name, "content_hash": file_hash(path) })
+            })
+            .collect();
+        fp.insert("files".into(), Value::Array(files));
+    }
     fp.insert("seed".into(), json!(cx.recipe.meta.seed));
     if output == ArtifactKind::Model && !reads_model {
         let model = match resolve_model(&cx.recipe.model, None) {
@@ -203,6 +216,16 @@ pub fn fingerprint(
         fp.insert("precision".into(), json!(Precision::Bf16.as_str()));
     }
     Ok((Value::Object(fp), cosmetic))
+}
+
+/// blake3 of a file's bytes; `null` when it cannot be read (the stage itself then fails with the
+/// reason, and the key changes once the file appears).
+fn file_hash(path: &std::path::Path) -> Value {
+    let mut h = blake3::Hasher::new();
+    match std::fs::File::open(path).and_then(|f| h.update_reader(f).map(|_| ())) {
+        Ok(()) => json!(h.finalize().to_hex().to_string()),
+        Err(_) => Value::Null,
+    }
 }
 
 /// The key of a fingerprint: blake3 of its canonical JSON without the name fields, hex.

@@ -160,6 +160,25 @@ pub(crate) fn diff(old: &Value, new: &Value, statuses: &BTreeMap<String, Status>
         }
     }
 
+    // Local files (an adopted tokenizer): matched by (param, file name).
+    let (of, nf) = (arr(old.get("files")), arr(new.get("files")));
+    let same_file = |a: &Value, b: &Value| s(a, "param") == s(b, "param") && s(a, "file") == s(b, "file");
+    for n in &nf {
+        let what = format!("{} ({})", s(n, "file"), s(n, "param"));
+        match of.iter().find(|o| same_file(o, n)) {
+            None => out.push(format!("now reads {what}")),
+            Some(o) if o.get("content_hash") != n.get("content_hash") => out.push(format!(
+                "{what} changed (content hash {}… → {}…)",
+                short(s(o, "content_hash")),
+                short(s(n, "content_hash"))
+            )),
+            Some(_) => {}
+        }
+    }
+    for o in of.iter().filter(|o| !nf.iter().any(|n| same_file(o, n))) {
+        out.push(format!("no longer reads {} ({})", s(o, "file"), s(o, "param")));
+    }
+
     let (om, nm) = (old.get("model").filter(|v| !v.is_null()), new.get("model").filter(|v| !v.is_null()));
     match (om, nm) {
         (Some(a), Some(b)) if a != b => diff_map("model", &obj(Some(a)), &obj(Some(b)), &mut out),
@@ -191,6 +210,7 @@ mod tests {
             "params": {"lr": 5e-4, "warmup": 10},
             "inputs": [{"param": "tokenizer", "stage": "tok", "key": "aaaaaaaaaaaaaaaa"}],
             "datasets": [{"param": "data", "dataset": "medical", "content_hash": "1a2b3c4d5e6f7a8b", "format": "text"}],
+            "files": [{"param": "source", "file": "tokenizer.json", "content_hash": "0123456789abcdef"}],
             "model": {"hidden_size": 64}
         });
         let new = json!({
@@ -198,6 +218,8 @@ mod tests {
             "params": {"lr": 3e-4, "batch": 8},
             "inputs": [{"param": "tokenizer", "stage": "tok", "key": "bbbbbbbbbbbbbbbb"}],
             "datasets": [{"param": "data", "dataset": "medical", "content_hash": "3c4d5e6f7a8b9c0d", "format": "text"}],
+            "files": [{"param": "source", "file": "tokenizer.json", "content_hash": "fedcba9876543210"},
+                      {"param": "source", "file": "tokenizer_config.json", "content_hash": "00"}],
             "model": {"hidden_size": 128}
         });
         let st = BTreeMap::from([("tok".to_string(), Status::Stale)]);
@@ -213,6 +235,8 @@ mod tests {
                 "param warmup removed (was 10)",
                 "input tok is stale",
                 "dataset medical changed (content hash 1a2b3c4d5e6f… → 3c4d5e6f7a8b…)",
+                "tokenizer.json (source) changed (content hash 0123456789ab… → fedcba987654…)",
+                "now reads tokenizer_config.json (source)",
                 "model hidden_size 64 → 128",
             ]
         );

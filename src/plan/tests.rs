@@ -326,3 +326,29 @@ fn unknown_precision_is_a_recipe_error() {
     let e = load_str(Path::new("r.toml"), GOOD.to_string(), &o, &registry()).unwrap_err().to_string();
     assert!(e.contains("precision") && e.contains("bf16"), "{e}");
 }
+
+#[test]
+fn an_adopted_tokenizer_is_keyed_by_its_content_not_its_path() {
+    let (d, c) = cache();
+    let dir = d.path();
+    let write = |file: &str, body: &str| {
+        let p = dir.join(file);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    };
+    write("a/tokenizer.json", "{\"v\": 1}");
+    write("b/tokenizer.json", "{\"v\": 1}");
+    let key = |src: &str| {
+        let text = format!("[recipe]\nname = \"t\"\n\n[stages.tok]\nkind = \"tokenizer\"\nsource = \"{src}\"\n");
+        let reg = crate::stages::registry();
+        let r = load_str(&dir.join("r.toml"), text, &[], &reg).unwrap_or_else(|e| panic!("{e}"));
+        build_with(&r, &c, &BTreeMap::new(), &reg).unwrap().stage("tok").unwrap().key.clone()
+    };
+    let k = key("a");
+    assert_eq!(key("b"), k, "the same bytes somewhere else: same key");
+    assert_eq!(key("a/tokenizer.json"), k, "naming the folder or the file is the same input");
+    write("a/tokenizer.json", "{\"v\": 2}");
+    assert_ne!(key("a"), k, "an edited tokenizer must not be served from the cache");
+    write("b/tokenizer_config.json", "{}");
+    assert_ne!(key("b"), k, "its tokenizer_config.json (chat template) is read too");
+}

@@ -53,6 +53,14 @@ pub trait StageParams: DeserializeOwned + Serialize + JsonSchema + Clone + Send 
     /// The artifacts and datasets this stage reads.
     fn inputs(&self) -> Vec<InputRef>;
 
+    /// Files outside the cache that this stage reads, as `(param, file)` with relative paths
+    /// resolved against `recipe_dir` (an adopted tokenizer). Their *content* enters the stage key
+    /// in place of the param's value, like a dataset's content hash: editing the file reruns the
+    /// stage, moving it does not.
+    fn local_files(&self, _recipe_dir: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf)> {
+        Vec::new()
+    }
+
     /// Reject values that deserialise but can never work (`temperature = 0` for GRPO), so the
     /// recipe loader points at the key before any stage runs.
     fn validate(&self) -> Result<(), InvalidParam> {
@@ -134,6 +142,12 @@ pub trait DynStage: Send + Sync {
     fn parse_params(&self, table: &toml::Table) -> Result<ParsedParams, ParamsError>;
     /// JSON Schema of the params.
     fn params_schema(&self, gen: &mut schemars::SchemaGenerator) -> schemars::Schema;
+    /// See [`StageParams::local_files`], for canonical params.
+    fn local_files(
+        &self,
+        canonical: &serde_json::Value,
+        recipe_dir: &std::path::Path,
+    ) -> Vec<(&'static str, std::path::PathBuf)>;
     /// Run with canonical params produced by [`DynStage::parse_params`].
     fn run(&self, ctx: &mut StageContext<'_>, canonical: &serde_json::Value) -> anyhow::Result<StageOutcome>;
 }
@@ -164,6 +178,14 @@ impl<S: Stage> DynStage for S {
     }
     fn params_schema(&self, gen: &mut schemars::SchemaGenerator) -> schemars::Schema {
         S::Params::json_schema(gen)
+    }
+    fn local_files(
+        &self,
+        canonical: &serde_json::Value,
+        recipe_dir: &std::path::Path,
+    ) -> Vec<(&'static str, std::path::PathBuf)> {
+        // Canonical params were produced by this kind's own parser, so they always deserialise.
+        serde_json::from_value::<S::Params>(canonical.clone()).map(|p| p.local_files(recipe_dir)).unwrap_or_default()
     }
     fn run(&self, ctx: &mut StageContext<'_>, canonical: &serde_json::Value) -> anyhow::Result<StageOutcome> {
         let params: S::Params = serde_json::from_value(canonical.clone())?;

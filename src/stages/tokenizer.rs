@@ -93,6 +93,20 @@ impl StageParams for TokenizerParams {
     fn inputs(&self) -> Vec<InputRef> {
         self.data.iter().map(|d| InputRef::Dataset { param: "data", dataset: d.clone() }).collect()
     }
+
+    /// An adopted local tokenizer: `tokenizer.json` and, when present, its `tokenizer_config.json`
+    /// (the two files [`adopt`] copies). `hf://` sources are pinned by their URI and lock instead.
+    fn local_files(&self, recipe_dir: &Path) -> Vec<(&'static str, PathBuf)> {
+        let Some(src) = self.source.as_deref().filter(|s| !s.starts_with("hf://")) else { return Vec::new() };
+        let p = recipe_dir.join(src);
+        let tj = if p.is_dir() { p.join(layout::TOKENIZER_JSON) } else { p };
+        let cfg = tj.with_file_name(layout::TOKENIZER_CONFIG_JSON);
+        let mut v = vec![("source", tj)];
+        if cfg.is_file() {
+            v.push(("source", cfg));
+        }
+        v
+    }
 }
 
 /// The tokenizer stage.
