@@ -262,3 +262,71 @@ fn bf16_precision_reaches_every_training_stage() {
         assert_ne!(out[0], out[1], "{kind} ignored precision = bf16");
     }
 }
+
+/// Run stage `kind` once uninterrupted and once interrupted after a few logged steps and resumed
+/// in the same work dir; the resumed artifact's `file` must equal the uninterrupted one byte for
+/// byte.
+fn assert_resumes_exactly(w: &World, kind: &str, params: toml::Table, file: &str) {
+    let (res, full) =
+        run_stage(w, kind, params.clone(), &format!("work-{kind}-a"), &format!("out-{kind}-a"), &CancelToken::new());
+    res.unwrap_or_else(|e| panic!("{kind}: {e:#}"));
+    let cancel = CancelToken::new();
+    let watcher = {
+        let (cancel, m) = (cancel.clone(), w.root.join(format!("run-out-{kind}-b/metrics.jsonl")));
+        std::thread::spawn(move || loop {
+            if std::fs::read_to_string(&m).map(|s| s.lines().count() >= 3).unwrap_or(false) {
+                cancel.cancel();
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        })
+    };
+    let work = format!("work-{kind}-b");
+    let (res, _) = run_stage(w, kind, params.clone(), &work, &format!("out-{kind}-b"), &cancel);
+    watcher.join().unwrap();
+    let err = res.expect_err("the run should have been interrupted");
+    assert!(err.downcast_ref::<Interrupted>().is_some(), "{kind}: {err:#}");
+    let (res, resumed) = run_stage(w, kind, params, &work, &format!("out-{kind}-b2"), &CancelToken::new());
+    res.unwrap_or_else(|e| panic!("{kind} resumed: {e:#}"));
+    assert_eq!(
+        std::fs::read(full.join(file)).unwrap(),
+        std::fs::read(resumed.join(file)).unwrap(),
+        "{kind}: resumed {file} differs from the uninterrupted run"
+    );
+}
+
+/// The alignment stages stop mid-way on an interrupt and resume to exactly the weights of an
+/// uninterrupted run: LoRA (its adapter), DPO and GRPO (rollouts are re-sampled identically).
+#[test]
+fn lora_dpo_and_grpo_stages_resume_exactly() {
+    let Some(shared) = common::shared_data() else { return };
+    let mut w = world(&shared);
+    let pairs: Vec<String> = (0..24)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("What is {i} plus 1?"), "chosen": format!("{}", i + 1),
+                "rejected": format!("{}", i + 7)})
+            .to_string()
+        })
+        .collect();
+    w.inputs.datasets.insert("pairs".into(), dataset(&w.root, "pairs", DataFormat::Dpo, &pairs));
+    let problems: Vec<String> = (0..16)
+        .map(|i| {
+            serde_json::json!({"question": format!("What is {i} plus 2?"), "answer": format!("{}", i + 2)}).to_string()
+        })
+        .collect();
+    w.inputs.datasets.insert("problems".into(), dataset(&w.root, "problems", DataFormat::PromptAnswer, &problems));
+    let base = toml::toml! { tokenizer = "tok" data = "text" max_seq_len = 32 batch_size = 4 max_steps = 4 lr = 3e-3 };
+    let (res, dir) = run_stage(&w, "pretrain", base, "work-base", "out-base", &CancelToken::new());
+    res.unwrap();
+    w.inputs.artifacts.insert("base".into(), artifact(&dir, ArtifactKind::Model, "pretrain", "base-key"));
+
+    let lora = toml::toml! { from = "base" data = "chat" rank = 4 dropout = 0.1 max_seq_len = 64 batch_size = 2 max_steps = 40 lr = 1e-2 };
+    assert_resumes_exactly(&w, "lora", lora, "adapter_model.safetensors");
+    let dpo = toml::toml! { from = "base" data = "pairs" max_seq_len = 64 batch_size = 2 max_steps = 40 lr = 1e-3 };
+    assert_resumes_exactly(&w, "dpo", dpo, "model.safetensors");
+    let grpo = toml::toml! {
+        from = "base" data = "problems" rewards = [{ kind = "exact_match" }, { kind = "length", max_chars = 6 }]
+        num_generations = 4 max_new_tokens = 6 batch_size = 2 max_steps = 12 lr = 1e-3
+    };
+    assert_resumes_exactly(&w, "grpo", grpo, "model.safetensors");
+}
