@@ -114,8 +114,7 @@ fn default_clip() -> f64 {
 }
 
 impl StageParams for GrpoParams {
-    // Checkpoint cadence and progress output never change the trained weights.
-    const COSMETIC: &'static [&'static str] = &["save_every", "log_every"];
+    const COSMETIC: &'static [&'static str] = super::training::COSMETIC;
 
     fn inputs(&self) -> Vec<InputRef> {
         super::training::policy_inputs(&self.from, self.reference.as_deref(), &self.data)

@@ -56,8 +56,7 @@ fn default_max_len() -> usize {
 }
 
 impl StageParams for LoraStageParams {
-    // Checkpoint cadence and progress output never change the trained weights.
-    const COSMETIC: &'static [&'static str] = &["save_every", "log_every"];
+    const COSMETIC: &'static [&'static str] = super::training::COSMETIC;
 
     fn inputs(&self) -> Vec<InputRef> {
         vec![

@@ -40,7 +40,7 @@ fn default_max_seq_len() -> usize {
 }
 
 impl StageParams for PretrainParams {
-    const COSMETIC: &'static [&'static str] = &["save_every", "log_every"];
+    const COSMETIC: &'static [&'static str] = super::training::COSMETIC;
 
     fn inputs(&self) -> Vec<InputRef> {
         let mut v = Vec::new();

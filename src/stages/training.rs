@@ -105,6 +105,10 @@ macro_rules! training_params {
 
 pub(crate) use training_params;
 
+/// The cosmetic params of every training stage: checkpoint cadence and progress output never
+/// change the trained weights (resuming is exact either way).
+pub(crate) const COSMETIC: &[&str] = &["save_every", "log_every"];
+
 /// The inputs of a stage that optimises a policy `from` a model against a frozen `reference`
 /// (DPO, GRPO): both accept a model or a merged LoRA stage.
 pub(crate) fn policy_inputs(from: &str, reference: Option<&str>, data: &str) -> Vec<super::InputRef> {
