@@ -14,6 +14,7 @@ pub mod eval;
 pub mod exec;
 pub mod hub;
 pub mod model;
+pub mod modelref;
 pub mod plan;
 pub mod progress;
 pub mod recipe;

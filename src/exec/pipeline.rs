@@ -238,3 +238,30 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
         ExecOutcome::Interrupted { .. } => RunEnd::Interrupted { run_dir },
     })
 }
+
+/// Resolve a model reference for a command (`export`, `push`, `chat`, `serve`): a stage of
+/// `recipe` (when given; planned to find its key, nothing is run), `<run>:<stage>` from the run
+/// records, a local folder, or `hf://<owner>/<name>[@rev]` (see [`crate::modelref`]).
+pub fn resolve_model(
+    reference: &str,
+    paths: &Paths,
+    recipe: Option<&RecipeSource>,
+) -> anyhow::Result<crate::modelref::ResolvedModel> {
+    let cache = Cache::open(&paths.home).with_context(|| format!("opening the cache {}", paths.home.display()))?;
+    let stages: Option<(PathBuf, BTreeMap<String, String>)> = match recipe {
+        Some(src) => {
+            let (recipe, _, plan) = make_plan(src, &cache)?;
+            Some((recipe.path, plan.stages.iter().map(|s| (s.name.clone(), s.key.clone())).collect()))
+        }
+        None => None,
+    };
+    let hub = crate::hub::HubOptions::from_env();
+    let resolver = crate::modelref::Resolver {
+        cache: Some(&cache),
+        runs_dir: Some(&paths.runs_dir),
+        recipe: stages.as_ref().map(|(p, s)| (p.as_path(), s)),
+        base_dir: None,
+        hub: Some(&hub),
+    };
+    Ok(resolver.resolve(reference)?)
+}
