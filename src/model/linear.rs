@@ -19,6 +19,8 @@ pub struct Lora {
 /// `y = x W^T` with W `[out, in]` (PyTorch layout, so weights load without transposes).
 #[derive(Clone, Debug)]
 pub struct Linear {
+    /// Module path (`model.layers.0.self_attn.q_proj`): what LoRA targets match and PEFT keys use.
+    pub path: String,
     /// `[out, in]`.
     pub weight: Tensor,
     /// Optional adapter.
@@ -26,9 +28,9 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Wrap a weight.
-    pub fn new(weight: Tensor) -> Self {
-        Self { weight, lora: None }
+    /// Wrap the weight of the module at `path`.
+    pub fn new(path: impl Into<String>, weight: Tensor) -> Self {
+        Self { path: path.into(), weight, lora: None }
     }
 
     /// Apply to `x` of shape `[N, in]` (2-D; callers flatten batch and time first). The matmul

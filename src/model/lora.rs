@@ -207,7 +207,8 @@ impl LoraAdapters {
         let dev = model.device().clone();
         let dropout = (config.dropout > 0.0).then(|| Arc::new(Dropout::new(config.dropout, config.seed ^ 0x5eed)));
         let mut modules = Vec::new();
-        for (path, lin) in model.linears_mut() {
+        for lin in model.linears_mut() {
+            let path = lin.path.clone();
             if !config.targets.matches(&path) {
                 continue;
             }
@@ -375,7 +376,7 @@ impl LoraAdapters {
 
     /// Remove the adapters from `model` without merging (the base model is restored).
     pub fn detach(self, model: &mut MiniMind) {
-        for (_, lin) in model.linears_mut() {
+        for lin in model.linears_mut() {
             lin.lora = None;
         }
     }

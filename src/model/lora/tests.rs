@@ -157,7 +157,7 @@ fn scale_is_alpha_over_rank_and_merge_matches_adapter_logits() {
     let merged = m.forward_logits(&x, None).unwrap();
     let d = max_abs_diff(&merged, &adapted);
     assert!(d < 1e-4, "merged logits differ from base+adapter by {d}");
-    assert!(m.linears_mut().iter().all(|(_, l)| l.lora.is_none()));
+    assert!(m.linears_mut().iter().all(|l| l.lora.is_none()));
 }
 
 #[test]
