@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mmrun::data::spec::DatasetSpec;
 use mmrun::data::Example;
 use mmrun::hub::testserver::TestHub;
 use mmrun::hub::{lock, HubOptions, RepoType};
-use mmrun::recipe::DatasetSpec;
 use parquet::data_type::{ByteArray, ByteArrayType};
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;

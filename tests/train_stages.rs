@@ -6,8 +6,9 @@ mod common;
 use mmrun::artifact::{Artifact, ArtifactKind, Manifest};
 use mmrun::cache::Cache;
 use mmrun::cancel::{CancelToken, Interrupted};
+use mmrun::data::spec::{DataFormat, DatasetSpec, OnBadRecord};
 use mmrun::data::ResolvedDataset;
-use mmrun::recipe::{DataFormat, DatasetSpec, OnBadRecord, Precision, Recipe};
+use mmrun::recipe::{Precision, Recipe};
 use mmrun::runs::RunSink;
 use mmrun::stages::{Inputs, StageContext};
 use std::path::{Path, PathBuf};
@@ -80,7 +81,7 @@ fn world(shared: &Path) -> World {
     let cache = Cache::open(root.join("cache")).unwrap();
     let rpath = root.join("r.toml");
     std::fs::write(&rpath, RECIPE).unwrap();
-    let recipe = mmrun::recipe::load(&rpath, &[]).unwrap();
+    let recipe = mmrun::recipe::load(&rpath, &[], &mmrun::stages::kinds()).unwrap();
     let texts: Vec<String> = (0..40)
         .map(|i| serde_json::json!({"text": format!("Sentence number {i}: the cat sat on mat {}.", i % 7)}).to_string())
         .collect();

@@ -93,7 +93,7 @@ pub fn train_dpo(
         let labels = b.label_tensor(&device)?;
         if let Some(a) = adapters {
             // Masks depend only on the batch content and position: resumed runs are identical.
-            a.reseed_dropout(batch_seed(b, opts.seed));
+            a.reseed_dropout(b.seed(opts.seed));
         }
         let (h, aux) = policy.forward_hidden(&ids, None, 0, None, true)?;
         let lp = sequence_logprobs(&policy.logits(&h)?, &labels)?;
@@ -115,16 +115,6 @@ pub fn train_dpo(
         a.set_training(false);
     }
     result
-}
-
-/// A seed from a batch's token ids (FNV-1a), mixed with the run seed.
-pub(crate) fn batch_seed(b: &Batch, seed: u64) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325 ^ seed;
-    for &x in &b.input_ids {
-        h ^= x as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
 }
 
 /// DPO metrics of `policy` against `reference` on every pair (no gradients), as batch means.

@@ -25,7 +25,7 @@ pub fn train_lora(
     let params = adapters.params();
     adapters.set_training(true);
     let r = train(&params, data, opts, cancel, |b: &Batch| {
-        adapters.reseed_dropout(super::dpo::batch_seed(b, opts.seed));
+        adapters.reseed_dropout(b.seed(opts.seed));
         let (loss, aux) = model.forward_train(&b.input_tensor(&device)?, &b.label_tensor(&device)?)?;
         Ok(LossOutput { loss: (loss + &aux)?, aux: Some(aux) })
     });

@@ -23,7 +23,7 @@
 
 use super::{write_atomic, DataError};
 use crate::cache::Cache;
-use crate::recipe::{DataFormat, DatasetSpec};
+use crate::data::spec::{DataFormat, DatasetSpec};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -176,7 +176,7 @@ pub fn materialize(name: &str, generator: &str, spec: &DatasetSpec, cache: &Cach
 mod tests {
     use super::*;
     use crate::data::read::{read_examples, Example};
-    use crate::recipe::OnBadRecord;
+    use crate::data::spec::OnBadRecord;
     use std::collections::HashSet;
 
     fn spec(format: DataFormat, params: Value) -> DatasetSpec {

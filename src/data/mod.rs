@@ -12,15 +12,27 @@
 
 pub mod builtin;
 pub mod chat;
+pub mod parquet;
 pub mod read;
 pub mod shards;
+pub mod spec;
 pub mod tokenize;
 
 pub use read::{read_examples, Example, Message, ReadStats};
 
 use crate::cache::Cache;
-use crate::recipe::DatasetSpec;
+use spec::DatasetSpec;
 use std::path::{Path, PathBuf};
+
+/// Where records skipped under `on_bad_record = "skip"` go. The run record
+/// (`crate::runs::RunSink`) implements it, so `data` never depends on `runs`.
+pub trait RejectSink {
+    /// Record one skipped record: its dataset, file, 1-based line, why, and its raw text (already
+    /// cut to a bounded size by the caller).
+    fn reject(&self, dataset: &str, file: &Path, line: usize, reason: &str, raw: &str) -> std::io::Result<()>;
+    /// Where the rejects are written, for I/O error messages.
+    fn location(&self) -> &Path;
+}
 
 /// A dataset whose files are local and whose content hash is known.
 #[derive(Clone, Debug)]
@@ -279,7 +291,7 @@ pub(crate) use crate::testutil::shared_data;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recipe::{DataFormat, OnBadRecord};
+    use crate::data::spec::{DataFormat, OnBadRecord};
 
     pub(crate) fn spec(source: &str, format: DataFormat) -> DatasetSpec {
         DatasetSpec {

@@ -22,9 +22,8 @@
 //! conversation whose first non-system turn is an assistant turn is malformed. Consecutive user
 //! turns are kept as they are (the template renders them; only assistant spans are trained).
 
-use super::{DataError, ResolvedDataset};
-use crate::recipe::{DataFormat, OnBadRecord};
-use crate::runs::RunSink;
+use super::{DataError, RejectSink, ResolvedDataset};
+use crate::data::spec::{DataFormat, OnBadRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::io::{BufRead, BufReader};
@@ -117,7 +116,7 @@ pub struct ReadStats {
 
 /// Read every example of a dataset into memory. Fails on the first malformed record unless the
 /// dataset says `on_bad_record = "skip"`; fails when no example remains.
-pub fn read_examples(ds: &ResolvedDataset, sink: Option<&RunSink>) -> Result<Vec<Example>, DataError> {
+pub fn read_examples(ds: &ResolvedDataset, sink: Option<&dyn RejectSink>) -> Result<Vec<Example>, DataError> {
     let mut out = Vec::new();
     for_each_example(ds, sink, |e| {
         out.push(e);
@@ -130,7 +129,7 @@ pub fn read_examples(ds: &ResolvedDataset, sink: Option<&RunSink>) -> Result<Vec
 /// the largest record. Errors when the dataset yields no example at all.
 pub fn for_each_example<E: From<DataError>>(
     ds: &ResolvedDataset,
-    sink: Option<&RunSink>,
+    sink: Option<&dyn RejectSink>,
     mut f: impl FnMut(Example) -> Result<(), E>,
 ) -> Result<ReadStats, E> {
     let mut stats = ReadStats::default();
@@ -171,7 +170,7 @@ fn format_name(f: DataFormat) -> String {
 fn read_file<E: From<DataError>>(
     ds: &ResolvedDataset,
     path: &Path,
-    sink: Option<&RunSink>,
+    sink: Option<&dyn RejectSink>,
     stats: &mut ReadStats,
     f: &mut impl FnMut(Example) -> Result<(), E>,
 ) -> Result<(), E> {
@@ -203,7 +202,8 @@ fn read_file<E: From<DataError>>(
                     tracing::debug!("{file}:{line}: skipped bad record: {}", p.msg);
                 }
                 if let Some(sink) = sink {
-                    write_reject(sink, &ds.name, &file, line, &p.msg, raw).map_err(|e| DataError::io(sink.dir(), e))?;
+                    write_reject(sink, &ds.name, &file, line, &p.msg, raw)
+                        .map_err(|e| DataError::io(sink.location(), e))?;
                 }
                 Ok(())
             }
@@ -211,7 +211,7 @@ fn read_file<E: From<DataError>>(
     };
     if ext == "parquet" {
         // Rows are numbered from 1 in messages, like lines.
-        let rows = match crate::hub::read_parquet_records(path) {
+        let rows = match super::parquet::read_parquet_records(path) {
             Ok(rows) => rows,
             Err(e) => return emit(0, b"", Err(bad(e.to_string()))),
         };
@@ -314,7 +314,7 @@ fn starts_with_array(r: &mut BufReader<std::fs::File>) -> std::io::Result<bool> 
 
 /// Append one rejected record (raw text cut to 4 KiB) to the run's `rejects.jsonl`.
 fn write_reject(
-    sink: &RunSink,
+    sink: &dyn RejectSink,
     dataset: &str,
     file: &str,
     line: usize,
@@ -342,7 +342,7 @@ fn type_name(v: &Value) -> &'static str {
 
 struct Cols<'a> {
     obj: &'a Map<String, Value>,
-    spec: &'a crate::recipe::DatasetSpec,
+    spec: &'a crate::data::spec::DatasetSpec,
 }
 
 impl<'a> Cols<'a> {
@@ -373,7 +373,7 @@ impl<'a> Cols<'a> {
 }
 
 /// Turn one parsed record into an example per the dataset's format.
-pub(crate) fn convert(v: &Value, spec: &crate::recipe::DatasetSpec) -> Result<Example, Problem> {
+pub(crate) fn convert(v: &Value, spec: &crate::data::spec::DatasetSpec) -> Result<Example, Problem> {
     let obj = v.as_object().ok_or_else(|| bad(format!("record must be a JSON object, got {}", type_name(v))))?;
     let c = Cols { obj, spec };
     match spec.format {
@@ -707,8 +707,8 @@ pub fn normalize_number(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::spec::DatasetSpec;
     use crate::data::{shared_data, ResolvedDataset};
-    use crate::recipe::DatasetSpec;
 
     fn ds_for(path: &Path, format: DataFormat, skip: bool) -> ResolvedDataset {
         ResolvedDataset {
@@ -737,11 +737,11 @@ mod tests {
 
     fn read_skip(path: &Path, format: DataFormat, cols: &[(&str, &str)]) -> (Vec<Example>, ReadStats, Vec<Value>) {
         let tmp = tempfile::tempdir().unwrap();
-        let sink = RunSink::create(tmp.path()).unwrap();
+        let sink = crate::runs::RunSink::create(tmp.path()).unwrap();
         let mut ds = ds_for(path, format, true);
         ds.spec.columns = cols.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         let mut v = Vec::new();
-        let st = for_each_example(&ds, Some(&sink), |e| {
+        let st = for_each_example(&ds, Some(&sink as &dyn RejectSink), |e| {
             v.push(e);
             Ok::<_, DataError>(())
         })

@@ -22,12 +22,11 @@
 
 use super::read::{for_each_example, Example, ReadStats};
 use super::tokenize::{ChatOptions, Sample, TextTokenizer, TokenizeError};
-use super::{write_atomic, DataError, ResolvedDataset};
+use super::{write_atomic, DataError, RejectSink, ResolvedDataset};
 use crate::artifact::Artifact;
 use crate::cache::Cache;
 use crate::cancel::CancelToken;
-use crate::recipe::DataFormat;
-use crate::runs::RunSink;
+use crate::data::spec::DataFormat;
 use memmap2::Mmap;
 use rand::SeedableRng;
 use rayon::prelude::*;
@@ -213,7 +212,7 @@ pub fn build(
     params: &ShardParams,
     dir: &Path,
     cancel: &CancelToken,
-    sink: Option<&RunSink>,
+    sink: Option<&dyn RejectSink>,
     progress: Progress<'_>,
 ) -> Result<ShardsMeta, ShardError> {
     let meta_path = dir.join(SHARDS_META);
@@ -625,7 +624,7 @@ pub fn tokenized(
     tokenizer: &Artifact,
     params: &ShardParams,
     cancel: &CancelToken,
-    sink: Option<&RunSink>,
+    sink: Option<&dyn RejectSink>,
 ) -> Result<TokenShards, ShardError> {
     let key = shard_key(ds, tokenizer.key(), params);
     let root = cache.root().join("shards");
@@ -664,7 +663,7 @@ pub fn shard_key(ds: &ResolvedDataset, tokenizer_key: &str, params: &ShardParams
 mod tests {
     use super::*;
     use crate::data::shared_data;
-    use crate::recipe::{DatasetSpec, OnBadRecord};
+    use crate::data::spec::{DatasetSpec, OnBadRecord};
 
     fn builtin_ds(cache: &Cache, format: DataFormat, count: usize) -> ResolvedDataset {
         let spec = DatasetSpec {

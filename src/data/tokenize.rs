@@ -415,18 +415,18 @@ mod tests {
         let Some(d) = shared_data() else { return };
         let Some(t) = tok() else { return };
         for (f, fmt) in [
-            ("medicalgpt/sft/glaive_toolcall_zh_demo.jsonl", crate::recipe::DataFormat::Sharegpt),
-            ("medicalgpt/sft/medical_sft_1K_format.jsonl", crate::recipe::DataFormat::Sharegpt),
-            ("medicalgpt_history/finetune/Belle_open_source_1k.json", crate::recipe::DataFormat::Alpaca),
-            ("minimind_pr802/tiny_sft.jsonl", crate::recipe::DataFormat::Openai),
+            ("medicalgpt/sft/glaive_toolcall_zh_demo.jsonl", crate::data::spec::DataFormat::Sharegpt),
+            ("medicalgpt/sft/medical_sft_1K_format.jsonl", crate::data::spec::DataFormat::Sharegpt),
+            ("medicalgpt_history/finetune/Belle_open_source_1k.json", crate::data::spec::DataFormat::Alpaca),
+            ("minimind_pr802/tiny_sft.jsonl", crate::data::spec::DataFormat::Openai),
         ] {
             let ds = crate::data::ResolvedDataset {
                 name: "t".into(),
-                spec: crate::recipe::DatasetSpec {
+                spec: crate::data::spec::DatasetSpec {
                     source: f.into(),
                     format: fmt,
                     columns: Default::default(),
-                    on_bad_record: crate::recipe::OnBadRecord::Error,
+                    on_bad_record: crate::data::spec::OnBadRecord::Error,
                     builtin: Default::default(),
                 },
                 files: vec![d.join(f)],

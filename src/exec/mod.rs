@@ -77,7 +77,7 @@ pub struct Executor<'a> {
     /// Resolved datasets by name.
     pub datasets: &'a BTreeMap<String, ResolvedDataset>,
     /// Stage kinds.
-    pub registry: &'a [Box<dyn DynStage>],
+    pub registry: &'a [&'a dyn DynStage],
     /// Called after a stage's artifact is published (the planner records its fingerprint so a
     /// later `plan` can explain what changed).
     pub on_published: &'a dyn Fn(&Job, &Artifact),

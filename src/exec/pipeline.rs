@@ -61,8 +61,8 @@ pub enum RunEnd {
 /// Load a recipe (from its file or recorded text).
 pub fn load_recipe(src: &RecipeSource) -> Result<Recipe, crate::recipe::RecipeError> {
     match &src.text {
-        Some(text) => crate::recipe::load_str(&src.path, text.clone(), &src.overrides, &crate::stages::registry()),
-        None => crate::recipe::load(&src.path, &src.overrides),
+        Some(text) => crate::recipe::load_str(&src.path, text.clone(), &src.overrides, &crate::stages::kinds()),
+        None => crate::recipe::load(&src.path, &src.overrides, &crate::stages::kinds()),
     }
 }
 
@@ -188,7 +188,6 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
             }
         })
         .collect();
-    let registry = crate::stages::registry();
     let on_published = |job: &Job, _art: &crate::artifact::Artifact| {
         if let Some(p) = plan.stages.iter().find(|p| p.name == job.name) {
             if let Err(e) = crate::plan::record_fingerprint(&cache, &recipe.meta.name, p) {
@@ -202,7 +201,7 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
         cancel: &cancel,
         recipe: &recipe,
         datasets: &datasets,
-        registry: &registry,
+        registry: crate::stages::REGISTRY,
         on_published: &on_published,
     };
     let (outcome, counts) = exec.execute(&jobs);

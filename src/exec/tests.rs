@@ -4,7 +4,7 @@ use super::*;
 use crate::artifact::ArtifactKind;
 use crate::recipe::{ModelSpec, RecipeMeta};
 use crate::runs::{RunRecord, RunStatus, StageRecord};
-use crate::stages::{Stage, StageOutcome, StageParams};
+use crate::stages::{Stage, StageKind, StageOutcome, StageParams};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,13 +40,15 @@ impl StageParams for ToyParams {
 
 struct Toy;
 
-impl Stage for Toy {
+impl StageKind for Toy {
     const KIND: &'static str = "toy";
     const VERSION: u32 = 1;
     const OUTPUT: ArtifactKind = ArtifactKind::Dataset;
     const DOC: &'static str = "test stage";
     type Params = ToyParams;
+}
 
+impl Stage for Toy {
     fn run(&self, ctx: &mut StageContext<'_>, p: &ToyParams) -> anyhow::Result<StageOutcome> {
         RUNS.fetch_add(1, Ordering::SeqCst);
         if p.fail {
@@ -128,7 +130,7 @@ fn exec(env: &Env, jobs: &[Job], cancel: &CancelToken) -> (ExecOutcome, ExecCoun
         ..Default::default()
     };
     let sink = RunSink::start(&env.runs, record).unwrap();
-    let registry: Vec<Box<dyn DynStage>> = vec![Box::new(Toy)];
+    let registry: [&dyn DynStage; 1] = [&Toy];
     let recipe = recipe();
     let datasets = BTreeMap::new();
     let published = std::cell::RefCell::new(vec![]);

@@ -316,7 +316,7 @@ pub fn session_lookup(uri: &str) -> Option<FetchedDataset> {
 /// datasets. Returns name → fetched dataset (commit, files, sha256s) for the run record.
 pub fn fetch_recipe(
     recipe: &Path,
-    datasets: &BTreeMap<String, crate::recipe::DatasetSpec>,
+    datasets: &BTreeMap<String, crate::data::spec::DatasetSpec>,
     opts: &HubOptions,
 ) -> Result<BTreeMap<String, FetchedDataset>, LockError> {
     let mut out = BTreeMap::new();

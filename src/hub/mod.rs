@@ -12,7 +12,6 @@ pub mod cache;
 pub mod client;
 pub mod error;
 pub mod lock;
-pub mod parquet;
 #[doc(hidden)]
 pub mod testserver;
 pub mod uri;
@@ -22,7 +21,6 @@ use std::time::Duration;
 
 pub use error::HubError;
 pub use lock::{LockedDataset, LockedFile};
-pub use parquet::read_parquet_records;
 pub use uri::{HubUri, RepoType};
 
 use cache::RepoCache;

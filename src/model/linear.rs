@@ -1,7 +1,10 @@
 //! A bias-free linear layer whose weight is either trainable (a `Var`'s tensor) or frozen (a plain
-//! tensor), with an optional LoRA adapter so a frozen base plus adapters can be trained later.
+//! tensor), with an optional LoRA branch (and its dropout) so a frozen base plus adapters can be
+//! trained; `model::lora` builds, saves and loads the adapter sets on top of this.
 
 use candle_core::{Result, Tensor};
+use rand::{Rng, SeedableRng};
+use std::sync::Mutex;
 
 /// A LoRA adapter `y += scale * (x A^T) B^T` (spec §10).
 #[derive(Clone, Debug)]
@@ -13,7 +16,48 @@ pub struct Lora {
     /// Output scale.
     pub scale: f64,
     /// Dropout on the adapter's input (PEFT applies it to `x` before `A`); `None` = none.
-    pub dropout: Option<std::sync::Arc<super::lora::Dropout>>,
+    pub dropout: Option<std::sync::Arc<Dropout>>,
+}
+
+/// Inverted dropout on a LoRA branch's input, drawn from a seeded ChaCha stream (candle's CPU RNG
+/// cannot be seeded). Shared by all adapters of a model; active only while training.
+#[derive(Debug)]
+pub struct Dropout {
+    p: f64,
+    state: Mutex<(rand_chacha::ChaCha8Rng, bool)>,
+}
+
+impl Dropout {
+    /// Dropout with probability `p`, inactive until [`Self::set_active`].
+    pub fn new(p: f64, seed: u64) -> Self {
+        Self { p, state: Mutex::new((rand_chacha::ChaCha8Rng::seed_from_u64(seed), false)) }
+    }
+
+    /// Restart the mask stream. Stages reseed from each micro-batch's content so that masks depend
+    /// only on the data, which keeps resumed runs bit-identical without saving RNG state.
+    pub fn reseed(&self, seed: u64) {
+        let mut s = self.state.lock().expect("dropout lock");
+        s.0 = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    }
+
+    /// Turn masking on (training) or off (evaluation, reference passes).
+    pub fn set_active(&self, on: bool) {
+        self.state.lock().expect("dropout lock").1 = on;
+    }
+
+    /// `x * mask / (1 - p)` when active, else `x`.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let mut s = self.state.lock().expect("dropout lock");
+        if !s.1 || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        let inv = (1.0 / keep) as f32;
+        let n = x.elem_count();
+        let mask: Vec<f32> = (0..n).map(|_| if s.0.random::<f64>() < keep { inv } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
 }
 
 /// `y = x W^T` with W `[out, in]` (PyTorch layout, so weights load without transposes).

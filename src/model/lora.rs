@@ -10,13 +10,13 @@
 //! layers with scale 1 and N(0, 0.02) init; here targets, `alpha / rank` scaling and PEFT's
 //! kaiming-uniform init of `A` are configurable and default to PEFT's behaviour.
 
-use super::linear::Lora;
+use super::linear::{Dropout, Lora};
 use super::MiniMind;
 use candle_core::{DType, Device, Result as CResult, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// File name of the adapter weights (PEFT).
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -134,47 +134,6 @@ impl LoraConfig {
             return Err(LoraError::Config(format!("`dropout` must be in [0, 1), got {}", self.dropout)));
         }
         Ok(())
-    }
-}
-
-/// Inverted dropout on a LoRA branch's input, drawn from a seeded ChaCha stream (candle's CPU RNG
-/// cannot be seeded). Shared by all adapters of a model; active only while training.
-#[derive(Debug)]
-pub struct Dropout {
-    p: f64,
-    state: Mutex<(rand_chacha::ChaCha8Rng, bool)>,
-}
-
-impl Dropout {
-    /// Dropout with probability `p`, inactive until [`Self::set_active`].
-    pub fn new(p: f64, seed: u64) -> Self {
-        Self { p, state: Mutex::new((rand_chacha::ChaCha8Rng::seed_from_u64(seed), false)) }
-    }
-
-    /// Restart the mask stream. Stages reseed from each micro-batch's content so that masks depend
-    /// only on the data, which keeps resumed runs bit-identical without saving RNG state.
-    pub fn reseed(&self, seed: u64) {
-        let mut s = self.state.lock().expect("dropout lock");
-        s.0 = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    }
-
-    /// Turn masking on (training) or off (evaluation, reference passes).
-    pub fn set_active(&self, on: bool) {
-        self.state.lock().expect("dropout lock").1 = on;
-    }
-
-    /// `x * mask / (1 - p)` when active, else `x`.
-    pub fn apply(&self, x: &Tensor) -> CResult<Tensor> {
-        let mut s = self.state.lock().expect("dropout lock");
-        if !s.1 || self.p == 0.0 {
-            return Ok(x.clone());
-        }
-        let keep = 1.0 - self.p;
-        let inv = (1.0 / keep) as f32;
-        let n = x.elem_count();
-        let mask: Vec<f32> = (0..n).map(|_| if s.0.random::<f64>() < keep { inv } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x * mask
     }
 }
 

@@ -15,7 +15,7 @@
 //! | output-affecting params, canonical           | after serde defaults are applied, so writing a default explicitly changes nothing         |
 //! | keys of input stages (per param, in order)   | an upstream change propagates down the DAG; order matters (`models = ["a", "b"]`)         |
 //! | each input dataset's content hash            | the bytes read, not where they live: moving a file or re-downloading it changes nothing   |
-//! | content hash of each local file a stage reads ([`crate::stages::StageParams::local_files`]: an adopted tokenizer) | same rule as datasets: editing the file reruns the stage; the param naming the path is left out |
+//! | content hash of each local file a stage reads ([`crate::recipe::StageParams::local_files`]: an adopted tokenizer) | same rule as datasets: editing the file reruns the stage; the param naming the path is left out |
 //! | each input dataset's `format`, `columns`, `on_bad_record`, `builtin` | they change which examples the bytes turn into                    |
 //! | `recipe.seed`                                | init, data order and sampling depend on it; conservatively in every stage                 |
 //! | resolved `[model]` config (stages that *build* a model: output is a model and no input is one) | architecture; downstream stages get it through that stage's key; `vocab_size` only when set explicitly (else the tokenizer input decides it) |
@@ -25,7 +25,7 @@
 //!
 //! | Deliberately *not* in the key                | Why                                                                                      |
 //! |----------------------------------------------|------------------------------------------------------------------------------------------|
-//! | params a stage declares cosmetic ([`crate::stages::StageParams::COSMETIC`]: log interval, progress, threads, sample printing) | they never change the artifact, so editing them must not rerun hours of training |
+//! | params a stage declares cosmetic ([`crate::recipe::StageParams::COSMETIC`]: log interval, progress, threads, sample printing) | they never change the artifact, so editing them must not rerun hours of training |
 //! | params whose value is `null` (an unset optional) | unset is the default; a stage gaining a new optional param must not invalidate every cache |
 //! | stage and dataset *names*, and params that only name inputs (`from = "base"`) | renaming is not a change; the input's key stands in for the name (names stay in the fingerprint, for explanations) |
 //! | dataset `source` string                      | the content hash covers what was read                                                     |
@@ -39,7 +39,7 @@
 use crate::artifact::ArtifactKind;
 use crate::data::ResolvedDataset;
 use crate::recipe::{resolve_model, ModelSpec, Precision, Recipe, StageSpec};
-use crate::stages::{DynStage, InputRef};
+use crate::recipe::{DynStageKind, InputRef};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
@@ -115,7 +115,7 @@ pub enum FingerprintError {
 /// Compute the fingerprint of one stage and the excluded (cosmetic) params.
 pub fn fingerprint(
     spec: &StageSpec,
-    def: &dyn DynStage,
+    def: &dyn DynStageKind,
     cx: &KeyContext<'_>,
 ) -> Result<(Value, Map<String, Value>), FingerprintError> {
     let ref_params: Vec<&str> = spec

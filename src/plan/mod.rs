@@ -8,15 +8,13 @@
 //! API boundary: this module reads the cache directory (manifests and fingerprint records) but
 //! never writes artifacts and knows nothing of models or training.
 
-pub mod dag;
 pub mod key;
 mod reasons;
 
 use crate::artifact::ArtifactKind;
 use crate::cache::Cache;
 use crate::data::ResolvedDataset;
-use crate::recipe::{did_you_mean, Recipe};
-use crate::stages::{DynStage, InputRef};
+use crate::recipe::{dag, did_you_mean, DynStageKind, InputRef, Recipe};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -147,7 +145,7 @@ fn cycle_text(c: &[String]) -> String {
 
 /// Plan `recipe` against the stage kinds mmrun ships.
 pub fn build(recipe: &Recipe, cache: &Cache, datasets: &BTreeMap<String, ResolvedDataset>) -> Result<Plan, PlanError> {
-    build_with(recipe, cache, datasets, &crate::stages::registry())
+    build_with(recipe, cache, datasets, &crate::stages::kinds())
 }
 
 /// [`build`] against an explicit set of stage kinds.
@@ -155,13 +153,13 @@ pub fn build_with(
     recipe: &Recipe,
     cache: &Cache,
     datasets: &BTreeMap<String, ResolvedDataset>,
-    registry: &[Box<dyn DynStage>],
+    registry: &[&dyn DynStageKind],
 ) -> Result<Plan, PlanError> {
-    let defs: Vec<&dyn DynStage> = recipe
+    let defs: Vec<&dyn DynStageKind> = recipe
         .stages
         .iter()
         .map(|s| {
-            registry.iter().find(|r| r.kind() == s.kind).map(|b| b.as_ref()).ok_or_else(|| PlanError::UnknownKind {
+            registry.iter().copied().find(|r| r.kind() == s.kind).ok_or_else(|| PlanError::UnknownKind {
                 stage: s.name.clone(),
                 kind: s.kind.clone(),
                 known: registry.iter().map(|r| r.kind()).collect::<Vec<_>>().join(", "),

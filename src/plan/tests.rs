@@ -146,7 +146,7 @@ fn seed_dataset_and_version_reasons() {
     assert_eq!(statuses(&p)[..2], [("tok", Status::Cached), ("base", Status::Cached)]);
     assert_eq!(reasons(&p, "sft"), ["dataset chat on_bad_record error → skip"]);
 
-    let v2: Vec<Box<dyn DynStage>> = vec![Box::new(Tok), Box::new(PretrainV2), Box::new(Sft), Box::new(Eval)];
+    let v2: [&dyn crate::recipe::DynStageKind; 4] = [&Tok, &PretrainV2, &Sft, &Eval];
     let p = build_with(&r, &c, &datasets(&r, ""), &v2).unwrap();
     assert_eq!(reasons(&p, "base"), ["stage version 1 → 2"]);
     assert_eq!(p.stage("tok").unwrap().status, Status::Cached);
@@ -340,7 +340,7 @@ fn an_adopted_tokenizer_is_keyed_by_its_content_not_its_path() {
     write("b/tokenizer.json", "{\"v\": 1}");
     let key = |src: &str| {
         let text = format!("[recipe]\nname = \"t\"\n\n[stages.tok]\nkind = \"tokenizer\"\nsource = \"{src}\"\n");
-        let reg = crate::stages::registry();
+        let reg = crate::stages::kinds();
         let r = load_str(&dir.join("r.toml"), text, &[], &reg).unwrap_or_else(|e| panic!("{e}"));
         build_with(&r, &c, &BTreeMap::new(), &reg).unwrap().stage("tok").unwrap().key.clone()
     };

@@ -7,11 +7,12 @@
 //! (4) check references, artifact types and cycles. Loading never panics on user input.
 
 use super::diag::{suggestion, Diagnostic, Location, SourceMap};
+use super::kind::{DynStageKind, InputRef, ParamsError};
 use super::overrides::{self, Applied};
 use super::spans::SpanIndex;
-use super::{resolve_model, DatasetSpec, ModelSpec, Recipe, RecipeMeta, StageSpec};
-use crate::hub::HubUri;
-use crate::stages::{DynStage, InputRef, ParamsError};
+use super::{resolve_model, ModelSpec, Recipe, RecipeMeta, StageSpec};
+use crate::data::spec::DatasetSpec;
+use crate::hub::uri::HubUri;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -60,23 +61,19 @@ impl fmt::Display for Rendered<'_> {
     }
 }
 
-/// Load and validate a recipe with the stage kinds mmrun ships ([`crate::stages::registry`]).
-pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe, RecipeError> {
-    load_with(path, overrides, &crate::stages::registry())
-}
-
-/// [`load`] against an explicit set of stage kinds (tests use stub stages).
-pub fn load_with(path: &Path, overrides: &[String], registry: &[Box<dyn DynStage>]) -> Result<Recipe, RecipeError> {
+/// Load and validate a recipe against the stage kinds `registry` (mmrun's are
+/// `crate::stages::kinds()`, wired in by `crate::exec::pipeline`; tests use stub kinds).
+pub fn load(path: &Path, overrides: &[String], registry: &[&dyn DynStageKind]) -> Result<Recipe, RecipeError> {
     let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io { path: path.to_path_buf(), source })?;
     load_str(path, text, overrides, registry)
 }
 
-/// [`load_with`] on text already in memory; `path` is used for messages and relative paths only.
+/// [`load`] on text already in memory; `path` is used for messages and relative paths only.
 pub fn load_str(
     path: &Path,
     text: String,
     overrides: &[String],
-    registry: &[Box<dyn DynStage>],
+    registry: &[&dyn DynStageKind],
 ) -> Result<Recipe, RecipeError> {
     let sm = SourceMap { text: &text };
     let spanned = match toml::de::DeTable::parse(&text) {
@@ -130,7 +127,7 @@ struct Loader<'a> {
     spans: SpanIndex,
     applied: Vec<Applied>,
     diags: Vec<Diagnostic>,
-    registry: &'a [Box<dyn DynStage>],
+    registry: &'a [&'a dyn DynStageKind],
 }
 
 fn p(segs: &[&str]) -> Vec<String> {
@@ -617,7 +614,7 @@ impl Loader<'_> {
     }
 
     fn check_cycles(&mut self, stages: &[StageSpec]) {
-        if let Err(cycle) = crate::plan::dag::topo_order(stages) {
+        if let Err(cycle) = super::dag::topo_order(stages) {
             // Point at the reference that closes the cycle: the first stage's input from the last.
             let first = &cycle[0];
             let last = cycle.last().expect("a cycle has stages");

@@ -4,7 +4,9 @@
 //! error names file, line, column, the offending key and a fix; stage tables are handed to their
 //! stage kind's parameter struct (`deny_unknown_fields`) and canonicalised.
 
+pub mod dag;
 mod diag;
+mod kind;
 mod load;
 mod model;
 mod overrides;
@@ -16,10 +18,11 @@ pub(crate) mod testing;
 mod tests;
 
 pub use diag::{did_you_mean, Diagnostic, Location};
-pub use load::{load, load_str, load_with, RecipeError};
+pub use kind::{DynStageKind, InputRef, InvalidParam, ParamsError, ParsedParams, StageKind, StageParams};
+pub use load::{load, load_str, RecipeError};
 pub use model::{resolve_model, ModelSpecError};
 
-use crate::stages::InputRef;
+use crate::data::spec::DatasetSpec;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -177,54 +180,6 @@ pub struct ModelSpec {
     /// contexts than the model was trained at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inference_rope_scaling: Option<bool>,
-}
-
-/// Record formats a dataset can be read as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum DataFormat {
-    /// `{"text": ...}` records or plain text lines.
-    Text,
-    /// `{"conversations": [{"from","value"} | {"role","content"}]}`.
-    Sharegpt,
-    /// `{"messages": [{"role","content"}]}`.
-    Openai,
-    /// `{"instruction","input","output"}`.
-    Alpaca,
-    /// Preference pairs: prompt + chosen + rejected strings, or chosen/rejected conversations.
-    Dpo,
-    /// `{"question","answer"}` with a verifiable answer (GSM8K `#### n` supported).
-    PromptAnswer,
-}
-
-/// What to do with a record that cannot be read.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum OnBadRecord {
-    /// Stop with an error naming file:line (default).
-    #[default]
-    Error,
-    /// Skip it, count it in the run record and write it to the run's `rejects.jsonl`.
-    Skip,
-}
-
-/// `[datasets.<name>]`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DatasetSpec {
-    /// A local file, directory or glob (relative to the recipe), an `hf://` URI, or `builtin:<name>`.
-    pub source: String,
-    /// How records are read.
-    pub format: DataFormat,
-    /// Rename source columns to the names the format expects, e.g. `{ messages = "conversations" }`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub columns: BTreeMap<String, String>,
-    /// `error` (default) or `skip`.
-    #[serde(default)]
-    pub on_bad_record: OnBadRecord,
-    /// Parameters of a `builtin:` generator (e.g. `{ count = 2000 }`).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub builtin: BTreeMap<String, serde_json::Value>,
 }
 
 /// `[stages.<name>]` after its kind validated it.

@@ -5,21 +5,17 @@
 //! `kind = "<const>"`. The committed copy lives in `schemas/recipe.schema.json`; a test fails when it
 //! is stale. Regenerate with `MMRUN_BLESS=1 cargo test --lib schema`.
 
-use super::{DatasetSpec, ModelSpec, RecipeMeta};
-use crate::stages::DynStage;
+use super::DynStageKind;
+use super::{ModelSpec, RecipeMeta};
+use crate::data::spec::DatasetSpec;
 use schemars::generate::SchemaSettings;
 use serde_json::{json, Value};
 
 /// The repository-relative path of the committed schema.
 pub const SCHEMA_PATH: &str = "schemas/recipe.schema.json";
 
-/// The recipe schema for the stage kinds mmrun ships.
-pub fn recipe_schema() -> Value {
-    recipe_schema_with(&crate::stages::registry())
-}
-
-/// The recipe schema for an explicit set of stage kinds.
-pub fn recipe_schema_with(registry: &[Box<dyn DynStage>]) -> Value {
+/// The recipe schema for a set of stage kinds (mmrun's are `crate::stages::kinds()`).
+pub fn recipe_schema(registry: &[&dyn DynStageKind]) -> Value {
     let mut gen = SchemaSettings::draft2020_12().for_deserialize().into_generator();
     let meta = gen.subschema_for::<RecipeMeta>().to_value();
     let model = gen.subschema_for::<ModelSpec>().to_value();
@@ -105,7 +101,7 @@ mod tests {
 
     #[test]
     fn schema_has_a_branch_per_kind_keyed_by_kind() {
-        let s = recipe_schema_with(&crate::recipe::testing::registry());
+        let s = recipe_schema(&crate::recipe::testing::registry());
         let branches = s["properties"]["stages"]["additionalProperties"]["oneOf"].as_array().unwrap();
         let kinds: Vec<&str> = branches.iter().map(|b| b["properties"]["kind"]["const"].as_str().unwrap()).collect();
         assert_eq!(kinds, ["tokenizer", "pretrain", "sft", "eval"]);
@@ -123,7 +119,7 @@ mod tests {
     #[test]
     fn committed_schema_is_up_to_date() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(SCHEMA_PATH);
-        let fresh = render(&recipe_schema());
+        let fresh = render(&recipe_schema(&crate::stages::kinds()));
         if std::env::var("MMRUN_BLESS").as_deref() == Ok("1") {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, &fresh).unwrap();

@@ -1,8 +1,8 @@
 //! Stub stage kinds for the loader's and planner's unit tests, so they do not depend on the real
 //! stages (owned elsewhere and still moving). Shapes mirror the real ones in DESIGN.md §2.
 
+use super::{DynStageKind, InputRef, StageKind, StageParams};
 use crate::artifact::ArtifactKind;
-use crate::stages::{DynStage, InputRef, Stage, StageContext, StageOutcome, StageParams};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -131,15 +131,12 @@ impl StageParams for EvalParams {
 
 macro_rules! stub {
     ($t:ty, $kind:literal, $out:expr, $params:ty, $ver:literal) => {
-        impl Stage for $t {
+        impl StageKind for $t {
             const KIND: &'static str = $kind;
             const VERSION: u32 = $ver;
             const OUTPUT: ArtifactKind = $out;
             const DOC: &'static str = concat!("stub ", $kind);
             type Params = $params;
-            fn run(&self, _ctx: &mut StageContext<'_>, _p: &Self::Params) -> anyhow::Result<StageOutcome> {
-                Ok(StageOutcome::default())
-            }
         }
     };
 }
@@ -150,8 +147,8 @@ stub!(Sft, "sft", ArtifactKind::Model, SftParams, 1);
 stub!(Eval, "eval", ArtifactKind::EvalReport, EvalParams, 1);
 
 /// The stub registry.
-pub(crate) fn registry() -> Vec<Box<dyn DynStage>> {
-    vec![Box::new(Tok), Box::new(Pretrain), Box::new(Sft), Box::new(Eval)]
+pub(crate) fn registry() -> Vec<&'static dyn DynStageKind> {
+    vec![&Tok, &Pretrain, &Sft, &Eval]
 }
 
 /// A registry whose `pretrain` has another VERSION (to test "stage version 1 → 2").

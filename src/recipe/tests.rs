@@ -251,7 +251,7 @@ fn override_errors_point_at_the_override() {
 
 #[test]
 fn missing_file_is_an_io_error() {
-    let e = load_with(Path::new("/nonexistent/r.toml"), &[], &registry()).unwrap_err();
+    let e = load(Path::new("/nonexistent/r.toml"), &[], &registry()).unwrap_err();
     assert!(matches!(e, RecipeError::Io { .. }));
     assert!(e.to_string().contains("/nonexistent/r.toml"));
 }
@@ -269,7 +269,7 @@ fn fixtures_under_tests_dir_fail_as_documented() {
         let text = std::fs::read_to_string(&path).unwrap();
         let expect = text.lines().next().unwrap().strip_prefix("# expect: ").expect("fixture has an expect line");
         let (at, msg) = expect.split_once(' ').unwrap();
-        let e = load_with(&path, &[], &registry()).expect_err(&format!("{} should fail", path.display()));
+        let e = load(&path, &[], &registry()).expect_err(&format!("{} should fail", path.display()));
         let d = &e.diagnostics()[0];
         assert_eq!(format!("{}:{}", d.line().unwrap(), d.column().unwrap()), at, "{}: {e}", path.display());
         assert!(d.message.starts_with(msg), "{}: {:?} does not start with {msg:?}", path.display(), d.message);

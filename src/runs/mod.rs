@@ -172,19 +172,6 @@ impl RunSink {
         self.append_line(files::METRICS, &serde_json::Value::Object(obj))
     }
 
-    /// Record a skipped bad record (`on_bad_record = "skip"`): appended to `rejects.jsonl` and
-    /// counted per dataset in `run.json` (recounted from the file at the next state change).
-    pub fn reject(&self, dataset: &str, file: &Path, line: usize, reason: &str, raw: &str) -> std::io::Result<()> {
-        let v = serde_json::json!({
-            "dataset": dataset,
-            "file": file.display().to_string(),
-            "line": line,
-            "reason": reason,
-            "raw": raw,
-        });
-        self.append_line(files::REJECTS, &v)
-    }
-
     /// Skipped records per dataset, counted from `rejects.jsonl` (whoever appended them);
     /// `None` when there are none.
     pub fn count_rejects(&self) -> Option<std::collections::BTreeMap<String, u64>> {
@@ -198,6 +185,25 @@ impl RunSink {
             *counts.entry(ds).or_insert(0) += 1;
         }
         Some(counts)
+    }
+}
+
+/// Skipped bad records (`on_bad_record = "skip"`) are appended to `rejects.jsonl` and counted per
+/// dataset in `run.json` (recounted from the file at the next state change).
+impl crate::data::RejectSink for RunSink {
+    fn reject(&self, dataset: &str, file: &Path, line: usize, reason: &str, raw: &str) -> std::io::Result<()> {
+        let v = serde_json::json!({
+            "dataset": dataset,
+            "file": file.display().to_string(),
+            "line": line,
+            "reason": reason,
+            "raw": raw,
+        });
+        self.append_line(files::REJECTS, &v)
+    }
+
+    fn location(&self) -> &Path {
+        self.dir()
     }
 }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::data::RejectSink;
 
 fn record(name: &str) -> RunRecord {
     RunRecord {

@@ -11,13 +11,13 @@
 //! whose two sides become identical after truncation, are skipped and counted in the stage metrics.
 
 use super::training::training_params;
-use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
+use super::{InputRef, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::align::dpo::{evaluate_dpo, frozen_reference, train_dpo, PairRows};
 use crate::artifact::ArtifactKind;
 use crate::data::shards::{tokenized, ShardParams};
+use crate::data::spec::DataFormat;
 use crate::model::lora::{LoraAdapters, LoraConfig, Targets};
 use crate::model::weights;
-use crate::recipe::DataFormat;
 use anyhow::{bail, Context};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -97,13 +97,15 @@ impl StageParams for DpoParams {
 /// The `dpo` stage kind.
 pub struct DpoStage;
 
-impl Stage for DpoStage {
+impl StageKind for DpoStage {
     const KIND: &'static str = "dpo";
     const VERSION: u32 = 1;
     const OUTPUT: ArtifactKind = ArtifactKind::Model;
     const DOC: &'static str = "Direct Preference Optimisation against a frozen reference (full fine-tuning or LoRA)";
     type Params = DpoParams;
+}
 
+impl Stage for DpoStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &DpoParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
         // Device and precision policy; every model below is built through it.
@@ -119,7 +121,7 @@ impl Stage for DpoStage {
         }
         let from = ctx.inputs.model(&p.from, &stage)?;
         let sp = ShardParams { max_seq_len: p.max_seq_len, seed, ..ShardParams::default() };
-        let shards = tokenized(ctx.cache, ds, from, &sp, ctx.cancel, Some(ctx.run))
+        let shards = tokenized(ctx.cache, ds, from, &sp, ctx.cancel, Some(ctx.run as _))
             .with_context(|| format!("dpo stage '{stage}': tokenising dataset '{}'", p.data))?;
         let (mut pairs, mut no_answer, mut identical) = (Vec::new(), 0usize, 0usize);
         for i in 0..shards.len() {

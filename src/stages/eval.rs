@@ -13,14 +13,14 @@
 //! produced by a `pretrain` stage (what the reference's `eval_llm.py` does for pretrain weights) and
 //! the chat template with the generation prompt for everything else.
 
-use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
+use super::{InputRef, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::artifact::{layout, Artifact, ArtifactKind};
+use crate::data::spec::DataFormat;
 use crate::data::tokenize::{ChatOptions, TextTokenizer};
 use crate::data::{Example, Message, ResolvedDataset};
 use crate::eval::score::ScoredSeq;
 use crate::eval::{DatasetReport, EvalReport, Evaluator, GenerationSample, McItem, ModelReport, PromptEncoder};
 use crate::model::generate::GenerationConfig;
-use crate::recipe::DataFormat;
 use anyhow::{anyhow, bail, Context};
 use candle_core::Device;
 use schemars::JsonSchema;
@@ -106,14 +106,16 @@ impl StageParams for EvalParams {
 /// The `eval` stage kind.
 pub struct EvalStage;
 
-impl Stage for EvalStage {
+impl StageKind for EvalStage {
     const KIND: &'static str = "eval";
     const VERSION: u32 = 1;
     const OUTPUT: ArtifactKind = ArtifactKind::EvalReport;
     const DOC: &'static str =
         "Evaluate models: perplexity, exact-match and multiple-choice accuracy, generations for fixed prompts";
     type Params = EvalParams;
+}
 
+impl Stage for EvalStage {
     fn run(&self, ctx: &mut StageContext<'_>, params: &EvalParams) -> anyhow::Result<StageOutcome> {
         if params.models.is_empty() {
             bail!("eval stage '{}': `models` is empty; name at least one stage that produces a model", ctx.name);
@@ -186,7 +188,7 @@ fn load_eval_set(ds: &ResolvedDataset, max: usize, ctx: &StageContext<'_>) -> an
             return Ok(EvalSet::MultipleChoice(items));
         }
     }
-    let mut examples = crate::data::read_examples(ds, Some(ctx.run))
+    let mut examples = crate::data::read_examples(ds, Some(ctx.run as _))
         .with_context(|| format!("reading dataset '{}' for evaluation", ds.name))?;
     examples.truncate(max);
     Ok(match ds.spec.format {
@@ -450,7 +452,7 @@ mod tests {
             "{\"conversations\":[{\"from\":\"human\",\"value\":\"hi\"},{\"from\":\"gpt\",\"value\":\"hello\"}]}\n",
         )
         .unwrap();
-        let ds = |file: &str, format: DataFormat| crate::recipe::DatasetSpec {
+        let ds = |file: &str, format: DataFormat| crate::data::spec::DatasetSpec {
             source: file.into(),
             format,
             columns: Default::default(),

@@ -17,18 +17,18 @@
 
 use super::dpo::LoraParams;
 use super::training::training_params;
-use super::{InputRef, InvalidParam, Stage, StageContext, StageOutcome, StageParams};
+use super::{InputRef, InvalidParam, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::align::dpo::frozen_reference;
 use crate::align::grpo::{Grpo, Prompt, PromptSet, RolloutConfig};
 use crate::align::losses::{GrpoLossConfig, PolicyLossKind};
 use crate::align::rewards::{RewardSet, RewardSpec};
 use crate::artifact::ArtifactKind;
+use crate::data::spec::DataFormat;
 use crate::data::tokenize::TextTokenizer;
 use crate::data::{Example, Message};
 use crate::model::generate::GenerationConfig;
 use crate::model::lora::LoraAdapters;
 use crate::model::weights;
-use crate::recipe::DataFormat;
 use crate::train::BatchSource;
 use anyhow::{bail, Context};
 
@@ -160,14 +160,16 @@ impl GrpoParams {
 /// The `grpo` stage kind.
 pub struct GrpoStage;
 
-impl Stage for GrpoStage {
+impl StageKind for GrpoStage {
     const KIND: &'static str = "grpo";
     const VERSION: u32 = 1;
     const OUTPUT: ArtifactKind = ArtifactKind::Model;
     const DOC: &'static str =
         "GRPO: sampled groups per prompt, verifiable rewards, clipped objective with a KL to a frozen reference";
     type Params = GrpoParams;
+}
 
+impl Stage for GrpoStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &GrpoParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
         let rewards = RewardSet::new(&p.rewards).map_err(|e| anyhow::anyhow!("grpo stage '{stage}': {e}"))?;
@@ -303,7 +305,7 @@ fn load_prompts(
             p.data
         );
     }
-    let examples = crate::data::read_examples(ds, Some(ctx.run))
+    let examples = crate::data::read_examples(ds, Some(ctx.run as _))
         .with_context(|| format!("grpo stage '{stage}': reading dataset '{}'", p.data))?;
     let (mut prompts, mut skipped) = (Vec::new(), 0usize);
     for ex in examples {

@@ -6,13 +6,13 @@
 
 use super::dpo::LoraParams;
 use super::training::training_params;
-use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
+use super::{InputRef, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::align::sft_lora::train_lora;
 use crate::artifact::ArtifactKind;
 use crate::data::shards::{tokenized, ShardParams};
+use crate::data::spec::DataFormat;
 use crate::model::lora::LoraAdapters;
 use crate::model::weights;
-use crate::recipe::DataFormat;
 use crate::train::batch::PaddedRows;
 use anyhow::{bail, Context};
 
@@ -69,13 +69,15 @@ impl StageParams for LoraStageParams {
 /// The `lora` stage kind.
 pub struct LoraStage;
 
-impl Stage for LoraStage {
+impl StageKind for LoraStage {
     const KIND: &'static str = "lora";
     const VERSION: u32 = 1;
     const OUTPUT: ArtifactKind = ArtifactKind::Adapter;
     const DOC: &'static str = "Train PEFT-compatible LoRA adapters on a frozen model with SFT data (optionally merged)";
     type Params = LoraStageParams;
+}
 
+impl Stage for LoraStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &LoraStageParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
         let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
@@ -90,7 +92,7 @@ impl Stage for LoraStage {
         }
         let from = ctx.inputs.artifact(&p.from)?;
         let sp = ShardParams { max_seq_len: p.max_seq_len, seed, ..ShardParams::default() };
-        let shards = tokenized(ctx.cache, ds, from, &sp, ctx.cancel, Some(ctx.run))
+        let shards = tokenized(ctx.cache, ds, from, &sp, ctx.cancel, Some(ctx.run as _))
             .with_context(|| format!("lora stage '{stage}': tokenising dataset '{}'", p.data))?;
         let (mut rows, mut no_loss) = (Vec::new(), 0usize);
         for i in 0..shards.len() {

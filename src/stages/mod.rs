@@ -1,12 +1,14 @@
 //! Stage plugins: one file per stage kind, all behind one trait.
 //!
-//! A stage kind declares its parameters once (a serde + schemars struct implementing
-//! [`StageParams`]); the JSON Schema, `--set` paths, the stage key and the DAG edges all come from
-//! that declaration. The planner and executor only see the object-safe [`DynStage`].
+//! A stage kind declares its parameters once ([`crate::recipe::StageKind`]: a serde + schemars
+//! struct implementing [`StageParams`]); the JSON Schema, `--set` paths, the stage key and the DAG
+//! edges all come from that declaration. This module adds how each kind runs ([`Stage`]), and
+//! [`REGISTRY`] lists every kind once. The executor only sees the object-safe [`DynStage`].
 
 mod context;
 pub mod dpo;
 pub mod eval;
+mod fit;
 pub mod grpo;
 pub mod lora;
 pub mod prepare;
@@ -15,199 +17,48 @@ pub mod sft;
 pub mod tokenizer;
 mod training;
 
+pub use crate::recipe::{DynStageKind, InputRef, InvalidParam, ParamsError, ParsedParams, StageKind, StageParams};
 pub use context::{Inputs, StageContext, StageOutcome};
 
-use crate::artifact::ArtifactKind;
-use schemars::JsonSchema;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-
-/// What a stage consumes: an upstream stage's artifact or a recipe dataset. These are DAG edges.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum InputRef {
-    /// `param` (e.g. `"from"`) names stage `stage`, which must produce one of `accepts`.
-    Stage {
-        /// The parameter that names the input (for error messages).
-        param: &'static str,
-        /// The upstream stage's name in the recipe.
-        stage: String,
-        /// Artifact kinds this input accepts.
-        accepts: Vec<ArtifactKind>,
-    },
-    /// `param` (e.g. `"data"`) names dataset `dataset` from `[datasets]`.
-    Dataset {
-        /// The parameter that names the input.
-        param: &'static str,
-        /// The dataset's name in the recipe.
-        dataset: String,
-    },
-}
-
-/// A stage kind's parameter struct.
-pub trait StageParams: DeserializeOwned + Serialize + JsonSchema + Clone + Send + Sync {
-    /// Top-level parameter names that never change the stage's output (log interval, progress
-    /// style, threads, eval printing). They are excluded from the stage key, so editing them never
-    /// invalidates the cache.
-    const COSMETIC: &'static [&'static str] = &[];
-
-    /// The artifacts and datasets this stage reads.
-    fn inputs(&self) -> Vec<InputRef>;
-
-    /// Files outside the cache that this stage reads, as `(param, file)` with relative paths
-    /// resolved against `recipe_dir` (an adopted tokenizer). Their *content* enters the stage key
-    /// in place of the param's value, like a dataset's content hash: editing the file reruns the
-    /// stage, moving it does not.
-    fn local_files(&self, _recipe_dir: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf)> {
-        Vec::new()
-    }
-
-    /// Reject values that deserialise but can never work (`temperature = 0` for GRPO), so the
-    /// recipe loader points at the key before any stage runs.
-    fn validate(&self) -> Result<(), InvalidParam> {
-        Ok(())
-    }
-}
-
-/// A parameter value no run can use, found by [`StageParams::validate`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InvalidParam {
-    /// The offending top-level key of the stage table.
-    pub key: &'static str,
-    /// What is wrong.
-    pub message: String,
-    /// What to write instead.
-    pub hint: String,
-}
-
-/// Why a stage table was rejected.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ParamsError {
-    /// serde's message, e.g. "unknown field `lrr`, expected one of …".
-    Serde(String),
-    /// A value that parses but cannot work.
-    Invalid(InvalidParam),
-}
-
-impl std::fmt::Display for ParamsError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ParamsError::Serde(m) => f.write_str(m),
-            ParamsError::Invalid(e) => write!(f, "`{}`: {} ({})", e.key, e.message, e.hint),
-        }
-    }
-}
-
-/// A stage kind (tokenizer, pretrain, sft, …).
-pub trait Stage: Send + Sync + 'static {
-    /// The `kind = "..."` string in recipes.
-    const KIND: &'static str;
-    /// Semantic version of this stage's behaviour: bump it whenever outputs would change, so
-    /// every cached artifact of this kind becomes stale.
-    const VERSION: u32;
-    /// The artifact kind it produces.
-    const OUTPUT: ArtifactKind;
-    /// One line for `--help`, docs and the schema.
-    const DOC: &'static str;
-    /// Its parameters.
-    type Params: StageParams;
-
+/// A stage kind that can run: its declaration ([`StageKind`]) plus `run`.
+pub trait Stage: StageKind {
     /// Run the stage: read `ctx.inputs`, write the artifact's files into `ctx.out_dir`, keep
     /// resumable checkpoints in `ctx.work_dir`, poll `ctx.cancel`.
     fn run(&self, ctx: &mut StageContext<'_>, params: &Self::Params) -> anyhow::Result<StageOutcome>;
 }
 
-/// Parameters validated by a stage kind: canonical JSON (defaults filled in) and DAG edges.
-#[derive(Clone, Debug)]
-pub struct ParsedParams {
-    /// All params, defaults applied, as canonical JSON (object).
-    pub canonical: serde_json::Value,
-    /// Declared inputs.
-    pub inputs: Vec<InputRef>,
-}
-
 /// The object-safe face of [`Stage`], used by the planner and executor.
-pub trait DynStage: Send + Sync {
-    /// See [`Stage::KIND`].
-    fn kind(&self) -> &'static str;
-    /// See [`Stage::VERSION`].
-    fn version(&self) -> u32;
-    /// See [`Stage::OUTPUT`].
-    fn output(&self) -> ArtifactKind;
-    /// See [`Stage::DOC`].
-    fn doc(&self) -> &'static str;
-    /// See [`StageParams::COSMETIC`].
-    fn cosmetic(&self) -> &'static [&'static str];
-    /// Deserialize (with `deny_unknown_fields`), validate and canonicalise a stage table, `kind`
-    /// removed.
-    fn parse_params(&self, table: &toml::Table) -> Result<ParsedParams, ParamsError>;
-    /// JSON Schema of the params.
-    fn params_schema(&self, gen: &mut schemars::SchemaGenerator) -> schemars::Schema;
-    /// See [`StageParams::local_files`], for canonical params.
-    fn local_files(
-        &self,
-        canonical: &serde_json::Value,
-        recipe_dir: &std::path::Path,
-    ) -> Vec<(&'static str, std::path::PathBuf)>;
-    /// Run with canonical params produced by [`DynStage::parse_params`].
+pub trait DynStage: DynStageKind {
+    /// Run with canonical params produced by [`DynStageKind::parse_params`].
     fn run(&self, ctx: &mut StageContext<'_>, canonical: &serde_json::Value) -> anyhow::Result<StageOutcome>;
 }
 
 impl<S: Stage> DynStage for S {
-    fn kind(&self) -> &'static str {
-        S::KIND
-    }
-    fn version(&self) -> u32 {
-        S::VERSION
-    }
-    fn output(&self) -> ArtifactKind {
-        S::OUTPUT
-    }
-    fn doc(&self) -> &'static str {
-        S::DOC
-    }
-    fn cosmetic(&self) -> &'static [&'static str] {
-        S::Params::COSMETIC
-    }
-    fn parse_params(&self, table: &toml::Table) -> Result<ParsedParams, ParamsError> {
-        let params: S::Params = toml::Value::Table(table.clone())
-            .try_into()
-            .map_err(|e: toml::de::Error| ParamsError::Serde(e.message().to_string()))?;
-        params.validate().map_err(ParamsError::Invalid)?;
-        let canonical = serde_json::to_value(&params).map_err(|e| ParamsError::Serde(e.to_string()))?;
-        Ok(ParsedParams { canonical, inputs: params.inputs() })
-    }
-    fn params_schema(&self, gen: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        S::Params::json_schema(gen)
-    }
-    fn local_files(
-        &self,
-        canonical: &serde_json::Value,
-        recipe_dir: &std::path::Path,
-    ) -> Vec<(&'static str, std::path::PathBuf)> {
-        // Canonical params were produced by this kind's own parser, so they always deserialise.
-        serde_json::from_value::<S::Params>(canonical.clone()).map(|p| p.local_files(recipe_dir)).unwrap_or_default()
-    }
     fn run(&self, ctx: &mut StageContext<'_>, canonical: &serde_json::Value) -> anyhow::Result<StageOutcome> {
         let params: S::Params = serde_json::from_value(canonical.clone())?;
         Stage::run(self, ctx, &params)
     }
 }
 
-/// Every stage kind mmrun knows, in pipeline order.
-pub fn registry() -> Vec<Box<dyn DynStage>> {
-    vec![
-        Box::new(tokenizer::TokenizerStage),
-        Box::new(prepare::PrepareStage),
-        Box::new(pretrain::PretrainStage),
-        Box::new(sft::SftStage),
-        Box::new(lora::LoraStage),
-        Box::new(dpo::DpoStage),
-        Box::new(grpo::GrpoStage),
-        Box::new(eval::EvalStage),
-    ]
+/// Every stage kind mmrun knows, in pipeline order: the one list that the loader, the schema,
+/// `--help` and the executor all read.
+pub static REGISTRY: &[&dyn DynStage] = &[
+    &tokenizer::TokenizerStage,
+    &prepare::PrepareStage,
+    &pretrain::PretrainStage,
+    &sft::SftStage,
+    &lora::LoraStage,
+    &dpo::DpoStage,
+    &grpo::GrpoStage,
+    &eval::EvalStage,
+];
+
+/// [`REGISTRY`] as declarations, for [`crate::recipe::load`] and the schema.
+pub fn kinds() -> Vec<&'static dyn DynStageKind> {
+    REGISTRY.iter().map(|s| *s as &dyn DynStageKind).collect()
 }
 
 /// Look a stage kind up by its `kind` string.
-pub fn find(kind: &str) -> Option<Box<dyn DynStage>> {
-    registry().into_iter().find(|s| s.kind() == kind)
+pub fn find(kind: &str) -> Option<&'static dyn DynStage> {
+    REGISTRY.iter().copied().find(|s| s.kind() == kind)
 }

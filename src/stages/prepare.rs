@@ -5,7 +5,7 @@
 //! run (Ctrl-C between chunks, or SIGKILL at any moment) continues after the last complete chunk.
 //! On success the files move into `out_dir`.
 
-use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
+use super::{InputRef, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::artifact::ArtifactKind;
 use crate::data::shards::{self, ShardError, ShardParams};
 use crate::data::tokenize::TextTokenizer;
@@ -60,14 +60,16 @@ impl StageParams for PrepareParams {
 /// The prepare stage.
 pub struct PrepareStage;
 
-impl Stage for PrepareStage {
+impl StageKind for PrepareStage {
     const KIND: &'static str = "prepare";
     const VERSION: u32 = shards::LAYOUT_VERSION;
     const OUTPUT: ArtifactKind = ArtifactKind::Dataset;
     const DOC: &'static str =
         "Tokenise a dataset once into memory-mapped shards (pretrain, SFT, DPO or prompt samples)";
     type Params = PrepareParams;
+}
 
+impl Stage for PrepareStage {
     fn run(&self, ctx: &mut StageContext<'_>, params: &Self::Params) -> anyhow::Result<StageOutcome> {
         let started = std::time::Instant::now();
         let ds = ctx.inputs.dataset(&params.data)?;
@@ -86,7 +88,7 @@ impl Stage for PrepareStage {
         let work = ctx.work_dir.join("shards");
         let bar = crate::data::progress_spinner(&format!("tokenising {}", ds.name));
         let report = |n: usize| bar.set_message(format!("tokenising {}: {n} records", ds.name));
-        let meta = match shards::build(ds, &tok, &sp, &work, ctx.cancel, Some(ctx.run), &report) {
+        let meta = match shards::build(ds, &tok, &sp, &work, ctx.cancel, Some(ctx.run as _), &report) {
             Ok(m) => m,
             Err(ShardError::Interrupted(i)) => return Err(i.into()),
             Err(e) => return Err(e).with_context(|| format!("stage '{}': tokenising dataset '{}'", ctx.name, ds.name)),
@@ -128,7 +130,8 @@ mod tests {
     use super::*;
     use crate::cache::Cache;
     use crate::cancel::CancelToken;
-    use crate::recipe::{DataFormat, DatasetSpec, OnBadRecord, Recipe, RecipeMeta};
+    use crate::data::spec::{DataFormat, DatasetSpec, OnBadRecord};
+    use crate::recipe::{Recipe, RecipeMeta};
     use crate::runs::RunSink;
     use crate::stages::Inputs;
 

@@ -1,12 +1,12 @@
 //! `kind = "pretrain"`: next-token training on plain text, from scratch (the recipe's `[model]`,
 //! vocabulary from the tokenizer) or continuing `from` a model. Produces a `Model`.
 
+use super::fit;
 use super::training::training_params;
-use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
+use super::{InputRef, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::artifact::ArtifactKind;
 use crate::data::shards::ShardParams;
 use crate::model::ModelConfig;
-use crate::train::fit;
 use anyhow::{bail, Context};
 
 training_params! {
@@ -74,13 +74,15 @@ fn model_config(ctx: &StageContext<'_>, vocab: usize) -> anyhow::Result<ModelCon
     Ok(cfg)
 }
 
-impl Stage for PretrainStage {
+impl StageKind for PretrainStage {
     const KIND: &'static str = "pretrain";
     const VERSION: u32 = 1;
     const OUTPUT: ArtifactKind = ArtifactKind::Model;
     const DOC: &'static str = "Pretrain a MiniMind model on plain text (from scratch or from a model)";
     type Params = PretrainParams;
+}
 
+impl Stage for PretrainStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &PretrainParams) -> anyhow::Result<StageOutcome> {
         let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
         let tok_stage = match (&p.tokenizer, &p.from) {

@@ -1,11 +1,11 @@
 //! `kind = "sft"`: supervised fine-tuning of a model on conversations, with the loss on assistant
 //! turns only (the chat template and masks of spec §7.2). Produces a `Model`.
 
+use super::fit;
 use super::training::training_params;
-use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
+use super::{InputRef, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::artifact::ArtifactKind;
 use crate::data::shards::ShardParams;
-use crate::train::fit;
 use anyhow::Context;
 
 training_params! {
@@ -60,13 +60,15 @@ impl StageParams for SftParams {
 /// The `sft` stage kind.
 pub struct SftStage;
 
-impl Stage for SftStage {
+impl StageKind for SftStage {
     const KIND: &'static str = "sft";
     const VERSION: u32 = 1;
     const OUTPUT: ArtifactKind = ArtifactKind::Model;
     const DOC: &'static str = "Supervised fine-tuning on conversations (loss on assistant turns only)";
     type Params = SftParams;
+}
 
+impl Stage for SftStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &SftParams) -> anyhow::Result<StageOutcome> {
         let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
         let opts = p.train_options(ctx);

@@ -11,7 +11,7 @@
 //! Adopting copies `tokenizer.json` (and `tokenizer_config.json`, adding the reference template
 //! when it has none) unchanged, so encodings are preserved bit for bit.
 
-use super::{InputRef, Stage, StageContext, StageOutcome, StageParams};
+use super::{InputRef, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::artifact::{layout, ArtifactKind};
 use crate::data::chat::REFERENCE_TEMPLATE;
 use crate::data::read::{for_each_example, Example};
@@ -112,14 +112,16 @@ impl StageParams for TokenizerParams {
 /// The tokenizer stage.
 pub struct TokenizerStage;
 
-impl Stage for TokenizerStage {
+impl StageKind for TokenizerStage {
     const KIND: &'static str = "tokenizer";
     const VERSION: u32 = 1;
     const OUTPUT: ArtifactKind = ArtifactKind::Tokenizer;
     const DOC: &'static str =
         "Train a byte-level BPE tokenizer (MiniMind special tokens and chat template) or adopt one";
     type Params = TokenizerParams;
+}
 
+impl Stage for TokenizerStage {
     fn run(&self, ctx: &mut StageContext<'_>, params: &Self::Params) -> anyhow::Result<StageOutcome> {
         let started = std::time::Instant::now();
         let mut metrics = serde_json::Map::new();
@@ -136,7 +138,7 @@ impl Stage for TokenizerStage {
                 for name in &params.data {
                     let ds = ctx.inputs.dataset(name)?;
                     let limit = params.max_texts;
-                    let res = for_each_example(ds, Some(ctx.run), |ex| {
+                    let res = for_each_example(ds, Some(ctx.run as _), |ex| {
                         if limit == 0 || texts.len() < limit {
                             texts.push(training_text(&ex));
                         }

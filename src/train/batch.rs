@@ -26,6 +26,17 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// A seed from the batch's token ids (FNV-1a) mixed with the run seed: per-batch randomness
+    /// (LoRA dropout masks) that a resumed run reproduces without storing any state.
+    pub fn seed(&self, seed: u64) -> u64 {
+        let mut h: u64 = 0xcbf29ce484222325 ^ seed;
+        for &x in &self.input_ids {
+            h ^= x as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        h
+    }
+
     /// Tokens processed (padding included).
     pub fn tokens(&self) -> usize {
         self.batch_size * self.seq_len

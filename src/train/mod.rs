@@ -10,7 +10,6 @@ pub mod bench;
 pub mod checkpoint;
 pub mod data_source;
 pub mod device;
-pub mod fit;
 pub mod loss;
 pub mod metrics;
 pub mod optim;

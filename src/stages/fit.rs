@@ -1,13 +1,13 @@
 //! What the full-model trainer stages (pretrain, SFT) share: tokenised data, the training loop
 //! around a [`MiniMind`], and writing the `Model` artifact.
 
-use super::batch::BatchSource;
-use super::data_source::ShardSource;
-use super::trainer::{train, LossOutput, TrainOptions, TrainSummary};
+use super::{StageContext, StageOutcome};
 use crate::artifact::Artifact;
 use crate::data::shards::ShardParams;
 use crate::model::MiniMind;
-use crate::stages::{StageContext, StageOutcome};
+use crate::train::batch::BatchSource;
+use crate::train::data_source::ShardSource;
+use crate::train::trainer::{train, LossOutput, TrainOptions, TrainSummary};
 use anyhow::Context;
 use std::path::Path;
 
@@ -24,7 +24,7 @@ pub fn shard_source(
     seed: u64,
 ) -> anyhow::Result<ShardSource> {
     let ds = ctx.inputs.dataset(data)?;
-    let shards = crate::data::shards::tokenized(ctx.cache, ds, tok, shard, ctx.cancel, Some(ctx.run))
+    let shards = crate::data::shards::tokenized(ctx.cache, ds, tok, shard, ctx.cancel, Some(ctx.run as _))
         .with_context(|| format!("tokenising dataset '{data}' for stage '{}'", ctx.name))?;
     anyhow::ensure!(
         !shards.is_empty(),

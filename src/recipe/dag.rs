@@ -1,7 +1,6 @@
-//! The stage graph: nodes are stages, an edge `a → b` means "b reads a's artifact".
+//! The stage graph of a recipe (the loader rejects cycles with it; the planner orders stages by it): nodes are stages, an edge `a → b` means "b reads a's artifact".
 
-use crate::recipe::StageSpec;
-use crate::stages::InputRef;
+use super::{InputRef, StageSpec};
 use petgraph::graph::{DiGraph, NodeIndex};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};

@@ -1,0 +1,58 @@
+//! The data vocabulary a recipe declares: `[datasets.<name>]` ([`DatasetSpec`]), record formats
+//! ([`DataFormat`]) and the bad-record policy ([`OnBadRecord`]).
+//!
+//! These types belong to `data` (they say how data is read) but sit below `recipe` in the layer
+//! order, so the recipe loader can parse them without `data`'s readers, and `data`'s readers never
+//! reach up into `recipe`. This file must stay free of other `crate::` imports.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Record formats a dataset can be read as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// `{"text": ...}` records or plain text lines.
+    Text,
+    /// `{"conversations": [{"from","value"} | {"role","content"}]}`.
+    Sharegpt,
+    /// `{"messages": [{"role","content"}]}`.
+    Openai,
+    /// `{"instruction","input","output"}`.
+    Alpaca,
+    /// Preference pairs: prompt + chosen + rejected strings, or chosen/rejected conversations.
+    Dpo,
+    /// `{"question","answer"}` with a verifiable answer (GSM8K `#### n` supported).
+    PromptAnswer,
+}
+
+/// What to do with a record that cannot be read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadRecord {
+    /// Stop with an error naming file:line (default).
+    #[default]
+    Error,
+    /// Skip it, count it in the run record and write it to the run's `rejects.jsonl`.
+    Skip,
+}
+
+/// `[datasets.<name>]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    /// A local file, directory or glob (relative to the recipe), an `hf://` URI, or `builtin:<name>`.
+    pub source: String,
+    /// How records are read.
+    pub format: DataFormat,
+    /// Rename source columns to the names the format expects, e.g. `{ messages = "conversations" }`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: BTreeMap<String, String>,
+    /// `error` (default) or `skip`.
+    #[serde(default)]
+    pub on_bad_record: OnBadRecord,
+    /// Parameters of a `builtin:` generator (e.g. `{ count = 2000 }`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub builtin: BTreeMap<String, serde_json::Value>,
+}
