@@ -25,6 +25,8 @@ const LAYERS: &[&[&str]] = &[
     &["hub"],
     // Run records: implement data's `RejectSink`.
     &["runs"],
+    // Model references (`hf://…`, a stage, `<run>:<stage>`, a folder) resolved to local weights.
+    &["modelref"],
     &["model"],
     &["eval"],
     &["train"],
