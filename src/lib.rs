@@ -12,6 +12,7 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod exec;
+pub mod export;
 pub mod hub;
 pub mod model;
 pub mod modelref;

@@ -34,6 +34,8 @@ const LAYERS: &[&[&str]] = &[
     &["stages"],
     &["plan"],
     &["exec"],
+    // `mmrun export`: a resolved model written as a transformers folder, GGUF or Ollama folder.
+    &["export"],
     &["cli"],
 ];
 

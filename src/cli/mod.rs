@@ -73,6 +73,28 @@ pub enum Command {
         /// Only this dataset.
         dataset: Option<String>,
     },
+    /// Export a model as a transformers folder (with a model card), a GGUF file or an Ollama folder.
+    Export {
+        /// The model: a stage of --recipe, `<run>:<stage>`, a local folder, or `hf://<owner>/<name>[@rev]`.
+        model: String,
+        /// Output format.
+        #[arg(long, value_enum)]
+        to: crate::export::Format,
+        /// Target folder (must not exist unless --force).
+        dir: PathBuf,
+        /// GGUF tensor type (gguf and ollama).
+        #[arg(long, value_enum, default_value = "f16")]
+        dtype: crate::export::GgufDtype,
+        /// Replace an existing target folder (only once the new export is complete).
+        #[arg(long)]
+        force: bool,
+        /// For a LoRA stage: export the PEFT adapter instead of the merged model.
+        #[arg(long)]
+        adapter: bool,
+        /// Recipe whose stage names `model` may use.
+        #[arg(long)]
+        recipe: Option<PathBuf>,
+    },
     /// Delete cache objects no run record references, and stale temporary directories.
     Gc {
         /// Only report what would be removed.
@@ -81,7 +103,7 @@ pub enum Command {
     },
 }
 
-const SUBCOMMANDS: &[&str] = &["run", "plan", "runs", "diff", "resume", "bench", "update", "gc", "help"];
+const SUBCOMMANDS: &[&str] = &["run", "plan", "runs", "diff", "resume", "bench", "update", "export", "gc", "help"];
 /// Global options that take a value (so the shorthand detection skips their values).
 const VALUE_OPTS: &[&str] = &["--set", "--home", "--runs-dir"];
 
@@ -229,6 +251,21 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             for (name, d) in &lock.datasets {
                 println!("  {name}: {} @ {} ({} files)", d.uri, d.commit, d.files.len());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { model, to, dir, dtype, force, adapter, recipe } => {
+            let src = recipe.as_ref().map(|p| RecipeSource { path: p.clone(), overrides: cli.set.clone(), text: None });
+            let resolved = pipeline::resolve_model(model, &paths, src.as_ref())?;
+            let opts = crate::export::ExportOptions {
+                format: *to,
+                out: dir.clone(),
+                dtype: *dtype,
+                force: *force,
+                adapter: *adapter,
+                runs_dir: Some(paths.runs_dir.clone()),
+            };
+            let out = crate::export::export(&resolved, &opts)?;
+            println!("exported {} ({}) to {}", resolved.reference, resolved.origin, out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Gc { dry_run } => {
