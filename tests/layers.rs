@@ -29,6 +29,8 @@ const LAYERS: &[&[&str]] = &[
     &["modelref"],
     &["model"],
     &["eval"],
+    // Export to Hugging Face, GGUF and Ollama layouts.
+    &["export"],
     &["train"],
     &["align"],
     &["stages"],
