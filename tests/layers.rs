@@ -36,8 +36,6 @@ const LAYERS: &[&[&str]] = &[
     &["stages"],
     &["plan"],
     &["exec"],
-    // `mmrun export`: a resolved model written as a transformers folder, GGUF or Ollama folder.
-    &["export"],
     &["cli"],
 ];
 
@@ -343,6 +341,10 @@ fn every_module_has_a_layer() {
     let missing: BTreeSet<String> =
         c.files.keys().filter(|p| !p.is_empty()).filter_map(|p| node(p)).filter(|n| layer_of(n).is_none()).collect();
     assert!(missing.is_empty(), "modules without a layer in tests/layers.rs LAYERS: {missing:?}");
+    // A module listed twice would silently take its first layer: say where it belongs once.
+    let mut seen = BTreeSet::new();
+    let twice: Vec<&str> = LAYERS.iter().flat_map(|l| l.iter().copied()).filter(|n| !seen.insert(*n)).collect();
+    assert!(twice.is_empty(), "modules listed in more than one layer of LAYERS: {twice:?}");
 }
 
 #[test]
