@@ -71,7 +71,7 @@ fn fetches_glob_into_hf_cache_layout() {
     assert_eq!(paths, ["data/train.jsonl", "data/valid.jsonl"], "`*` stays within one folder");
     let rc = RepoCache::new(cache.path(), RepoType::Dataset, REPO);
     for f in &ds.files {
-        assert!(f.local_path.starts_with(rc.snapshot_dir(&commit)));
+        assert!(f.local_path.starts_with(rc.snapshot_dir(&commit).unwrap()));
         // Relative symlink into blobs/, named by the LFS sha256, exactly like huggingface_hub.
         let target = std::fs::read_link(&f.local_path).unwrap();
         assert_eq!(target, Path::new("../../../blobs").join(&f.sha256));
@@ -102,8 +102,8 @@ fn reuses_cache_written_by_python_and_makes_no_request_with_a_lock() {
     let rc = RepoCache::new(cache.path(), RepoType::Dataset, REPO);
     let data = bytes(5_000, 2);
     let sha = hex_sha(&data);
-    std::fs::create_dir_all(rc.blob("x").parent().unwrap()).unwrap();
-    std::fs::write(rc.blob(&sha), &data).unwrap();
+    std::fs::create_dir_all(rc.dir().join("blobs")).unwrap();
+    std::fs::write(rc.blob(&sha).unwrap(), &data).unwrap();
     rc.link_snapshot(&commit, "data/valid.jsonl", &sha).unwrap();
     let o = opts(&hub, cache.path());
     let u = uri("hf://datasets/acme/med/data/valid.jsonl");
@@ -192,8 +192,8 @@ fn wrong_bytes_are_deleted_and_retried_once() {
     assert!(m.contains("/datasets/acme/med/resolve/") && m.contains("sha256:"), "{m}");
     let rc = RepoCache::new(cache.path(), RepoType::Dataset, REPO);
     let sha = hex_sha(&bytes(300_000, 1));
-    assert!(!rc.blob(&sha).exists() && !rc.incomplete(&sha).exists());
-    assert!(!rc.snapshot_path(&commit, "data/train.jsonl").exists());
+    assert!(!rc.blob(&sha).unwrap().exists() && !rc.incomplete(&sha).unwrap().exists());
+    assert!(!rc.snapshot_path(&commit, "data/train.jsonl").unwrap().exists());
 
     // Non-LFS files are verified by git blob id.
     hub.set_faults(Faults { corrupt: 2, ..Faults::default() });
@@ -356,15 +356,15 @@ fn disk_full_is_reported_and_nothing_kept() {
     let cache = tempfile::tempdir().unwrap();
     let rc = RepoCache::new(cache.path(), RepoType::Dataset, REPO);
     let sha = hex_sha(&bytes(5_000, 2));
-    std::fs::create_dir_all(rc.blob("x").parent().unwrap()).unwrap();
+    std::fs::create_dir_all(rc.dir().join("blobs")).unwrap();
     // Every write to /dev/full fails with ENOSPC, like a full disk.
-    std::os::unix::fs::symlink("/dev/full", rc.incomplete(&sha)).unwrap();
+    std::os::unix::fs::symlink("/dev/full", rc.incomplete(&sha).unwrap()).unwrap();
     let e =
         resolve_dataset(&uri("hf://datasets/acme/med/data/valid.jsonl"), None, &opts(&hub, cache.path())).unwrap_err();
     let m = one_line(&e);
     assert!(matches!(e, HubError::DiskFull { .. }) && m.contains("HF_HUB_CACHE"), "{m}");
-    assert!(std::fs::symlink_metadata(rc.incomplete(&sha)).is_err(), "the partial file is removed");
-    assert!(!rc.snapshot_path(&commit, "data/valid.jsonl").exists());
+    assert!(std::fs::symlink_metadata(rc.incomplete(&sha).unwrap()).is_err(), "the partial file is removed");
+    assert!(!rc.snapshot_path(&commit, "data/valid.jsonl").unwrap().exists());
 }
 
 #[test]

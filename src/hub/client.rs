@@ -17,6 +17,7 @@ use sha2::Digest;
 
 use super::cache::RepoCache;
 use super::error::HubError;
+use super::names;
 use super::uri::{HubUri, RepoType};
 use super::HubOptions;
 
@@ -248,17 +249,32 @@ impl<'a> Client<'a> {
     }
 
     /// Resolve a branch, tag or commit to the full commit id.
+    /// The answer must be a 40-hex commit id: it becomes a folder name in the cache.
     pub fn resolve_revision(&self, revision: &str) -> Result<String, HubError> {
         let url = self.revision_url(revision);
         let (v, _) = self.get_json(&url, NotFound::Revision(revision))?;
-        v.get("sha").and_then(|s| s.as_str()).map(str::to_string).ok_or_else(|| HubError::Protocol {
+        let sha = v.get("sha").and_then(|s| s.as_str()).ok_or_else(|| HubError::Protocol {
             dataset: self.dataset.clone(),
-            url,
+            url: url.clone(),
             reason: "no 'sha' field in the revision info".into(),
-        })
+        })?;
+        names::commit(sha).map_err(|name| self.unsafe_name(name, &url))?;
+        Ok(sha.to_string())
     }
 
-    /// Every file under `dir` at `commit` (following `Link: rel="next"` pagination).
+    /// [`HubError::UnsafeName`] for a name the server sent at `url`.
+    fn unsafe_name(&self, name: names::UnsafeName, url: &str) -> HubError {
+        HubError::UnsafeName {
+            dataset: self.dataset.clone(),
+            name,
+            origin: url.to_string(),
+            fix: "the server at HF_ENDPOINT is not a well-behaved Hub; check HF_ENDPOINT and report the repository",
+        }
+    }
+
+    /// Every file under `dir` at `commit` (following `Link: rel="next"` pagination). Every entry's
+    /// path and ids are validated ([`names`]); one unsafe entry refuses the whole listing, since
+    /// a server that sends it cannot be trusted for the rest either.
     pub fn list_files(&self, commit: &str, dir: &str) -> Result<Vec<RemoteFile>, HubError> {
         let mut url = self.tree_url(commit, dir);
         let mut out = Vec::new();
@@ -278,12 +294,17 @@ impl<'a> Client<'a> {
                     url: url.clone(),
                     reason: format!("tree entry without '{field}': {it}"),
                 };
-                out.push(RemoteFile {
+                let file = RemoteFile {
                     path: it.get("path").and_then(|p| p.as_str()).ok_or_else(|| bad("path"))?.to_string(),
                     size: it.get("size").and_then(|p| p.as_u64()).ok_or_else(|| bad("size"))?,
                     oid: it.get("oid").and_then(|p| p.as_str()).ok_or_else(|| bad("oid"))?.to_string(),
                     lfs_sha256: it.pointer("/lfs/oid").and_then(|p| p.as_str()).map(str::to_string),
-                });
+                };
+                names::repo_path(&file.path)
+                    .and_then(|()| names::blob_name(&file.oid))
+                    .and_then(|()| file.lfs_sha256.as_deref().map_or(Ok(()), names::sha256))
+                    .map_err(|name| self.unsafe_name(name, &url))?;
+                out.push(file);
             }
             match next {
                 Some(n) => url = join_url(&url, &n),
@@ -299,9 +320,9 @@ impl<'a> Client<'a> {
         let name = file.blob_name().to_string();
         let url = self.resolve_url(commit, &file.path);
         let io = |p: &Path, e: std::io::Error| HubError::from_write(&self.dataset, &url, p, e);
-        let blob = rc.blob(&name);
+        let blob = rc.blob(&name).map_err(|e| io(&rc.dir(), e))?;
         if !blob_ok(&blob, file.size) {
-            let lock_path = rc.lock_file(&name);
+            let lock_path = rc.lock_file(&name).map_err(|e| io(&rc.dir(), e))?;
             std::fs::create_dir_all(lock_path.parent().expect("lock dir")).map_err(|e| io(&lock_path, e))?;
             std::fs::create_dir_all(blob.parent().expect("blobs dir")).map_err(|e| io(&blob, e))?;
             let lock = OpenOptions::new()
@@ -320,8 +341,7 @@ impl<'a> Client<'a> {
             Some(s) => s.clone(),
             None => sha256_file(&blob).map_err(|e| io(&blob, e))?,
         };
-        let pointer =
-            rc.link_snapshot(commit, &file.path, &name).map_err(|e| io(&rc.snapshot_path(commit, &file.path), e))?;
+        let pointer = rc.link_snapshot(commit, &file.path, &name).map_err(|e| io(&rc.dir(), e))?;
         Ok((pointer, sha))
     }
 
@@ -330,8 +350,9 @@ impl<'a> Client<'a> {
     fn download_blob(&self, rc: &RepoCache, commit: &str, file: &RemoteFile, url: &str) -> Result<(), HubError> {
         let name = file.blob_name();
         tracing::info!(dataset = %self.dataset, path = %file.path, bytes = file.size, "downloading");
-        let part = rc.incomplete(name);
-        let blob = rc.blob(name);
+        let io = |e: std::io::Error| HubError::from_write(&self.dataset, url, &rc.dir(), e);
+        let part = rc.incomplete(name).map_err(io)?;
+        let blob = rc.blob(name).map_err(io)?;
         let mut second_try = false;
         loop {
             let res = self.download_to(&part, commit, file, url);

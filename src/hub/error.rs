@@ -107,6 +107,19 @@ pub enum HubError {
         /// What was wrong.
         reason: String,
     },
+    /// A name from the server or the lock file (commit, file path, blob id) that would leave the
+    /// cache if used as a path. Nothing is written for it.
+    #[error("{dataset}: refusing the {name} from {origin}: it could escape the Hub cache, so nothing was written for it; {fix}")]
+    UnsafeName {
+        /// The `hf://` URI being fetched.
+        dataset: String,
+        /// What was refused and why.
+        name: super::names::UnsafeName,
+        /// Where it came from (a URL, or the lock file).
+        origin: String,
+        /// What the user can do.
+        fix: &'static str,
+    },
     /// The `hf://` URI itself is malformed.
     #[error("dataset {dataset}: {reason}")]
     BadUri {

@@ -41,6 +41,19 @@ pub struct LockedDataset {
     pub files: Vec<LockedFile>,
 }
 
+impl LockedDataset {
+    /// Check every name that becomes a path in the HF cache: the commit, each file's path and
+    /// sha256. A lock is a file in the user's repository and may have been edited by hand.
+    pub fn validate(&self) -> Result<(), super::names::UnsafeName> {
+        super::names::commit(&self.commit)?;
+        for f in &self.files {
+            super::names::repo_path(&f.path)?;
+            super::names::sha256(&f.sha256)?;
+        }
+        Ok(())
+    }
+}
+
 /// The whole `recipes/x.lock`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,6 +143,9 @@ impl LockFile {
                 reason: format!("lock version {} is not the supported {LOCK_VERSION}", lock.version),
             });
         }
+        for (name, l) in &lock.datasets {
+            l.validate().map_err(|e| LockError::Parse { path: path.into(), reason: format!("dataset {name}: {e}") })?;
+        }
         Ok(Some(lock))
     }
 
@@ -210,7 +226,7 @@ pub fn check_moved(
     locked: &LockedDataset,
     opts: &HubOptions,
 ) -> Result<Option<BranchMoved>, LockError> {
-    if opts.offline || (locked.revision.len() == 40 && locked.revision.bytes().all(|b| b.is_ascii_hexdigit())) {
+    if opts.offline || super::names::is_commit_id(&locked.revision) {
         return Ok(None);
     }
     let uri = HubUri::parse(&locked.uri).map_err(|e| LockError::BadUri {

@@ -12,6 +12,7 @@ pub mod cache;
 pub mod client;
 pub mod error;
 pub mod lock;
+pub mod names;
 #[doc(hidden)]
 pub mod testserver;
 pub mod uri;
@@ -174,6 +175,14 @@ pub fn resolve_dataset(
     let rc = RepoCache::new(&opts.cache_dir, uri.repo_type, &uri.repo_id);
     let client = Client::new(uri, opts);
     let revision = uri.revision_or_main().to_string();
+    if let Some(l) = lock {
+        l.validate().map_err(|name| HubError::UnsafeName {
+            dataset: client.dataset.clone(),
+            name,
+            origin: "the lock file".into(),
+            fix: "the lock was edited or is corrupt; delete the entry and run `mmrun update <recipe>`",
+        })?;
+    }
 
     if let Some(l) = lock {
         if let Some(files) = cached_files(&rc, &l.commit, l.files.iter().map(|f| f.path.clone()), Some(l)) {
@@ -189,7 +198,7 @@ pub fn resolve_dataset(
         None => {
             let c = client.resolve_revision(&revision)?;
             rc.write_ref(&revision, &c).map_err(|e| {
-                HubError::from_write(&client.dataset, &client.revision_url(&revision), &rc.ref_path(&revision), e)
+                HubError::from_write(&client.dataset, &client.revision_url(&revision), &rc.dir().join("refs"), e)
             })?;
             c
         }
@@ -254,7 +263,7 @@ fn resolve_offline(
     let commit = match lock {
         Some(l) => l.commit.clone(),
         None => {
-            if is_commit_id(&revision) && rc.snapshot_dir(&revision).is_dir() {
+            if names::is_commit_id(&revision) && rc.snapshot_dir(&revision).is_ok_and(|d| d.is_dir()) {
                 revision.clone()
             } else {
                 rc.read_ref(&revision)
@@ -272,7 +281,8 @@ fn resolve_offline(
     match cached_files(rc, &commit, paths.iter().cloned(), lock) {
         Some(files) => Ok(FetchedDataset { uri: uri.to_string(), revision, commit, files }),
         None => {
-            let missing = paths.iter().find(|p| !rc.snapshot_path(&commit, p).is_file()).unwrap_or(&paths[0]);
+            let missing =
+                paths.iter().find(|p| !rc.snapshot_path(&commit, p).is_ok_and(|f| f.is_file())).unwrap_or(&paths[0]);
             Err(not_cached(format!("'{missing}' at commit {commit}"), client.resolve_url(&commit, missing)))
         }
     }
@@ -288,7 +298,7 @@ fn cached_files(
 ) -> Option<Vec<FetchedFile>> {
     let mut out = Vec::new();
     for path in paths {
-        let local = rc.snapshot_path(commit, &path);
+        let local = rc.snapshot_path(commit, &path).ok()?;
         let size = std::fs::metadata(&local).ok().filter(|m| m.is_file())?.len();
         // A blob named by a 64-hex LFS sha256 is its own checksum; otherwise hash the (small) file.
         let blob_name =
@@ -306,10 +316,6 @@ fn cached_files(
     }
     out.sort_by(|a, b| a.repo_path.cmp(&b.repo_path));
     Some(out)
-}
-
-fn is_commit_id(s: &str) -> bool {
-    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// The folder to list for a path or glob: everything before the first glob character's segment.

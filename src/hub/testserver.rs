@@ -3,8 +3,8 @@
 //! uses: revision info, recursive tree listing, `resolve` (302 to a CDN-style `/cdn/<sha256>` path for
 //! LFS files, 200 with a git-blob ETag for small files), `X-Repo-Commit` / `X-Linked-Etag` /
 //! `X-Linked-Size`, and `Range`. Faults can be switched on: a dropped connection mid-body, 5xx,
-//! 429 with `Retry-After`, wrong bytes, slow answers, private repos (401 without the token), and
-//! moving a branch.
+//! 429 with `Retry-After`, wrong bytes, slow answers, private repos (401 without the token),
+//! moving a branch, and hostile names (a commit id or tree entries that try to leave the cache).
 //!
 //! It is a small hand-written HTTP/1.1 server over `std::net` rather than `tiny_http`, because the
 //! faults need byte-level control (closing the socket halfway through a declared body) and because
@@ -72,6 +72,10 @@ pub struct Faults {
     pub slow: u32,
     /// Delay for `slow`.
     pub slow_ms: u64,
+    /// A hostile server: the revision endpoint answers this `sha` instead of the real commit.
+    pub revision_sha: Option<String>,
+    /// A hostile server: these raw entries are added to every tree listing.
+    pub extra_tree_entries: Vec<serde_json::Value>,
 }
 
 /// One request the server saw (for assertions).
@@ -439,7 +443,7 @@ fn route(st: &mut State, req: &Req) -> Resp {
             200,
             serde_json::json!({
                 "id": repo_id,
-                "sha": commit,
+                "sha": st.faults.revision_sha.clone().unwrap_or(commit),
                 "siblings": tree.keys().map(|p| serde_json::json!({ "rfilename": p })).collect::<Vec<_>>(),
             }),
         ),
@@ -480,6 +484,7 @@ fn route(st: &mut State, req: &Req) -> Resp {
                 .map(|d| serde_json::json!({ "type": "directory", "oid": "0", "size": 0, "path": d }))
                 .collect();
             all.extend(items);
+            all.extend(st.faults.extra_tree_entries.iter().cloned());
             Resp::json(200, serde_json::Value::Array(all))
         }
         (false, "resolve") => {

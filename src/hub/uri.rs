@@ -79,8 +79,14 @@ impl HubUri {
         if !valid(name) {
             return Err(err(&format!("bad repository name '{name}' (letters, digits, '-', '_', '.')")));
         }
+        if let Some(rev) = &revision {
+            super::names::revision(rev).map_err(|e| err(&e.to_string()))?;
+        }
         if path.split('/').any(|seg| seg == "..") {
             return Err(err("the path may not contain '..'"));
+        }
+        if path.chars().any(char::is_control) || path.contains('\\') {
+            return Err(err("the path may not contain a backslash, NUL or control character"));
         }
         Ok(Self { repo_type, repo_id: format!("{owner}/{name}"), revision, path })
     }
@@ -138,6 +144,13 @@ mod tests {
             "hf://datasets/o/n@/f",
             "hf://datasets/o w/n/f",
             "hf://datasets/o/n/../x",
+            "hf://datasets/o/n@..%2F..%2F..%2Fescape/x.jsonl",
+            "hf://datasets/o/n@..%2f..%2fescape/x.jsonl",
+            "hf://datasets/o/n@%2E%2E/x.jsonl",
+            "hf://datasets/o/n@%2Fetc/x.jsonl",
+            "hf://datasets/o/n@a\0b/x.jsonl",
+            "hf://datasets/o/n/a\\..\\b",
+            "hf://datasets/o/n/a\0b",
         ] {
             assert!(HubUri::parse(bad).is_err(), "{bad} should be rejected");
         }
