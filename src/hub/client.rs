@@ -266,7 +266,7 @@ impl<'a> Client<'a> {
     fn unsafe_name(&self, name: names::UnsafeName, url: &str) -> HubError {
         HubError::UnsafeName {
             dataset: self.dataset.clone(),
-            name,
+            name: Box::new(name),
             origin: url.to_string(),
             fix: "the server at HF_ENDPOINT is not a well-behaved Hub; check HF_ENDPOINT and report the repository",
         }

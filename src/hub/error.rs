@@ -113,8 +113,8 @@ pub enum HubError {
     UnsafeName {
         /// The `hf://` URI being fetched.
         dataset: String,
-        /// What was refused and why.
-        name: super::names::UnsafeName,
+        /// What was refused and why (boxed: errors are rare and `HubError` stays small).
+        name: Box<super::names::UnsafeName>,
         /// Where it came from (a URL, or the lock file).
         origin: String,
         /// What the user can do.

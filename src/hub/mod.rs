@@ -178,7 +178,7 @@ pub fn resolve_dataset(
     if let Some(l) = lock {
         l.validate().map_err(|name| HubError::UnsafeName {
             dataset: client.dataset.clone(),
-            name,
+            name: Box::new(name),
             origin: "the lock file".into(),
             fix: "the lock was edited or is corrupt; delete the entry and run `mmrun update <recipe>`",
         })?;

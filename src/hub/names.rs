@@ -145,7 +145,7 @@ pub fn join_under(root: &Path, rel: &str) -> Result<PathBuf, UnsafeName> {
     }
     let p = Path::new(rel);
     if !p.components().all(|c| matches!(c, Component::Normal(_))) {
-        return Err(UnsafeName::new("path", rel, &format!("would leave {}", root.display())));
+        return Err(UnsafeName::new("path", rel, format!("would leave {}", root.display())));
     }
     Ok(root.join(p))
 }
