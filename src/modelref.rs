@@ -437,7 +437,11 @@ pub fn fetch_hub_model(uri: &HubUri, opts: &HubOptions) -> Result<FetchedModel, 
     }
     files.sort_by(|a, b| a.repo_path.cmp(&b.repo_path));
     let rc = crate::hub::cache::RepoCache::new(&opts.cache_dir, RepoType::Model, &uri.repo_id);
-    Ok(FetchedModel { dir: rc.snapshot_dir(&commit), revision: uri.revision_or_main().to_string(), commit, files })
+    // The commit came back from the client, which accepts only 40-hex ids.
+    let dir = rc.snapshot_dir(&commit).map_err(|e| {
+        FetchError::Hub(HubError::Io { dataset: uri.to_string(), path: opts.cache_dir.clone(), source: e })
+    })?;
+    Ok(FetchedModel { dir, revision: uri.revision_or_main().to_string(), commit, files })
 }
 
 #[cfg(test)]
