@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 /// vocabulary with no `crate::` imports of its own, which the recipe is written in).
 const LAYERS: &[&[&str]] = &[
     // Leaves: no `crate::` imports at all.
-    &["artifact", "cancel", "progress", "testutil"],
+    // `hub::names` checks names from the network and recipes before they become paths (`hub::uri`
+    // validates a recipe's revision with it).
+    &["artifact", "cancel", "progress", "testutil", "hub::names"],
     // The vocabulary a recipe is written in, owned by the modules that give it meaning.
     &["data::spec", "model::config", "hub::uri"],
     // TOML → `Recipe`, and the declaration-only `StageKind` trait.
