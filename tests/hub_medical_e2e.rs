@@ -119,3 +119,31 @@ fn medical_sft_recipe_runs_against_local_hub_and_writes_lock() {
     assert!(stderr.contains(&moved[..12]) && stderr.contains("mmrun update"), "{stderr}");
     assert_eq!(std::fs::read_to_string(lock_path(&recipe)).unwrap(), before);
 }
+
+#[test]
+fn failed_hub_fetch_leaves_a_failed_run_record() {
+    let hub = TestHub::start();
+    let sb = Sandbox::new();
+    sb.write(
+        "r.toml",
+        "[recipe]\nname = \"nohub\"\n\n[datasets.d]\nsource = \"hf://datasets/acme/missing/x.jsonl\"\nformat = \"text\"\n\n[stages.tok]\nkind = \"tokenizer\"\ndata = [\"d\"]\nvocab_size = 320\n",
+    );
+    let out = sb
+        .command(&["r.toml"])
+        .env("HF_ENDPOINT", hub.url())
+        .env("HF_HOME", sb.root().join("hf"))
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("repository not found") && stderr.contains("run record:"), "{stderr}");
+    let run = sb.last_run();
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert_eq!(run["recipe_name"], "nohub");
+    let error = run["error"].as_str().unwrap_or_default();
+    assert!(error.contains("acme/missing") && error.contains("repository not found"), "{error}");
+    assert!(run["finished"].is_string(), "{run:#}");
+}

@@ -90,9 +90,15 @@ pub fn make_plan(
     cache: &Cache,
 ) -> anyhow::Result<(Recipe, BTreeMap<String, ResolvedDataset>, Plan)> {
     let recipe = load_recipe(src)?;
-    let datasets = resolve_datasets(&recipe, cache)?;
-    let plan = crate::plan::build(&recipe, cache, &datasets).context("planning")?;
+    let (datasets, plan) = prepare(&recipe, cache)?;
     Ok((recipe, datasets, plan))
+}
+
+/// Fetch and resolve the datasets of a loaded recipe, then plan it.
+fn prepare(recipe: &Recipe, cache: &Cache) -> anyhow::Result<(BTreeMap<String, ResolvedDataset>, Plan)> {
+    let datasets = resolve_datasets(recipe, cache)?;
+    let plan = crate::plan::build(recipe, cache, &datasets).context("planning")?;
+    Ok((datasets, plan))
 }
 
 /// `mmrun plan` as JSON: `{"stages":[{"name","kind","key","status","reasons"}]}`.
@@ -135,15 +141,36 @@ fn effective_params(recipe: &Recipe) -> serde_json::Value {
 pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
     let started = Instant::now();
     let cache = Cache::open(&paths.home).with_context(|| format!("opening the cache {}", paths.home.display()))?;
-    let (recipe, datasets, plan) = make_plan(src, &cache)?;
+    let recipe = load_recipe(src)?;
     let recipe_path = std::fs::canonicalize(&recipe.path).unwrap_or_else(|_| recipe.path.clone());
+    // The record starts before anything is fetched, so a run that fails fetching Hub data or
+    // planning still leaves one (status failed, with the error), like a failed stage does.
     let record = RunRecord {
         recipe_name: recipe.meta.name.clone(),
         recipe_path: recipe_path.display().to_string(),
         recipe_text: recipe.source_text.clone(),
         overrides: recipe.overrides.clone(),
         status: RunStatus::Running,
-        lock: RunLock {
+        params: effective_params(&recipe),
+        ..Default::default()
+    };
+    let sink = RunSink::start(&paths.runs_dir, record).context("creating the run record")?;
+    let (datasets, plan) = match prepare(&recipe, &cache) {
+        Ok(p) => p,
+        Err(error) => {
+            let finished = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).ok();
+            let secs = started.elapsed().as_secs_f64();
+            sink.update(|r| {
+                r.status = RunStatus::Failed;
+                r.finished = finished;
+                r.seconds = secs;
+                r.error = Some(format!("{error:#}"));
+            })?;
+            return Ok(RunEnd::Failed { run_dir: sink.dir().to_path_buf(), error });
+        }
+    };
+    sink.update(|r| {
+        r.lock = RunLock {
             mmrun_version: crate::VERSION.to_string(),
             datasets: datasets
                 .iter()
@@ -156,9 +183,8 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
                 })
                 .collect(),
             stages: plan.stages.iter().map(|s| (s.name.clone(), s.key.clone())).collect(),
-        },
-        params: effective_params(&recipe),
-        stages: plan
+        };
+        r.stages = plan
             .stages
             .iter()
             .map(|s| StageRecord {
@@ -168,10 +194,8 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
                 reasons: s.reasons.clone(),
                 ..Default::default()
             })
-            .collect(),
-        ..Default::default()
-    };
-    let sink = RunSink::start(&paths.runs_dir, record).context("creating the run record")?;
+            .collect();
+    })?;
     let cancel = CancelToken::new();
     cancel.install_signal_handlers().context("installing the Ctrl-C handler")?;
     let jobs: Vec<Job> = plan
