@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cancel;
 pub mod cli;
 pub mod data;
+pub mod durable;
 pub mod eval;
 pub mod exec;
 pub mod export;

@@ -1,4 +1,4 @@
-//! blake3 file hashing, memoised by (canonical path, size, mtime) in `hashes.jsonl`.
+//! blake3 file hashing, memoised by (canonical path, size, mtime) in `hashes-v1/files.jsonl`.
 
 use super::{CacheError, IoCtx};
 use serde::{Deserialize, Serialize};
@@ -50,12 +50,7 @@ impl HashIndex {
     pub fn hash_file(&self, path: &Path) -> Result<String, CacheError> {
         let canon = std::fs::canonicalize(path).ctx("resolving", path)?;
         let md = std::fs::metadata(&canon).ctx("reading metadata of", &canon)?;
-        let mtime_ns = md
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos() as i128)
-            .unwrap_or(-1);
+        let mtime_ns = mtime_ns(&md);
         let key = canon.to_string_lossy().to_string();
         {
             let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
@@ -71,6 +66,9 @@ impl HashIndex {
         let mut line = serde_json::to_string(&entry).expect("entry serialises");
         line.push('\n');
         // Best effort: a memo we cannot write only costs a rehash next time.
+        if let Some(dir) = self.file.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&self.file) {
             let _ = f.write_all(line.as_bytes());
         }
@@ -78,6 +76,44 @@ impl HashIndex {
         memo.get_or_insert_with(HashMap::new).insert(key, entry);
         Ok(hash)
     }
+}
+
+impl HashIndex {
+    /// Rewrite the memo keeping only the current line of each file that still exists with the
+    /// memoised size and mtime (`gc`). Returns the bytes freed. A line appended by another
+    /// process meanwhile may be lost; that only costs a rehash.
+    pub(crate) fn compact(&self, dry_run: bool) -> Result<u64, CacheError> {
+        let Ok(text) = std::fs::read_to_string(&self.file) else { return Ok(0) };
+        let mut last: HashMap<String, Entry> = HashMap::new();
+        for line in text.lines() {
+            if let Ok(e) = serde_json::from_str::<Entry>(line) {
+                last.insert(e.path.clone(), e);
+            }
+        }
+        let mut kept: Vec<Entry> = last
+            .into_values()
+            .filter(|e| std::fs::metadata(&e.path).is_ok_and(|md| md.len() == e.size && mtime_ns(&md) == e.mtime_ns))
+            .collect();
+        kept.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut out = String::new();
+        for e in &kept {
+            out.push_str(&serde_json::to_string(e).expect("entry serialises"));
+            out.push('\n');
+        }
+        let freed = (text.len() as u64).saturating_sub(out.len() as u64);
+        if !dry_run && freed > 0 {
+            crate::durable::write_atomic(&self.file, out.as_bytes()).ctx("rewriting", &self.file)?;
+        }
+        Ok(freed)
+    }
+}
+
+fn mtime_ns(md: &std::fs::Metadata) -> i128 {
+    md.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(-1)
 }
 
 /// blake3 (hex) and size of one file, with a progress bar for large files.

@@ -95,15 +95,23 @@ pub enum Command {
         #[arg(long)]
         recipe: Option<PathBuf>,
     },
-    /// Delete cache objects no run record references, and stale temporary directories.
+    /// Free every cache entry no run record references and no running mmrun uses (objects,
+    /// shards, builtin data, checkpoints, temporary files, locks, old cache layouts).
     Gc {
-        /// Only report what would be removed.
+        /// Only report what would be removed, bucket by bucket.
         #[arg(long)]
         dry_run: bool,
     },
+    /// Check every cache entry (objects, shards, builtin data) against its manifest: each file's
+    /// size and blake3. Exits 1 when something is damaged, unless `--repair` removed it.
+    Verify {
+        /// Remove damaged entries, so the next run rebuilds them.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
-const SUBCOMMANDS: &[&str] = &["run", "plan", "runs", "diff", "resume", "bench", "update", "export", "gc", "help"];
+const SUBCOMMANDS: &[&str] = &["run", "plan", "runs", "diff", "resume", "bench", "update", "export", "gc", "verify", "help"];
 /// Global options that take a value (so the shorthand detection skips their values).
 const VALUE_OPTS: &[&str] = &["--set", "--home", "--runs-dir"];
 
@@ -271,18 +279,17 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Gc { dry_run } => {
             let cache = crate::cache::Cache::open(&paths.home)
                 .with_context(|| format!("opening the cache {}", paths.home.display()))?;
-            let keep = crate::runs::referenced_keys(&paths.runs_dir)?;
-            let r = cache.gc(&keep, *dry_run)?;
-            let verb = if *dry_run { "would remove" } else { "removed" };
-            println!(
-                "{verb} {} objects and {} temporary directories, {} freed; kept {} objects referenced by runs in {}",
-                r.removed_objects.len(),
-                r.removed_tmp,
-                human_bytes(r.freed_bytes),
-                r.kept_objects,
-                paths.runs_dir.display()
-            );
+            // Read under gc's lock, so a run finishing meanwhile is accounted for.
+            let r = cache.gc(|| anyhow::Ok(crate::runs::referenced_keys(&paths.runs_dir)?), *dry_run)?;
+            print!("{}", format_gc(&r, *dry_run, &paths.runs_dir));
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { repair } => {
+            let cache = crate::cache::Cache::open(&paths.home)
+                .with_context(|| format!("opening the cache {}", paths.home.display()))?;
+            let r = cache.verify_all(*repair)?;
+            print!("{}", format_verify(&r));
+            Ok(if r.damaged.is_empty() || *repair { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
 }
@@ -327,6 +334,50 @@ pub fn format_runs(runs: &[crate::runs::RunSummary]) -> String {
             r.record.seconds
         );
     }
+    s
+}
+
+/// `mmrun gc` report: one line per bucket.
+pub fn format_gc(r: &crate::cache::GcReport, dry_run: bool, runs_dir: &std::path::Path) -> String {
+    use std::fmt::Write;
+    let head = if dry_run { "would free" } else { "freed" };
+    let mut s = format!("{:16}  {:>7} {:>10}  {:>7} {:>10}\n", "bucket", "removed", head, "kept", "kept size");
+    for (name, b) in &r.buckets {
+        let _ = writeln!(
+            s,
+            "{name:16}  {:>7} {:>10}  {:>7} {:>10}",
+            b.removed,
+            human_bytes(b.freed_bytes),
+            b.kept,
+            human_bytes(b.kept_bytes)
+        );
+    }
+    let verb = if dry_run { "would free" } else { "freed" };
+    let _ = writeln!(
+        s,
+        "{verb} {} in total; kept what run records in {} reference and running mmrun processes use",
+        human_bytes(r.freed_bytes()),
+        runs_dir.display()
+    );
+    s
+}
+
+/// `mmrun verify` report.
+pub fn format_verify(r: &crate::cache::VerifyReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    for (bucket, key, damage) in &r.damaged {
+        let fate = if r.repaired { "removed; the next run rebuilds it" } else { "damaged" };
+        let _ = writeln!(s, "{bucket}/{key}: {fate}: {damage}");
+    }
+    let _ = write!(s, "checked {} entries ({}): {} damaged", r.checked, human_bytes(r.bytes), r.damaged.len());
+    if r.busy > 0 {
+        let _ = write!(s, ", {} skipped (being built by another mmrun)", r.busy);
+    }
+    if !r.damaged.is_empty() && !r.repaired {
+        s.push_str("; `mmrun verify --repair` removes them so the next run rebuilds them");
+    }
+    s.push('\n');
     s
 }
 

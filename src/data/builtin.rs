@@ -21,9 +21,11 @@
 //! problems are drawn from a ChaCha RNG seeded by `seed`. The generated file is written once into
 //! `<cache>/builtin/<hash of name, format and params>/data.jsonl` (atomically).
 
-use super::{write_atomic, DataError};
+use super::DataError;
+use crate::cache::Bucket;
 use crate::cache::Cache;
 use crate::data::spec::{DataFormat, DatasetSpec};
+use crate::durable::write_atomic;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -147,7 +149,11 @@ pub fn record(pr: &Problem, format: DataFormat) -> Value {
     }
 }
 
-/// Generate (once) the file of a `builtin:` dataset into the cache and return its path.
+/// The generated file inside a `builtin-v1/<key>/` entry.
+const DATA_FILE: &str = "data.jsonl";
+
+/// Generate (once) the file of a `builtin:` dataset into the cache (`builtin-v1/<key>/`) and
+/// return its path.
 pub fn materialize(name: &str, generator: &str, spec: &DatasetSpec, cache: &Cache) -> Result<PathBuf, DataError> {
     let err = |msg: String| DataError::Builtin { name: name.to_string(), msg };
     if generator != "arithmetic" {
@@ -159,17 +165,16 @@ pub fn materialize(name: &str, generator: &str, spec: &DatasetSpec, cache: &Cach
         "params": spec.builtin,
     });
     let hash = blake3::hash(ident.to_string().as_bytes()).to_hex();
-    let path = cache.root().join("builtin").join(&hash[..32]).join("data.jsonl");
-    if path.is_file() {
-        return Ok(path);
-    }
-    let mut body = String::new();
-    for pr in arithmetic(&params) {
-        body.push_str(&record(&pr, spec.format).to_string());
-        body.push('\n');
-    }
-    write_atomic(&path, body.as_bytes()).map_err(|e| DataError::io(&path, e))?;
-    Ok(path)
+    let entry = cache.derived(Bucket::Builtin, &hash[..32], |dir| {
+        let mut body = String::new();
+        for pr in arithmetic(&params) {
+            body.push_str(&record(&pr, spec.format).to_string());
+            body.push('\n');
+        }
+        let path = dir.join(DATA_FILE);
+        write_atomic(&path, body.as_bytes()).map_err(|e| DataError::io(&path, e))
+    })?;
+    Ok(entry.dir.join(DATA_FILE))
 }
 
 #[cfg(test)]
@@ -222,7 +227,7 @@ mod tests {
             let ds = crate::data::resolve("arith", &s, tmp.path(), &cache).unwrap();
             let again = crate::data::resolve("arith", &s, tmp.path(), &cache).unwrap();
             assert_eq!(ds.content_hash, again.content_hash);
-            assert!(ds.files[0].starts_with(tmp.path().join("builtin")));
+            assert!(ds.files[0].starts_with(tmp.path().join("builtin-v1")));
             let ex = read_examples(&ds, None).unwrap();
             assert_eq!(ex.len(), 50, "{fmt:?}");
             if let Example::PromptAnswer { final_answer, .. } = &ex[0] {

@@ -14,25 +14,17 @@ pub mod builtin;
 pub mod chat;
 pub mod parquet;
 pub mod read;
+pub mod rejects;
 pub mod shards;
 pub mod spec;
 pub mod tokenize;
 
 pub use read::{read_examples, Example, Message, ReadStats};
+pub use rejects::{RejectLog, RejectSink};
 
 use crate::cache::Cache;
 use spec::DatasetSpec;
 use std::path::{Path, PathBuf};
-
-/// Where records skipped under `on_bad_record = "skip"` go. The run record
-/// (`crate::runs::RunSink`) implements it, so `data` never depends on `runs`.
-pub trait RejectSink {
-    /// Record one skipped record: its dataset, file, 1-based line, why, and its raw text (already
-    /// cut to a bounded size by the caller).
-    fn reject(&self, dataset: &str, file: &Path, line: usize, reason: &str, raw: &str) -> std::io::Result<()>;
-    /// Where the rejects are written, for I/O error messages.
-    fn location(&self) -> &Path;
-}
 
 /// A dataset whose files are local and whose content hash is known.
 #[derive(Clone, Debug)]
@@ -118,6 +110,9 @@ pub enum DataError {
         /// Why.
         msg: String,
     },
+    /// The cache failed.
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
     /// I/O with a path.
     #[error("{path}: {source}")]
     Io {
@@ -264,17 +259,6 @@ fn content_hash(files: &[PathBuf], base: &Path, cache: &Cache) -> Result<String,
         h.update(b"\n");
     }
     Ok(h.finalize().to_hex().to_string())
-}
-
-/// Write `bytes` to `path` atomically (temp file in the same directory, then rename).
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    std::io::Write::write_all(&mut tmp, bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
 }
 
 /// A spinner on stderr with a message (indicatif hides it when stderr is not a terminal).

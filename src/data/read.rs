@@ -312,7 +312,7 @@ fn starts_with_array(r: &mut BufReader<std::fs::File>) -> std::io::Result<bool> 
     Ok(b.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'['))
 }
 
-/// Append one rejected record (raw text cut to 4 KiB) to the run's `rejects.jsonl`.
+/// Append one rejected record to the run's `rejects.jsonl` (the sink caps its size).
 fn write_reject(
     sink: &dyn RejectSink,
     dataset: &str,
@@ -321,9 +321,7 @@ fn write_reject(
     reason: &str,
     raw: &[u8],
 ) -> std::io::Result<()> {
-    const MAX_RAW: usize = 4096;
-    let raw = String::from_utf8_lossy(&raw[..raw.len().min(MAX_RAW)]);
-    sink.reject(dataset, Path::new(file), line, reason, &raw)
+    sink.reject(dataset, Path::new(file), line, reason, raw)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@
 pub mod pipeline;
 
 use crate::artifact::Artifact;
-use crate::cache::Cache;
+use crate::cache::{Bucket, Cache, Depth, Lookup};
 use crate::cancel::{CancelToken, Interrupted};
 use crate::data::ResolvedDataset;
 use crate::recipe::Recipe;
@@ -34,6 +34,9 @@ pub struct Job {
     pub params: serde_json::Value,
     /// Declared inputs.
     pub inputs: Vec<InputRef>,
+    /// A later stage of this run reads this artifact: check it against its manifest in full
+    /// (blake3) before calling it cached, and rebuild it if it is damaged.
+    pub verify: bool,
 }
 
 /// How a whole execution ended.
@@ -96,7 +99,7 @@ impl Executor<'_> {
                 self.skip_rest(&jobs[i..]);
                 return (ExecOutcome::Interrupted { stage: job.name.clone() }, counts);
             }
-            if let Some(art) = self.cache.object(&job.key) {
+            if let Some(art) = self.usable_object(job, &tag) {
                 eprintln!("{tag}: cached {}", short(&job.key));
                 self.set_status(&job.name, StageStatus::Cached, 0.0, Some(&art), None);
                 artifacts.insert(job.name.clone(), art);
@@ -133,6 +136,25 @@ impl Executor<'_> {
         (ExecOutcome::Succeeded, counts)
     }
 
+    /// The cached object of `job`, if there is one it may use: complete by size, and when a later
+    /// stage reads it (`job.verify`), by content too. A damaged one is reported (and left for
+    /// [`Self::build`] to replace under the key lock).
+    fn usable_object(&self, job: &Job, tag: &str) -> Option<Artifact> {
+        let art = self.cache.object(&job.key)?;
+        if !job.verify {
+            return Some(art);
+        }
+        match self.cache.verify(&art) {
+            Ok(()) => Some(art),
+            Err(damage) => {
+                let msg = format!("the cached object of stage '{}' is damaged ({damage}); rebuilding it", job.name);
+                eprintln!("{tag}: {msg}");
+                self.run.note(msg);
+                None
+            }
+        }
+    }
+
     /// Lock, re-check, run, publish. Returns the artifact, whether we built it, and seconds.
     fn build(
         &self,
@@ -150,8 +172,11 @@ impl Executor<'_> {
             })
             .map_err(|e| fail(e.into()))?;
         // Whoever held the lock may have just published this very key.
-        if let Some(art) = self.cache.object(&job.key) {
-            return Ok((art, false, 0.0));
+        match self.cache.lookup(&job.key, if job.verify { Depth::Content } else { Depth::Sizes }) {
+            Lookup::Found(art) => return Ok((art, false, 0.0)),
+            Lookup::Absent => {}
+            // We hold the lock: nobody else can be replacing it.
+            Lookup::Damaged(_) => self.cache.discard(Bucket::Objects, &job.key).map_err(|e| fail(e.into()))?,
         }
         let stage = self.registry.iter().find(|s| s.kind() == job.kind).ok_or_else(|| {
             fail(anyhow::anyhow!("internal: stage kind '{}' of stage '{}' is not registered", job.kind, job.name))
@@ -191,6 +216,13 @@ impl Executor<'_> {
                     let art = artifacts.get(stage).cloned().ok_or_else(|| {
                         anyhow::anyhow!("internal: stage '{}' needs '{stage}', which has not been built", job.name)
                     })?;
+                    // Memoised: free unless the files changed since they were checked.
+                    self.cache.verify(&art).map_err(|damage| {
+                        anyhow::anyhow!(
+                            "the artifact of stage '{stage}' changed on disk during this run ({damage}); \
+                             run again to rebuild it"
+                        )
+                    })?;
                     inputs.artifacts.insert(stage.clone(), art);
                 }
                 InputRef::Dataset { dataset, .. } => {
@@ -224,6 +256,7 @@ impl Executor<'_> {
             if let Some(c) = rejects {
                 r.rejects = c;
             }
+            r.cache_entries = self.cache.pinned_entries();
         });
         if let Err(e) = res {
             tracing::warn!("could not update the run record: {e}");

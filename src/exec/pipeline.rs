@@ -195,6 +195,8 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
                 ..Default::default()
             })
             .collect();
+        // Builtin data generated while resolving the datasets.
+        r.cache_entries = cache.pinned_entries();
     })?;
     let cancel = CancelToken::new();
     cancel.install_signal_handlers().context("installing the Ctrl-C handler")?;
@@ -209,6 +211,7 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
                 key: p.key.clone(),
                 params: spec.map(|s| s.params.clone()).unwrap_or_default(),
                 inputs: spec.map(|s| s.inputs.clone()).unwrap_or_default(),
+                verify: p.opened,
             }
         })
         .collect();
@@ -246,6 +249,7 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
         if let Some(c) = rejects {
             r.rejects = c;
         }
+        r.cache_entries = cache.pinned_entries();
     })?;
     Ok(match outcome {
         ExecOutcome::Succeeded => {

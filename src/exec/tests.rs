@@ -99,7 +99,7 @@ fn recipe() -> Recipe {
 
 fn job(name: &str, key: &str, params: serde_json::Value) -> Job {
     let p: ToyParams = serde_json::from_value(params.clone()).unwrap();
-    Job { name: name.into(), kind: "toy".into(), key: key.into(), inputs: p.inputs(), params }
+    Job { name: name.into(), kind: "toy".into(), key: key.into(), inputs: p.inputs(), params, verify: true }
 }
 
 struct Env {
@@ -186,7 +186,11 @@ fn failure_records_error_and_skips_downstream() {
     assert!(rec.stage("a").unwrap().error.as_deref().unwrap().contains("stage 'a' (toy): toy failure on purpose"));
     assert_eq!(status(&rec, "b"), StageStatus::Skipped);
     assert!(e.cache.object("ka").is_none());
-    assert_eq!(std::fs::read_dir(e.cache.root().join("tmp")).unwrap().count(), 0, "failed tmp dir removed");
+    assert_eq!(
+        std::fs::read_dir(e.cache.bucket(crate::cache::Bucket::Tmp)).unwrap().count(),
+        0,
+        "failed tmp dir removed"
+    );
     assert_eq!(rec.status, RunStatus::Running, "the caller finalises the run status");
 }
 
@@ -204,7 +208,7 @@ fn interrupt_keeps_checkpoint_and_resume_continues_from_it() {
     assert_eq!(status(&rec, "b"), StageStatus::Interrupted);
     assert_eq!(status(&rec, "c"), StageStatus::Skipped);
     assert!(e.cache.object("kb").is_none(), "nothing half-built is published");
-    assert_eq!(std::fs::read_to_string(e.cache.root().join("work/kb/step")).unwrap(), "4");
+    assert_eq!(std::fs::read_to_string(e.cache.bucket(crate::cache::Bucket::Work).join("kb/step")).unwrap(), "4");
     // Same keys, no cancel this time: a is cached, b resumes at step 4.
     let second = [
         first[0].clone(),
@@ -220,7 +224,7 @@ fn interrupt_keeps_checkpoint_and_resume_continues_from_it() {
         std::fs::read_to_string(e.cache.object("kc").unwrap().path("out.txt")).unwrap(),
         "A[0..1]B[4..10]C[0..0]"
     );
-    assert!(!e.cache.root().join("work/kb").exists(), "checkpoints dropped after publish");
+    assert!(!e.cache.bucket(crate::cache::Bucket::Work).join("kb").exists(), "checkpoints dropped after publish");
 }
 
 #[test]

@@ -13,16 +13,16 @@ pub fn save(model: &MiniMind, path: &Path) -> anyhow::Result<()> {
     save_tensors(&model.named_tensors(), path)
 }
 
-/// Save named tensors as f32 safetensors (atomically: temp file + rename).
+/// Save named tensors as f32 safetensors, atomically and durably ([`crate::durable`]).
 pub fn save_tensors(named: &[(String, Tensor)], path: &Path) -> anyhow::Result<()> {
     let mut map = HashMap::new();
     for (n, t) in named {
         map.insert(n.clone(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?);
     }
-    let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(&map, &tmp).with_context(|| format!("writing weights to {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    crate::durable::write_atomic_with(path, |tmp| {
+        candle_core::safetensors::save(&map, tmp).map_err(std::io::Error::other)
+    })
+    .with_context(|| format!("writing weights to {}", path.display()))
 }
 
 /// Read every tensor of a safetensors file (f32, bf16 or f16 on disk) as f32 on `device`.

@@ -12,7 +12,7 @@ pub mod key;
 mod reasons;
 
 use crate::artifact::ArtifactKind;
-use crate::cache::Cache;
+use crate::cache::{Bucket, Cache, Depth, Lookup};
 use crate::data::ResolvedDataset;
 use crate::recipe::{dag, did_you_mean, DynStageKind, InputRef, Recipe};
 use serde::{Deserialize, Serialize};
@@ -62,6 +62,9 @@ pub struct PlannedStage {
     pub fingerprint: Value,
     /// Cosmetic params and their values: deliberately *not* in the key.
     pub excluded: Map<String, Value>,
+    /// Cached, and a stage that runs in this plan reads it: its object was checked against its
+    /// manifest in full (blake3) while planning, and is checked again (memoised) before use.
+    pub opened: bool,
 }
 
 /// Every stage of a recipe, in the order they run.
@@ -188,10 +191,10 @@ pub fn build_with(
         };
         let (fingerprint, excluded) = key::fingerprint(spec, defs[i], &cx)?;
         let k = key::key_of(&fingerprint);
-        let (status, reasons) = if has_object(cache, &k) {
-            (Status::Cached, Vec::new())
-        } else {
-            match read_record(cache, &recipe.meta.name, &spec.name) {
+        let (status, reasons) = match cache.lookup(&k, Depth::Sizes) {
+            Lookup::Found(_) => (Status::Cached, Vec::new()),
+            Lookup::Damaged(damage) => (Status::Missing, vec![damaged(&damage)]),
+            Lookup::Absent => match read_record(cache, &recipe.meta.name, &spec.name) {
                 Err(RecordError::Absent) => (Status::Missing, vec!["never built".to_string()]),
                 Err(RecordError::Unreadable(why)) => (
                     Status::Missing,
@@ -211,7 +214,7 @@ pub fn build_with(
                     }
                     (Status::Stale, r)
                 }
-            }
+            },
         };
         keys.insert(spec.name.clone(), k.clone());
         statuses.insert(spec.name.clone(), status);
@@ -224,9 +227,45 @@ pub fn build_with(
             inputs: spec.inputs.clone(),
             fingerprint,
             excluded,
+            opened: false,
         });
     }
+    verify_opened(cache, &mut planned);
     Ok(Plan { stages: planned })
+}
+
+/// Check in full every cached object that a stage of the plan will open (the inputs of stages
+/// that run), so a damaged one is planned as missing, with the damage as its reason. Walking
+/// backwards, a stage found damaged here has its own inputs checked in turn.
+fn verify_opened(cache: &Cache, planned: &mut [PlannedStage]) {
+    for i in (0..planned.len()).rev() {
+        if planned[i].status == Status::Cached {
+            continue;
+        }
+        let inputs: Vec<String> = planned[i]
+            .inputs
+            .iter()
+            .filter_map(|inp| match inp {
+                InputRef::Stage { stage, .. } => Some(stage.clone()),
+                InputRef::Dataset { .. } => None,
+            })
+            .collect();
+        for name in inputs {
+            let Some(up) = planned[..i].iter_mut().find(|p| p.name == name) else { continue };
+            if up.status != Status::Cached || up.opened {
+                continue;
+            }
+            up.opened = true;
+            if let Lookup::Damaged(damage) = cache.lookup(&up.key, Depth::Content) {
+                up.status = Status::Missing;
+                up.reasons = vec![damaged(&damage)];
+            }
+        }
+    }
+}
+
+fn damaged(damage: &crate::cache::Damage) -> String {
+    format!("its cached object is damaged ({damage}); it will be rebuilt")
 }
 
 /// Reference and type checks on the edges (the loader does these with spans; this is the
@@ -271,12 +310,6 @@ pub(crate) fn short(k: &str) -> &str {
     &k[..k.len().min(12)]
 }
 
-/// Whether the cache holds a complete object for `key`: the executor's own test (a manifest that
-/// exists and parses), so plan and run never disagree about what is cached.
-fn has_object(cache: &Cache, key: &str) -> bool {
-    cache.object(key).is_some()
-}
-
 /// The record kept per (recipe, stage) after a stage succeeds.
 #[derive(Serialize, Deserialize)]
 struct Record {
@@ -285,7 +318,7 @@ struct Record {
 }
 
 fn record_path(cache: &Cache, recipe: &str, stage: &str) -> PathBuf {
-    cache.root().join("fingerprints").join(recipe).join(format!("{stage}.json"))
+    cache.bucket(Bucket::Fingerprints).join(recipe).join(format!("{stage}.json"))
 }
 
 enum RecordError {
@@ -305,16 +338,11 @@ fn read_record(cache: &Cache, recipe: &str, stage: &str) -> Result<Record, Recor
 }
 
 /// Remember what `stage` was built from, so the next plan can explain what changed. The executor
-/// calls this after the stage's object is published. Written atomically (temp file + rename).
+/// calls this after the stage's object is published.
 pub fn record_fingerprint(cache: &Cache, recipe_name: &str, stage: &PlannedStage) -> std::io::Result<()> {
-    let path = record_path(cache, recipe_name, &stage.name);
-    let dir = path.parent().expect("record path has a parent");
-    std::fs::create_dir_all(dir)?;
     let rec = Record { key: stage.key.clone(), fingerprint: stage.fingerprint.clone() };
     let text = serde_json::to_string_pretty(&rec).map_err(std::io::Error::other)?;
-    let tmp = dir.join(format!(".{}.{}.tmp", stage.name, std::process::id()));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, &path)
+    crate::durable::write_atomic(&record_path(cache, recipe_name, &stage.name), text.as_bytes())
 }
 
 impl Plan {

@@ -33,7 +33,7 @@ fn plan(cache: &Cache, text: &str, overrides: &[&str]) -> Plan {
 /// What the executor does after a stage succeeds: publish the object, record the fingerprint.
 fn publish_all(cache: &Cache, p: &Plan) {
     for s in &p.stages {
-        let dir = cache.root().join("objects").join(&s.key);
+        let dir = cache.object_dir(&s.key);
         std::fs::create_dir_all(&dir).unwrap();
         let manifest = crate::artifact::Manifest {
             kind: ArtifactKind::Model,
@@ -181,7 +181,7 @@ fn removed_object_is_missing_with_a_reason() {
     let (_d, c) = cache();
     let p = plan(&c, GOOD, &[]);
     publish_all(&c, &p);
-    std::fs::remove_dir_all(c.root().join("objects").join(&p.stage("sft").unwrap().key)).unwrap();
+    std::fs::remove_dir_all(c.object_dir(&p.stage("sft").unwrap().key)).unwrap();
     let p = plan(&c, GOOD, &[]);
     assert_eq!(p.stage("sft").unwrap().status, Status::Missing);
     assert!(reasons(&p, "sft")[0].contains("no longer in the cache"), "{:?}", reasons(&p, "sft"));
@@ -263,7 +263,7 @@ fn corrupt_record_costs_only_the_explanation() {
     let (_d, c) = cache();
     let p = plan(&c, GOOD, &[]);
     record_fingerprint(&c, "demo", p.stage("tok").unwrap()).unwrap();
-    let rec = c.root().join("fingerprints/demo/tok.json");
+    let rec = c.bucket(crate::cache::Bucket::Fingerprints).join("demo/tok.json");
     let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
     assert_eq!(saved["key"], serde_json::json!(p.stage("tok").unwrap().key));
     assert_eq!(saved["fingerprint"]["kind"], "tokenizer");

@@ -76,12 +76,14 @@ fn dir_name(p: &Path) -> String {
     p.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()
 }
 
-/// Every stage key any run record under `runs_dir` mentions (what `gc` must keep).
+/// Every cache key any run record under `runs_dir` mentions: stage keys and the other cache
+/// entries the runs used (what `gc` must keep).
 pub fn referenced_keys(runs_dir: &Path) -> Result<BTreeSet<String>, RunError> {
     let mut keys = BTreeSet::new();
     for r in list_runs(runs_dir)? {
         keys.extend(r.record.lock.stages.values().cloned());
         keys.extend(r.record.stages.iter().map(|s| s.key.clone()));
+        keys.extend(r.record.cache_entries.values().flatten().cloned());
     }
     Ok(keys)
 }

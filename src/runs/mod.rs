@@ -1,7 +1,7 @@
 //! Run records: `runs/<timestamp>-<recipe>/run.json`, `metrics.jsonl`, `rejects.jsonl`, plots;
 //! listing and diffing them.
 //!
-//! `run.json` is rewritten atomically (write `run.json.tmp`, rename) every time a stage changes
+//! `run.json` is rewritten atomically ([`crate::durable::write_atomic`]) every time a stage changes
 //! state, so a run killed at any moment still leaves a valid record saying how far it got.
 //! `runs/` is the user's record: the cache can be deleted and rebuilt from it.
 
@@ -13,6 +13,7 @@ pub use diff::{diff_runs, DiffOptions};
 pub use list::{find_run, last_unfinished, list_runs, referenced_keys, RunSummary};
 pub use record::{DatasetLock, RunLock, RunRecord, RunStatus, StageRecord, StageStatus};
 
+use crate::data::rejects::RejectLog;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -24,7 +25,7 @@ pub mod files {
     /// One JSON object per line: `{"stage": ..., "step": ..., <metrics>}`.
     pub const METRICS: &str = "metrics.jsonl";
     /// One JSON object per line for every skipped bad record.
-    pub const REJECTS: &str = "rejects.jsonl";
+    pub const REJECTS: &str = crate::data::rejects::REJECTS;
 }
 
 /// What can go wrong writing or reading run records.
@@ -71,6 +72,9 @@ pub struct RunSink {
     record: Mutex<Option<RunRecord>>,
     /// Serialises appends from several threads (lines never interleave).
     append: Mutex<()>,
+    /// `rejects.jsonl`: each (dataset, file, line) once per run, however many stages or shard
+    /// sets report it.
+    rejects: RejectLog,
 }
 
 impl RunSink {
@@ -78,7 +82,8 @@ impl RunSink {
     pub fn create(dir: impl Into<PathBuf>) -> std::io::Result<Self> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir, record: Mutex::new(None), append: Mutex::new(()) })
+        let rejects = RejectLog::open(dir.join(files::REJECTS))?;
+        Ok(Self { dir, record: Mutex::new(None), append: Mutex::default(), rejects })
     }
 
     /// Start a new run under `runs_dir`: create `<UTC timestamp>-<recipe>/` and write the initial
@@ -107,7 +112,8 @@ impl RunSink {
         };
         record.started = now.format(&time::format_description::well_known::Rfc3339).expect("formattable");
         record.pid = std::process::id();
-        let sink = Self { dir, record: Mutex::new(Some(record)), append: Mutex::new(()) };
+        let rejects = RejectLog::open(dir.join(files::REJECTS)).map_err(io_err("reading", &dir))?;
+        let sink = Self { dir, record: Mutex::new(Some(record)), append: Mutex::default(), rejects };
         sink.save()?;
         Ok(sink)
     }
@@ -142,12 +148,8 @@ impl RunSink {
         let rec = self.record.lock().unwrap_or_else(|p| p.into_inner());
         let Some(r) = rec.as_ref() else { return Ok(()) };
         let json = serde_json::to_vec_pretty(r).expect("record serialises");
-        let tmp = self.dir.join("run.json.tmp");
         let dst = self.dir.join(files::RUN_JSON);
-        let mut f = std::fs::File::create(&tmp).map_err(io_err("writing", &tmp))?;
-        f.write_all(&json).and_then(|_| f.sync_all()).map_err(io_err("writing", &tmp))?;
-        std::fs::rename(&tmp, &dst).map_err(io_err("writing", &dst))?;
-        Ok(())
+        crate::durable::write_atomic(&dst, &json).map_err(io_err("writing", &dst))
     }
 
     fn append_line(&self, file: &str, value: &serde_json::Value) -> std::io::Result<()> {
@@ -156,6 +158,26 @@ impl RunSink {
         line.push('\n');
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(file))?;
         f.write_all(line.as_bytes())
+    }
+
+    /// Add a note to `run.json` (something the user should know about how the run went, e.g.
+    /// that a damaged cache entry was rebuilt). Best effort: a note that cannot be saved is logged.
+    pub fn note(&self, msg: impl Into<String>) {
+        let msg = msg.into();
+        if let Err(e) = self.update(|r| r.notes.push(msg.clone())) {
+            tracing::warn!("could not add a note to the run record: {e}");
+        }
+    }
+
+    /// Record the cache entries (outside `objects`) the run uses, bucket → keys, so `gc` keeps
+    /// them while the record exists.
+    pub fn set_cache_entries(&self, entries: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>) {
+        let changed = self.record().is_some_and(|r| r.cache_entries != entries);
+        if changed {
+            if let Err(e) = self.update(|r| r.cache_entries = entries) {
+                tracing::warn!("could not update the run record: {e}");
+            }
+        }
     }
 
     /// Append one metrics point of `stage` to `metrics.jsonl`. `point` should be an object with
@@ -188,22 +210,24 @@ impl RunSink {
     }
 }
 
-/// Skipped bad records (`on_bad_record = "skip"`) are appended to `rejects.jsonl` and counted per
-/// dataset in `run.json` (recounted from the file at the next state change).
+/// Skipped bad records (`on_bad_record = "skip"`) are appended to `rejects.jsonl` (capped, each
+/// once) and counted per dataset in `run.json` (recounted from the file at the next state change).
 impl crate::data::RejectSink for RunSink {
-    fn reject(&self, dataset: &str, file: &Path, line: usize, reason: &str, raw: &str) -> std::io::Result<()> {
-        let v = serde_json::json!({
-            "dataset": dataset,
-            "file": file.display().to_string(),
-            "line": line,
-            "reason": reason,
-            "raw": raw,
-        });
-        self.append_line(files::REJECTS, &v)
+    fn reject(&self, dataset: &str, file: &Path, line: usize, reason: &str, raw: &[u8]) -> std::io::Result<()> {
+        self.rejects.reject(dataset, file, line, reason, raw)
+    }
+
+    fn adopt_rejects(&self, path: &Path) -> std::io::Result<()> {
+        self.rejects.adopt_rejects(path)
     }
 
     fn location(&self) -> &Path {
         self.dir()
+    }
+
+    fn note(&self, msg: &str) {
+        tracing::warn!("{msg}");
+        RunSink::note(self, msg);
     }
 }
 

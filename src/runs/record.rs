@@ -153,6 +153,13 @@ pub struct RunRecord {
     /// The error that stopped the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Cache entries the run used outside `objects` (tokenised shards, builtin data): bucket →
+    /// keys. `gc` keeps them, like the stage keys, while this record exists.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cache_entries: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Things the user should know about how the run went (e.g. a damaged cache entry rebuilt).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 impl RunRecord {

@@ -46,7 +46,7 @@ fn metrics_and_rejects_are_appended_as_json_lines() {
     let sink = RunSink::start(d.path(), record("r")).unwrap();
     sink.metric("base", serde_json::json!({"step": 1, "loss": 3.5})).unwrap();
     sink.metric("base", serde_json::json!({"step": 2, "loss": 3.0})).unwrap();
-    sink.reject("medical", std::path::Path::new("bad.jsonl"), 7, "missing field `conversations`", "{}").unwrap();
+    sink.reject("medical", std::path::Path::new("bad.jsonl"), 7, "missing field `conversations`", b"{}").unwrap();
     let counts = sink.count_rejects().unwrap();
     sink.update(|r| r.rejects = counts).unwrap();
     let m = std::fs::read_to_string(sink.dir().join("metrics.jsonl")).unwrap();
@@ -164,4 +164,28 @@ fn last_unfinished_skips_runs_finished_later() {
     assert_eq!(last_unfinished(&runs).unwrap().record.id, a, "b was superseded by c");
     let _e = mk(RunStatus::Succeeded, &[]);
     assert!(last_unfinished(&list_runs(d.path()).unwrap()).is_none());
+}
+
+#[test]
+fn rejected_lines_are_capped_and_adopted_rejects_recorded_once() {
+    let d = tempfile::tempdir().unwrap();
+    // Rejects stored with a shard set, as its build writes them.
+    std::fs::create_dir_all(d.path().join("shards")).unwrap();
+    let store = crate::data::RejectLog::open(d.path().join("shards/rejects.jsonl")).unwrap();
+    let huge = "é".repeat(400_000);
+    store.reject("corpus", std::path::Path::new("all.json"), 1, &"x".repeat(50_000), huge.as_bytes()).unwrap();
+    store.reject("corpus", std::path::Path::new("all.json"), 9, "invalid JSON", b"{").unwrap();
+    let stored = d.path().join("shards/rejects.jsonl");
+    let text = std::fs::read_to_string(&stored).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert!(text.lines().next().unwrap().len() < crate::data::rejects::MAX_REJECT_RAW + 2048, "the line is capped");
+    assert_eq!(first["raw_bytes"], huge.len());
+    assert!(first["raw"].as_str().unwrap().chars().all(|c| c == 'é'), "cut at a character boundary");
+    // Two stages of one run use the same shards: each reject is recorded once.
+    let runs = d.path().join("runs");
+    let sink = RunSink::start(&runs, record("r")).unwrap();
+    sink.adopt_rejects(&stored).unwrap();
+    sink.adopt_rejects(&stored).unwrap();
+    sink.adopt_rejects(&d.path().join("absent.jsonl")).unwrap();
+    assert_eq!(sink.count_rejects().unwrap()["corpus"], 2);
 }

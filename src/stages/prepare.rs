@@ -88,12 +88,13 @@ impl Stage for PrepareStage {
         let work = ctx.work_dir.join("shards");
         let bar = crate::data::progress_spinner(&format!("tokenising {}", ds.name));
         let report = |n: usize| bar.set_message(format!("tokenising {}: {n} records", ds.name));
-        let meta = match shards::build(ds, &tok, &sp, &work, ctx.cancel, Some(ctx.run as _), &report) {
+        let meta = match shards::build(ds, &tok, &sp, &work, ctx.cancel, &report) {
             Ok(m) => m,
             Err(ShardError::Interrupted(i)) => return Err(i.into()),
             Err(e) => return Err(e).with_context(|| format!("stage '{}': tokenising dataset '{}'", ctx.name, ds.name)),
         };
         bar.finish_and_clear();
+        shards::report_rejects(&work, ctx.run)?;
         // Hard-link the finished shards into the artifact (same file system; a copy otherwise). The
         // work directory stays complete until the executor publishes and removes it, so a crash in
         // between never leaves a half-moved shard set behind.

@@ -1,8 +1,8 @@
 //! Resumable checkpoints in a stage's work directory.
 //!
 //! Layout: `<work_dir>/checkpoints/step-00000042/{weights.safetensors, optimizer.safetensors,
-//! state.json}`. A checkpoint is assembled in a `.tmp-…` sibling, `state.json` is written last and
-//! synced, then the directory is renamed into place: a `step-*` directory is complete iff its
+//! state.json}`. A checkpoint is assembled in a `.tmp-…` sibling, `state.json` is written last, every
+//! file is synced, then the directory is renamed into place: a `step-*` directory is complete iff its
 //! `state.json` exists. The two newest checkpoints are kept.
 
 use super::optim::AdamW;
@@ -62,17 +62,12 @@ pub fn save(work_dir: &Path, params: &[(String, Var)], opt: &AdamW, state: &Trai
     let weights: HashMap<String, Tensor> = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     candle_core::safetensors::save(&weights, tmp.join(WEIGHTS)).context("writing checkpoint weights")?;
     candle_core::safetensors::save(&opt.state_tensors()?, tmp.join(OPTIM)).context("writing optimizer state")?;
-    let text = serde_json::to_vec_pretty(state)?;
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(tmp.join(STATE))?;
-        f.write_all(&text)?;
-        f.sync_all()?;
-    }
+    std::fs::write(tmp.join(STATE), serde_json::to_vec_pretty(state)?)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
-    std::fs::rename(&tmp, &final_dir)
+    // fsyncs every file (state.json included) before the rename, and the directory after it.
+    crate::durable::publish_dir(&tmp, &final_dir)
         .with_context(|| format!("cannot move checkpoint into place at {}", final_dir.display()))?;
     prune(&root)?;
     Ok(final_dir)
