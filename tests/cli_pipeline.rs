@@ -21,7 +21,7 @@ fn second_run_is_fully_cached_and_overrides_rerun_exactly_what_changed() {
     for st in ["tok", "pre", "sft_data"] {
         let key = first["stages"][st]["key"].as_str().unwrap();
         assert_eq!(first["lock"]["stages"][st], key);
-        assert!(sb.home().join("objects").join(key).join("manifest.json").is_file(), "{st} published");
+        assert!(sb.home().join("objects-v1").join(key).join("manifest.json").is_file(), "{st} published");
     }
 
     // Second identical run: everything cached, quickly (the one timing assertion the spec asks for).
@@ -115,7 +115,7 @@ fn two_concurrent_runs_on_one_cache_build_each_stage_once() {
         let cached = runs.iter().filter(|r| r["stages"][stage]["status"] == "cached").count();
         assert_eq!((ran, cached), (1, 1), "stage {stage} must be built exactly once: {runs:?}");
     }
-    let objects = std::fs::read_dir(sb.home().join("objects")).unwrap().count();
+    let objects = std::fs::read_dir(sb.home().join("objects-v1")).unwrap().count();
     assert_eq!(objects, 3, "one object per stage");
-    assert_eq!(std::fs::read_dir(sb.home().join("tmp")).unwrap().count(), 0, "no leftovers in tmp/");
+    assert_eq!(std::fs::read_dir(sb.home().join("tmp-v1")).unwrap().count(), 0, "no leftovers in tmp/");
 }

@@ -72,7 +72,7 @@ fn keys(sb: &Sandbox) -> (String, String) {
 }
 
 fn assert_objects_complete(home: &Path) {
-    for e in std::fs::read_dir(home.join("objects")).unwrap().flatten() {
+    for e in std::fs::read_dir(home.join("objects-v1")).unwrap().flatten() {
         assert!(e.path().join("manifest.json").is_file(), "{} has no manifest", e.path().display());
     }
 }
@@ -82,13 +82,13 @@ fn sigkill_mid_stage_then_rerun_continues_from_checkpoint() {
     let sb = Sandbox::new();
     sb.write("r.toml", &recipe());
     let (tok_key, data_key) = keys(&sb);
-    let work = sb.home().join("work").join(&data_key);
+    let work = sb.home().join("work-v1").join(&data_key);
     let mut child = start_and_wait_for_checkpoint(&sb, &work);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
-    assert!(sb.home().join("objects").join(&tok_key).join("manifest.json").is_file());
-    assert!(!sb.home().join("objects").join(&data_key).exists(), "the killed stage must not be published");
+    assert!(sb.home().join("objects-v1").join(&tok_key).join("manifest.json").is_file());
+    assert!(!sb.home().join("objects-v1").join(&data_key).exists(), "the killed stage must not be published");
     assert_objects_complete(&sb.home());
     let killed = sb.last_run();
     assert_eq!(killed["stages"]["tok"]["status"], "ran");
@@ -101,7 +101,7 @@ fn sigkill_mid_stage_then_rerun_continues_from_checkpoint() {
     let rec = sb.last_run();
     assert_eq!(rec["stages"]["tok"]["status"], "cached");
     assert_eq!(rec["stages"]["big_data"]["status"], "ran");
-    let obj = sb.home().join("objects").join(&data_key);
+    let obj = sb.home().join("objects-v1").join(&data_key);
     assert_eq!(
         std::fs::metadata(obj.join("chunk-00000.ids")).unwrap().ino(),
         ino,
@@ -116,7 +116,7 @@ fn sigint_mid_stage_exits_130_then_resume_continues() {
     let sb = Sandbox::new();
     sb.write("r.toml", &recipe());
     let (_, data_key) = keys(&sb);
-    let work = sb.home().join("work").join(&data_key);
+    let work = sb.home().join("work-v1").join(&data_key);
     let child = start_and_wait_for_checkpoint(&sb, &work);
     let pid = child.id() as i32;
     // SAFETY: plain kill(2) on our own child.
@@ -128,7 +128,7 @@ fn sigint_mid_stage_exits_130_then_resume_continues() {
     let rec = sb.last_run();
     assert_eq!(rec["status"], "interrupted");
     assert_eq!(rec["stages"]["big_data"]["status"], "interrupted");
-    assert!(!sb.home().join("objects").join(&data_key).exists());
+    assert!(!sb.home().join("objects-v1").join(&data_key).exists());
     assert!(first_chunk(&work).exists(), "the checkpoint survives");
     let ino = std::fs::metadata(first_chunk(&work)).unwrap().ino();
 
@@ -138,7 +138,7 @@ fn sigint_mid_stage_exits_130_then_resume_continues() {
     assert_eq!(rec["status"], "succeeded");
     assert_eq!(rec["stages"]["tok"]["status"], "cached");
     assert_eq!(rec["stages"]["big_data"]["status"], "ran");
-    let obj = sb.home().join("objects").join(&data_key);
+    let obj = sb.home().join("objects-v1").join(&data_key);
     assert_eq!(std::fs::metadata(obj.join("chunk-00000.ids")).unwrap().ino(), ino);
     // Nothing left to resume.
     let o = sb.run(&["resume"]);
