@@ -954,7 +954,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("s");
         let seqs = vec![(vec![1, 5, 2], vec![0, 1, 1]), (vec![1, 7, 7, 2], vec![0, 1, 1, 1])];
-        write_set(&dir, &[seqs.clone()], 10);
+        write_set(&dir, std::slice::from_ref(&seqs), 10);
         assert_eq!(TokenShards::open(&dir).unwrap().sequence(1).ids, [1, 7, 7, 2]);
         // Offsets 0, 5, 7: the first sequence would end after the second starts... as 0, 3, 7 -> 0, 5, 3.
         let idx: Vec<u8> = [0u64, 5, 3].iter().flat_map(|o| o.to_le_bytes()).collect();
