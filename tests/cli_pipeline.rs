@@ -61,16 +61,37 @@ fn second_run_is_fully_cached_and_overrides_rerun_exactly_what_changed() {
     assert!(d.contains("tok: key differs"), "{d}");
 
     // gc keeps everything some run references; dropping the old runs frees their objects.
-    let kept = sb.run_ok(&["gc"]).stdout;
-    assert!(kept.contains("removed 0 objects"), "{kept}");
+    let kept = gc_table(&sb.run_ok(&["gc"]).stdout);
+    assert_eq!(kept["objects-v1"].0, 0, "{kept:?}");
+    assert_eq!(kept["builtin-v1"], (0, 2), "the runs' builtin data is referenced: {kept:?}");
     for r in &all[..4] {
         std::fs::remove_dir_all(sb.run_dir(r["id"].as_str().unwrap())).unwrap();
     }
-    let freed = sb.run_ok(&["gc"]).stdout;
-    assert!(freed.contains("removed 4 objects"), "{freed}");
+    let dry = gc_table(&sb.run_ok(&["gc", "--dry-run"]).stdout);
+    let freed = gc_table(&sb.run_ok(&["gc"]).stdout);
+    assert_eq!(dry, freed, "--dry-run reports what gc then does, bucket by bucket");
+    assert_eq!(freed["objects-v1"].0, 4, "{freed:?}");
+    assert_eq!(freed["builtin-v1"], (0, 2), "still used by the remaining run: {freed:?}");
     // What the remaining run references is still there: rerunning it is fully cached.
     sb.run_ok(&["r.toml", "--set", "stages.tok.vocab_size=420"]);
     assert_eq!(statuses(&sb.last_run()), expect(&[("tok", "cached"), ("pre", "cached"), ("sft_data", "cached")]));
+    // With no run record left, the builtin data goes too.
+    std::fs::remove_dir_all(sb.runs()).unwrap();
+    let all_gone = gc_table(&sb.run_ok(&["gc"]).stdout);
+    assert_eq!((all_gone["builtin-v1"], all_gone["objects-v1"].1), ((2, 0), 0), "{all_gone:?}");
+    assert_eq!(std::fs::read_dir(sb.home().join("builtin-v1")).unwrap().count(), 0);
+}
+
+/// `mmrun gc`'s table: bucket -> (removed, kept).
+fn gc_table(out: &str) -> std::collections::BTreeMap<String, (u64, u64)> {
+    out.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // bucket removed <n> <unit> kept <n> <unit>
+            (f.len() == 7).then(|| (f[0].to_string(), (f[1].parse().ok()?, f[4].parse().ok()?)))?
+        })
+        .collect()
 }
 
 #[test]
