@@ -89,7 +89,10 @@ fn gc_table(out: &str) -> std::collections::BTreeMap<String, (u64, u64)> {
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             // bucket removed <n> <unit> kept <n> <unit>
-            (f.len() == 7).then(|| (f[0].to_string(), (f[1].parse().ok()?, f[4].parse().ok()?)))?
+            if f.len() != 7 {
+                return None;
+            }
+            Some((f[0].to_string(), (f[1].parse().ok()?, f[4].parse().ok()?)))
         })
         .collect()
 }
