@@ -111,7 +111,8 @@ pub enum Command {
     },
 }
 
-const SUBCOMMANDS: &[&str] = &["run", "plan", "runs", "diff", "resume", "bench", "update", "export", "gc", "verify", "help"];
+const SUBCOMMANDS: &[&str] =
+    &["run", "plan", "runs", "diff", "resume", "bench", "update", "export", "gc", "verify", "help"];
 /// Global options that take a value (so the shorthand detection skips their values).
 const VALUE_OPTS: &[&str] = &["--set", "--home", "--runs-dir"];
 

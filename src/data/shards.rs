@@ -29,8 +29,8 @@
 //! [`ShardError::Corrupt`] otherwise (which [`tokenized`] answers by rebuilding the set).
 
 use super::read::{for_each_example, Example, ReadStats};
-use super::tokenize::{ChatOptions, Sample, TextTokenizer, TokenizeError};
 use super::rejects::{RejectLog, RejectSink};
+use super::tokenize::{ChatOptions, Sample, TextTokenizer, TokenizeError};
 use super::{DataError, ResolvedDataset};
 use crate::artifact::Artifact;
 use crate::cache::{Bucket, Cache, CacheError};
