@@ -1,4 +1,4 @@
-//! End-to-end behaviour of `mmrun run/plan/runs/diff/gc` on real stages (tokenizer, prepare)
+//! End-to-end behaviour of `mmrun run/plan/runs/diff/gc/verify` on real stages (tokenizer, prepare)
 //! over built-in data: caching, overrides, concurrency, records.
 
 mod common;
@@ -80,6 +80,80 @@ fn second_run_is_fully_cached_and_overrides_rerun_exactly_what_changed() {
     let all_gone = gc_table(&sb.run_ok(&["gc"]).stdout);
     assert_eq!((all_gone["builtin-v1"], all_gone["objects-v1"].1), ((2, 0), 0), "{all_gone:?}");
     assert_eq!(std::fs::read_dir(sb.home().join("builtin-v1")).unwrap().count(), 0);
+}
+
+/// A cached object with a flipped byte (same size: only its blake3 shows it) or a deleted file is
+/// reported by `mmrun verify`, planned as missing and rebuilt by the next run instead of used;
+/// `verify --repair` removes what is damaged so the next run rebuilds it.
+#[test]
+fn damaged_cache_objects_are_reported_by_verify_and_rebuilt_instead_of_used() {
+    let sb = Sandbox::new();
+    sb.write("r.toml", SMALL_RECIPE);
+    sb.run_ok(&["r.toml"]);
+    let first = sb.last_run();
+    let key = |st: &str| first["stages"][st]["key"].as_str().unwrap().to_string();
+    let obj = |st: &str| sb.home().join("objects-v1").join(key(st));
+    let clean = sb.run_ok(&["verify"]).stdout;
+    assert!(clean.contains(": 0 damaged"), "{clean}");
+
+    let tok_file = largest_payload_file(&obj("tok"));
+    let original = std::fs::read(&tok_file).unwrap();
+    flip_middle_byte(&tok_file);
+    let gone = largest_payload_file(&obj("sft_data"));
+    std::fs::remove_file(&gone).unwrap();
+
+    let v = sb.run(&["verify"]);
+    assert_eq!(v.code, Some(1), "damage makes verify fail\n{}{}", v.stdout, v.stderr);
+    assert!(v.stdout.contains(&format!("objects-v1/{}: damaged", key("tok"))), "{}", v.stdout);
+    assert!(v.stdout.contains(&format!("objects-v1/{}: damaged", key("sft_data"))), "{}", v.stdout);
+    assert!(v.stdout.contains("missing"), "the deleted file is named: {}", v.stdout);
+    assert!(v.stdout.contains("mmrun verify --repair"), "the fix is named: {}", v.stdout);
+
+    // `pre` changes, so this run opens `tok`: the flipped byte is found before use.
+    let set = ["--set", "stages.pre.max_seq_len=32"];
+    let plan = sb.plan(&["r.toml", set[0], set[1]]);
+    let tok_plan = plan["stages"].as_array().unwrap().iter().find(|s| s["name"] == "tok").unwrap().clone();
+    assert_eq!(tok_plan["status"], "missing", "{plan}");
+    assert!(tok_plan["reasons"][0].as_str().unwrap().contains("damaged"), "{plan}");
+    sb.run_ok(&["r.toml", set[0], set[1]]);
+    let rebuilt = sb.last_run();
+    assert_eq!(statuses(&rebuilt), expect(&[("tok", "ran"), ("pre", "ran"), ("sft_data", "ran")]));
+    for st in ["tok", "sft_data"] {
+        let why = rebuilt["stages"][st]["reasons"].to_string();
+        assert!(why.contains("damaged"), "the run record says why {st} was rebuilt: {why}");
+    }
+    assert_eq!(std::fs::read(&tok_file).unwrap(), original, "rebuilt byte-identical");
+    assert!(gone.is_file(), "the deleted file is back");
+    assert!(sb.run_ok(&["verify"]).stdout.contains(": 0 damaged"));
+
+    // --repair removes the damaged object (and exits 0); the next run rebuilds it.
+    flip_middle_byte(&tok_file);
+    let r = sb.run_ok(&["verify", "--repair"]).stdout;
+    assert!(r.contains(&format!("objects-v1/{}: removed; the next run rebuilds it", key("tok"))), "{r}");
+    assert!(!obj("tok").exists(), "the damaged object is gone");
+    assert!(sb.run_ok(&["verify"]).stdout.contains(": 0 damaged"));
+    sb.run_ok(&["r.toml"]);
+    assert_eq!(statuses(&sb.last_run()), expect(&[("tok", "ran"), ("pre", "cached"), ("sft_data", "cached")]));
+    assert_eq!(std::fs::read(&tok_file).unwrap(), original);
+}
+
+/// The largest file of a cache object other than its manifest.
+fn largest_payload_file(dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file() && p.file_name().unwrap() != "manifest.json")
+        .max_by_key(|p| (p.metadata().unwrap().len(), p.clone()))
+        .unwrap_or_else(|| panic!("{} has no payload file", dir.display()))
+}
+
+/// Flip one bit of the middle byte, keeping the size (a new file, in case it is hard-linked).
+fn flip_middle_byte(p: &std::path::Path) {
+    let mut bytes = std::fs::read(p).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::remove_file(p).unwrap();
+    std::fs::write(p, bytes).unwrap();
 }
 
 /// `mmrun gc`'s table: bucket -> (removed, kept).
