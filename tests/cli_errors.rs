@@ -84,6 +84,14 @@ fn bad_record_errors_with_file_and_line_or_is_skipped_and_counted() {
     let lines: Vec<serde_json::Value> = rejects.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.iter().map(|l| l["line"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3, 4, 5]);
     assert!(lines.iter().all(|l| l["dataset"] == "sft"));
+
+    // A rerun on the cached shards records the same rejects: they are stored with the shards.
+    sb.run_ok(&["lenient.toml"]);
+    let again = sb.last_run();
+    assert_eq!(again["stages"]["sft_data"]["status"], "cached");
+    assert_eq!(again["rejects"], rec["rejects"], "{again}");
+    let again = std::fs::read_to_string(sb.run_dir(again["id"].as_str().unwrap()).join("rejects.jsonl")).unwrap();
+    assert_eq!(again, rejects);
 }
 
 /// A GRPO stage that could never learn is refused when the recipe loads (before anything trains),

@@ -243,6 +243,15 @@ impl Executor<'_> {
     }
 
     fn set_status(&self, name: &str, status: StageStatus, secs: f64, art: Option<&Artifact>, error: Option<String>) {
+        // The records skipped while building an artifact (a prepare stage's shards) are stored
+        // with it and belong to every run that has it, built or cached, so the record does not
+        // depend on what the cache held. Each is recorded once per run.
+        if let Some(a) = art {
+            let p = a.dir.join(crate::data::rejects::REJECTS);
+            if let Err(e) = crate::data::RejectSink::adopt_rejects(self.run, &p) {
+                tracing::warn!("could not copy {} into the run record: {e}", p.display());
+            }
+        }
         let rejects = self.run.count_rejects();
         let res = self.run.update(|r| {
             if let Some(st) = r.stage_mut(name) {

@@ -94,7 +94,6 @@ impl Stage for PrepareStage {
             Err(e) => return Err(e).with_context(|| format!("stage '{}': tokenising dataset '{}'", ctx.name, ds.name)),
         };
         bar.finish_and_clear();
-        shards::report_rejects(&work, ctx.run)?;
         // Hard-link the finished shards into the artifact (same file system; a copy otherwise). The
         // work directory stays complete until the executor publishes and removes it, so a crash in
         // between never leaves a half-moved shard set behind.
