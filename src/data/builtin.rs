@@ -70,8 +70,11 @@ impl ArithmeticParams {
                 }
             }
         }
-        if p.count == 0 {
-            return Err("builtin parameter 'count' must be at least 1".into());
+        if p.count == 0 || p.count as u64 > crate::data::spec::MAX_BUILTIN_COUNT {
+            return Err(format!(
+                "builtin parameter 'count' must be between 1 and {}",
+                crate::data::spec::MAX_BUILTIN_COUNT
+            ));
         }
         Ok(p)
     }
@@ -156,7 +159,7 @@ const DATA_FILE: &str = "data.jsonl";
 /// return its path.
 pub fn materialize(name: &str, generator: &str, spec: &DatasetSpec, cache: &Cache) -> Result<PathBuf, DataError> {
     let err = |msg: String| DataError::Builtin { name: name.to_string(), msg };
-    if generator != "arithmetic" {
+    if !crate::data::spec::BUILTIN_GENERATORS.contains(&generator) {
         return Err(err(format!("unknown builtin dataset 'builtin:{generator}' (available: builtin:arithmetic)")));
     }
     let params = ArithmeticParams::from_spec(spec).map_err(err)?;

@@ -9,6 +9,13 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// The `builtin:<name>` generators mmrun ships.
+pub const BUILTIN_GENERATORS: &[&str] = &["arithmetic"];
+
+/// The most records a `builtin:` dataset may ask for: they are generated in memory, and ten
+/// million short problems (about a gigabyte) is far beyond what a small model needs.
+pub const MAX_BUILTIN_COUNT: u64 = 10_000_000;
+
 /// Record formats a dataset can be read as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -25,6 +32,32 @@ pub enum DataFormat {
     Dpo,
     /// `{"question","answer"}` with a verifiable answer (GSM8K `#### n` supported).
     PromptAnswer,
+}
+
+impl DataFormat {
+    /// Every format.
+    pub const ALL: &'static [DataFormat] = &[
+        DataFormat::Text,
+        DataFormat::Sharegpt,
+        DataFormat::Openai,
+        DataFormat::Alpaca,
+        DataFormat::Dpo,
+        DataFormat::PromptAnswer,
+    ];
+    /// The conversation formats (SFT, LoRA).
+    pub const CHAT: &'static [DataFormat] = &[DataFormat::Sharegpt, DataFormat::Openai, DataFormat::Alpaca];
+
+    /// The recipe spelling (`format = "prompt_answer"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataFormat::Text => "text",
+            DataFormat::Sharegpt => "sharegpt",
+            DataFormat::Openai => "openai",
+            DataFormat::Alpaca => "alpaca",
+            DataFormat::Dpo => "dpo",
+            DataFormat::PromptAnswer => "prompt_answer",
+        }
+    }
 }
 
 /// What to do with a record that cannot be read.

@@ -152,7 +152,7 @@ pub fn fingerprint(
                 reads_model |= matches!(cx.stage_outputs.get(stage), Some(ArtifactKind::Model | ArtifactKind::Adapter));
                 inputs.push(json!({ "param": param, "stage": stage, "key": key }));
             }
-            InputRef::Dataset { param, dataset } => {
+            InputRef::Dataset { param, dataset, .. } => {
                 let resolved = cx.datasets.get(dataset).ok_or_else(|| FingerprintError::DatasetNotResolved {
                     stage: spec.name.clone(),
                     dataset: dataset.clone(),

@@ -290,7 +290,7 @@ fn check_edges(recipe: &Recipe, outputs: &BTreeMap<String, ArtifactKind>) -> Res
                         });
                     }
                 }
-                InputRef::Dataset { param, dataset } => {
+                InputRef::Dataset { param, dataset, .. } => {
                     if !recipe.datasets.contains_key(dataset) {
                         return Err(PlanError::UnknownDataset {
                             stage: s.name.clone(),

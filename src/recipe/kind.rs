@@ -5,6 +5,7 @@
 //! of kinds is passed in (`crate::stages::REGISTRY`, wired by `crate::exec::pipeline`).
 
 use crate::artifact::ArtifactKind;
+use crate::data::spec::DataFormat;
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -21,12 +22,15 @@ pub enum InputRef {
         /// Artifact kinds this input accepts.
         accepts: Vec<ArtifactKind>,
     },
-    /// `param` (e.g. `"data"`) names dataset `dataset` from `[datasets]`.
+    /// `param` (e.g. `"data"`) names dataset `dataset` from `[datasets]`, which must have one of
+    /// the formats `accepts` (checked at load time, like artifact kinds).
     Dataset {
         /// The parameter that names the input.
         param: &'static str,
         /// The dataset's name in the recipe.
         dataset: String,
+        /// Record formats this input accepts.
+        accepts: &'static [DataFormat],
     },
 }
 

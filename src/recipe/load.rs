@@ -64,7 +64,25 @@ impl fmt::Display for Rendered<'_> {
 /// Load and validate a recipe against the stage kinds `registry` (mmrun's are
 /// `crate::stages::kinds()`, wired in by `crate::exec::pipeline`; tests use stub kinds).
 pub fn load(path: &Path, overrides: &[String], registry: &[&dyn DynStageKind]) -> Result<Recipe, RecipeError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| RecipeError::Io { path: path.to_path_buf(), source })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let bytes = e.as_bytes();
+        let at = e.utf8_error().valid_up_to();
+        let line_start = bytes[..at].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let source_line = String::from_utf8_lossy(&bytes[line_start..]).lines().next().unwrap_or("").to_string();
+        RecipeError::Invalid(vec![Diagnostic {
+            file: path.to_path_buf(),
+            location: Location::File {
+                line: bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1,
+                column: String::from_utf8_lossy(&bytes[line_start..at]).chars().count() + 1,
+                source_line,
+                width: 1,
+            },
+            key: None,
+            message: format!("the recipe is not UTF-8 text: byte 0x{:02x} at byte offset {at}", bytes[at]),
+            hint: Some("save the recipe as UTF-8 (TOML files must be UTF-8)".into()),
+        }])
+    })?;
     load_str(path, text, overrides, registry)
 }
 
@@ -317,6 +335,13 @@ impl Loader<'_> {
                     format!("unknown device '{d}'{}", suggestion(d, ["auto", "cpu", "cuda"])),
                     Some("use \"auto\", \"cpu\" or \"cuda:N\"".into()),
                 );
+            } else if d.starts_with("cuda") && !cfg!(feature = "cuda") {
+                self.error(
+                    &p(&["recipe", "device"]),
+                    false,
+                    format!("device '{d}' needs CUDA, but this mmrun was built without it"),
+                    Some("use device = \"auto\" or \"cpu\", or build mmrun with `--features cuda`".into()),
+                );
             }
         }
 
@@ -355,6 +380,7 @@ impl Loader<'_> {
                     }
                     if let Some(spec) = self.typed_section::<DatasetSpec>(&at, v) {
                         self.check_source(&at, &spec.source);
+                        self.check_builtin(&at, &spec);
                         datasets.insert(name.clone(), spec);
                     }
                 }
@@ -397,7 +423,7 @@ impl Loader<'_> {
             Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
             _ => Vec::new(),
         };
-        self.check_references(&stages, &all_stage_names, &dataset_names);
+        self.check_references(&stages, &all_stage_names, &dataset_names, &datasets);
         if self.diags.is_empty() {
             self.check_cycles(&stages);
         }
@@ -411,6 +437,41 @@ impl Loader<'_> {
             datasets,
             stages,
         })
+    }
+
+    /// A `builtin:` generator that exists, asked for a number of records it can make.
+    fn check_builtin(&mut self, at: &[String], spec: &DatasetSpec) {
+        use crate::data::spec::{BUILTIN_GENERATORS, MAX_BUILTIN_COUNT};
+        let Some(gen) = spec.source.strip_prefix("builtin:") else { return };
+        if !BUILTIN_GENERATORS.contains(&gen) {
+            let mut path = at.to_vec();
+            path.push("source".into());
+            self.error(
+                &path,
+                false,
+                format!(
+                    "unknown builtin dataset 'builtin:{gen}' in {}{}",
+                    section(at),
+                    suggestion(gen, BUILTIN_GENERATORS.iter().copied())
+                ),
+                Some(format!(
+                    "available: {}",
+                    BUILTIN_GENERATORS.iter().map(|g| format!("builtin:{g}")).collect::<Vec<_>>().join(", ")
+                )),
+            );
+        }
+        if let Some(count) = spec.builtin.get("count") {
+            if count.as_u64().is_none_or(|n| n == 0 || n > MAX_BUILTIN_COUNT) {
+                let mut path = at.to_vec();
+                path.extend(["builtin".to_string(), "count".to_string()]);
+                self.error(
+                    &path,
+                    false,
+                    format!("builtin count {count} in {} is not a number of records mmrun can generate", section(at)),
+                    Some(format!("use a whole number from 1 to {MAX_BUILTIN_COUNT}")),
+                );
+            }
+        }
     }
 
     fn check_source(&mut self, at: &[String], source: &str) {
@@ -533,7 +594,13 @@ impl Loader<'_> {
         path
     }
 
-    fn check_references(&mut self, stages: &[StageSpec], all_stages: &[String], datasets: &[String]) {
+    fn check_references(
+        &mut self,
+        stages: &[StageSpec],
+        all_stages: &[String],
+        datasets: &[String],
+        specs: &BTreeMap<String, DatasetSpec>,
+    ) {
         let kinds: BTreeMap<&str, &str> = stages.iter().map(|s| (s.name.as_str(), s.kind.as_str())).collect();
         for s in stages {
             for input in &s.inputs {
@@ -586,8 +653,28 @@ impl Loader<'_> {
                             }
                         }
                     }
-                    InputRef::Dataset { param, dataset } => {
-                        if !datasets.contains(dataset) {
+                    InputRef::Dataset { param, dataset, accepts } => {
+                        if let Some(spec) = specs.get(dataset).filter(|d| !accepts.contains(&d.format)) {
+                            let path = self.ref_path(&s.name, param, dataset, s.params.get(*param));
+                            let wanted: Vec<&str> = accepts.iter().map(|f| f.as_str()).collect();
+                            self.error(
+                                &path,
+                                false,
+                                format!(
+                                    "stage '{}' (kind {}) takes {param} = '{dataset}', but dataset '{dataset}' has format \
+                                     {}; a {} stage reads {}",
+                                    s.name,
+                                    s.kind,
+                                    spec.format.as_str(),
+                                    s.kind,
+                                    wanted.join(" or ")
+                                ),
+                                Some(format!(
+                                    "point {param} at a dataset of format {}, or set [datasets.{dataset}] format",
+                                    wanted.join(" or ")
+                                )),
+                            );
+                        } else if !datasets.contains(dataset) {
                             let path = self.ref_path(&s.name, param, dataset, s.params.get(*param));
                             self.error(
                                 &path,

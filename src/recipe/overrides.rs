@@ -67,6 +67,14 @@ pub(crate) fn apply(file: &Path, doc: &mut toml::Table, overrides: &[String]) ->
             message,
             hint,
         };
+        if raw.contains(['\n', '\r']) {
+            // A TOML value parsed from it would silently stop at the line break.
+            errors.push(err(
+                format!("--set {:?} contains a line break", raw),
+                Some("give one key=value per --set, on one line (use \\n inside a quoted TOML string)".into()),
+            ));
+            continue;
+        }
         let Some((lhs, rhs)) = raw.split_once('=') else {
             errors.push(err(
                 format!("--set '{raw}' has no '='"),

@@ -3,6 +3,7 @@
 
 use super::{DynStageKind, InputRef, StageKind, StageParams};
 use crate::artifact::ArtifactKind;
+use crate::data::spec::DataFormat;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -28,7 +29,10 @@ fn vocab() -> usize {
 
 impl StageParams for TokParams {
     fn inputs(&self) -> Vec<InputRef> {
-        self.data.iter().map(|d| InputRef::Dataset { param: "data", dataset: d.clone() }).collect()
+        self.data
+            .iter()
+            .map(|d| InputRef::Dataset { param: "data", dataset: d.clone(), accepts: DataFormat::ALL })
+            .collect()
     }
 }
 
@@ -66,7 +70,7 @@ impl StageParams for PretrainParams {
                 stage: self.tokenizer.clone(),
                 accepts: vec![ArtifactKind::Tokenizer],
             },
-            InputRef::Dataset { param: "data", dataset: self.data.clone() },
+            InputRef::Dataset { param: "data", dataset: self.data.clone(), accepts: DataFormat::ALL },
         ]
     }
 }
@@ -89,7 +93,7 @@ impl StageParams for SftParams {
     fn inputs(&self) -> Vec<InputRef> {
         vec![
             InputRef::Stage { param: "from", stage: self.from.clone(), accepts: vec![ArtifactKind::Model] },
-            InputRef::Dataset { param: "data", dataset: self.data.clone() },
+            InputRef::Dataset { param: "data", dataset: self.data.clone(), accepts: DataFormat::ALL },
         ]
     }
 }

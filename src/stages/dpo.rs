@@ -11,7 +11,7 @@
 //! whose two sides become identical after truncation, are skipped and counted in the stage metrics.
 
 use super::training::training_params;
-use super::{InputRef, Stage, StageContext, StageKind, StageOutcome, StageParams};
+use super::{InputRef, InvalidParam, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::align::dpo::{evaluate_dpo, frozen_reference, train_dpo, PairRows};
 use crate::artifact::ArtifactKind;
 use crate::data::shards::{tokenized, ShardParams};
@@ -90,7 +90,13 @@ impl StageParams for DpoParams {
     const COSMETIC: &'static [&'static str] = super::training::COSMETIC;
 
     fn inputs(&self) -> Vec<InputRef> {
-        super::training::policy_inputs(&self.from, self.reference.as_deref(), &self.data)
+        super::training::policy_inputs(&self.from, self.reference.as_deref(), &self.data, &[DataFormat::Dpo])
+    }
+
+    fn validate(&self) -> Result<(), InvalidParam> {
+        self.validate_training()?;
+        crate::stages::training::at_least("max_seq_len", self.max_seq_len, 2)?;
+        crate::stages::training::in_range("beta", self.beta, |b| b > 0.0, "use a positive beta, e.g. beta = 0.1")
     }
 }
 

@@ -13,7 +13,7 @@
 //! produced by a `pretrain` stage (what the reference's `eval_llm.py` does for pretrain weights) and
 //! the chat template with the generation prompt for everything else.
 
-use super::{InputRef, Stage, StageContext, StageKind, StageOutcome, StageParams};
+use super::{InputRef, InvalidParam, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::artifact::{layout, Artifact, ArtifactKind};
 use crate::data::spec::DataFormat;
 use crate::data::tokenize::{ChatOptions, TextTokenizer};
@@ -98,10 +98,24 @@ impl StageParams for EvalParams {
                 accepts: ArtifactKind::MODEL_INPUTS.to_vec(),
             })
             .collect();
-        v.extend(self.data.iter().map(|d| InputRef::Dataset { param: "data", dataset: d.clone() }));
+        v.extend(self.data.iter().map(|d| InputRef::Dataset {
+            param: "data",
+            dataset: d.clone(),
+            accepts: EVAL_FORMATS,
+        }));
         v
     }
+
+    fn validate(&self) -> Result<(), InvalidParam> {
+        crate::stages::training::non_empty("models", &self.models, "name at least one stage that produces a model")?;
+        crate::stages::training::non_empty("data", &self.data, "name at least one dataset")?;
+        crate::stages::training::at_least("max_seq_len", self.max_seq_len, 2)
+    }
 }
+
+/// What eval scores: text and conversations (perplexity), prompt/answer sets (accuracy).
+const EVAL_FORMATS: &[DataFormat] =
+    &[DataFormat::Text, DataFormat::Sharegpt, DataFormat::Openai, DataFormat::Alpaca, DataFormat::PromptAnswer];
 
 /// The `eval` stage kind.
 pub struct EvalStage;

@@ -117,10 +117,13 @@ impl StageParams for GrpoParams {
     const COSMETIC: &'static [&'static str] = super::training::COSMETIC;
 
     fn inputs(&self) -> Vec<InputRef> {
-        super::training::policy_inputs(&self.from, self.reference.as_deref(), &self.data)
+        super::training::policy_inputs(&self.from, self.reference.as_deref(), &self.data, GRPO_FORMATS)
     }
 
     fn validate(&self) -> Result<(), InvalidParam> {
+        self.validate_training()?;
+        super::training::in_range("top_p", self.top_p as f64, |p| p > 0.0 && p <= 1.0, "use a top_p in (0, 1]")?;
+        super::training::in_range("beta", self.beta, |b| b >= 0.0, "use beta >= 0 (0 turns the KL term off)")?;
         let bad = |key, message: String, hint: &str| Err(InvalidParam { key, message, hint: hint.into() });
         if let Err(e) = RewardSet::new(&self.rewards) {
             return bad("rewards", e.to_string(), "e.g. rewards = [{ kind = \"exact_match\" }]");
@@ -156,6 +159,10 @@ impl GrpoParams {
         GrpoLossConfig { kind: self.loss_type, clip_low: self.clip_low, clip_high, beta: self.beta }
     }
 }
+
+/// What GRPO reads: prompts with verifiable answers, or conversations (their user turns).
+const GRPO_FORMATS: &[DataFormat] =
+    &[DataFormat::PromptAnswer, DataFormat::Sharegpt, DataFormat::Openai, DataFormat::Alpaca];
 
 /// The `grpo` stage kind.
 pub struct GrpoStage;

@@ -6,7 +6,7 @@
 
 use super::dpo::LoraParams;
 use super::training::training_params;
-use super::{InputRef, Stage, StageContext, StageKind, StageOutcome, StageParams};
+use super::{InputRef, InvalidParam, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::align::sft_lora::train_lora;
 use crate::artifact::ArtifactKind;
 use crate::data::shards::{tokenized, ShardParams};
@@ -61,8 +61,14 @@ impl StageParams for LoraStageParams {
     fn inputs(&self) -> Vec<InputRef> {
         vec![
             InputRef::Stage { param: "from", stage: self.from.clone(), accepts: vec![ArtifactKind::Model] },
-            InputRef::Dataset { param: "data", dataset: self.data.clone() },
+            InputRef::Dataset { param: "data", dataset: self.data.clone(), accepts: DataFormat::CHAT },
         ]
+    }
+
+    fn validate(&self) -> Result<(), InvalidParam> {
+        self.validate_training()?;
+        crate::stages::training::at_least("max_seq_len", self.max_seq_len, 2)?;
+        crate::stages::training::at_least("rank", self.rank, 1)
     }
 }
 

@@ -5,9 +5,10 @@
 //! run (Ctrl-C between chunks, or SIGKILL at any moment) continues after the last complete chunk.
 //! On success the files move into `out_dir`.
 
-use super::{InputRef, Stage, StageContext, StageKind, StageOutcome, StageParams};
+use super::{InputRef, InvalidParam, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::artifact::ArtifactKind;
 use crate::data::shards::{self, ShardError, ShardParams};
+use crate::data::spec::DataFormat;
 use crate::data::tokenize::TextTokenizer;
 use anyhow::Context;
 use schemars::JsonSchema;
@@ -52,8 +53,12 @@ impl StageParams for PrepareParams {
                 stage: self.tokenizer.clone(),
                 accepts: vec![ArtifactKind::Tokenizer, ArtifactKind::Model],
             },
-            InputRef::Dataset { param: "data", dataset: self.data.clone() },
+            InputRef::Dataset { param: "data", dataset: self.data.clone(), accepts: DataFormat::ALL },
         ]
+    }
+
+    fn validate(&self) -> Result<(), InvalidParam> {
+        crate::stages::training::at_least("max_seq_len", self.max_seq_len, 2)
     }
 }
 

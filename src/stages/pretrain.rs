@@ -3,9 +3,10 @@
 
 use super::fit;
 use super::training::training_params;
-use super::{InputRef, Stage, StageContext, StageKind, StageOutcome, StageParams};
+use super::{InputRef, InvalidParam, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::artifact::ArtifactKind;
 use crate::data::shards::ShardParams;
+use crate::data::spec::DataFormat;
 use crate::model::ModelConfig;
 use anyhow::{bail, Context};
 
@@ -54,8 +55,13 @@ impl StageParams for PretrainParams {
         if let Some(f) = &self.from {
             v.push(InputRef::Stage { param: "from", stage: f.clone(), accepts: vec![ArtifactKind::Model] });
         }
-        v.push(InputRef::Dataset { param: "data", dataset: self.data.clone() });
+        v.push(InputRef::Dataset { param: "data", dataset: self.data.clone(), accepts: DataFormat::ALL });
         v
+    }
+
+    fn validate(&self) -> Result<(), InvalidParam> {
+        self.validate_training()?;
+        crate::stages::training::at_least("max_seq_len", self.max_seq_len, 2)
     }
 }
 

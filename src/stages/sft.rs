@@ -3,9 +3,10 @@
 
 use super::fit;
 use super::training::training_params;
-use super::{InputRef, Stage, StageContext, StageKind, StageOutcome, StageParams};
+use super::{InputRef, InvalidParam, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::artifact::ArtifactKind;
 use crate::data::shards::ShardParams;
+use crate::data::spec::DataFormat;
 use anyhow::Context;
 
 training_params! {
@@ -52,8 +53,13 @@ impl StageParams for SftParams {
                 accepts: vec![ArtifactKind::Tokenizer, ArtifactKind::Model],
             });
         }
-        v.push(InputRef::Dataset { param: "data", dataset: self.data.clone() });
+        v.push(InputRef::Dataset { param: "data", dataset: self.data.clone(), accepts: DataFormat::ALL });
         v
+    }
+
+    fn validate(&self) -> Result<(), InvalidParam> {
+        self.validate_training()?;
+        crate::stages::training::at_least("max_seq_len", self.max_seq_len, 2)
     }
 }
 

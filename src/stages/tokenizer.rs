@@ -11,10 +11,11 @@
 //! Adopting copies `tokenizer.json` (and `tokenizer_config.json`, adding the reference template
 //! when it has none) unchanged, so encodings are preserved bit for bit.
 
-use super::{InputRef, Stage, StageContext, StageKind, StageOutcome, StageParams};
+use super::{InputRef, InvalidParam, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::artifact::{layout, ArtifactKind};
 use crate::data::chat::REFERENCE_TEMPLATE;
 use crate::data::read::{for_each_example, Example};
+use crate::data::spec::DataFormat;
 use crate::data::tokenize::TextTokenizer;
 use crate::data::DataError;
 use anyhow::{bail, Context};
@@ -91,7 +92,10 @@ fn default_vocab() -> usize {
 
 impl StageParams for TokenizerParams {
     fn inputs(&self) -> Vec<InputRef> {
-        self.data.iter().map(|d| InputRef::Dataset { param: "data", dataset: d.clone() }).collect()
+        self.data
+            .iter()
+            .map(|d| InputRef::Dataset { param: "data", dataset: d.clone(), accepts: DataFormat::ALL })
+            .collect()
     }
 
     /// An adopted local tokenizer: `tokenizer.json` and, when present, its `tokenizer_config.json`
@@ -106,6 +110,11 @@ impl StageParams for TokenizerParams {
             v.push(("source", cfg));
         }
         v
+    }
+
+    fn validate(&self) -> Result<(), InvalidParam> {
+        crate::stages::training::non_empty("data", &self.data, "name at least one dataset, e.g. data = [\"text\"]")?;
+        crate::stages::training::at_least("vocab_size", self.vocab_size, 2)
     }
 }
 

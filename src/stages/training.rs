@@ -79,6 +79,18 @@ macro_rules! training_params {
                 self.seed.unwrap_or(recipe_seed)
             }
 
+            /// Reject shared loop values that can never train (`batch_size = 0`, `max_steps = 0`, a
+            /// learning rate that is not a positive number).
+            pub fn validate_training(&self) -> Result<(), crate::recipe::InvalidParam> {
+                crate::stages::training::positive_lr(self.lr)?;
+                crate::stages::training::at_least("batch_size", self.batch_size, 1)?;
+                crate::stages::training::at_least("accumulation_steps", self.accumulation_steps, 1)?;
+                if let Some(n) = self.max_steps {
+                    crate::stages::training::at_least("max_steps", n, 1)?;
+                }
+                Ok(())
+            }
+
             /// The shared loop's options for this stage: checkpoints in its work dir, per-step
             /// metrics and the loss curve in the run, a progress bar when stderr is a terminal.
             pub fn train_options(&self, ctx: &crate::stages::StageContext<'_>) -> crate::train::TrainOptions {
@@ -110,8 +122,13 @@ pub(crate) use training_params;
 pub(crate) const COSMETIC: &[&str] = &["save_every", "log_every"];
 
 /// The inputs of a stage that optimises a policy `from` a model against a frozen `reference`
-/// (DPO, GRPO): both accept a model or a merged LoRA stage.
-pub(crate) fn policy_inputs(from: &str, reference: Option<&str>, data: &str) -> Vec<super::InputRef> {
+/// (DPO, GRPO): both accept a model or a merged LoRA stage; `data` has one of the formats `accepts`.
+pub(crate) fn policy_inputs(
+    from: &str,
+    reference: Option<&str>,
+    data: &str,
+    accepts: &'static [crate::data::spec::DataFormat],
+) -> Vec<super::InputRef> {
     use super::InputRef;
     use crate::artifact::ArtifactKind;
     let models = ArtifactKind::MODEL_INPUTS.to_vec();
@@ -119,8 +136,53 @@ pub(crate) fn policy_inputs(from: &str, reference: Option<&str>, data: &str) -> 
     if let Some(r) = reference {
         v.push(InputRef::Stage { param: "reference", stage: r.to_string(), accepts: models });
     }
-    v.push(InputRef::Dataset { param: "data", dataset: data.to_string() });
+    v.push(InputRef::Dataset { param: "data", dataset: data.to_string(), accepts });
     v
+}
+
+/// `key` (an integer param) is at least `min`.
+pub(crate) fn at_least(key: &'static str, value: usize, min: usize) -> Result<(), crate::recipe::InvalidParam> {
+    if value >= min {
+        return Ok(());
+    }
+    Err(crate::recipe::InvalidParam {
+        key,
+        message: format!("{key} = {value} can never work"),
+        hint: format!("use {min} or more"),
+    })
+}
+
+/// A learning rate is a positive, finite number (`nan` and `inf` would also collide in the key).
+pub(crate) fn positive_lr(lr: f64) -> Result<(), crate::recipe::InvalidParam> {
+    if lr > 0.0 && lr.is_finite() {
+        return Ok(());
+    }
+    Err(crate::recipe::InvalidParam {
+        key: "lr",
+        message: format!("lr = {lr} cannot train a model"),
+        hint: "use a small positive number, e.g. lr = 5e-4".into(),
+    })
+}
+
+/// A value that must be a finite number in a range.
+pub(crate) fn in_range(
+    key: &'static str,
+    value: f64,
+    ok: impl FnOnce(f64) -> bool,
+    hint: &str,
+) -> Result<(), crate::recipe::InvalidParam> {
+    if value.is_finite() && ok(value) {
+        return Ok(());
+    }
+    Err(crate::recipe::InvalidParam { key, message: format!("{key} = {value} is out of range"), hint: hint.into() })
+}
+
+/// A list param that must name at least one thing.
+pub(crate) fn non_empty<T>(key: &'static str, v: &[T], hint: &str) -> Result<(), crate::recipe::InvalidParam> {
+    if !v.is_empty() {
+        return Ok(());
+    }
+    Err(crate::recipe::InvalidParam { key, message: format!("{key} is empty"), hint: hint.into() })
 }
 
 /// Default of `accumulation_steps`.

@@ -1,0 +1,148 @@
+//! Recipes that can never work are refused when they load (exit 2, `file:line:col` and a hint),
+//! before any stage runs: dataset formats a stage cannot read, values no run can use, bytes that
+//! are not UTF-8, and `--set` values with line breaks.
+
+mod common;
+
+use common::{Sandbox, SMALL_RECIPE};
+
+/// `SMALL_RECIPE` plus a pretrain stage `base` and a preference dataset `pairs`, so later stages
+/// have something to start from.
+fn base() -> String {
+    format!(
+        "{SMALL_RECIPE}\n[datasets.pairs]\nsource = \"builtin:arithmetic\"\nformat = \"dpo\"\nbuiltin = {{ count = 20 }}\n\n\
+         [stages.base]\nkind = \"pretrain\"\ntokenizer = \"tok\"\ndata = \"text\"\nmax_seq_len = 32\nbatch_size = 4\nmax_steps = 2\n"
+    )
+}
+
+/// Load `text` with `mmrun plan`: exit 2, pointing at the last line that is exactly `line`, and
+/// saying `says`.
+fn refused(sb: &Sandbox, name: &str, text: &str, line: &str, says: &str) {
+    let n = text
+        .lines()
+        .collect::<Vec<_>>()
+        .iter()
+        .rposition(|l| l.trim() == line)
+        .unwrap_or_else(|| panic!("{name}: no line {line:?}"))
+        + 1;
+    let file = format!("{name}.toml");
+    sb.write(&file, text);
+    let o = sb.run(&["plan", &file]);
+    assert_eq!(o.code, Some(2), "{name}: expected exit 2, stderr:\n{}", o.stderr);
+    assert!(o.stderr.contains(&format!("{file}:{n}:")), "{name}: no {file}:{n}: in:\n{}", o.stderr);
+    assert!(o.stderr.contains(says), "{name}: does not say {says:?}:\n{}", o.stderr);
+    assert!(o.stderr.contains("hint") || o.stderr.contains("help"), "{name}: no hint in:\n{}", o.stderr);
+}
+
+#[test]
+fn a_dpo_stage_fed_a_text_dataset_fails_at_load_time() {
+    let sb = Sandbox::new();
+    let text = format!("{}\n[stages.pref]\nkind = \"dpo\"\nfrom = \"base\"\ndata = \"text\"\n", base());
+    refused(&sb, "dpo_text", &text, "data = \"text\"", "has format text; a dpo stage reads dpo");
+    // The same stage on preference pairs loads.
+    sb.write("dpo_ok.toml", &text.replace("from = \"base\"\ndata = \"text\"", "from = \"base\"\ndata = \"pairs\""));
+    let o = sb.run(&["plan", "dpo_ok.toml"]);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+}
+
+#[test]
+fn values_that_can_never_work_fail_at_load_time() {
+    let sb = Sandbox::new();
+    let b = base();
+    let with_base = |from: &str, to: &str| {
+        assert!(b.contains(from), "{from:?}");
+        b.replacen(from, to, 1)
+    };
+    let stage = |body: &str| format!("{b}\n{body}\n");
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        ("batch0", with_base("batch_size = 4", "batch_size = 0"), "batch_size = 0", "batch_size = 0"),
+        ("seq0", with_base("max_seq_len = 32", "max_seq_len = 0"), "max_seq_len = 0", "max_seq_len = 0"),
+        ("steps0", with_base("max_steps = 2", "max_steps = 0"), "max_steps = 0", "max_steps = 0"),
+        ("lr_neg", with_base("max_steps = 2", "max_steps = 2\nlr = -1e-3"), "lr = -1e-3", "cannot train"),
+        ("lr_nan", with_base("max_steps = 2", "max_steps = 2\nlr = nan"), "lr = nan", "cannot train"),
+        ("lr_inf", with_base("max_steps = 2", "max_steps = 2\nlr = inf"), "lr = inf", "cannot train"),
+        ("vocab1", b.replacen("vocab_size = 400", "vocab_size = 1", 1), "vocab_size = 1", "vocab_size = 1"),
+        ("vocab0", b.replacen("vocab_size = 400", "vocab_size = 0", 1), "vocab_size = 0", "vocab_size = 0"),
+        ("tok_nodata", b.replacen("data = [\"text\"]", "data = []", 1), "data = []", "data is empty"),
+        (
+            "eval_nomodels",
+            stage("[stages.ev]\nkind = \"eval\"\nmodels = []\ndata = [\"text\"]"),
+            "models = []",
+            "models is empty",
+        ),
+        (
+            "eval_nodata",
+            stage("[stages.ev]\nkind = \"eval\"\nmodels = [\"base\"]\ndata = []"),
+            "data = []",
+            "data is empty",
+        ),
+        (
+            "lora_rank0",
+            stage("[stages.ft]\nkind = \"lora\"\nfrom = \"base\"\ndata = \"chat\"\nrank = 0"),
+            "rank = 0",
+            "rank = 0",
+        ),
+        (
+            "dpo_beta",
+            stage("[stages.pref]\nkind = \"dpo\"\nfrom = \"base\"\ndata = \"pairs\"\nbeta = -0.1"),
+            "beta = -0.1",
+            "beta = -0.1",
+        ),
+        (
+            "grpo_top_p",
+            stage(
+                "[stages.rl]\nkind = \"grpo\"\nfrom = \"base\"\ndata = \"chat\"\n\
+                 rewards = [{ kind = \"length\", max_chars = 20 }]\ntop_p = 1.5",
+            ),
+            "top_p = 1.5",
+            "top_p = 1.5",
+        ),
+        (
+            "builtin_unknown",
+            b.replacen("source = \"builtin:arithmetic\"", "source = \"builtin:arithmetc\"", 1),
+            "source = \"builtin:arithmetc\"",
+            "unknown builtin dataset",
+        ),
+        (
+            "builtin_count0",
+            b.replacen("builtin = { count = 300 }", "builtin = { count = 0 }", 1),
+            "builtin = { count = 0 }",
+            "builtin count 0",
+        ),
+        (
+            "builtin_count_huge",
+            b.replacen("builtin = { count = 300 }", "builtin = { count = 10000000000000 }", 1),
+            "builtin = { count = 10000000000000 }",
+            "10000000",
+        ),
+    ];
+    for (name, text, line, says) in &cases {
+        refused(&sb, name, text, line, says);
+    }
+    if !cfg!(feature = "cuda") {
+        let text = b.replacen("seed = 7", "seed = 7\ndevice = \"cuda:0\"", 1);
+        refused(&sb, "cuda", &text, "device = \"cuda:0\"", "built without");
+    }
+}
+
+#[test]
+fn a_recipe_that_is_not_utf8_names_the_byte_offset() {
+    let sb = Sandbox::new();
+    let mut bytes = SMALL_RECIPE.as_bytes().to_vec();
+    let at = SMALL_RECIPE.find("integration").unwrap();
+    bytes[at] = 0xff;
+    std::fs::write(sb.root().join("latin1.toml"), &bytes).unwrap();
+    let o = sb.run(&["plan", "latin1.toml"]);
+    assert_eq!(o.code, Some(2), "stderr:\n{}", o.stderr);
+    assert!(o.stderr.contains("latin1.toml:4:"), "no file:line in:\n{}", o.stderr);
+    assert!(o.stderr.contains(&format!("byte offset {at}")), "no byte offset in:\n{}", o.stderr);
+}
+
+#[test]
+fn a_set_value_with_a_line_break_is_an_error() {
+    let sb = Sandbox::new();
+    sb.write("r.toml", SMALL_RECIPE);
+    let o = sb.run(&["plan", "r.toml", "--set", "recipe.description=one\nrecipe.seed=9"]);
+    assert_eq!(o.code, Some(2), "stderr:\n{}", o.stderr);
+    assert!(o.stderr.contains("line break"), "{}", o.stderr);
+}
