@@ -312,11 +312,17 @@ fn precision_enters_model_keys_and_auto_keys_like_its_resolution() {
     assert_eq!(reasons(&bf16, "report"), ["input base is stale", "input sft is stale"]);
 
     // On CUDA `auto` is bf16: it keys like explicit bf16, and explicit f32 differs from both.
-    let cuda = |p: &str| keys(&plan(&c, GOOD, &["recipe.device=cuda:0", &format!("recipe.precision={p}")]));
+    // (The loader refuses `cuda` on a CPU-only build, so these recipes are edited after loading.)
+    let on_cuda = |p: &str| {
+        let mut r = recipe(GOOD, &[&format!("recipe.precision={p}")]);
+        r.meta.device = "cuda:0".into();
+        build_with(&r, &c, &datasets(&r, ""), &registry()).unwrap()
+    };
+    let cuda = |p: &str| keys(&on_cuda(p));
     assert_eq!(cuda("auto"), cuda("bf16"));
     assert_ne!(cuda("auto")["base"], cuda("f32")["base"]);
     // ...and a CUDA f32 run keys exactly as CUDA runs did before precision existed (no field).
-    let cuda_f32 = plan(&c, GOOD, &["recipe.device=cuda:0", "recipe.precision=f32"]);
+    let cuda_f32 = on_cuda("f32");
     assert!(cuda_f32.stage("base").unwrap().fingerprint.get("precision").is_none());
 }
 

@@ -169,7 +169,7 @@ device = "cpu"
 preset = "tiny"
 
 [datasets.text]
-source = "builtin:arith"
+source = "builtin:arithmetic"
 format = "text"
 
 [datasets.chat]

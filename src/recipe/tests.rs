@@ -221,11 +221,11 @@ fn several_problems_are_all_reported() {
 
 #[test]
 fn overrides_apply_before_validation_and_are_recorded() {
-    let r = load_text(GOOD, &["stages.base.lr=3e-4", "recipe.seed=7", "datasets.text.source=builtin:other"]).unwrap();
+    let r = load_text(GOOD, &["stages.base.lr=3e-4", "recipe.seed=7", "datasets.text.source=other.jsonl"]).unwrap();
     assert_eq!(r.stages[1].params["lr"], 3e-4);
     assert_eq!(r.meta.seed, 7);
-    assert_eq!(r.datasets["text"].source, "builtin:other");
-    assert_eq!(r.overrides, ["stages.base.lr=3e-4", "recipe.seed=7", "datasets.text.source=builtin:other"]);
+    assert_eq!(r.datasets["text"].source, "other.jsonl");
+    assert_eq!(r.overrides, ["stages.base.lr=3e-4", "recipe.seed=7", "datasets.text.source=other.jsonl"]);
     // A param absent from the file but known to the stage may be set.
     let r = load_text(GOOD, &["stages.base.batch_size=8"]).unwrap();
     assert_eq!(r.stages[1].params["batch_size"], 8);

@@ -113,7 +113,14 @@ impl StageParams for TokenizerParams {
     }
 
     fn validate(&self) -> Result<(), InvalidParam> {
-        crate::stages::training::non_empty("data", &self.data, "name at least one dataset, e.g. data = [\"text\"]")?;
+        if self.source.is_none() {
+            // Training one needs text; adopting one (`source = …`) reads none.
+            crate::stages::training::non_empty(
+                "data",
+                &self.data,
+                "name at least one dataset, e.g. data = [\"text\"]",
+            )?;
+        }
         crate::stages::training::at_least("vocab_size", self.vocab_size, 2)
     }
 }
