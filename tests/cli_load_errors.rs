@@ -119,6 +119,10 @@ fn values_that_can_never_work_fail_at_load_time() {
     for (name, text, line, says) in &cases {
         refused(&sb, name, text, line, says);
     }
+    // Fixed prompts alone are something to evaluate (recipes/medical_sft.toml's report does this).
+    sb.write("eval_prompts.toml", &stage("[stages.ev]\nkind = \"eval\"\nmodels = [\"base\"]\nprompts = [\"1+1=\"]"));
+    let o = sb.run(&["plan", "eval_prompts.toml"]);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
     if !cfg!(feature = "cuda") {
         let text = b.replacen("seed = 7", "seed = 7\ndevice = \"cuda:0\"", 1);
         refused(&sb, "cuda", &text, "device = \"cuda:0\"", "built without");

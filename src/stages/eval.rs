@@ -108,7 +108,14 @@ impl StageParams for EvalParams {
 
     fn validate(&self) -> Result<(), InvalidParam> {
         crate::stages::training::non_empty("models", &self.models, "name at least one stage that produces a model")?;
-        crate::stages::training::non_empty("data", &self.data, "name at least one dataset")?;
+        if self.prompts.is_empty() {
+            // Fixed prompts alone are an evaluation too (their generations go in the report).
+            crate::stages::training::non_empty(
+                "data",
+                &self.data,
+                "name at least one dataset, or give fixed prompts = [\"…\"]",
+            )?;
+        }
         crate::stages::training::at_least("max_seq_len", self.max_seq_len, 2)
     }
 }
