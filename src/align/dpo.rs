@@ -4,6 +4,7 @@
 
 use super::losses::{dpo_loss, sequence_logprobs, DpoMetrics};
 use crate::cancel::CancelToken;
+use crate::data::shards::TokenShards;
 use crate::data::tokenize::Sample;
 use crate::model::lora::LoraAdapters;
 use crate::model::MiniMind;
@@ -13,29 +14,86 @@ use crate::train::{train, Batch, BatchSource, TrainOptions, TrainSummary};
 use candle_core::{Tensor, Var};
 
 /// Tokenised preference pairs (each side: full conversation ids + answer-only mask).
-#[derive(Clone, Debug)]
+///
+/// Pairs read from shards stay in the memory-mapped shards: only the indices of the usable pairs
+/// are held, and each batch copies out just its own rows, so memory does not grow with the
+/// dataset (as the other stages' data sources).
+#[derive(Debug)]
 pub struct PairRows {
-    pairs: Vec<(Sample, Sample)>,
+    pairs: Pairs,
     pad_id: u32,
+}
+
+#[derive(Debug)]
+enum Pairs {
+    /// In memory (tests, small in-process data).
+    Owned(Vec<(Sample, Sample)>),
+    /// Pairs `usable[i]` of DPO shards (each pair: chosen, then rejected).
+    Shards { shards: Box<TokenShards>, usable: Vec<u32> },
+}
+
+/// Pairs left out of a DPO dataset, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkippedPairs {
+    /// A side lost every answer token to truncation.
+    pub no_answer: usize,
+    /// Chosen and rejected are identical (after truncation).
+    pub identical: usize,
 }
 
 impl PairRows {
     /// Pairs of (chosen, rejected) samples, right-padded with `pad_id` in batches.
     pub fn new(pairs: Vec<(Sample, Sample)>, pad_id: u32) -> Self {
-        Self { pairs, pad_id }
+        Self { pairs: Pairs::Owned(pairs), pad_id }
     }
+
+    /// The usable pairs of DPO shards, streamed from them; pairs whose answer was truncated away or
+    /// whose sides are identical are left out and counted.
+    pub fn from_shards(shards: TokenShards) -> (Self, SkippedPairs) {
+        let mut skipped = SkippedPairs::default();
+        let mut usable = Vec::new();
+        for i in 0..shards.len() {
+            let (c, r) = pair_of(&shards, i);
+            if c.trained() == 0 || r.trained() == 0 {
+                skipped.no_answer += 1;
+            } else if c == r {
+                skipped.identical += 1;
+            } else {
+                usable.push(u32::try_from(i).expect("fewer than 2^32 pairs"));
+            }
+        }
+        let pad_id = shards.meta().pad_id;
+        (Self { pairs: Pairs::Shards { shards: Box::new(shards), usable }, pad_id }, skipped)
+    }
+
+    /// Pair `i`: (chosen, rejected).
+    fn pair(&self, i: usize) -> std::borrow::Cow<'_, (Sample, Sample)> {
+        match &self.pairs {
+            Pairs::Owned(v) => std::borrow::Cow::Borrowed(&v[i]),
+            Pairs::Shards { shards, usable } => std::borrow::Cow::Owned(pair_of(shards, usable[i] as usize)),
+        }
+    }
+}
+
+fn pair_of(shards: &TokenShards, i: usize) -> (Sample, Sample) {
+    let mut v = shards.get(i);
+    let (r, c) = (v.pop().expect("dpo shards hold pairs"), v.pop().expect("dpo shards hold pairs"));
+    (c, r)
 }
 
 impl BatchSource for PairRows {
     fn len(&self) -> usize {
-        self.pairs.len()
+        match &self.pairs {
+            Pairs::Owned(v) => v.len(),
+            Pairs::Shards { usable, .. } => usable.len(),
+        }
     }
 
     /// `2k` rows: the `k` chosen sequences, then the `k` rejected ones in the same order, padded to
     /// the longest of them (padding is causal-masked and label-ignored, so it changes nothing).
     fn batch(&self, indices: &[usize]) -> anyhow::Result<Batch> {
-        let rows: Vec<&Sample> =
-            indices.iter().map(|&i| &self.pairs[i].0).chain(indices.iter().map(|&i| &self.pairs[i].1)).collect();
+        let pairs: Vec<_> = indices.iter().map(|&i| self.pair(i)).collect();
+        let rows: Vec<&Sample> = pairs.iter().map(|p| &p.0).chain(pairs.iter().map(|p| &p.1)).collect();
         let seq_len = rows.iter().map(|s| s.ids.len()).max().unwrap_or(0).max(1);
         let mut input_ids = Vec::with_capacity(rows.len() * seq_len);
         let mut labels = Vec::with_capacity(rows.len() * seq_len);
@@ -118,6 +176,10 @@ pub fn train_dpo(
 }
 
 /// DPO metrics of `policy` against `reference` on every pair (no gradients), as batch means.
+///
+/// Each batch's sequence scores are copied to the host before the next batch: a tensor computed
+/// from the policy's `Var`s keeps its whole autograd graph (every activation of the batch) alive,
+/// and keeping those per batch made memory grow with the number of pairs (about 5 MB a pair).
 pub fn evaluate_dpo(
     policy: &MiniMind,
     reference: &MiniMind,
@@ -126,7 +188,7 @@ pub fn evaluate_dpo(
     batch_size: usize,
 ) -> anyhow::Result<DpoMetrics> {
     let n = data.len();
-    let (mut lp_all, mut ref_all) = (Vec::new(), Vec::new());
+    let (mut pc, mut pr, mut rc, mut rr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let dev = policy.device();
     for lo in (0..n).step_by(batch_size.max(1)) {
         let idx: Vec<usize> = (lo..(lo + batch_size.max(1)).min(n)).collect();
@@ -134,15 +196,17 @@ pub fn evaluate_dpo(
         let ids = b.input_tensor(dev)?;
         let labels = b.label_tensor(dev)?;
         let k = idx.len();
-        let lp = sequence_logprobs(&policy.forward_logits(&ids, None)?, &labels)?;
-        let rl = sequence_logprobs(&reference.forward_logits(&ids, None)?, &labels)?;
-        lp_all.push((lp.narrow(0, 0, k)?, lp.narrow(0, k, k)?));
-        ref_all.push((rl.narrow(0, 0, k)?, rl.narrow(0, k, k)?));
+        let host = |m: &MiniMind| -> anyhow::Result<Vec<f32>> {
+            Ok(sequence_logprobs(&m.forward_logits(&ids, None)?, &labels)?.detach().to_vec1()?)
+        };
+        let (lp, rl) = (host(policy)?, host(reference)?);
+        pc.extend_from_slice(&lp[..k]);
+        pr.extend_from_slice(&lp[k..]);
+        rc.extend_from_slice(&rl[..k]);
+        rr.extend_from_slice(&rl[k..]);
     }
-    let cat = |v: Vec<Tensor>| Tensor::cat(&v, 0);
-    let (pc, pr): (Vec<Tensor>, Vec<Tensor>) = lp_all.into_iter().unzip();
-    let (rc, rr): (Vec<Tensor>, Vec<Tensor>) = ref_all.into_iter().unzip();
-    Ok(dpo_loss(&cat(pc)?, &cat(pr)?, &cat(rc)?, &cat(rr)?, beta)?.metrics)
+    let t = |v: Vec<f32>| Tensor::from_vec(v, n, dev);
+    Ok(dpo_loss(&t(pc)?, &t(pr)?, &t(rc)?, &t(rr)?, beta)?.metrics)
 }
 
 #[cfg(test)]

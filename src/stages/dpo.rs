@@ -18,6 +18,7 @@ use crate::data::shards::{tokenized, ShardParams};
 use crate::data::spec::DataFormat;
 use crate::model::lora::{LoraAdapters, LoraConfig, Targets};
 use crate::model::weights;
+use crate::train::BatchSource;
 use anyhow::{bail, Context};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -129,27 +130,17 @@ impl Stage for DpoStage {
         let sp = ShardParams { max_seq_len: p.max_seq_len, seed, ..ShardParams::default() };
         let shards = tokenized(ctx.cache, ds, from, &sp, ctx.cancel, Some(ctx.run as _))
             .with_context(|| format!("dpo stage '{stage}': tokenising dataset '{}'", p.data))?;
-        let (mut pairs, mut no_answer, mut identical) = (Vec::new(), 0usize, 0usize);
-        for i in 0..shards.len() {
-            let mut v = shards.get(i);
-            let (r, c) = (v.pop().expect("pair"), v.pop().expect("pair"));
-            if c.trained() == 0 || r.trained() == 0 {
-                no_answer += 1;
-            } else if c == r {
-                identical += 1;
-            } else {
-                pairs.push((c, r));
-            }
-        }
-        if pairs.is_empty() {
+        let (data, skipped) = PairRows::from_shards(shards);
+        if data.len() == 0 {
             bail!(
-                "dpo stage '{stage}': no usable pairs in '{}' ({no_answer} lost their answer to max_seq_len = {}, \
-                 {identical} identical after truncation); raise max_seq_len or check the data",
+                "dpo stage '{stage}': no usable pairs in '{}' ({} lost their answer to max_seq_len = {}, \
+                 {} identical after truncation); raise max_seq_len or check the data",
                 p.data,
-                p.max_seq_len
+                skipped.no_answer,
+                p.max_seq_len,
+                skipped.identical
             );
         }
-        let data = PairRows::new(pairs, shards.meta().pad_id);
 
         let mut policy = compute
             .load_model(&from.dir, p.lora.is_none())
@@ -195,13 +186,9 @@ impl Stage for DpoStage {
         for (k, v) in serde_json::to_value(&fin)?.as_object().expect("object") {
             metrics.insert(format!("final/{k}"), v.clone());
         }
-        metrics.insert("pairs".into(), data_len(&data).into());
-        metrics.insert("skipped_no_answer".into(), no_answer.into());
-        metrics.insert("skipped_identical".into(), identical.into());
+        metrics.insert("pairs".into(), data.len().into());
+        metrics.insert("skipped_no_answer".into(), skipped.no_answer.into());
+        metrics.insert("skipped_identical".into(), skipped.identical.into());
         Ok(StageOutcome { metrics })
     }
-}
-
-fn data_len(d: &PairRows) -> usize {
-    crate::train::BatchSource::len(d)
 }
