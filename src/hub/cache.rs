@@ -106,7 +106,7 @@ impl RepoCache {
         names::is_commit_id(s).then(|| s.to_string())
     }
 
-    /// Record `revision -> commit` (atomically, through a temporary file).
+    /// Record `revision -> commit` atomically and durably ([`crate::durable::write_atomic`]).
     pub fn write_ref(&self, revision: &str, commit: &str) -> std::io::Result<()> {
         names::commit(commit)?;
         if revision == commit {
@@ -116,10 +116,7 @@ impl RepoCache {
         if self.read_ref(revision).as_deref() == Some(commit) {
             return Ok(());
         }
-        std::fs::create_dir_all(p.parent().expect("ref has a parent"))?;
-        let tmp = p.with_extension(format!("tmp{}", tmp_suffix()));
-        std::fs::write(&tmp, commit)?;
-        std::fs::rename(tmp, p)
+        crate::durable::write_atomic(&p, commit.as_bytes())
     }
 
     /// Point `snapshots/<commit>/<path>` at `blobs/<name>` with a relative symlink, like

@@ -380,7 +380,8 @@ impl<'a> Client<'a> {
                 }
             }
         }
-        std::fs::rename(&part, &blob).map_err(|e| HubError::from_write(&self.dataset, url, &blob, e))
+        // fsync the verified content, then rename: a power cut never leaves a torn blob.
+        crate::durable::publish_dir(&part, &blob).map_err(|e| HubError::from_write(&self.dataset, url, &blob, e))
     }
 
     /// Bring `part` to `file.size` bytes, resuming with `Range` after drops and retrying transient failures.

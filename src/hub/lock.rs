@@ -149,7 +149,7 @@ impl LockFile {
         Ok(Some(lock))
     }
 
-    /// Write the lock atomically (temporary file + rename).
+    /// Write the lock atomically and durably ([`crate::durable::write_atomic`]).
     pub fn save(&self, path: &Path) -> Result<(), LockError> {
         let body =
             toml::to_string_pretty(self).map_err(|e| LockError::Parse { path: path.into(), reason: e.to_string() })?;
@@ -157,9 +157,8 @@ impl LockFile {
             "# mmrun lock file: the exact Hugging Face Hub data this recipe used (commits, files, sizes, sha256).\n\
              # Commit it next to the recipe. `mmrun update <recipe> [dataset]` re-resolves branches.\n{body}"
         );
-        let tmp = path.with_extension(format!("lock.tmp{}", super::cache::tmp_suffix()));
-        std::fs::write(&tmp, text).map_err(|e| LockError::Write { path: path.into(), source: e })?;
-        std::fs::rename(&tmp, path).map_err(|e| LockError::Write { path: path.into(), source: e })
+        crate::durable::write_atomic(path, text.as_bytes())
+            .map_err(|e| LockError::Write { path: path.into(), source: e })
     }
 }
 
