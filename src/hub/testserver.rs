@@ -6,12 +6,19 @@
 //! 429 with `Retry-After`, wrong bytes, slow answers, private repos (401 without the token),
 //! moving a branch, and hostile names (a commit id or tree entries that try to leave the cache).
 //!
+//! It also accepts uploads the way the Hub does ([`super::push`] speaks to it): `POST /api/repos/create`
+//! (409 when the repository exists), `preupload` (which files go to LFS), the LFS batch API
+//! (`<repo>.git/info/lfs/objects/batch`; objects it already holds get no actions), `PUT` of an object
+//! to a CDN-style presigned URL on the second address (which, like S3, refuses an `Authorization`
+//! header and a body whose sha256 is not the oid), `verify`, and the NDJSON `commit` endpoint. What is
+//! committed is served back by the read endpoints above, byte for byte.
+//!
 //! It is a small hand-written HTTP/1.1 server over `std::net` rather than `tiny_http`, because the
 //! faults need byte-level control (closing the socket halfway through a declared body) and because
 //! a library module cannot use a dev-dependency.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,6 +62,9 @@ struct Repo {
     token: Option<String>,
 }
 
+/// The `.gitattributes` a new repository starts with (the Hub creates one in the first commit).
+const GITATTRIBUTES: &str = "*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.gguf filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n";
+
 /// Switchable faults. Counters are consumed one per matching response.
 #[derive(Clone, Debug, Default)]
 pub struct Faults {
@@ -76,6 +86,8 @@ pub struct Faults {
     pub revision_sha: Option<String>,
     /// A hostile server: these raw entries are added to every tree listing.
     pub extra_tree_entries: Vec<serde_json::Value>,
+    /// The next N `commit` requests answer 422 (an interrupted push: objects uploaded, no commit).
+    pub reject_commit: u32,
 }
 
 /// One request the server saw (for assertions).
@@ -102,6 +114,12 @@ struct State {
     seen: Vec<Seen>,
     commit_counter: u64,
     cdn_origin: Option<String>,
+    /// `http://<main address>`, for URLs in answers.
+    origin: String,
+    /// LFS objects uploaded (sha256 → content), shared by all repositories.
+    lfs_objects: HashMap<String, Arc<Vec<u8>>>,
+    /// The token write endpoints accept (`None`: any Bearer token).
+    write_token: Option<String>,
 }
 
 /// A running test Hub. Dropping it stops accepting connections.
@@ -117,7 +135,7 @@ impl TestHub {
     pub fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Mutex::new(State { origin: format!("http://{addr}"), ..State::default() }));
         let stop = Arc::new(AtomicBool::new(false));
         // The "CDN" is another loopback address, so redirects leave the endpoint's origin as on the
         // real Hub (and the token must not follow them). Falls back to the same origin.
@@ -157,24 +175,22 @@ impl TestHub {
         branch: &str,
         files: Vec<(String, Vec<u8>, bool)>,
     ) -> String {
-        let mut st = self.state.lock().unwrap();
-        st.commit_counter += 1;
-        let counter = st.commit_counter;
-        let repo = st.repos.entry((repo_type, repo_id.to_string())).or_default();
-        let mut tree = repo.branches.get(branch).and_then(|c| repo.commits.get(c)).cloned().unwrap_or_default();
-        for (p, data, lfs) in files {
-            tree.insert(p, TestFile { data: Arc::new(data), lfs });
-        }
-        let mut h = sha1::Sha1::new();
-        h.update(format!("{repo_id}\0{branch}\0{counter}").as_bytes());
-        for (p, f) in &tree {
-            h.update(p.as_bytes());
-            h.update(f.oid().as_bytes());
-        }
-        let commit = hex::encode(h.finalize());
-        repo.commits.insert(commit.clone(), tree);
-        repo.branches.insert(branch.to_string(), commit.clone());
-        commit
+        let files = files.into_iter().map(|(p, data, lfs)| (p, TestFile { data: Arc::new(data), lfs })).collect();
+        commit_files(&mut self.state.lock().unwrap(), repo_type, repo_id, branch, files)
+    }
+
+    /// Require this token (`Authorization: Bearer <token>`) on the upload endpoints; anything else
+    /// gets 401. Without it, any Bearer token may write.
+    pub fn set_write_token(&self, token: &str) {
+        self.state.lock().unwrap().write_token = Some(token.to_string());
+    }
+
+    /// The files on `branch` of a repository (path → content), if both exist.
+    pub fn files(&self, repo_type: RepoType, repo_id: &str, branch: &str) -> Option<BTreeMap<String, Vec<u8>>> {
+        let st = self.state.lock().unwrap();
+        let repo = st.repos.get(&(repo_type, repo_id.to_string()))?;
+        let tree = repo.commits.get(repo.branches.get(branch)?)?;
+        Some(tree.iter().map(|(p, f)| (p.clone(), f.data.to_vec())).collect())
     }
 
     /// Make a repository private: requests without `Authorization: Bearer <token>` get 401.
@@ -243,6 +259,32 @@ impl TestHub {
     }
 }
 
+/// Add a commit on `branch` (the repository is created if new) holding the branch's previous files
+/// overlaid with `files`; moves the branch. Returns the commit id.
+fn commit_files(
+    st: &mut State,
+    repo_type: RepoType,
+    repo_id: &str,
+    branch: &str,
+    files: Vec<(String, TestFile)>,
+) -> String {
+    st.commit_counter += 1;
+    let counter = st.commit_counter;
+    let repo = st.repos.entry((repo_type, repo_id.to_string())).or_default();
+    let mut tree = repo.branches.get(branch).and_then(|c| repo.commits.get(c)).cloned().unwrap_or_default();
+    tree.extend(files);
+    let mut h = sha1::Sha1::new();
+    h.update(format!("{repo_id}\0{branch}\0{counter}").as_bytes());
+    for (p, f) in &tree {
+        h.update(p.as_bytes());
+        h.update(f.oid().as_bytes());
+    }
+    let commit = hex::encode(h.finalize());
+    repo.commits.insert(commit.clone(), tree);
+    repo.branches.insert(branch.to_string(), commit.clone());
+    commit
+}
+
 impl Drop for TestHub {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -257,6 +299,7 @@ struct Req {
     method: String,
     target: String,
     headers: HashMap<String, String>,
+    body: Vec<u8>,
 }
 
 fn read_req(stream: &TcpStream) -> std::io::Result<Req> {
@@ -276,7 +319,25 @@ fn read_req(stream: &TcpStream) -> std::io::Result<Req> {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
-    Ok(Req { method, target, headers })
+    let mut body = Vec::new();
+    if headers.get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            let mut chunk = vec![0u8; n + 2];
+            r.read_exact(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else if let Some(n) = headers.get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body.resize(n, 0);
+        r.read_exact(&mut body)?;
+    }
+    Ok(Req { method, target, headers, body })
 }
 
 /// A response to write: status, headers, body, and how to mangle the body.
@@ -313,9 +374,13 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         206 => "Partial Content",
         302 => "Found",
+        400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
+        409 => "Conflict",
         416 => "Range Not Satisfiable",
+        422 => "Unprocessable Entity",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
         _ => "Status",
@@ -409,6 +474,9 @@ fn route(st: &mut State, req: &Req) -> Resp {
     let seg = |i: usize| segs.get(i).map(String::as_str).unwrap_or("");
     if seg(0) == "cdn" {
         return serve_cdn(st, seg(1), req);
+    }
+    if let Some(r) = route_upload(st, req, &segs) {
+        return r;
     }
     let (repo_type, rest) = match (seg(0), seg(1)) {
         ("api", "datasets") => (RepoType::Dataset, &segs[2..]),
@@ -511,6 +579,214 @@ fn route(st: &mut State, req: &Req) -> Resp {
         }
         _ => Resp::error(404, "", "unknown endpoint"),
     }
+}
+
+/// The upload side of the Hub API (`None`: not an upload request).
+fn route_upload(st: &mut State, req: &Req, segs: &[String]) -> Option<Resp> {
+    let seg = |i: usize| segs.get(i).map(String::as_str).unwrap_or("");
+    let method = req.method.as_str();
+    // The presigned object URL: no Hub token (S3 refuses a second auth mechanism).
+    if method == "PUT" && seg(0) == "lfs-upload" {
+        return Some(lfs_put(st, req, seg(1)));
+    }
+    if method != "POST" {
+        return None;
+    }
+    let authorized = match (&st.write_token, req.headers.get("authorization")) {
+        (_, None) => false,
+        (None, Some(h)) => h.starts_with("Bearer "),
+        (Some(t), Some(h)) => *h == format!("Bearer {t}"),
+    };
+    let json = || serde_json::from_slice::<serde_json::Value>(&req.body).ok();
+    let deny = || Resp::error(401, "", "Invalid credentials in Authorization header");
+    if seg(0) == "api" && seg(1) == "repos" && seg(2) == "create" {
+        if !authorized {
+            return Some(deny());
+        }
+        let Some(v) = json() else { return Some(Resp::error(400, "", "invalid JSON")) };
+        let repo_type = match v["type"].as_str() {
+            Some("dataset") => RepoType::Dataset,
+            None | Some("model") => RepoType::Model,
+            Some(t) => return Some(Resp::error(400, "", &format!("unsupported repo type {t}"))),
+        };
+        let (Some(org), Some(name)) = (v["organization"].as_str(), v["name"].as_str()) else {
+            return Some(Resp::error(400, "", "name and organization are required"));
+        };
+        let repo_id = format!("{org}/{name}");
+        let url = format!("{}/{}{repo_id}", st.origin, if repo_type == RepoType::Dataset { "datasets/" } else { "" });
+        if st.repos.contains_key(&(repo_type, repo_id.clone())) {
+            return Some(Resp::json(409, serde_json::json!({ "error": "You already created this repo", "url": url })));
+        }
+        let attrs = TestFile { data: Arc::new(GITATTRIBUTES.as_bytes().to_vec()), lfs: false };
+        commit_files(st, repo_type, &repo_id, "main", vec![(".gitattributes".into(), attrs)]);
+        if v["private"].as_bool() == Some(true) {
+            let tok = req.headers["authorization"].trim_start_matches("Bearer ").to_string();
+            st.repos.get_mut(&(repo_type, repo_id)).expect("just created").token = Some(tok);
+        }
+        return Some(Resp::json(200, serde_json::json!({ "url": url })));
+    }
+    // `/api/{models|datasets}/{o}/{n}/{preupload|commit}/{rev}` and `/{datasets/}{o}/{n}.git/info/lfs/objects/{batch|verify}`.
+    let (repo_type, repo_id, action, rev) = match (seg(0), seg(1)) {
+        ("api", t @ ("models" | "datasets")) if matches!(seg(4), "preupload" | "commit") => (
+            if t == "datasets" { RepoType::Dataset } else { RepoType::Model },
+            format!("{}/{}", seg(2), seg(3)),
+            seg(4),
+            seg(5).to_string(),
+        ),
+        _ => {
+            let (t, rest) =
+                if seg(0) == "datasets" { (RepoType::Dataset, &segs[1..]) } else { (RepoType::Model, segs) };
+            let name = rest.get(1).and_then(|n| n.strip_suffix(".git"))?;
+            if rest.get(2..5).is_none_or(|r| r != ["info", "lfs", "objects"]) {
+                return None;
+            }
+            (t, format!("{}/{name}", rest[0]), rest.get(5).map(String::as_str).unwrap_or(""), String::new())
+        }
+    };
+    if !authorized {
+        return Some(deny());
+    }
+    let Some(repo) = st.repos.get(&(repo_type, repo_id.clone())) else {
+        return Some(Resp::error(404, "RepoNotFound", "Repository not found"));
+    };
+    if !rev.is_empty() && !repo.branches.contains_key(&rev) {
+        return Some(Resp::error(404, "RevisionNotFound", &format!("Invalid rev id: {rev}")));
+    }
+    let Some(body) = (if action == "commit" { Some(serde_json::Value::Null) } else { json() }) else {
+        return Some(Resp::error(400, "", "invalid JSON"));
+    };
+    Some(match action {
+        "preupload" => {
+            let files = body["files"].as_array().cloned().unwrap_or_default();
+            let modes: Vec<_> = files
+                .iter()
+                .map(|f| {
+                    let path = f["path"].as_str().unwrap_or("");
+                    let size = f["size"].as_u64().unwrap_or(0);
+                    let sample = f["sample"].as_str().and_then(super::base64::decode).unwrap_or_default();
+                    // As the Hub: .gitattributes LFS patterns, anything over 10 MB, and binary content.
+                    let lfs = size > 0
+                        && ([".safetensors", ".gguf", ".bin"].iter().any(|e| path.ends_with(e))
+                            || size > 10_000_000
+                            || sample.contains(&0));
+                    serde_json::json!({ "path": path, "uploadMode": if lfs { "lfs" } else { "regular" }, "shouldIgnore": false })
+                })
+                .collect();
+            Resp::json(200, serde_json::json!({ "files": modes }))
+        }
+        "batch" => {
+            if body["operation"] != "upload"
+                || !body["transfers"].as_array().is_some_and(|t| t.iter().any(|x| x == "basic"))
+            {
+                return Some(Resp::error(400, "", "only the upload operation with the basic transfer is supported"));
+            }
+            let cdn = st.cdn_origin.clone().unwrap_or_else(|| st.origin.clone());
+            let prefix = if repo_type == RepoType::Dataset { "datasets/" } else { "" };
+            let objects: Vec<_> = body["objects"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|o| {
+                    let (oid, size) = (o["oid"].as_str().unwrap_or(""), o["size"].as_u64().unwrap_or(0));
+                    if st.lfs_objects.get(oid).is_some_and(|d| d.len() as u64 == size) {
+                        return serde_json::json!({ "oid": oid, "size": size });
+                    }
+                    serde_json::json!({ "oid": oid, "size": size, "authenticated": true, "actions": {
+                        "upload": { "href": format!("{cdn}/lfs-upload/{oid}?size={size}"), "header": {} },
+                        "verify": { "href": format!("{}/{prefix}{repo_id}.git/info/lfs/objects/verify", st.origin), "header": {} },
+                    }})
+                })
+                .collect();
+            let mut r = Resp::json(200, serde_json::json!({ "transfer": "basic", "objects": objects }));
+            r.headers = vec![("Content-Type".into(), "application/vnd.git-lfs+json".into())];
+            r
+        }
+        "verify" => {
+            let (oid, size) = (body["oid"].as_str().unwrap_or(""), body["size"].as_u64().unwrap_or(0));
+            match st.lfs_objects.get(oid) {
+                Some(d) if d.len() as u64 == size => Resp::json(200, serde_json::json!({})),
+                _ => Resp::error(404, "", "object not found"),
+            }
+        }
+        "commit" => {
+            if st.faults.reject_commit > 0 {
+                st.faults.reject_commit -= 1;
+                return Some(Resp::error(422, "", "injected commit failure"));
+            }
+            match parse_commit(st, &req.body) {
+                Ok(files) => {
+                    let oid = commit_files(st, repo_type, &repo_id, &rev, files);
+                    let url = format!(
+                        "{}/{prefix}{repo_id}/commit/{oid}",
+                        st.origin,
+                        prefix = if repo_type == RepoType::Dataset { "datasets/" } else { "" }
+                    );
+                    Resp::json(200, serde_json::json!({ "commitUrl": url, "commitOid": oid, "pullRequestUrl": null }))
+                }
+                Err(msg) => Resp::error(400, "", &msg),
+            }
+        }
+        _ => Resp::error(404, "", "unknown endpoint"),
+    })
+}
+
+/// The files of an NDJSON commit body: a `header` line with a summary, then `file` (base64) and
+/// `lfsFile` (an uploaded object) lines.
+fn parse_commit(st: &State, body: &[u8]) -> Result<Vec<(String, TestFile)>, String> {
+    let text = std::str::from_utf8(body).map_err(|e| format!("body is not UTF-8: {e}"))?;
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let head: serde_json::Value =
+        serde_json::from_str(lines.next().ok_or("empty commit")?).map_err(|e| format!("bad header line: {e}"))?;
+    if head["key"] != "header" || !head["value"]["summary"].is_string() {
+        return Err("the first line must be the header with a summary".into());
+    }
+    let mut files = Vec::new();
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("bad line: {e}"))?;
+        let path = v["value"]["path"].as_str().ok_or("an operation without a path")?.to_string();
+        super::names::repo_path(&path).map_err(|e| e.to_string())?;
+        let file = match v["key"].as_str() {
+            Some("file") => {
+                if v["value"]["encoding"] != "base64" {
+                    return Err(format!("{path}: only base64 encoding is supported"));
+                }
+                let data = super::base64::decode(v["value"]["content"].as_str().unwrap_or(""))
+                    .ok_or_else(|| format!("{path}: content is not base64"))?;
+                TestFile { data: Arc::new(data), lfs: false }
+            }
+            Some("lfsFile") => {
+                let oid = v["value"]["oid"].as_str().unwrap_or("");
+                if v["value"]["algo"] != "sha256" {
+                    return Err(format!("{path}: algo must be sha256"));
+                }
+                let data =
+                    st.lfs_objects.get(oid).ok_or_else(|| format!("{path}: LFS object {oid} was never uploaded"))?;
+                if v["value"]["size"].as_u64().is_some_and(|s| s != data.len() as u64) {
+                    return Err(format!("{path}: size differs from the uploaded object"));
+                }
+                TestFile { data: data.clone(), lfs: true }
+            }
+            other => return Err(format!("unsupported operation {other:?}")),
+        };
+        files.push((path, file));
+    }
+    Ok(files)
+}
+
+/// `PUT /lfs-upload/<oid>`: store the object if its sha256 is the oid.
+fn lfs_put(st: &mut State, req: &Req, oid: &str) -> Resp {
+    if req.headers.contains_key("authorization") {
+        return Resp::error(400, "", "Only one auth mechanism allowed");
+    }
+    let got = hex::encode(sha2::Sha256::digest(&req.body));
+    if got != oid {
+        return Resp::error(400, "", &format!("content sha256 {got} is not the oid {oid}"));
+    }
+    st.lfs_objects.insert(got, Arc::new(req.body.clone()));
+    let mut r = Resp::json(200, serde_json::json!({}));
+    r.headers.push(("ETag".into(), format!("\"{oid}\"")));
+    r
 }
 
 fn serve_cdn(st: &mut State, sha: &str, req: &Req) -> Resp {
