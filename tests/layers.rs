@@ -25,6 +25,8 @@ const LAYERS: &[&[&str]] = &[
     &["cache"],
     &["data"],
     &["hub"],
+    // Uploads a folder as one Hub commit; nothing in `hub` depends on it (the CLI exports first).
+    &["hub::push"],
     // Run records: implement data's `RejectSink`.
     &["runs"],
     // Model references (`hf://…`, a stage, `<run>:<stage>`, a folder) resolved to local weights.

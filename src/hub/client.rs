@@ -42,7 +42,7 @@ impl RemoteFile {
 }
 
 /// What one failed attempt means for the retry loop.
-enum Attempt {
+pub(super) enum Attempt {
     /// Transient: try again after the backoff (or the server's `Retry-After`).
     Retry { reason: String, after: Option<Duration> },
     /// A download broke off after receiving more bytes: resume at once, without counting an attempt
@@ -80,7 +80,12 @@ impl<'a> Client<'a> {
         Self { opts, agent, dataset: uri.to_string(), repo_type: uri.repo_type, repo_id: uri.repo_id.clone() }
     }
 
-    fn endpoint(&self) -> &str {
+    /// The HTTP agent (no automatic redirects, statuses are not errors).
+    pub(super) fn agent(&self) -> &ureq::Agent {
+        &self.agent
+    }
+
+    pub(super) fn endpoint(&self) -> &str {
         self.opts.endpoint.trim_end_matches('/')
     }
 
@@ -134,7 +139,7 @@ impl<'a> Client<'a> {
 
     /// Run `f` until it succeeds, fails permanently, or the retries run out (bounded exponential
     /// backoff; `Retry-After` honoured up to `retry_after_max`).
-    fn with_retries<T>(&self, url: &str, mut f: impl FnMut() -> Result<T, Attempt>) -> Result<T, HubError> {
+    pub(super) fn with_retries<T>(&self, url: &str, mut f: impl FnMut() -> Result<T, Attempt>) -> Result<T, HubError> {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -219,7 +224,7 @@ impl<'a> Client<'a> {
         }
     }
 
-    fn transport(&self, e: ureq::Error) -> Attempt {
+    pub(super) fn transport(&self, e: ureq::Error) -> Attempt {
         // Every transport-level failure (refused, reset, timeout, truncated headers) is transient.
         Attempt::Retry { reason: e.to_string(), after: None }
     }
@@ -574,7 +579,7 @@ pub fn normalize_etag(e: &str) -> String {
 }
 
 /// Percent-encode `/` in a revision so `refs/convert/parquet` stays one path segment.
-fn encode_segment(s: &str) -> String {
+pub(super) fn encode_segment(s: &str) -> String {
     s.replace('/', "%2F")
 }
 
@@ -584,7 +589,7 @@ fn origin(url: &str) -> &str {
     &url[..end]
 }
 
-fn same_origin(url: &str, endpoint: &str) -> bool {
+pub(super) fn same_origin(url: &str, endpoint: &str) -> bool {
     origin(url).eq_ignore_ascii_case(origin(endpoint))
 }
 

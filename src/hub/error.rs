@@ -1,4 +1,4 @@
-//! What can go wrong while fetching from the Hub. Every message is one line that names the dataset
+//! What can go wrong while fetching from or pushing to the Hub. Every message is one line that names the dataset
 //! (its `hf://` URI), the URL involved and what the user can do about it. No variant ever carries
 //! the access token.
 
@@ -127,6 +127,54 @@ pub enum HubError {
         dataset: String,
         /// The parser's message (it already says what is expected).
         reason: String,
+    },
+    /// `mmrun push` without a token: nothing was sent.
+    #[error("{repo}: no Hugging Face token, so nothing was pushed; set HF_TOKEN to a token with write access to {repo} (https://huggingface.co/settings/tokens), or run `huggingface-cli login`")]
+    NoToken {
+        /// The `hf://` target.
+        repo: String,
+    },
+    /// 401/403 on an upload endpoint: the token is missing, invalid or read-only.
+    #[error("{repo}: the Hub refused the push (HTTP {status}) at {url}; set HF_TOKEN to a token with write access to {repo}{token_hint}")]
+    PushDenied {
+        /// The `hf://` target.
+        repo: String,
+        /// 401 or 403.
+        status: u16,
+        /// The URL that refused.
+        url: String,
+        /// What the status suggests about the token.
+        token_hint: &'static str,
+    },
+    /// The push target is not `hf://<owner>/<name>[@<branch>]`: nothing was sent.
+    #[error("push target '{target}': {reason}")]
+    BadTarget {
+        /// The target as written.
+        target: String,
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+    /// The Hub answered an upload request with a permanent error.
+    #[error("{repo}: the Hub refused the upload at {url}: HTTP {status}: {message}; fix that and rerun `mmrun push` (large files already uploaded are not sent again)")]
+    PushRefused {
+        /// The `hf://` target.
+        repo: String,
+        /// The URL.
+        url: String,
+        /// The status.
+        status: u16,
+        /// The Hub's `error` message (or the start of the body).
+        message: String,
+    },
+    /// A file of the folder being pushed cannot be read.
+    #[error("{repo}: cannot read {path} to push it: {source}")]
+    PushRead {
+        /// The `hf://` target.
+        repo: String,
+        /// The local file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
     },
     /// A local file-system failure in the cache.
     #[error("{dataset}: cannot write the Hub cache at {path}: {source}; check permissions or set HF_HUB_CACHE")]

@@ -1,5 +1,5 @@
 //! Hugging Face Hub client over `ureq`: revisions, tree listing, resolve, verification, Range
-//! resume, retries, offline mode, and the HF cache layout.
+//! resume, retries, offline mode, and the HF cache layout; [`push`] uploads a folder as one commit.
 //!
 //! Entry point for the pipeline: [`resolve_dataset`] turns an `hf://` URI (plus, when the recipe has
 //! a lock, the locked commit and files) into local files inside the shared HF cache. [`lock`] reads
@@ -8,11 +8,13 @@
 //! API boundary: nothing here knows about recipes' stages or models; the token never leaves
 //! [`Token`] except as an `Authorization` header to the configured endpoint.
 
+mod base64;
 pub mod cache;
 pub mod client;
 pub mod error;
 pub mod lock;
 pub mod names;
+pub mod push;
 #[doc(hidden)]
 pub mod testserver;
 pub mod uri;
