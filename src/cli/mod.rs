@@ -95,6 +95,28 @@ pub enum Command {
         #[arg(long)]
         recipe: Option<PathBuf>,
     },
+    /// Upload a model to a Hugging Face Hub model repository as one commit (needs HF_TOKEN with
+    /// write access). Stages, runs and Hub models are exported with `--to hf` first; a folder
+    /// (config.json + safetensors) is pushed as it is. Large files already on the Hub are not sent
+    /// again, so rerunning an interrupted push resumes it.
+    Push {
+        /// The model: a stage of --recipe, `<run>:<stage>`, a local folder, or `hf://<owner>/<name>[@rev]`.
+        model: String,
+        /// The repository: `hf://<owner>/<name>[@<branch>]` (created if missing; the branch must exist).
+        target: String,
+        /// Commit summary (default: "Upload <model> with mmrun").
+        #[arg(long, short)]
+        message: Option<String>,
+        /// Create the repository private (an existing one keeps its visibility).
+        #[arg(long)]
+        private: bool,
+        /// For a LoRA stage: push the PEFT adapter instead of the merged model.
+        #[arg(long)]
+        adapter: bool,
+        /// Recipe whose stage names `model` may use.
+        #[arg(long)]
+        recipe: Option<PathBuf>,
+    },
     /// Free every cache entry no run record references and no running mmrun uses (objects,
     /// shards, builtin data, checkpoints, temporary files, locks, old cache layouts).
     Gc {
@@ -112,7 +134,7 @@ pub enum Command {
 }
 
 const SUBCOMMANDS: &[&str] =
-    &["run", "plan", "runs", "diff", "resume", "bench", "update", "export", "gc", "verify", "help"];
+    &["run", "plan", "runs", "diff", "resume", "bench", "update", "export", "push", "gc", "verify", "help"];
 /// Global options that take a value (so the shorthand detection skips their values).
 const VALUE_OPTS: &[&str] = &["--set", "--home", "--runs-dir"];
 
@@ -275,6 +297,46 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             };
             let out = crate::export::export(&resolved, &opts)?;
             println!("exported {} ({}) to {}", resolved.reference, resolved.origin, out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Push { model, target, message, private, adapter, recipe } => {
+            // Everything that can be refused without the network is refused before any request.
+            let target = crate::hub::push::PushTarget::parse(target)?;
+            let hub = crate::hub::HubOptions::from_env();
+            crate::hub::push::require_token(&target, &hub)?;
+            let src = recipe.as_ref().map(|p| RecipeSource { path: p.clone(), overrides: cli.set.clone(), text: None });
+            let resolved = pipeline::resolve_model(model, &paths, src.as_ref())?;
+            let tmp;
+            let dir = match &resolved.origin {
+                crate::modelref::Origin::Folder(dir) if !*adapter => dir.clone(),
+                _ => {
+                    tmp = tempfile::tempdir().context("creating a temporary folder for the export")?;
+                    let opts = crate::export::ExportOptions {
+                        format: crate::export::Format::Hf,
+                        out: tmp.path().join("model"),
+                        dtype: crate::export::GgufDtype::F16,
+                        force: false,
+                        adapter: *adapter,
+                        runs_dir: Some(paths.runs_dir.clone()),
+                    };
+                    crate::export::export(&resolved, &opts)
+                        .with_context(|| format!("exporting {} before pushing it", resolved.reference))?
+                }
+            };
+            let opts = crate::hub::push::PushOptions {
+                message: message.clone().unwrap_or_else(|| format!("Upload {} with mmrun", resolved.reference)),
+                description: format!("Pushed by mmrun {} from {}.", crate::VERSION, resolved.origin),
+                private: *private,
+            };
+            let pushed = crate::hub::push::push_folder(&dir, &target, &hub, &opts)?;
+            println!(
+                "pushed {} ({}) to {target}: {} files, {} large files uploaded, {} already on the Hub",
+                resolved.reference, resolved.origin, pushed.files, pushed.uploaded, pushed.already_there
+            );
+            println!("commit {}", pushed.commit_oid);
+            if !pushed.commit_url.is_empty() {
+                println!("{}", pushed.commit_url);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Gc { dry_run } => {
