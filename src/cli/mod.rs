@@ -323,9 +323,17 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                         .with_context(|| format!("exporting {} before pushing it", resolved.reference))?
                 }
             };
+            // A local folder's path stays out of the public commit (its name is enough); stages,
+            // runs and Hub models are named in full.
+            let (name, from) = match &resolved.origin {
+                crate::modelref::Origin::Folder(p) => {
+                    (p.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned()), String::new())
+                }
+                origin => (resolved.reference.clone(), format!(" from {origin}")),
+            };
             let opts = crate::hub::push::PushOptions {
-                message: message.clone().unwrap_or_else(|| format!("Upload {} with mmrun", resolved.reference)),
-                description: format!("Pushed by mmrun {} from {}.", crate::VERSION, resolved.origin),
+                message: message.clone().unwrap_or_else(|| format!("Upload {name} with mmrun")),
+                description: format!("Pushed by mmrun {}{from}.", crate::VERSION),
                 private: *private,
             };
             let pushed = crate::hub::push::push_folder(&dir, &target, &hub, &opts)?;
