@@ -278,7 +278,7 @@ where
 
     if let Some(p) = &opts.plot_path {
         // A missing plot must never fail a finished training run.
-        if let Err(e) = super::plot::loss_curve_png(p, &st.losses) {
+        if let Err(e) = super::plot::stage_png(p, &opts.stage, &st.losses, opts.metrics_path.as_deref()) {
             tracing::warn!("could not draw the loss curve: {e:#}");
         }
     }
