@@ -15,12 +15,14 @@ pub mod eval;
 pub mod exec;
 pub mod export;
 pub mod hub;
+pub mod infer;
 pub mod model;
 pub mod modelref;
 pub mod plan;
 pub mod progress;
 pub mod recipe;
 pub mod runs;
+pub mod serve;
 pub mod stages;
 #[doc(hidden)]
 pub mod testutil;

@@ -51,6 +51,21 @@ pub enum Command {
     },
     /// List past runs.
     Runs,
+    /// What a run produced: eval table, generations, models and the commands to talk to them
+    /// (the last run when none is named).
+    Show {
+        /// Run directory name or unique prefix.
+        run: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Talk to a model in the terminal: streaming, multi-turn, `/reset`, `/save <file>`; one
+    /// answer with `-p "…"` or from stdin when it is not a terminal.
+    Chat(crate::infer::chat::ChatArgs),
+    /// Serve models over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /// /v1/models, /health) with a web chat page at /; 127.0.0.1:8998 by default.
+    Serve(crate::serve::ServeArgs),
     /// Compare two runs: params, stage keys, metrics, loss curves, eval generations.
     Diff {
         /// First run (directory name or unique prefix).
@@ -133,8 +148,10 @@ pub enum Command {
     },
 }
 
-const SUBCOMMANDS: &[&str] =
-    &["run", "plan", "runs", "diff", "resume", "bench", "update", "export", "push", "gc", "verify", "help"];
+const SUBCOMMANDS: &[&str] = &[
+    "run", "plan", "runs", "show", "chat", "serve", "diff", "resume", "bench", "update", "export", "push", "gc",
+    "verify", "help",
+];
 /// Global options that take a value (so the shorthand detection skips their values).
 const VALUE_OPTS: &[&str] = &["--set", "--home", "--runs-dir"];
 
@@ -212,7 +229,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Run { recipe } => {
             let src = RecipeSource { path: recipe.clone(), overrides: cli.set.clone(), text: None };
-            finish(pipeline::run(&src, &paths)?)
+            finish(pipeline::run(&src, &paths)?, &paths)
         }
         Command::Plan { recipe, json, why } => {
             let cache = crate::cache::Cache::open(&paths.home)
@@ -235,6 +252,30 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Runs => {
             print!("{}", format_runs(&crate::runs::list_runs(&paths.runs_dir)?));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { run, json } => {
+            let target = match run {
+                Some(name) => crate::runs::find_run(&paths.runs_dir, name)?,
+                None => crate::runs::list_runs(&paths.runs_dir)?
+                    .pop()
+                    .ok_or_else(|| anyhow::anyhow!("no runs in {} yet", paths.runs_dir.display()))?,
+            };
+            let report = crate::runs::show_run(&target, crate::cache::Cache::open(&paths.home).ok().as_ref());
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::runs::render_show(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Chat(args) => {
+            crate::infer::chat::run(args.clone(), &paths.runs_dir, &paths.home)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(args) => {
+            let runs = crate::serve::RunsDir { runs_dir: paths.runs_dir.clone(), home: paths.home.clone() };
+            crate::serve::run(args.clone(), runs)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Diff { a, b } => {
@@ -264,7 +305,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 overrides: rec.overrides.clone(),
                 text: Some(rec.recipe_text.clone()),
             };
-            finish(pipeline::run(&src, &paths)?)
+            finish(pipeline::run(&src, &paths)?, &paths)
         }
         Command::Bench(args) => {
             let json = args.json;
@@ -365,9 +406,19 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn finish(end: RunEnd) -> anyhow::Result<ExitCode> {
+fn finish(end: RunEnd, paths: &Paths) -> anyhow::Result<ExitCode> {
     Ok(match end {
-        RunEnd::Succeeded { .. } => ExitCode::SUCCESS,
+        RunEnd::Succeeded { run_dir, .. } => {
+            // What the run produced, on stdout (the progress and "done" lines went to stderr).
+            match crate::runs::find_run(&paths.runs_dir, &run_dir.display().to_string()) {
+                Ok(run) => {
+                    let cache = crate::cache::Cache::open(&paths.home).ok();
+                    print!("{}", crate::runs::render_show(&crate::runs::show_run(&run, cache.as_ref())));
+                }
+                Err(e) => eprintln!("warning: could not read back the run record: {e}"),
+            }
+            ExitCode::SUCCESS
+        }
         RunEnd::Failed { run_dir, error } => {
             eprintln!("error: {error:#}");
             eprintln!("run record: {}", run_dir.display());

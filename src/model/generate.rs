@@ -262,7 +262,7 @@ fn row_seed(seed: u64, row: usize) -> u64 {
 
 /// New text since the last call: decode the whole row (byte-level BPE tokens may split a UTF-8
 /// character) and hold back while the tail is an incomplete character (U+FFFD).
-fn text_delta(decode: &dyn Fn(&[u32]) -> String, ids: &[u32], emitted: &mut String) -> String {
+pub fn text_delta(decode: &dyn Fn(&[u32]) -> String, ids: &[u32], emitted: &mut String) -> String {
     let full = decode(ids);
     if full.ends_with('\u{FFFD}') {
         return String::new();

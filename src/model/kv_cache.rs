@@ -17,6 +17,19 @@ struct LayerCache {
     len: usize,
 }
 
+impl LayerCache {
+    /// A cache holding exactly `k`, `v` (`[B, P, K, D]`) with room to grow.
+    fn with_room(k: Tensor, v: Tensor) -> Result<Self> {
+        let (b, len, kh, d) = k.dims4()?;
+        let cap = (len * 2).max(64);
+        let kb = Tensor::zeros((b, cap, kh, d), k.dtype(), k.device())?;
+        let vb = Tensor::zeros((b, cap, kh, d), v.dtype(), v.device())?;
+        kb.slice_set(&k.contiguous()?, 1, 0)?;
+        vb.slice_set(&v.contiguous()?, 1, 0)?;
+        Ok(Self { k: kb, v: vb, len })
+    }
+}
+
 impl KvCache {
     /// An empty cache for `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
@@ -73,5 +86,57 @@ impl KvCache {
         }
         let c = slot.as_ref().expect("just set");
         Ok((c.k.narrow(1, 0, c.len)?, c.v.narrow(1, 0, c.len)?))
+    }
+
+    /// Keep only the sequences `rows` (in that order), e.g. when some rows of a serving batch
+    /// finished.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        for c in self.layers.iter_mut().flatten() {
+            let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), c.k.device())?;
+            let pick = |x: &Tensor| x.narrow(1, 0, c.len)?.contiguous()?.index_select(&idx, 0);
+            let (k, v) = (pick(&c.k)?, pick(&c.v)?);
+            *c = LayerCache::with_room(k, v)?;
+        }
+        Ok(())
+    }
+
+    /// Add `other`'s sequences after this cache's. The shorter side is padded with zero
+    /// positions at the front so both have the same length; the caller masks those keys
+    /// (`key_mask` of `forward_step_masked`). RoPE is relative, so a row's own positions only
+    /// have to be consistent with each other, which padding at the front keeps.
+    pub fn append_rows(&mut self, other: &KvCache) -> Result<()> {
+        if self.layers.len() != other.layers.len() {
+            candle_core::bail!("append_rows: caches of {} and {} layers", self.layers.len(), other.layers.len());
+        }
+        for (mine, theirs) in self.layers.iter_mut().zip(&other.layers) {
+            let Some(t) = theirs else { continue };
+            let Some(m) = mine else {
+                *mine = Some(t.clone());
+                continue;
+            };
+            let len = m.len.max(t.len);
+            let padded = |x: &Tensor, n: usize| -> Result<Tensor> {
+                let x = x.narrow(1, 0, n)?;
+                if n == len {
+                    return Ok(x);
+                }
+                let (b, _, kh, d) = x.dims4()?;
+                Tensor::cat(&[&Tensor::zeros((b, len - n, kh, d), x.dtype(), x.device())?, &x], 1)
+            };
+            let k = Tensor::cat(&[padded(&m.k, m.len)?, padded(&t.k, t.len)?], 0)?;
+            let v = Tensor::cat(&[padded(&m.v, m.len)?, padded(&t.v, t.len)?], 0)?;
+            *m = LayerCache::with_room(k, v)?;
+        }
+        Ok(())
+    }
+
+    /// Forget the first `n` positions of every sequence (positions that are padding for all rows).
+    pub fn trim_front(&mut self, n: usize) -> Result<()> {
+        for c in self.layers.iter_mut().flatten() {
+            let keep = c.len.saturating_sub(n);
+            let (k, v) = (c.k.narrow(1, c.len - keep, keep)?, c.v.narrow(1, c.len - keep, keep)?);
+            *c = LayerCache::with_room(k, v)?;
+        }
+        Ok(())
     }
 }

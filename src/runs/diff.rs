@@ -170,7 +170,7 @@ fn short(key: &str) -> &str {
     &key[..key.len().min(12)]
 }
 
-fn one_line(t: &str) -> String {
+pub(super) fn one_line(t: &str) -> String {
     let t = t.replace('\n', "⏎");
     if t.chars().count() > 100 {
         format!("{}…", t.chars().take(100).collect::<String>())
@@ -258,7 +258,7 @@ type Generation = (String, Vec<(String, String)>);
 /// `(prompt, [(model, text)])` from an eval report's `generations`, when the object exists.
 /// Accepts either `{"prompt", "model", "output"|"completion"|"text"|"response"}` entries or
 /// `{"prompt", "outputs": {model: text}}`.
-fn generations(cache: &Cache, key: &str) -> Option<Vec<Generation>> {
+pub(super) fn generations(cache: &Cache, key: &str) -> Option<Vec<Generation>> {
     let art = cache.object(key)?;
     let text = std::fs::read_to_string(art.report_json()).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;

@@ -8,10 +8,12 @@
 mod diff;
 mod list;
 mod record;
+mod show;
 
 pub use diff::{diff_runs, DiffOptions};
 pub use list::{find_run, last_unfinished, list_runs, referenced_keys, RunSummary};
 pub use record::{DatasetLock, RunLock, RunRecord, RunStatus, StageRecord, StageStatus};
+pub use show::{render_text as render_show, show_run, EvalTable, ModelLine, RunReport, StageLine};
 
 use crate::data::rejects::RejectLog;
 use std::io::Write;
