@@ -71,7 +71,7 @@ fn one_shot_piped_and_interactive_chat() {
     // A bad model reference says what it tried.
     let (code, _, err) = run(d, &["chat", "nowhere"], "");
     assert_eq!(code, 1);
-    assert!(err.contains("'nowhere' is neither a model folder"), "{err}");
+    assert!(err.contains("model 'nowhere' not found; tried"), "{err}");
 }
 
 #[test]

@@ -270,12 +270,14 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Chat(args) => {
-            crate::infer::chat::run(args.clone(), &paths.runs_dir, &paths.home)?;
+            let model = model_ref(&args.model, &paths)?;
+            crate::infer::chat::run(args.clone(), &model)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => {
+            let models = args.models.iter().map(|m| model_ref(m, &paths)).collect::<anyhow::Result<Vec<_>>>()?;
             let runs = crate::serve::RunsDir { runs_dir: paths.runs_dir.clone(), home: paths.home.clone() };
-            crate::serve::run(args.clone(), runs)?;
+            crate::serve::run(args.clone(), &models, runs)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Diff { a, b } => {
@@ -404,6 +406,12 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(if r.damaged.is_empty() || *repair { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
+}
+
+/// A model reference (run stage, folder, Hub repository) as a loadable full model.
+fn model_ref(reference: &str, paths: &Paths) -> anyhow::Result<crate::infer::ModelRef> {
+    let resolved = pipeline::resolve_model(reference, paths, None)?;
+    Ok(crate::infer::ModelRef::from_resolved(&resolved)?)
 }
 
 fn finish(end: RunEnd, paths: &Paths) -> anyhow::Result<ExitCode> {

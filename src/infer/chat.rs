@@ -41,7 +41,7 @@ pub struct SamplingArgs {
 /// `mmrun chat` options.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ChatArgs {
-    /// The model: `<run>:<stage>` (see `mmrun show`) or a model folder.
+    /// The model: `<run>:<stage>` (see `mmrun show`), a model folder, or `hf://<owner>/<name>`.
     pub model: String,
     /// Ask one question, print the answer, exit.
     #[arg(short, long, value_name = "TEXT")]
@@ -286,10 +286,9 @@ impl Session {
     }
 }
 
-/// `mmrun chat`: resolve and load the model, then talk.
-pub fn run(args: ChatArgs, runs_dir: &std::path::Path, home: &std::path::Path) -> anyhow::Result<()> {
-    let r = super::resolve(&args.model, runs_dir, home)?;
-    let loaded = super::LoadedModel::load(&r)?;
+/// `mmrun chat`: load the model `args.model` resolved to, then talk.
+pub fn run(args: ChatArgs, model: &super::ModelRef) -> anyhow::Result<()> {
+    let loaded = super::LoadedModel::load(model)?;
     let (engine, mut infos, _worker) =
         super::start(vec![loaded], super::engine::EngineLimits { queue: 1, max_batch: 1 })?;
     Session::new(engine, infos.remove(0), args)?.run()

@@ -1,4 +1,4 @@
-//! Talking to trained models: find a model by reference, load it with its tokenizer and chat
+//! Talking to trained models: load a model (found by `crate::modelref`) with its tokenizer and chat
 //! template, render conversations, and generate through the batching [`engine`]; the model's
 //! output is split into answer, reasoning and tool calls by [`parse`]. `mmrun chat` ([`chat`])
 //! and `mmrun serve` (`crate::serve`) are thin front ends over this module.
@@ -10,57 +10,35 @@ pub mod parse;
 use crate::data::read::Message;
 use crate::data::tokenize::TextTokenizer;
 use anyhow::Context;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// A model folder found from a reference, with the name clients use for it.
 #[derive(Clone, Debug)]
 pub struct ModelRef {
-    /// The name shown to clients (`/v1/models`): the stage name, or the folder's name.
+    /// The name shown to clients (`/v1/models`): the stage name, the folder's or repository's name.
     pub name: String,
     /// A transformers-layout folder (`config.json`, `model.safetensors`, tokenizer files).
     pub dir: PathBuf,
 }
 
-/// Resolve a model reference: `<run>:<stage>` (a run directory name or unique prefix, and one of
-/// its stages that produced a model) or a model folder.
-pub fn resolve(reference: &str, runs_dir: &Path, home: &Path) -> anyhow::Result<ModelRef> {
-    let as_dir = Path::new(reference);
-    if as_dir.join(crate::artifact::layout::MODEL_CONFIG_JSON).is_file() {
-        let name = as_dir
-            .canonicalize()
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| reference.to_string());
-        return Ok(ModelRef { name, dir: as_dir.to_path_buf() });
+impl ModelRef {
+    /// The full model of a resolved reference (a LoRA stage needs `merge = true`), named after
+    /// its stage, folder or repository.
+    pub fn from_resolved(r: &crate::modelref::ResolvedModel) -> Result<Self, crate::modelref::ModelRefError> {
+        use crate::modelref::Origin;
+        let dir = r.full_model_dir()?.to_path_buf();
+        let name = match &r.origin {
+            Origin::Stage { stage, .. } | Origin::Run { stage, .. } => stage.clone(),
+            Origin::Hub { repo_id, .. } => repo_id.rsplit('/').next().unwrap_or(repo_id).to_string(),
+            Origin::Folder(p) => p
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| r.reference.clone()),
+        };
+        Ok(Self { name, dir })
     }
-    let Some((run, stage)) = reference.rsplit_once(':') else {
-        anyhow::bail!(
-            "'{reference}' is neither a model folder (no config.json there) nor <run>:<stage>; \
-             `mmrun show` lists the models of the last run"
-        );
-    };
-    let found = crate::runs::find_run(runs_dir, run)?;
-    let Some(st) = found.record.stage(stage) else {
-        let names: Vec<&str> = found.record.stages.iter().map(|s| s.name.as_str()).collect();
-        anyhow::bail!("run {} has no stage '{stage}' (it has: {})", found.record.id, names.join(", "));
-    };
-    let cache = crate::cache::Cache::open(home).with_context(|| format!("opening the cache {}", home.display()))?;
-    let Some(art) = cache.object(&st.key) else {
-        anyhow::bail!(
-            "stage '{stage}' of run {} is not in the cache {} (removed by `mmrun gc`?); rerun the recipe to rebuild it",
-            found.record.id,
-            home.display()
-        );
-    };
-    if !art.model_weights().is_file() {
-        anyhow::bail!(
-            "stage '{stage}' of run {} produced {}, not a model you can talk to",
-            found.record.id,
-            art.kind().describe()
-        );
-    }
-    Ok(ModelRef { name: stage.to_string(), dir: art.dir })
 }
 
 /// A loaded model: weights plus tokenizer and chat template.

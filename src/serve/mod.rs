@@ -32,7 +32,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 /// `mmrun serve` options.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Models to serve: `<run>:<stage>` (see `mmrun show`) or model folders.
+    /// Models to serve: `<run>:<stage>` (see `mmrun show`), model folders, or `hf://<owner>/<name>`.
     #[arg(required = true)]
     pub models: Vec<String>,
     /// Address to bind (127.0.0.1: only this machine; 0.0.0.0 exposes it, set --api-key then).
@@ -95,15 +95,14 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .with_state(state)
 }
 
-/// `mmrun serve`: load the models, start the engine, serve until Ctrl-C.
-pub fn run(args: ServeArgs, runs: RunsDir) -> anyhow::Result<()> {
+/// `mmrun serve`: load the models (`args.models`, resolved), start the engine, serve until Ctrl-C.
+pub fn run(args: ServeArgs, models: &[crate::infer::ModelRef], runs: RunsDir) -> anyhow::Result<()> {
     let mut loaded = Vec::new();
-    for m in &args.models {
-        let r = crate::infer::resolve(m, &runs.runs_dir, &runs.home)?;
+    for r in models {
         if loaded.iter().any(|l: &crate::infer::LoadedModel| l.name == r.name) {
             anyhow::bail!("two models are named '{}'; serve them from separate processes or folders", r.name);
         }
-        loaded.push(crate::infer::LoadedModel::load(&r)?);
+        loaded.push(crate::infer::LoadedModel::load(r)?);
     }
     let (engine, models, _worker) =
         crate::infer::start(loaded, EngineLimits { queue: args.queue, max_batch: args.max_batch })?;
