@@ -28,9 +28,10 @@ fn run(dir: &std::path::Path, args: &[&str], stdin: &str) -> (i32, String, Strin
 fn one_shot_piped_and_interactive_chat() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    mmrun::testutil::script_model(&d.join("plain"), &["Hello", " there!"]).unwrap();
-    mmrun::testutil::script_model(&d.join("think"), &["Let me think.", "</think>", "The answer is 4."]).unwrap();
-    mmrun::testutil::script_model(
+    mmrun::infer::testmodels::script_model(&d.join("plain"), &["Hello", " there!"]).unwrap();
+    mmrun::infer::testmodels::script_model(&d.join("think"), &["Let me think.", "</think>", "The answer is 4."])
+        .unwrap();
+    mmrun::infer::testmodels::script_model(
         &d.join("tools"),
         &["<tool_call>", "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}", "</tool_call>"],
     )
@@ -78,7 +79,7 @@ fn one_shot_piped_and_interactive_chat() {
 fn seeds_reproduce_answers_and_ctrl_c_stops_only_the_answer() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    mmrun::testutil::random_model(&d.join("noise")).unwrap();
+    mmrun::infer::testmodels::random_model(&d.join("noise")).unwrap();
     let sample = |seed: &str| {
         let args = [
             "chat",

@@ -38,6 +38,9 @@ const LAYERS: &[&[&str]] = &[
     &["train"],
     &["align"],
     &["stages"],
+    // Talking to models: loading, the batching engine, chat; the HTTP server on top.
+    &["infer"],
+    &["serve"],
     &["plan"],
     &["exec"],
     &["cli"],

@@ -33,10 +33,10 @@ const THINK: &[&str] = &["Let me think.", "</think>", "The answer is 4."];
 fn serve(extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
-    mmrun::testutil::script_model(&p("plain"), PLAIN).unwrap();
-    mmrun::testutil::script_model(&p("tools"), TOOL).unwrap();
-    mmrun::testutil::script_model(&p("think"), THINK).unwrap();
-    mmrun::testutil::random_model(&p("noise")).unwrap();
+    mmrun::infer::testmodels::script_model(&p("plain"), PLAIN).unwrap();
+    mmrun::infer::testmodels::script_model(&p("tools"), TOOL).unwrap();
+    mmrun::infer::testmodels::script_model(&p("think"), THINK).unwrap();
+    mmrun::infer::testmodels::random_model(&p("noise")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mmrun"))
         .arg("serve")
         .args(["plain", "tools", "think", "noise"].map(p))

@@ -414,7 +414,7 @@ mod tests {
 
     fn load_random() -> (tempfile::TempDir, crate::infer::LoadedModel, crate::infer::LoadedModel) {
         let dir = tempfile::tempdir().unwrap();
-        crate::testutil::random_model(&dir.path().join("m")).unwrap();
+        crate::infer::testmodels::random_model(&dir.path().join("m")).unwrap();
         let r = crate::infer::ModelRef { name: "m".into(), dir: dir.path().join("m") };
         let a = crate::infer::LoadedModel::load(&r).unwrap();
         let b = crate::infer::LoadedModel::load(&r).unwrap();

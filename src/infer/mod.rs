@@ -6,6 +6,8 @@
 pub mod chat;
 pub mod engine;
 pub mod parse;
+#[doc(hidden)]
+pub mod testmodels;
 
 use crate::data::read::Message;
 use crate::data::tokenize::TextTokenizer;
