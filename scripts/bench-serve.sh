@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Serving throughput of `mmrun serve` on this machine: single-stream tokens/s, and total tokens/s
 # with 1, 4 and 16 concurrent streams, for the quickstart model and for the `minimind-small` shape.
+# Prints one JSON object per measurement.
 #
 #   scripts/bench-serve.sh                 # both models (trains them first if needed)
 #   scripts/bench-serve.sh <model>...      # given models: <run>:<stage> or folders
 #
 # Environment: MMRUN_BIN (default target/release/mmrun; build it with `cargo build --release`),
-# TOKENS (answer length, default 128), PORT (default 18998). Needs curl.
+# TOKENS (answer length, default 128; answers ignore end-of-sequence, so each is exactly that
+# long), PORT (default 18998). Needs curl and python3.
 # The quickstart model is the `grpo` stage of recipes/quickstart.toml (trained on first use, cached
 # after). The `minimind-small` model is one pretraining step of that preset (random-quality
 # weights, the real shape and cost: 26M parameters, vocab 6400).
@@ -62,19 +64,20 @@ for model in "${models[@]}"; do
     kill -0 $pid 2>/dev/null || { cat "$WORK/serve.log" >&2; exit 1; }
     sleep 0.2
   done
-  echo "model $model ($TOKENS-token answers, sampled at temperature 1)"
   for n in 1 4 16; do
     start=$(date +%s.%N)
     for i in $(seq "$n"); do
+      # ignore_eos: every answer is exactly $TOKENS tokens, so runs compare like for like.
       curl -s "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' \
-        -d "{\"prompt\": \"Question: What is $i plus 3? Answer:\", \"max_tokens\": $TOKENS, \"temperature\": 1.0, \"seed\": $i}" \
+        -d "{\"prompt\": \"Question: What is $i plus 3? Answer:\", \"max_tokens\": $TOKENS, \"temperature\": 1.0, \"seed\": $i, \"ignore_eos\": true}" \
         >"$WORK/out.$i" &
     done
     wait $(jobs -p | grep -v "^$pid$") 2>/dev/null || true
     end=$(date +%s.%N)
     tokens=$(cat $(seq -f "$WORK/out.%g" 1 "$n") | grep -o '"completion_tokens":[0-9]*' | cut -d: -f2 | awk '{s += $1} END {print s + 0}')
-    awk -v n="$n" -v t="$tokens" -v s="$start" -v e="$end" \
-      'BEGIN { d = e - s; printf "  %2d streams: %6d tokens in %6.2f s = %7.1f tokens/s total, %6.1f per stream\n", n, t, d, t / d, t / d / n }'
+    # One JSON object per measurement (machine-readable; `jq -s` collects them).
+    awk -v m="$model" -v n="$n" -v t="$tokens" -v s="$start" -v e="$end" -v k="$TOKENS" \
+      'BEGIN { d = e - s; printf "{\"bench\": \"serve\", \"model\": \"%s\", \"streams\": %d, \"answer_tokens\": %d, \"tokens\": %d, \"seconds\": %.3f, \"tokens_per_s\": %.1f, \"tokens_per_s_per_stream\": %.1f}\n", m, n, k, t, d, t / d, t / d / n }'
   done
   kill $pid
   wait $pid 2>/dev/null || true

@@ -148,6 +148,15 @@ async fn plain_streamed_completions_seeds_and_stops() {
     assert_eq!(last.usage.as_ref().unwrap().completion_tokens, 2);
     assert!(chunks[..chunks.len() - 1].iter().all(|c| c.usage.is_none()));
 
+    // vLLM's `ignore_eos` keeps generating past the end of sequence, up to max_tokens.
+    let r = chat(
+        &c,
+        json!({"model": "plain", "messages": user("hi"), "temperature": 0, "max_tokens": 6, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(format!("{:?}", r.choices[0].finish_reason), "Some(Length)");
+    assert_eq!(r.usage.unwrap().completion_tokens, 6);
+
     // Completions on the random model: length-limited, usage counted.
     let (st, _, body) = post_raw(
         &s,

@@ -89,30 +89,93 @@ impl Page {
     }
 }
 
+/// Type `text` into the chat box and press Enter; wait until the answer has finished streaming.
+fn send(page: &mut Page, text: &str) {
+    page.eval("document.querySelector('#input').focus()");
+    page.call("Input.insertText", json!({"text": text}));
+    for kind in ["keyDown", "keyUp"] {
+        page.call(
+            "Input.dispatchKeyEvent",
+            json!({"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13}),
+        );
+    }
+    page.wait_for(&format!("[...document.querySelectorAll('.msg.user')].some(m => m.textContent == {})", json!(text)));
+    page.wait_for("document.querySelector('#go').textContent == 'Send'");
+}
+
+/// The last answer's parts, as the page shows them.
+const LAST: &str = "(() => { const a = [...document.querySelectorAll('.msg.assistant')].pop(); \
+    const d = a.querySelector('details'); \
+    return {content: a.querySelector('.content').textContent, meta: a.querySelector('.meta').textContent, \
+            thinking: d.hidden ? null : d.querySelector('.reasoning').textContent, open: d.open, \
+            tools: [...a.querySelectorAll('.tool')].map(t => t.textContent)}; })()";
+
+/// A recipe small enough for a test, with curves (pretraining) and an eval table with generations.
+const RUN_RECIPE: &str = r#"[recipe]
+name = "webrun"
+seed = 3
+device = "cpu"
+[model]
+preset = "tiny"
+[datasets.text]
+source = "builtin:arithmetic"
+format = "text"
+builtin = { count = 100 }
+[datasets.test]
+source = "builtin:arithmetic"
+format = "prompt_answer"
+builtin = { count = 4, seed = 3, split = "test" }
+[stages.tok]
+kind = "tokenizer"
+data = ["text"]
+vocab_size = 300
+[stages.base]
+kind = "pretrain"
+tokenizer = "tok"
+data = "text"
+max_seq_len = 32
+batch_size = 4
+max_steps = 6
+[stages.report]
+kind = "eval"
+models = ["base"]
+data = ["test"]
+prompts = ["What is 2 plus 3?"]
+generation = { max_new_tokens = 4 }
+"#;
+
 #[test]
-fn chat_page_streams_an_answer_and_runs_pages_show_a_run() {
+fn chat_page_streams_answers_and_runs_pages_show_runs_and_a_diff() {
     let Some(chrome) = chromium() else { return };
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    mmrun::infer::testmodels::script_model(&d.join("plain"), &["Hello", " there!"]).unwrap();
-    // A real (tiny) run for the runs pages.
-    std::fs::write(
-        d.join("r.toml"),
-        "[recipe]\nname = \"webrun\"\n[datasets.text]\nsource = \"builtin:arithmetic\"\nformat = \"text\"\n\
-         builtin = { count = 50 }\n[stages.tok]\nkind = \"tokenizer\"\ndata = [\"text\"]\nvocab_size = 300\n",
+    let models = mmrun::infer::testmodels::script_model;
+    models(&d.join("plain"), &["Hello", " there!"]).unwrap();
+    models(&d.join("think"), &["Let me think.", "</think>", "The answer is 4."]).unwrap();
+    models(
+        &d.join("tools"),
+        &["<tool_call>", "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}", "</tool_call>"],
     )
     .unwrap();
+    // Two real (tiny) runs for the runs pages: the second trains two more steps.
+    std::fs::write(d.join("r.toml"), RUN_RECIPE).unwrap();
     let env = |c: &mut Command| {
         c.current_dir(d).env("MMRUN_HOME", d.join("home")).env("MMRUN_RUNS_DIR", d.join("runs"));
     };
-    let mut run = Command::new(env!("CARGO_BIN_EXE_mmrun"));
-    env(&mut run);
-    assert!(run.arg("r.toml").output().unwrap().status.success());
-    let run_id = std::fs::read_dir(d.join("runs")).unwrap().next().unwrap().unwrap().file_name().into_string().unwrap();
+    for set in ["stages.base.max_steps=6", "stages.base.max_steps=8"] {
+        let mut run = Command::new(env!("CARGO_BIN_EXE_mmrun"));
+        env(&mut run);
+        let out = run.args(["r.toml", "--set", set]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut runs: Vec<String> =
+        std::fs::read_dir(d.join("runs")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    runs.sort();
+    assert_eq!(runs.len(), 2, "{runs:?}");
 
     let mut serve = Command::new(env!("CARGO_BIN_EXE_mmrun"));
     env(&mut serve);
-    serve.args(["serve", "plain", "--port", "0"]);
+    serve.args(["serve", "plain", "think", "tools", "--port", "0"]);
     let (_server, line) = start(serve, " on http://");
     let base = format!("http://{}", line.split(" on http://").nth(1).unwrap().split_whitespace().next().unwrap());
 
@@ -141,37 +204,68 @@ fn chat_page_streams_an_answer_and_runs_pages_show_a_run() {
     let (ws, _) = tungstenite::connect(page_ws).expect("CDP websocket");
     let mut page = Page { ws, next: 0 };
 
+    // A phone screen: the page must fit its width.
+    page.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": true}),
+    );
+
     // Chat: the model list loads, we type a message and press Enter, the answer streams in.
     page.call("Page.navigate", json!({"url": format!("{base}/")}));
-    page.wait_for("document.querySelector('#model') && document.querySelector('#model').options.length");
+    page.wait_for("document.querySelector('#model') && document.querySelector('#model').options.length == 3");
     assert_eq!(page.eval("document.querySelector('#model').value"), "plain");
-    page.eval("document.querySelector('#temperature').value = '0'; document.querySelector('#input').focus()");
-    page.call("Input.insertText", json!({"text": "hi there"}));
-    for kind in ["keyDown", "keyUp"] {
-        page.call(
-            "Input.dispatchKeyEvent",
-            json!({"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13}),
-        );
-    }
-    page.wait_for(
-        "document.querySelector('.msg.user') && document.querySelector('.msg.user').textContent == 'hi there'",
+    assert!(page.eval("document.documentElement.scrollWidth").as_u64().unwrap() <= 390, "wider than a phone");
+    page.eval("document.querySelector('#temperature').value = '0'");
+    send(&mut page, "hi there");
+    let last = page.eval(LAST);
+    assert_eq!(last["content"], "Hello there!");
+    assert!(last["meta"].as_str().unwrap().contains("2 tokens"), "{last}");
+    assert_eq!(last["thinking"], Value::Null);
+
+    // Thinking arrives in a collapsed block above the answer.
+    page.eval("document.querySelector('#model').value = 'think'; document.querySelector('#thinking').checked = true");
+    send(&mut page, "what is 2 plus 2?");
+    let last = page.eval(LAST);
+    assert_eq!(last["thinking"], "Let me think.", "{last}");
+    assert_eq!(last["open"], false);
+    assert_eq!(last["content"], "The answer is 4.");
+
+    // A tool call is shown as a card with its name and arguments.
+    page.eval(
+        r#"document.querySelector('#model').value = 'tools'; document.querySelector('#thinking').checked = false;
+           document.querySelector('#tools').value = '[{"type":"function","function":{"name":"get_weather","parameters":{}}}]'"#,
     );
-    let answer = page.wait_for(
-        "(() => { const c = document.querySelector('.assistant .content'); return c && c.textContent == 'Hello there!' && c.textContent })()",
-    );
-    assert_eq!(answer, "Hello there!");
-    page.wait_for("document.querySelector('#go').textContent == 'Send'");
-    assert!(page.eval("document.querySelector('.assistant .meta').textContent").as_str().unwrap().contains("2 tokens"));
+    send(&mut page, "weather in Paris?");
+    let last = page.eval(LAST);
+    let cards = last["tools"].as_array().unwrap();
+    assert_eq!(cards.len(), 1, "{last}");
+    let card = cards[0].as_str().unwrap();
+    assert!(card.contains("get_weather") && card.contains("Paris"), "{card}");
+
     // Nothing was loaded from anywhere but the server.
     let hosts =
         page.eval("[...new Set(performance.getEntriesByType('resource').map(e => new URL(e.name).host))].join(',')");
     assert!(hosts.as_str().unwrap().split(',').all(|h| h.is_empty() || base.ends_with(h)), "{hosts}");
 
-    // Runs: the list shows the run; its page shows the stages.
+    // Runs: the list shows both runs; a run's page shows its stages, curves, eval table and
+    // generations.
     page.call("Page.navigate", json!({"url": format!("{base}/#/runs")}));
-    page.wait_for(&format!("document.body.innerText.includes('{run_id}')"));
-    page.eval(&format!("location.hash = '#/run/{run_id}'"));
+    page.wait_for(&format!(
+        "document.body.innerText.includes('{}') && document.body.innerText.includes('{}')",
+        runs[0], runs[1]
+    ));
+    page.eval(&format!("location.hash = '#/run/{}'", runs[1]));
     page.wait_for("document.querySelector('h3') && document.body.innerText.includes('tokenizer')");
-    assert!(page.eval("document.body.innerText").as_str().unwrap().contains("succeeded"));
+    let text = page.eval("document.body.innerText").as_str().unwrap().to_string();
+    assert!(text.contains("succeeded") && text.contains("eval report") && text.contains("What is 2 plus 3?"), "{text}");
+    let charts = page.eval("[...document.querySelectorAll('svg[aria-label]')].map(s => s.getAttribute('aria-label'))");
+    assert!(charts.as_array().unwrap().iter().any(|c| c.as_str().unwrap().starts_with("base loss")), "{charts}");
+
+    // Diff: the text diff and both runs side by side.
+    page.eval(&format!("location.hash = '#/diff/{}/{}'", runs[0], runs[1]));
+    page.wait_for("document.querySelectorAll('.grid > .panel').length == 3");
+    let diff = page.eval("document.querySelector('.grid pre').textContent").as_str().unwrap().to_string();
+    assert!(diff.contains(&format!("A: {}", runs[0])) && diff.contains(&format!("B: {}", runs[1])), "{diff}");
+    assert!(diff.contains("max_steps"), "{diff}");
     let _ = page.ws.close(None);
 }

@@ -299,7 +299,7 @@ fn make_job(
         max_tokens,
         sampling: SamplingParams { temperature, top_k: c.top_k.unwrap_or(0), top_p, repetition_penalty },
         seed: c.seed.unwrap_or_else(rand::random),
-        stop_ids: info.stop_ids(),
+        stop_ids: if c.ignore_eos { Vec::new() } else { info.stop_ids() },
         stop,
         n,
         stream: c.stream,

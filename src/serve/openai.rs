@@ -99,6 +99,9 @@ pub struct CommonFields {
     pub frequency_penalty: Option<f32>,
     /// Multiplicative repetition penalty (HF semantics; wins over the two above).
     pub repetition_penalty: Option<f32>,
+    /// vLLM's extension: keep generating past end-of-sequence until `max_tokens` (for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// A chat message as clients send it.
