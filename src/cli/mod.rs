@@ -220,8 +220,27 @@ fn report(e: &anyhow::Error) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    eprintln!("error: {e:#}");
+    eprintln!("error: {}", chain_text(e));
     ExitCode::from(1)
+}
+
+/// An error and its causes joined by ": ", like anyhow's `{:#}`, except that a cause whose text the
+/// message before it already contains is left out: our thiserror messages end with `{source}`, and
+/// anyhow's rendering then printed the same sentence twice.
+fn chain_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut prev = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if prev.is_empty() || !prev.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        prev = text;
+    }
+    out
 }
 
 fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
@@ -554,6 +573,30 @@ mod tests {
         assert!(matches!(cli.command, Command::Run { .. }));
         let cli = Cli::try_parse_from(v(&["mmrun", "plan", "r.toml", "--why", "base"])).unwrap();
         assert!(matches!(cli.command, Command::Plan { why: Some(ref s), json: false, .. } if s == "base"));
+    }
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("could not reach the Hub")]
+        struct Io;
+        #[derive(Debug, thiserror::Error)]
+        #[error("dataset d: {source}")]
+        struct Fetch {
+            source: Io,
+        }
+        #[derive(Debug, thiserror::Error)]
+        #[error("bad lock")]
+        struct Lock {
+            #[source]
+            source: Io,
+        }
+        let e = anyhow::Error::new(Fetch { source: Io }).context("fetching");
+        assert_eq!(format!("{e:#}"), "fetching: dataset d: could not reach the Hub: could not reach the Hub");
+        assert_eq!(chain_text(&e), "fetching: dataset d: could not reach the Hub");
+        // A cause its parent does not repeat is kept.
+        let e = anyhow::Error::new(Lock { source: Io }).context("loading");
+        assert_eq!(chain_text(&e), "loading: bad lock: could not reach the Hub");
     }
 
     #[test]
