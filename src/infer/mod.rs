@@ -58,8 +58,9 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Load a model folder on the CPU (generation runs in f32, like eval).
     pub fn load(r: &ModelRef) -> anyhow::Result<Self> {
-        let model = crate::model::weights::load_dir(&r.dir, &candle_core::Device::Cpu, false)
+        let mut model = crate::model::weights::load_dir(&r.dir, &candle_core::Device::Cpu, false)
             .with_context(|| format!("loading model '{}' from {}", r.name, r.dir.display()))?;
+        model.prepare_for_decoding()?;
         let tok = TextTokenizer::from_dir(&r.dir)
             .with_context(|| format!("loading the tokenizer of '{}' from {}", r.name, r.dir.display()))?;
         Ok(Self { name: r.name.clone(), dir: r.dir.clone(), model, tok: Arc::new(tok) })

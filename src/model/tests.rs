@@ -338,3 +338,35 @@ fn init_order_is_pinned() {
     // The value the init had before the layers were restructured (same seed, same stream order).
     assert!((sum - 4.722178e-1).abs() < 1e-6, "init changed: {sum:e}");
 }
+
+/// Weights laid out for decoding give the same logits (full forward and batched cached steps),
+/// and the layout really changed (a transposed view is what makes small-batch matmuls fast).
+#[test]
+fn prepare_for_decoding_keeps_the_logits_and_stores_weights_transposed() {
+    for (moe, tied) in [(false, true), (false, false), (true, true)] {
+        let mut cfg = tiny(moe);
+        cfg.tie_word_embeddings = tied;
+        let t = MiniMind::new(&cfg, 5, &Device::Cpu).unwrap().named_tensors().into_iter().collect::<HashMap<_, _>>();
+        let plain = MiniMind::from_tensors(&cfg, t.clone(), &Device::Cpu, false).unwrap();
+        let mut fast = MiniMind::from_tensors(&cfg, t, &Device::Cpu, false).unwrap();
+        fast.prepare_for_decoding().unwrap();
+        let lin = &mut fast.linears_mut()[0];
+        assert!(!lin.weight.is_contiguous() && lin.weight.t().unwrap().is_contiguous(), "moe={moe}");
+        assert_eq!(fast.head_t.is_some(), tied);
+        let x = ids(3, 10, cfg.vocab_size, 2);
+        let d = max_abs_diff(&plain.forward_logits(&x, None).unwrap(), &fast.forward_logits(&x, None).unwrap());
+        assert!(d < 1e-5, "moe={moe} tied={tied}: full forward differs by {d}");
+        let (mut ca, mut cb) = (KvCache::new(cfg.num_hidden_layers), KvCache::new(cfg.num_hidden_layers));
+        for pos in 0..4 {
+            let step = x.narrow(1, pos, 1).unwrap();
+            let a = plain.forward_step(&step, &mut ca, pos).unwrap();
+            let b = fast.forward_step(&step, &mut cb, pos).unwrap();
+            let d = max_abs_diff(&a, &b);
+            assert!(d < 1e-5, "moe={moe} tied={tied}: step {pos} differs by {d}");
+        }
+    }
+    // A trainable model keeps its Vars (the optimizer updates them in place).
+    let mut m = MiniMind::new(&tiny(false), 5, &Device::Cpu).unwrap();
+    m.prepare_for_decoding().unwrap();
+    assert!(m.linears_mut()[0].weight.is_contiguous());
+}
