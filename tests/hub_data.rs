@@ -84,7 +84,9 @@ fn parquet_from_the_hub_reads_like_jsonl_through_the_lock() {
     assert_eq!(written.datasets["med"].revision, "refs/convert/parquet");
 
     let cache = mmrun::cache::Cache::open(dir.path().join("mmrun")).unwrap();
-    let ds = mmrun::data::resolve("med", &spec, dir.path(), &cache).unwrap();
+    // What exec hands to data: the files the lock fetched earlier in this process.
+    let files = mmrun::hub::fetch_for_data("med", &spec.source).unwrap();
+    let ds = mmrun::data::resolve_fetched("med", &spec, dir.path(), &cache, Some(files)).unwrap();
     assert_eq!(ds.files, fetched["med"].files.iter().map(|f| f.local_path.clone()).collect::<Vec<_>>());
     assert!(ds.files.iter().all(|f| f.starts_with(&cache_dir)));
     let ex = mmrun::data::read_examples(&ds, None).unwrap();

@@ -47,11 +47,7 @@ const LAYERS: &[&[&str]] = &[
 ];
 
 /// Upward edges that are known and scheduled to go, each with the reason. Empty it as they go.
-const ALLOWED_UPWARD: &[(&str, &str, &str)] = &[
-    // `data::resolve` still fetches `hf://` sources itself; issue 9 part 2 moves that into exec
-    // (every remote input resolved once, through the lock, into a `Fetched` map passed down).
-    ("data", "hub", "data::resolve fetches hf:// sources itself"),
-];
+const ALLOWED_UPWARD: &[(&str, &str, &str)] = &[];
 
 /// File-level import circles inside one module that are known and scheduled to go.
 const ALLOWED_CIRCLES: &[&str] = &[];

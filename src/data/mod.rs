@@ -136,19 +136,22 @@ const DATA_EXTENSIONS: &[&str] = &["jsonl", "json", "txt", "parquet"];
 /// Resolve a recipe dataset to local files and a content hash.
 ///
 /// `source` is a local file, a directory (all `.jsonl/.json/.txt/.parquet` files below it), or a glob
-/// — all relative to `recipe_dir` — or `builtin:<name>` (generated into the cache) or `hf://…`.
-/// Files are sorted by their path relative to the base so the order (and the hash) is stable.
+/// — all relative to `recipe_dir` — or `builtin:<name>` (generated into the cache). Files are sorted
+/// by their path relative to the base so the order (and the hash) is stable. An `hf://` source
+/// needs its files fetched first: see [`resolve_fetched`].
 pub fn resolve(name: &str, spec: &DatasetSpec, recipe_dir: &Path, cache: &Cache) -> Result<ResolvedDataset, DataError> {
-    resolve_locked(name, spec, recipe_dir, cache, None)
+    resolve_fetched(name, spec, recipe_dir, cache, None)
 }
 
-/// [`resolve`] with the recipe lock's entry for an `hf://` source (ignored for other sources).
-pub fn resolve_locked(
+/// [`resolve`], with the local files of an `hf://` source as the caller fetched them (exec, through
+/// the hub client and the recipe's lock). The data layer never reaches the network itself, so what a
+/// run reads is exactly what the lock pinned.
+pub fn resolve_fetched(
     name: &str,
     spec: &DatasetSpec,
     recipe_dir: &Path,
     cache: &Cache,
-    lock: Option<&crate::hub::LockedDataset>,
+    fetched: Option<Vec<PathBuf>>,
 ) -> Result<ResolvedDataset, DataError> {
     let source = spec.source.trim();
     let (files, base): (Vec<PathBuf>, PathBuf) = if let Some(gen) = source.strip_prefix("builtin:") {
@@ -156,7 +159,11 @@ pub fn resolve_locked(
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         (vec![file], base)
     } else if source.starts_with("hf://") {
-        let files = hub_resolve(name, source, lock)?;
+        let hub = |msg: String| DataError::Hub { name: name.to_string(), msg };
+        let files = fetched.ok_or_else(|| hub(format!("{source} has not been fetched (fetch hf:// sources first)")))?;
+        if files.is_empty() {
+            return Err(hub(format!("{source} matched no file")));
+        }
         let base = common_parent(&files);
         (files, base)
     } else {
@@ -164,24 +171,6 @@ pub fn resolve_locked(
     };
     let content_hash = content_hash(&files, &base, cache)?;
     Ok(ResolvedDataset { name: name.to_string(), spec: spec.clone(), files, content_hash })
-}
-
-/// `hf://` resolution through the hub client: files land in (or are reused from) the shared HF
-/// cache; with a lock entry the locked commit and sha256s are enforced.
-fn hub_resolve(name: &str, uri: &str, lock: Option<&crate::hub::LockedDataset>) -> Result<Vec<PathBuf>, DataError> {
-    let err = |msg: String| DataError::Hub { name: name.to_string(), msg };
-    let parsed = crate::hub::HubUri::parse(uri).map_err(|e| err(e.to_string()))?;
-    // Without an explicit lock entry, use what the recipe's lock fetched earlier in this process
-    // (`hub::lock::fetch_recipe`), so a moved branch never changes the data behind the lock.
-    let Some(lock) = lock else {
-        return crate::hub::fetch_for_data(name, uri).map_err(|e| err(e.to_string()));
-    };
-    let fetched = crate::hub::resolve_dataset(&parsed, Some(lock), &crate::hub::HubOptions::from_env())
-        .map_err(|e| err(e.to_string()))?;
-    if fetched.files.is_empty() {
-        return Err(err(format!("{uri} matched no file at commit {}", fetched.commit)));
-    }
-    Ok(fetched.files.into_iter().map(|f| f.local_path).collect())
 }
 
 fn common_parent(files: &[PathBuf]) -> PathBuf {

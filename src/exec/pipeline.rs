@@ -70,14 +70,23 @@ pub fn load_recipe(src: &RecipeSource) -> Result<Recipe, crate::recipe::RecipeEr
 pub fn resolve_datasets(recipe: &Recipe, cache: &Cache) -> anyhow::Result<BTreeMap<String, ResolvedDataset>> {
     let dir = recipe.path.parent().map(Path::to_path_buf).unwrap_or_default();
     let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
-    // Hub datasets go through the recipe's lock (written on first use), so data::resolve sees the locked files.
+    // Hub datasets go through the recipe's lock (written on first use); data then reads the locked files.
     crate::hub::lock::fetch_recipe(&recipe.path, &recipe.datasets, &crate::hub::HubOptions::from_env())
         .context("fetching Hugging Face Hub datasets")?;
     let mut out = BTreeMap::new();
     for (name, spec) in &recipe.datasets {
         let sp = crate::progress::spinner(&format!("resolving dataset {name}"));
-        let ds =
-            crate::data::resolve(name, spec, &dir, cache).with_context(|| format!("resolving dataset '{name}'"))?;
+        let source = spec.source.trim();
+        let fetched = if source.starts_with("hf://") {
+            let files = crate::hub::fetch_for_data(name, source)
+                .map_err(|e| crate::data::DataError::Hub { name: name.clone(), msg: e.to_string() })
+                .with_context(|| format!("resolving dataset '{name}'"))?;
+            Some(files)
+        } else {
+            None
+        };
+        let ds = crate::data::resolve_fetched(name, spec, &dir, cache, fetched)
+            .with_context(|| format!("resolving dataset '{name}'"))?;
         sp.finish_and_clear();
         out.insert(name.clone(), ds);
     }

@@ -108,7 +108,7 @@ impl HubOptions {
     }
 }
 
-/// The local files of `hf://` dataset `name` for the data layer (`data::resolve`): the files
+/// The local files of `hf://` dataset `name`, for exec to hand to `data::resolve_fetched`: the files
 /// [`lock::fetch_recipe`] fetched (through the recipe's lock) earlier in this process, or else a
 /// fresh, unlocked resolution with options from the environment.
 pub fn fetch_for_data(name: &str, uri: &str) -> Result<Vec<PathBuf>, HubError> {
