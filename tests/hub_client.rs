@@ -162,6 +162,24 @@ fn persistent_server_errors_fail_after_bounded_retries() {
 }
 
 #[test]
+fn unresolvable_host_fails_at_once_with_the_offline_hint() {
+    // `.invalid` never resolves (RFC 6761), online or off, so this needs no network. A failed
+    // lookup is not retried: offline, six attempts with backoff only delayed the same answer.
+    let cache = tempfile::tempdir().unwrap();
+    let o = HubOptions {
+        endpoint: "http://mmrun-no-such-host.invalid".into(),
+        max_retries: 4,
+        backoff_base: Duration::from_millis(10),
+        ..HubOptions::from_env()
+    };
+    let o = HubOptions { cache_dir: cache.path().to_path_buf(), offline: false, ..o };
+    let e = resolve_dataset(&uri("hf://datasets/acme/med/data/valid.jsonl"), None, &o).unwrap_err();
+    let m = one_line(&e);
+    assert!(matches!(e, HubError::HostNotFound { .. }), "{m}");
+    assert!(m.contains("mmrun-no-such-host.invalid") && m.contains("HF_HUB_OFFLINE=1"), "{m}");
+}
+
+#[test]
 fn rate_limit_honours_retry_after() {
     let hub = TestHub::start();
     repo(&hub);

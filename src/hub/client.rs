@@ -224,14 +224,21 @@ impl<'a> Client<'a> {
         }
     }
 
-    pub(super) fn transport(&self, e: ureq::Error) -> Attempt {
-        // Every transport-level failure (refused, reset, timeout, truncated headers) is transient.
+    pub(super) fn transport(&self, url: &str, e: ureq::Error) -> Attempt {
+        if is_name_resolution_failure(&e) {
+            return Attempt::Fatal(HubError::HostNotFound {
+                dataset: self.dataset.clone(),
+                url: url.to_string(),
+                reason: e.to_string(),
+            });
+        }
+        // Every other transport-level failure (refused, reset, timeout, truncated headers) is transient.
         Attempt::Retry { reason: e.to_string(), after: None }
     }
 
     fn get_json(&self, url: &str, what: NotFound<'_>) -> Result<(serde_json::Value, Option<String>), HubError> {
         self.with_retries(url, || {
-            let mut resp = self.request(url, None).map_err(|e| self.transport(e))?;
+            let mut resp = self.request(url, None).map_err(|e| self.transport(url, e))?;
             if !resp.status().is_success() {
                 return Err(self.classify(url, &resp, what));
             }
@@ -461,7 +468,7 @@ impl<'a> Client<'a> {
     ) -> Result<ureq::http::Response<ureq::Body>, Attempt> {
         let mut cur = url.to_string();
         for _ in 0..6 {
-            let resp = self.request(&cur, Some(start)).map_err(|e| self.transport(e))?;
+            let resp = self.request(&cur, Some(start)).map_err(|e| self.transport(url, e))?;
             let h = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
             if let Some(c) = h("x-repo-commit") {
                 if c != commit {
@@ -581,6 +588,17 @@ pub fn normalize_etag(e: &str) -> String {
 /// Percent-encode `/` in a revision so `refs/convert/parquet` stays one path segment.
 pub(super) fn encode_segment(s: &str) -> String {
     s.replace('/', "%2F")
+}
+
+/// Whether a transport error is a failed host-name lookup (getaddrinfo's "Name or service not
+/// known", "Temporary failure in name resolution"), which retrying cannot fix in useful time.
+fn is_name_resolution_failure(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::HostNotFound => true,
+        // std reports every getaddrinfo failure with this prefix and no specific ErrorKind.
+        ureq::Error::Io(io) => io.to_string().contains("failed to lookup address information"),
+        _ => false,
+    }
 }
 
 fn origin(url: &str) -> &str {

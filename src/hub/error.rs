@@ -83,6 +83,18 @@ pub enum HubError {
         /// What would have been fetched online.
         url: String,
     },
+    /// The Hub's host name does not resolve: the machine is offline or `HF_ENDPOINT` is wrong.
+    /// Not retried (a lookup that failed once fails the same way seconds later, and six attempts
+    /// with backoff made an offline `mmrun plan` wait 15 s before saying so).
+    #[error("{dataset}: cannot resolve the host of {url} ({reason}); this machine looks offline or HF_ENDPOINT is wrong: check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use only what is cached")]
+    HostNotFound {
+        /// The `hf://` URI being fetched.
+        dataset: String,
+        /// The URL.
+        url: String,
+        /// The resolver's answer.
+        reason: String,
+    },
     /// A network failure or a retryable status that persisted through every retry.
     #[error("{dataset}: could not reach {url} after {attempts} attempts ({reason}); check the network or HF_ENDPOINT and retry")]
     Network {

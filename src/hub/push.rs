@@ -227,7 +227,7 @@ impl Api<'_> {
             if same_origin(url, self.client.endpoint()) {
                 req = req.header("authorization", format!("Bearer {}", self.token.expose()));
             }
-            let mut resp = req.send(body).map_err(|e| self.client.transport(e))?;
+            let mut resp = req.send(body).map_err(|e| self.client.transport(url, e))?;
             let status = resp.status().as_u16();
             let text = resp.body_mut().with_config().limit(64 << 20).read_to_string().unwrap_or_default();
             if resp.status().is_success() || ok(status) {
@@ -371,7 +371,7 @@ impl Api<'_> {
                 }
             }
             // `&File` sends a Content-Length, as S3 requires.
-            let mut resp = req.send(&file).map_err(|e| self.client.transport(e))?;
+            let mut resp = req.send(&file).map_err(|e| self.client.transport(href, e))?;
             let status = resp.status().as_u16();
             if resp.status().is_success() {
                 return Ok(());
