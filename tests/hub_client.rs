@@ -10,7 +10,7 @@ use std::time::Duration;
 use mmrun::hub::cache::RepoCache;
 use mmrun::hub::lock::{self, LockFile};
 use mmrun::hub::testserver::{Faults, TestHub};
-use mmrun::hub::{resolve_dataset, HubError, HubOptions, HubUri, RepoType, Token};
+use mmrun::hub::{resolve_dataset, HubError, HubOptions, HubUri, RemoteId, RemoteInput, RemoteKind, RepoType, Token};
 
 const REPO: &str = "acme/med";
 
@@ -353,9 +353,10 @@ fn lock_pins_commit_after_branch_moves_and_update_moves_it() {
     assert_eq!(repro.commit, c1);
     assert_eq!(std::fs::read(&repro.files[0].local_path).unwrap(), bytes(5_000, 2));
 
-    let e = lock::update_with(&recipe, Some("nope"), &o).unwrap_err();
-    assert!(e.to_string().contains("med"), "{e}");
-    let updated = lock::update_with(&recipe, Some("med"), &o).unwrap();
+    let inputs = [RemoteInput { id: RemoteId::new(RemoteKind::Dataset, "med"), uri: u.clone() }];
+    let e = lock::update_with(&recipe, &inputs, Some("nope"), &o).unwrap_err();
+    assert!(e.to_string().contains("dataset med"), "{e}");
+    let updated = lock::update_with(&recipe, &inputs, Some("med"), &o).unwrap();
     assert_eq!(updated.datasets["med"].commit, c2);
     assert_eq!(updated.datasets["med"].files[0].size, 6_000);
     assert!(lock::check_recipe(&recipe, &o).unwrap().is_empty());
@@ -431,8 +432,10 @@ fn hex_sha(d: &[u8]) -> String {
 fn medical_recipe_points_at_files_the_local_hub_serves() {
     let Some(shared) = common::shared_data() else { return };
     let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/medical_sft.toml");
-    let hubs = lock::recipe_hub_datasets(&recipe).unwrap();
-    assert_eq!(hubs.keys().map(String::as_str).collect::<Vec<_>>(), ["medical_pref", "medical_sft", "medical_text"]);
+    let src = mmrun::exec::pipeline::RecipeSource { path: recipe, overrides: Vec::new(), text: None };
+    let inputs = mmrun::exec::pipeline::remote_inputs(&mmrun::exec::pipeline::load_recipe(&src).unwrap()).unwrap();
+    let hubs: Vec<(String, HubUri)> = inputs.into_iter().map(|i| (i.id.name, i.uri)).collect();
+    assert_eq!(hubs.iter().map(|h| h.0.as_str()).collect::<Vec<_>>(), ["medical_pref", "medical_sft", "medical_text"]);
     let hub = TestHub::start();
     hub.add_medical_repo(&shared).unwrap();
     let cache = tempfile::tempdir().unwrap();

@@ -1,15 +1,14 @@
 //! The hub as the data layer sees it: a parquet dataset served by the local test Hub, fetched
-//! through the recipe's lock (`hub::lock::fetch_recipe`), resolved by `data::resolve` and read by
+//! through the recipe's lock (`hub::lock::fetch_all`), resolved by `data::resolve_fetched` and read by
 //! `data::read_examples` into the same examples a JSONL file gives.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use mmrun::data::spec::DatasetSpec;
 use mmrun::data::Example;
 use mmrun::hub::testserver::TestHub;
-use mmrun::hub::{lock, HubOptions, RepoType};
+use mmrun::hub::{lock, HubOptions, HubUri, RemoteId, RemoteInput, RemoteKind, RepoType};
 use parquet::data_type::{ByteArray, ByteArrayType};
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
@@ -76,18 +75,20 @@ fn parquet_from_the_hub_reads_like_jsonl_through_the_lock() {
         "source = \"hf://datasets/acme/pq@refs%2Fconvert%2Fparquet/default/train/*.parquet\"\nformat = \"alpaca\"",
     )
     .unwrap();
-    let datasets = BTreeMap::from([("med".to_string(), spec.clone())]);
-    let fetched = lock::fetch_recipe(&recipe, &datasets, &opts).unwrap();
-    assert_eq!(fetched["med"].commit, commit);
-    assert_eq!(fetched["med"].files.len(), 2);
+    let input =
+        RemoteInput { id: RemoteId::new(RemoteKind::Dataset, "med"), uri: HubUri::parse(&spec.source).unwrap() };
+    let all = lock::fetch_all(&recipe, &[input], &opts).unwrap();
+    let fetched = all.get(RemoteKind::Dataset, "med").unwrap();
+    assert_eq!(fetched.commit, commit);
+    assert_eq!(fetched.files.len(), 2);
     let written = lock::LockFile::load(&lock::lock_path(&recipe)).unwrap().unwrap();
     assert_eq!(written.datasets["med"].revision, "refs/convert/parquet");
 
     let cache = mmrun::cache::Cache::open(dir.path().join("mmrun")).unwrap();
-    // What exec hands to data: the files the lock fetched earlier in this process.
-    let files = mmrun::hub::fetch_for_data("med", &spec.source).unwrap();
-    let ds = mmrun::data::resolve_fetched("med", &spec, dir.path(), &cache, Some(files)).unwrap();
-    assert_eq!(ds.files, fetched["med"].files.iter().map(|f| f.local_path.clone()).collect::<Vec<_>>());
+    // What exec hands to data: the files the lock fetched.
+    let files: Vec<_> = fetched.files.iter().map(|f| f.local_path.clone()).collect();
+    let ds = mmrun::data::resolve_fetched("med", &spec, dir.path(), &cache, Some(files.clone())).unwrap();
+    assert_eq!(ds.files, files);
     assert!(ds.files.iter().all(|f| f.starts_with(&cache_dir)));
     let ex = mmrun::data::read_examples(&ds, None).unwrap();
     assert_eq!(ex.len(), 3);

@@ -80,12 +80,14 @@ pub enum Command {
     },
     /// Measure training and generation speed on this machine (tokens/s, MFU, memory).
     Bench(crate::train::bench::BenchArgs),
-    /// Re-resolve the recipe's `hf://` datasets to their branches' current commits and rewrite
-    /// the lock file next to the recipe (all datasets, or only the one named).
+    /// Re-resolve the recipe's `hf://` inputs (datasets, adopted tokenizers, models) to their
+    /// branches' current commits and rewrite the lock file next to the recipe (all, or only the
+    /// one named). Until then a moved branch changes nothing.
     Update {
         /// The recipe file.
         recipe: PathBuf,
-        /// Only this dataset.
+        /// Only the input with this name (a dataset, a tokenizer stage or a model).
+        #[arg(value_name = "NAME")]
         dataset: Option<String>,
     },
     /// Export a model as a transformers folder (with a model card), a GGUF file or an Ollama folder.
@@ -254,8 +256,9 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             let cache = crate::cache::Cache::open(&paths.home)
                 .with_context(|| format!("opening the cache {}", paths.home.display()))?;
             let src = RecipeSource { path: recipe.clone(), overrides: cli.set.clone(), text: None };
-            let (recipe, _datasets, plan) = pipeline::make_plan(&src, &cache)?;
-            // Locked Hub datasets stay pinned; tell the user when their branch has moved since.
+            let (recipe, pipeline::Prepared { plan, .. }) = pipeline::make_plan(&src, &cache)?;
+            // Locked Hub inputs stay pinned; tell the user when their branch has moved since
+            // (one small request per input; nothing when offline).
             match crate::hub::lock::check_recipe(&recipe.path, &crate::hub::HubOptions::from_env()) {
                 Ok(moved) => moved.iter().for_each(|m| eprintln!("note: {m}")),
                 Err(e) => eprintln!("warning: could not check whether locked Hub branches moved: {e}"),
@@ -339,10 +342,13 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Update { recipe, dataset } => {
-            let lock = crate::hub::lock::update(recipe, dataset.as_deref())?;
+            let src = RecipeSource { path: recipe.clone(), overrides: cli.set.clone(), text: None };
+            let lock = pipeline::update(&src, dataset.as_deref())?;
             println!("updated {}:", crate::hub::lock::lock_path(recipe).display());
-            for (name, d) in &lock.datasets {
-                println!("  {name}: {} @ {} ({} files)", d.uri, d.commit, d.files.len());
+            for kind in crate::hub::RemoteKind::ALL {
+                for (name, d) in lock.table(kind) {
+                    println!("  {} {name}: {} @ {} ({} files)", kind.noun(), d.uri, d.commit, d.files.len());
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -15,6 +15,7 @@ use crate::artifact::Artifact;
 use crate::cache::{Bucket, Cache, Depth, Lookup};
 use crate::cancel::{CancelToken, Interrupted};
 use crate::data::ResolvedDataset;
+use crate::hub::Fetched;
 use crate::recipe::Recipe;
 use crate::runs::{RunSink, StageStatus};
 use crate::stages::{DynStage, InputRef, Inputs, StageContext};
@@ -79,6 +80,8 @@ pub struct Executor<'a> {
     pub recipe: &'a Recipe,
     /// Resolved datasets by name.
     pub datasets: &'a BTreeMap<String, ResolvedDataset>,
+    /// The recipe's `hf://` inputs, resolved through its lock before planning.
+    pub fetched: &'a Fetched,
     /// Stage kinds.
     pub registry: &'a [&'a dyn DynStage],
     /// Called after a stage's artifact is published (the planner records its fingerprint so a
@@ -181,7 +184,7 @@ impl Executor<'_> {
         let stage = self.registry.iter().find(|s| s.kind() == job.kind).ok_or_else(|| {
             fail(anyhow::anyhow!("internal: stage kind '{}' of stage '{}' is not registered", job.kind, job.name))
         })?;
-        let inputs = self.inputs_for(job, artifacts).map_err(fail)?;
+        let inputs = self.inputs_for(job, *stage, artifacts).map_err(fail)?;
         self.set_status(&job.name, StageStatus::Running, 0.0, None, None);
         eprintln!("{tag}: running");
         let tmp = self.cache.tmp_dir().map_err(|e| fail(e.into()))?;
@@ -208,8 +211,19 @@ impl Executor<'_> {
         Ok((art, true, start.elapsed().as_secs_f64()))
     }
 
-    fn inputs_for(&self, job: &Job, artifacts: &BTreeMap<String, Artifact>) -> anyhow::Result<Inputs> {
+    fn inputs_for(
+        &self,
+        job: &Job,
+        stage: &dyn DynStage,
+        artifacts: &BTreeMap<String, Artifact>,
+    ) -> anyhow::Result<Inputs> {
         let mut inputs = Inputs::default();
+        for src in stage.remote_sources(&job.params) {
+            let repo = self.fetched.get(src.kind, &job.name).cloned().ok_or_else(|| {
+                anyhow::anyhow!("internal: {} of stage '{}' was not fetched before planning", src.uri, job.name)
+            })?;
+            inputs.remote.insert(src.param, repo);
+        }
         for input in &job.inputs {
             match input {
                 InputRef::Stage { stage, .. } => {

@@ -5,6 +5,7 @@ use super::{ExecCounts, ExecOutcome, Executor, Job};
 use crate::cache::Cache;
 use crate::cancel::CancelToken;
 use crate::data::ResolvedDataset;
+use crate::hub::{Fetched, HubUri, RemoteId, RemoteInput, RemoteKind};
 use crate::plan::Plan;
 use crate::recipe::Recipe;
 use crate::runs::{DatasetLock, RunLock, RunRecord, RunSink, RunStatus, StageRecord};
@@ -66,26 +67,66 @@ pub fn load_recipe(src: &RecipeSource) -> Result<Recipe, crate::recipe::RecipeEr
     }
 }
 
-/// Resolve every dataset of the recipe to local files and content hashes.
-pub fn resolve_datasets(recipe: &Recipe, cache: &Cache) -> anyhow::Result<BTreeMap<String, ResolvedDataset>> {
+/// Every `hf://` input of the recipe: its datasets and the sources its stages name
+/// ([`crate::recipe::StageParams::remote_sources`], under the stage's name).
+pub fn remote_inputs(recipe: &Recipe) -> anyhow::Result<Vec<RemoteInput>> {
+    let mut out = Vec::new();
+    for (name, spec) in &recipe.datasets {
+        let src = spec.source.trim();
+        if src.starts_with("hf://") {
+            // The loader checked the URI already, at the recipe's line and column.
+            let uri = HubUri::parse(src).with_context(|| format!("dataset '{name}'"))?;
+            out.push(RemoteInput { id: RemoteId::new(RemoteKind::Dataset, name.clone()), uri });
+        }
+    }
+    let kinds = crate::stages::kinds();
+    for stage in &recipe.stages {
+        let Some(def) = kinds.iter().find(|k| k.kind() == stage.kind) else { continue };
+        for src in def.remote_sources(&stage.params) {
+            out.push(RemoteInput { id: RemoteId::new(src.kind, stage.name.clone()), uri: src.uri });
+        }
+    }
+    Ok(out)
+}
+
+/// Resolve every `hf://` input of the recipe through its lock (written or extended on first use).
+/// This is the only place a run reaches the Hub; everything after reads the returned map.
+pub fn fetch_remote(recipe: &Recipe) -> anyhow::Result<Fetched> {
+    let inputs = remote_inputs(recipe)?;
+    if inputs.is_empty() {
+        return Ok(Fetched::default());
+    }
+    let sp = crate::progress::spinner("resolving Hugging Face Hub inputs");
+    let fetched = crate::hub::lock::fetch_all(&recipe.path, &inputs, &crate::hub::HubOptions::from_env())
+        .context("fetching Hugging Face Hub inputs")?;
+    sp.finish_and_clear();
+    Ok(fetched)
+}
+
+/// `mmrun update <recipe> [name]`: re-pin the recipe's `hf://` inputs (all, or those called `only`)
+/// to where their branches point now.
+pub fn update(src: &RecipeSource, only: Option<&str>) -> anyhow::Result<crate::hub::lock::LockFile> {
+    let recipe = load_recipe(src)?;
+    let inputs = remote_inputs(&recipe)?;
+    Ok(crate::hub::lock::update(&recipe.path, &inputs, only)?)
+}
+
+/// Resolve every dataset of the recipe to local files and content hashes; `hf://` datasets read
+/// the files `fetched` holds.
+pub fn resolve_datasets(
+    recipe: &Recipe,
+    cache: &Cache,
+    fetched: &Fetched,
+) -> anyhow::Result<BTreeMap<String, ResolvedDataset>> {
     let dir = recipe.path.parent().map(Path::to_path_buf).unwrap_or_default();
     let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
-    // Hub datasets go through the recipe's lock (written on first use); data then reads the locked files.
-    crate::hub::lock::fetch_recipe(&recipe.path, &recipe.datasets, &crate::hub::HubOptions::from_env())
-        .context("fetching Hugging Face Hub datasets")?;
     let mut out = BTreeMap::new();
     for (name, spec) in &recipe.datasets {
         let sp = crate::progress::spinner(&format!("resolving dataset {name}"));
-        let source = spec.source.trim();
-        let fetched = if source.starts_with("hf://") {
-            let files = crate::hub::fetch_for_data(name, source)
-                .map_err(|e| crate::data::DataError::Hub { name: name.clone(), msg: e.to_string() })
-                .with_context(|| format!("resolving dataset '{name}'"))?;
-            Some(files)
-        } else {
-            None
-        };
-        let ds = crate::data::resolve_fetched(name, spec, &dir, cache, fetched)
+        let files = fetched
+            .get(RemoteKind::Dataset, name)
+            .map(|repo| repo.files.iter().map(|f| f.local_path.clone()).collect::<Vec<_>>());
+        let ds = crate::data::resolve_fetched(name, spec, &dir, cache, files)
             .with_context(|| format!("resolving dataset '{name}'"))?;
         sp.finish_and_clear();
         out.insert(name.clone(), ds);
@@ -93,21 +134,29 @@ pub fn resolve_datasets(recipe: &Recipe, cache: &Cache) -> anyhow::Result<BTreeM
     Ok(out)
 }
 
-/// Load, resolve and plan without running anything.
-pub fn make_plan(
-    src: &RecipeSource,
-    cache: &Cache,
-) -> anyhow::Result<(Recipe, BTreeMap<String, ResolvedDataset>, Plan)> {
-    let recipe = load_recipe(src)?;
-    let (datasets, plan) = prepare(&recipe, cache)?;
-    Ok((recipe, datasets, plan))
+/// A recipe made ready to run: its remote inputs fetched, datasets resolved, stages planned.
+pub struct Prepared {
+    /// The recipe's `hf://` inputs, resolved through its lock.
+    pub fetched: Fetched,
+    /// Every dataset, resolved.
+    pub datasets: BTreeMap<String, ResolvedDataset>,
+    /// The plan.
+    pub plan: Plan,
 }
 
-/// Fetch and resolve the datasets of a loaded recipe, then plan it.
-fn prepare(recipe: &Recipe, cache: &Cache) -> anyhow::Result<(BTreeMap<String, ResolvedDataset>, Plan)> {
-    let datasets = resolve_datasets(recipe, cache)?;
-    let plan = crate::plan::build(recipe, cache, &datasets).context("planning")?;
-    Ok((datasets, plan))
+/// Load, resolve and plan without running anything.
+pub fn make_plan(src: &RecipeSource, cache: &Cache) -> anyhow::Result<(Recipe, Prepared)> {
+    let recipe = load_recipe(src)?;
+    let prepared = prepare(&recipe, cache)?;
+    Ok((recipe, prepared))
+}
+
+/// Fetch the remote inputs of a loaded recipe, resolve its datasets, then plan it.
+fn prepare(recipe: &Recipe, cache: &Cache) -> anyhow::Result<Prepared> {
+    let fetched = fetch_remote(recipe)?;
+    let datasets = resolve_datasets(recipe, cache, &fetched)?;
+    let plan = crate::plan::build(recipe, cache, &datasets, &fetched).context("planning")?;
+    Ok(Prepared { fetched, datasets, plan })
 }
 
 /// `mmrun plan` as JSON: `{"stages":[{"name","kind","key","status","reasons"}]}`.
@@ -164,7 +213,7 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
         ..Default::default()
     };
     let sink = RunSink::start(&paths.runs_dir, record).context("creating the run record")?;
-    let (datasets, plan) = match prepare(&recipe, &cache) {
+    let Prepared { fetched, datasets, plan } = match prepare(&recipe, &cache) {
         Ok(p) => p,
         Err(error) => {
             let finished = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).ok();
@@ -237,6 +286,7 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
         cancel: &cancel,
         recipe: &recipe,
         datasets: &datasets,
+        fetched: &fetched,
         registry: crate::stages::REGISTRY,
         on_published: &on_published,
     };
@@ -286,7 +336,7 @@ pub fn resolve_model(
     let cache = Cache::open(&paths.home).with_context(|| format!("opening the cache {}", paths.home.display()))?;
     let stages: Option<(PathBuf, BTreeMap<String, String>)> = match recipe {
         Some(src) => {
-            let (recipe, _, plan) = make_plan(src, &cache)?;
+            let (recipe, Prepared { plan, .. }) = make_plan(src, &cache)?;
             Some((recipe.path, plan.stages.iter().map(|s| (s.name.clone(), s.key.clone())).collect()))
         }
         None => None,

@@ -141,6 +141,7 @@ fn exec(env: &Env, jobs: &[Job], cancel: &CancelToken) -> (ExecOutcome, ExecCoun
         cancel,
         recipe: &recipe,
         datasets: &datasets,
+        fetched: &Default::default(),
         registry: &registry,
         on_published: &on_pub,
     };

@@ -1,6 +1,7 @@
-//! Lock files: `recipes/x.toml` → `recipes/x.lock` pins, for every `hf://` dataset, the commit, the
-//! file list, sizes and sha256s that a run used. Later runs fetch exactly that (even if the branch
-//! moved); [`check_moved`] says when a branch has moved on, and [`update`] re-resolves.
+//! Lock files: `recipes/x.toml` → `recipes/x.lock` pins, for every `hf://` input of the recipe
+//! (datasets, adopted tokenizers, released models), the commit, the file list, sizes and sha256s
+//! that a run used. [`fetch_all`] fetches exactly that (even if the branch moved) and pins what is
+//! not pinned yet; [`check_moved`] says when a branch has moved on, and [`update`] re-resolves.
 //!
 //! The lock never contains the access token (only URIs, commits, paths, sizes and hashes).
 
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{resolve_dataset, FetchedDataset, HubError, HubOptions, HubUri};
+use super::{resolve, Fetched, FetchedRepo, HubError, HubOptions, HubUri, RemoteId, RemoteInput, RemoteKind};
 use crate::hub::client::Client;
 
 /// Current lock format version.
@@ -27,10 +28,10 @@ pub struct LockedFile {
     pub sha256: String,
 }
 
-/// One pinned `hf://` dataset.
+/// One pinned `hf://` input.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LockedDataset {
+pub struct LockedRepo {
     /// The URI as written in the recipe (an entry whose URI differs from the recipe's is ignored).
     pub uri: String,
     /// The branch/tag/commit the URI names (`main` when none).
@@ -41,7 +42,7 @@ pub struct LockedDataset {
     pub files: Vec<LockedFile>,
 }
 
-impl LockedDataset {
+impl LockedRepo {
     /// Check every name that becomes a path in the HF cache: the commit, each file's path and
     /// sha256. A lock is a file in the user's repository and may have been edited by hand.
     pub fn validate(&self) -> Result<(), super::names::UnsafeName> {
@@ -54,15 +55,21 @@ impl LockedDataset {
     }
 }
 
-/// The whole `recipes/x.lock`.
+/// The whole `recipes/x.lock`: one table per [`RemoteKind`], name in the recipe → pinned input.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LockFile {
     /// Format version ([`LOCK_VERSION`]).
     pub version: u32,
-    /// Dataset name in the recipe → what it was pinned to.
+    /// `[datasets.<name>]`.
     #[serde(default)]
-    pub datasets: BTreeMap<String, LockedDataset>,
+    pub datasets: BTreeMap<String, LockedRepo>,
+    /// Tokenizer stages adopting an `hf://` source, by stage name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tokenizers: BTreeMap<String, LockedRepo>,
+    /// `[models.<name>]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, LockedRepo>,
 }
 
 /// Why a lock could not be read, written or updated.
@@ -92,31 +99,21 @@ pub enum LockError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// `mmrun update recipe <dataset>` named no `hf://` dataset of the recipe.
-    #[error("{recipe}: no Hub dataset named '{name}' (Hub datasets here: {known}); use one of those names")]
-    UnknownDataset {
+    /// `mmrun update recipe <name>` named no `hf://` input of the recipe.
+    #[error("{recipe}: no Hub input named '{name}' (Hub inputs here: {known}); use one of those names")]
+    UnknownInput {
         /// The recipe.
         recipe: PathBuf,
         /// The name given.
         name: String,
-        /// The `hf://` dataset names of the recipe.
+        /// The names of the recipe's `hf://` inputs.
         known: String,
     },
-    /// A dataset's source is not a valid `hf://` URI.
-    #[error("{recipe}: dataset {name}: {source}")]
-    BadUri {
-        /// The recipe.
-        recipe: PathBuf,
-        /// The dataset name.
-        name: String,
-        /// The parse error.
-        source: super::uri::HubUriError,
-    },
     /// Fetching failed.
-    #[error("dataset {name}: {source}")]
+    #[error("{id}: {source}")]
     Hub {
-        /// The dataset name.
-        name: String,
+        /// The input.
+        id: RemoteId,
         /// The Hub error (boxed: it is large and errors are rare).
         source: Box<HubError>,
     },
@@ -143,10 +140,38 @@ impl LockFile {
                 reason: format!("lock version {} is not the supported {LOCK_VERSION}", lock.version),
             });
         }
-        for (name, l) in &lock.datasets {
-            l.validate().map_err(|e| LockError::Parse { path: path.into(), reason: format!("dataset {name}: {e}") })?;
+        for kind in RemoteKind::ALL {
+            for (name, l) in lock.table(kind) {
+                l.validate().map_err(|e| LockError::Parse {
+                    path: path.into(),
+                    reason: format!("{}: {e}", RemoteId::new(kind, name.clone())),
+                })?;
+            }
         }
         Ok(Some(lock))
+    }
+
+    /// The table pinning inputs of `kind`.
+    pub fn table(&self, kind: RemoteKind) -> &BTreeMap<String, LockedRepo> {
+        match kind {
+            RemoteKind::Dataset => &self.datasets,
+            RemoteKind::Tokenizer => &self.tokenizers,
+            RemoteKind::Model => &self.models,
+        }
+    }
+
+    /// [`Self::table`], mutably.
+    pub fn table_mut(&mut self, kind: RemoteKind) -> &mut BTreeMap<String, LockedRepo> {
+        match kind {
+            RemoteKind::Dataset => &mut self.datasets,
+            RemoteKind::Tokenizer => &mut self.tokenizers,
+            RemoteKind::Model => &mut self.models,
+        }
+    }
+
+    /// The entry pinning `input`, if it pins the same URI (an edited URI is a new input).
+    pub fn entry(&self, input: &RemoteInput) -> Option<&LockedRepo> {
+        self.table(input.id.kind).get(&input.id.name).filter(|l| l.uri == input.uri.to_string())
     }
 
     /// Write the lock atomically and durably ([`crate::durable::write_atomic`]).
@@ -154,37 +179,59 @@ impl LockFile {
         let body =
             toml::to_string_pretty(self).map_err(|e| LockError::Parse { path: path.into(), reason: e.to_string() })?;
         let text = format!(
-            "# mmrun lock file: the exact Hugging Face Hub data this recipe used (commits, files, sizes, sha256).\n\
-             # Commit it next to the recipe. `mmrun update <recipe> [dataset]` re-resolves branches.\n{body}"
+            "# mmrun lock file: the exact Hugging Face Hub files this recipe used (commits, files, sizes, sha256).\n\
+             # Commit it next to the recipe. `mmrun update <recipe> [name]` re-resolves branches.\n{body}"
         );
         crate::durable::write_atomic(path, text.as_bytes())
             .map_err(|e| LockError::Write { path: path.into(), source: e })
     }
 }
 
-/// Fetch dataset `name` (`uri`) of `recipe`, using and maintaining `recipe`'s lock: a locked entry
-/// for the same URI is fetched exactly; otherwise the URI is resolved and the entry is written.
-pub fn fetch_locked(recipe: &Path, name: &str, uri: &HubUri, opts: &HubOptions) -> Result<FetchedDataset, LockError> {
+fn load_or_new(path: &Path) -> Result<LockFile, LockError> {
+    Ok(LockFile::load(path)?.unwrap_or(LockFile { version: LOCK_VERSION, ..Default::default() }))
+}
+
+/// Resolve every remote input of `recipe` through its lock into one [`Fetched`] map: a locked entry
+/// for the same URI is fetched exactly (from the HF cache alone when it is there, so this works
+/// offline), anything else is resolved now and pinned. The lock is written once, only if it changed.
+pub fn fetch_all(recipe: &Path, inputs: &[RemoteInput], opts: &HubOptions) -> Result<Fetched, LockError> {
     let path = lock_path(recipe);
-    let lock = LockFile::load(&path)?.unwrap_or(LockFile { version: LOCK_VERSION, datasets: BTreeMap::new() });
-    let entry = lock.datasets.get(name).filter(|l| l.uri == uri.to_string());
-    let fetched =
-        resolve_dataset(uri, entry, opts).map_err(|e| LockError::Hub { name: name.into(), source: Box::new(e) })?;
-    let locked = fetched.to_locked();
-    if entry != Some(&locked) {
-        // Re-read just before writing so datasets fetched by a concurrent call are kept.
-        let mut fresh = LockFile::load(&path)?.unwrap_or(lock);
-        fresh.datasets.insert(name.to_string(), locked);
+    let lock = load_or_new(&path)?;
+    let mut fetched = Fetched::default();
+    let mut pinned = Vec::new();
+    for input in inputs {
+        let entry = lock.entry(input);
+        let repo = resolve(&input.uri, input.id.kind, entry, opts)
+            .map_err(|e| LockError::Hub { id: input.id.clone(), source: Box::new(e) })?;
+        let locked = repo.to_locked();
+        if entry != Some(&locked) {
+            pinned.push((input.id.clone(), locked));
+        }
+        fetched.insert(input.id.clone(), repo);
+    }
+    if !pinned.is_empty() {
+        // Re-read just before writing so entries pinned by a concurrent run are kept.
+        let mut fresh = load_or_new(&path)?;
+        for (id, locked) in pinned {
+            fresh.table_mut(id.kind).insert(id.name, locked);
+        }
         fresh.save(&path)?;
     }
     Ok(fetched)
 }
 
+/// [`fetch_all`] for the single dataset `name`.
+pub fn fetch_locked(recipe: &Path, name: &str, uri: &HubUri, opts: &HubOptions) -> Result<FetchedRepo, LockError> {
+    let input = RemoteInput { id: RemoteId::new(RemoteKind::Dataset, name), uri: uri.clone() };
+    let mut all = fetch_all(recipe, std::slice::from_ref(&input), opts)?;
+    Ok(all.remove(&input.id).expect("fetch_all returns every input"))
+}
+
 /// A branch or tag that now points at a different commit than the lock pins.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BranchMoved {
-    /// Dataset name in the recipe.
-    pub dataset: String,
+    /// The input of the recipe.
+    pub id: RemoteId,
     /// `owner/name`.
     pub repo_id: String,
     /// The branch or tag.
@@ -201,14 +248,15 @@ impl std::fmt::Display for BranchMoved {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "dataset {}: branch {} of {} has moved: locked {}, now {} — run `mmrun update {} {}` to use it",
-            self.dataset,
+            "{}: branch {} of {} has moved: locked {}, now {}; this recipe keeps using the locked commit \
+             until you run `mmrun update {} {}`",
+            self.id,
             self.revision,
             self.repo_id,
             short(&self.locked),
             short(&self.now),
             self.recipe.display(),
-            self.dataset
+            self.id.name
         )
     }
 }
@@ -217,27 +265,24 @@ fn short(c: &str) -> &str {
     &c[..c.len().min(12)]
 }
 
-/// Whether the branch/tag of locked dataset `name` still points at the locked commit. `Ok(None)`
-/// when it does, when the revision is a commit id, or when offline.
+/// Whether the branch/tag of locked input `id` still points at the locked commit. `Ok(None)` when
+/// it does, when the revision is a commit id, or when offline. One small request per input.
 pub fn check_moved(
     recipe: &Path,
-    name: &str,
-    locked: &LockedDataset,
+    id: &RemoteId,
+    locked: &LockedRepo,
     opts: &HubOptions,
 ) -> Result<Option<BranchMoved>, LockError> {
     if opts.offline || super::names::is_commit_id(&locked.revision) {
         return Ok(None);
     }
-    let uri = HubUri::parse(&locked.uri).map_err(|e| LockError::BadUri {
-        recipe: recipe.into(),
-        name: name.into(),
-        source: e,
-    })?;
+    let uri = HubUri::parse(&locked.uri)
+        .map_err(|e| LockError::Parse { path: lock_path(recipe), reason: format!("{id}: {e}") })?;
     let now = Client::new(&uri, opts)
         .resolve_revision(&locked.revision)
-        .map_err(|e| LockError::Hub { name: name.into(), source: Box::new(e) })?;
+        .map_err(|e| LockError::Hub { id: id.clone(), source: Box::new(e) })?;
     Ok((now != locked.commit).then(|| BranchMoved {
-        dataset: name.into(),
+        id: id.clone(),
         repo_id: uri.repo_id.clone(),
         revision: locked.revision.clone(),
         locked: locked.commit.clone(),
@@ -246,108 +291,54 @@ pub fn check_moved(
     }))
 }
 
-/// [`check_moved`] for every locked dataset of `recipe` (for `mmrun plan`).
+/// [`check_moved`] for every locked input of `recipe` (for `mmrun plan`).
 pub fn check_recipe(recipe: &Path, opts: &HubOptions) -> Result<Vec<BranchMoved>, LockError> {
     let Some(lock) = LockFile::load(&lock_path(recipe))? else { return Ok(Vec::new()) };
     let mut out = Vec::new();
-    for (name, l) in &lock.datasets {
-        if let Some(m) = check_moved(recipe, name, l, opts)? {
-            out.push(m);
-        }
-    }
-    Ok(out)
-}
-
-/// The `hf://` datasets of a recipe (name → URI), read straight from its TOML so this works
-/// without the full recipe loader.
-pub fn recipe_hub_datasets(recipe: &Path) -> Result<BTreeMap<String, HubUri>, LockError> {
-    let text = std::fs::read_to_string(recipe).map_err(|e| LockError::Read { path: recipe.into(), source: e })?;
-    let v: toml::Table =
-        toml::from_str(&text).map_err(|e| LockError::Parse { path: recipe.into(), reason: e.to_string() })?;
-    let mut out = BTreeMap::new();
-    if let Some(ds) = v.get("datasets").and_then(|d| d.as_table()) {
-        for (name, spec) in ds {
-            if let Some(src) = spec.get("source").and_then(|s| s.as_str()).filter(|s| s.starts_with("hf://")) {
-                let uri = HubUri::parse(src).map_err(|e| LockError::BadUri {
-                    recipe: recipe.into(),
-                    name: name.clone(),
-                    source: e,
-                })?;
-                out.insert(name.clone(), uri);
+    for kind in RemoteKind::ALL {
+        for (name, l) in lock.table(kind) {
+            if let Some(m) = check_moved(recipe, &RemoteId::new(kind, name.clone()), l, opts)? {
+                out.push(m);
             }
         }
     }
     Ok(out)
 }
 
-/// `mmrun update <recipe> [dataset]` with options from the environment.
-pub fn update(recipe: &Path, dataset: Option<&str>) -> Result<LockFile, LockError> {
-    update_with(recipe, dataset, &HubOptions::from_env())
+/// `mmrun update <recipe> [name]` with options from the environment.
+pub fn update(recipe: &Path, inputs: &[RemoteInput], only: Option<&str>) -> Result<LockFile, LockError> {
+    update_with(recipe, inputs, only, &HubOptions::from_env())
 }
 
-/// Re-resolve the `hf://` datasets of `recipe` (all, or only `dataset`) to their branches' current
-/// commits, fetch them, and rewrite the lock. Entries of datasets no longer in the recipe are dropped.
-pub fn update_with(recipe: &Path, dataset: Option<&str>, opts: &HubOptions) -> Result<LockFile, LockError> {
-    let hub = recipe_hub_datasets(recipe)?;
-    if let Some(n) = dataset {
-        if !hub.contains_key(n) {
-            return Err(LockError::UnknownDataset {
+/// Re-resolve the remote `inputs` of `recipe` (all, or only those named `only`) to their branches'
+/// current commits, fetch them, and rewrite the lock. Entries of inputs no longer in the recipe are
+/// dropped.
+pub fn update_with(
+    recipe: &Path,
+    inputs: &[RemoteInput],
+    only: Option<&str>,
+    opts: &HubOptions,
+) -> Result<LockFile, LockError> {
+    if let Some(n) = only {
+        if !inputs.iter().any(|i| i.id.name == n) {
+            let known: Vec<String> = inputs.iter().map(|i| i.id.to_string()).collect();
+            return Err(LockError::UnknownInput {
                 recipe: recipe.into(),
                 name: n.into(),
-                known: if hub.is_empty() { "none".into() } else { hub.keys().cloned().collect::<Vec<_>>().join(", ") },
+                known: if known.is_empty() { "none".into() } else { known.join(", ") },
             });
         }
     }
     let path = lock_path(recipe);
-    let mut lock = LockFile::load(&path)?.unwrap_or(LockFile { version: LOCK_VERSION, datasets: BTreeMap::new() });
-    lock.datasets.retain(|k, _| hub.contains_key(k));
-    for (name, uri) in &hub {
-        if dataset.is_some_and(|d| d != name) {
-            continue;
-        }
-        let fetched =
-            resolve_dataset(uri, None, opts).map_err(|e| LockError::Hub { name: name.clone(), source: Box::new(e) })?;
-        lock.datasets.insert(name.clone(), fetched.to_locked());
+    let mut lock = load_or_new(&path)?;
+    for kind in RemoteKind::ALL {
+        lock.table_mut(kind).retain(|name, _| inputs.iter().any(|i| i.id.kind == kind && &i.id.name == name));
+    }
+    for input in inputs.iter().filter(|i| only.is_none_or(|n| n == i.id.name)) {
+        let repo = resolve(&input.uri, input.id.kind, None, opts)
+            .map_err(|e| LockError::Hub { id: input.id.clone(), source: Box::new(e) })?;
+        lock.table_mut(input.id.kind).insert(input.id.name.clone(), repo.to_locked());
     }
     lock.save(&path)?;
     Ok(lock)
-}
-
-/// Datasets fetched through [`fetch_recipe`] in this process, by URI, so that the data layer's
-/// `hf://` resolution ([`super::fetch_for_data`]) uses exactly the locked files.
-fn session() -> &'static std::sync::Mutex<BTreeMap<String, FetchedDataset>> {
-    static S: std::sync::OnceLock<std::sync::Mutex<BTreeMap<String, FetchedDataset>>> = std::sync::OnceLock::new();
-    S.get_or_init(Default::default)
-}
-
-/// The dataset fetched for `uri` by [`fetch_recipe`] earlier in this process, if any.
-pub fn session_lookup(uri: &str) -> Option<FetchedDataset> {
-    session().lock().unwrap_or_else(|p| p.into_inner()).get(uri).cloned()
-}
-
-/// Fetch every `hf://` dataset of a loaded recipe through its lock (`recipe.lock` next to
-/// `recipe`, written or extended on first use), and remember the results for this process so that
-/// `data::resolve` sees the locked files. The engine calls this once per run, before resolving
-/// datasets. Returns name → fetched dataset (commit, files, sha256s) for the run record.
-pub fn fetch_recipe(
-    recipe: &Path,
-    datasets: &BTreeMap<String, crate::data::spec::DatasetSpec>,
-    opts: &HubOptions,
-) -> Result<BTreeMap<String, FetchedDataset>, LockError> {
-    let mut out = BTreeMap::new();
-    for (name, spec) in datasets {
-        let src = spec.source.trim();
-        if !src.starts_with("hf://") {
-            continue;
-        }
-        let uri = HubUri::parse(src).map_err(|e| LockError::BadUri {
-            recipe: recipe.into(),
-            name: name.clone(),
-            source: e,
-        })?;
-        let fetched = fetch_locked(recipe, name, &uri, opts)?;
-        session().lock().unwrap_or_else(|p| p.into_inner()).insert(uri.to_string(), fetched.clone());
-        out.insert(name.clone(), fetched);
-    }
-    Ok(out)
 }

@@ -1,9 +1,10 @@
 //! Hugging Face Hub client over `ureq`: revisions, tree listing, resolve, verification, Range
 //! resume, retries, offline mode, and the HF cache layout; [`push`] uploads a folder as one commit.
 //!
-//! Entry point for the pipeline: [`resolve_dataset`] turns an `hf://` URI (plus, when the recipe has
-//! a lock, the locked commit and files) into local files inside the shared HF cache. [`lock`] reads
-//! and writes `recipes/<name>.lock` and implements `mmrun update`.
+//! Entry point for the pipeline: [`lock::fetch_all`] resolves every remote input of a recipe (each
+//! an `hf://` URI and a [`RemoteKind`]) through the recipe's lock into one [`Fetched`] map of local
+//! files inside the shared HF cache; [`resolve`] does one URI. [`lock`] reads and writes
+//! `recipes/<name>.lock` and implements `mmrun update`.
 //!
 //! API boundary: nothing here knows about recipes' stages or models; the token never leaves
 //! [`Token`] except as an `Authorization` header to the configured endpoint.
@@ -12,6 +13,7 @@ mod base64;
 pub mod cache;
 pub mod client;
 pub mod error;
+pub mod fetched;
 pub mod lock;
 pub mod names;
 pub mod push;
@@ -23,8 +25,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use error::HubError;
-pub use lock::{LockedDataset, LockedFile};
-pub use uri::{HubUri, RepoType};
+pub use fetched::{Fetched, RemoteId, RemoteInput};
+pub use lock::{LockedFile, LockedRepo};
+pub use uri::{HubUri, RemoteKind, RepoType};
 
 use cache::RepoCache;
 use client::{Client, RemoteFile};
@@ -108,20 +111,7 @@ impl HubOptions {
     }
 }
 
-/// The local files of `hf://` dataset `name`, for exec to hand to `data::resolve_fetched`: the files
-/// [`lock::fetch_recipe`] fetched (through the recipe's lock) earlier in this process, or else a
-/// fresh, unlocked resolution with options from the environment.
-pub fn fetch_for_data(name: &str, uri: &str) -> Result<Vec<PathBuf>, HubError> {
-    let parsed =
-        HubUri::parse(uri).map_err(|e| HubError::BadUri { dataset: name.to_string(), reason: e.to_string() })?;
-    let fetched = match lock::session_lookup(&parsed.to_string()) {
-        Some(f) => f,
-        None => resolve_dataset(&parsed, None, &HubOptions::from_env())?,
-    };
-    Ok(fetched.files.into_iter().map(|f| f.local_path).collect())
-}
-
-/// One file of a fetched dataset.
+/// One file of a fetched repository.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FetchedFile {
     /// Path inside the repository.
@@ -134,9 +124,9 @@ pub struct FetchedFile {
     pub sha256: String,
 }
 
-/// What [`resolve_dataset`] fetched.
+/// What [`resolve`] fetched: one remote input at one commit.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FetchedDataset {
+pub struct FetchedRepo {
     /// The URI as written in the recipe.
     pub uri: String,
     /// The revision asked for (`main` when none).
@@ -147,10 +137,10 @@ pub struct FetchedDataset {
     pub files: Vec<FetchedFile>,
 }
 
-impl FetchedDataset {
-    /// The lock entry pinning exactly this data.
-    pub fn to_locked(&self) -> LockedDataset {
-        LockedDataset {
+impl FetchedRepo {
+    /// The lock entry pinning exactly these files.
+    pub fn to_locked(&self) -> LockedRepo {
+        LockedRepo {
             uri: self.uri.clone(),
             revision: self.revision.clone(),
             commit: self.commit.clone(),
@@ -163,16 +153,23 @@ impl FetchedDataset {
     }
 }
 
-/// Fetch the files of `uri` into the HF cache and return their local paths.
+/// [`resolve`] for a dataset: the files the URI's path or glob selects.
+pub fn resolve_dataset(uri: &HubUri, lock: Option<&LockedRepo>, opts: &HubOptions) -> Result<FetchedRepo, HubError> {
+    resolve(uri, RemoteKind::Dataset, lock, opts)
+}
+
+/// Fetch the files of `uri` that `kind` selects ([`RemoteKind::selects`]) into the HF cache and
+/// return their local paths.
 ///
 /// With `lock` (for the same URI) the locked commit and file list are used whatever the branch says
 /// now, and each file's sha256 must equal the locked one. When everything is already cached no
 /// request is made at all. With `opts.offline`, only the cache is consulted.
-pub fn resolve_dataset(
+pub fn resolve(
     uri: &HubUri,
-    lock: Option<&LockedDataset>,
+    kind: RemoteKind,
+    lock: Option<&LockedRepo>,
     opts: &HubOptions,
-) -> Result<FetchedDataset, HubError> {
+) -> Result<FetchedRepo, HubError> {
     let lock = lock.filter(|l| l.uri == uri.to_string());
     let rc = RepoCache::new(&opts.cache_dir, uri.repo_type, &uri.repo_id);
     let client = Client::new(uri, opts);
@@ -188,11 +185,11 @@ pub fn resolve_dataset(
 
     if let Some(l) = lock {
         if let Some(files) = cached_files(&rc, &l.commit, l.files.iter().map(|f| f.path.clone()), Some(l)) {
-            return Ok(FetchedDataset { uri: l.uri.clone(), revision, commit: l.commit.clone(), files });
+            return Ok(FetchedRepo { uri: l.uri.clone(), revision, commit: l.commit.clone(), files });
         }
     }
     if opts.offline {
-        return resolve_offline(uri, lock, &rc, &client);
+        return resolve_offline(uri, kind, lock, &rc, &client);
     }
 
     let commit = match lock {
@@ -220,7 +217,7 @@ pub fn resolve_dataset(
             }
             v
         }
-        None => listing.into_iter().filter(|f| path_matches(&uri.path, &f.path)).collect(),
+        None => listing.into_iter().filter(|f| kind.selects(&uri.path, &f.path)).collect(),
     };
     if selected.is_empty() {
         return Err(HubError::FileNotFound {
@@ -246,15 +243,16 @@ pub fn resolve_dataset(
         files.push(FetchedFile { repo_path: rf.path.clone(), local_path, size: rf.size, sha256 });
     }
     files.sort_by(|a, b| a.repo_path.cmp(&b.repo_path));
-    Ok(FetchedDataset { uri: uri.to_string(), revision, commit, files })
+    Ok(FetchedRepo { uri: uri.to_string(), revision, commit, files })
 }
 
 fn resolve_offline(
     uri: &HubUri,
-    lock: Option<&LockedDataset>,
+    kind: RemoteKind,
+    lock: Option<&LockedRepo>,
     rc: &RepoCache,
     client: &Client<'_>,
-) -> Result<FetchedDataset, HubError> {
+) -> Result<FetchedRepo, HubError> {
     let revision = uri.revision_or_main().to_string();
     let not_cached = |what: String, url: String| HubError::OfflineNotCached {
         dataset: client.dataset.clone(),
@@ -275,13 +273,13 @@ fn resolve_offline(
     };
     let paths: Vec<String> = match lock {
         Some(l) => l.files.iter().map(|f| f.path.clone()).collect(),
-        None => rc.snapshot_files(&commit).into_iter().filter(|p| path_matches(&uri.path, p)).collect(),
+        None => rc.snapshot_files(&commit).into_iter().filter(|p| kind.selects(&uri.path, p)).collect(),
     };
     if paths.is_empty() {
         return Err(not_cached(format!("'{}' at commit {commit}", uri.path), client.resolve_url(&commit, &uri.path)));
     }
     match cached_files(rc, &commit, paths.iter().cloned(), lock) {
-        Some(files) => Ok(FetchedDataset { uri: uri.to_string(), revision, commit, files }),
+        Some(files) => Ok(FetchedRepo { uri: uri.to_string(), revision, commit, files }),
         None => {
             let missing =
                 paths.iter().find(|p| !rc.snapshot_path(&commit, p).is_ok_and(|f| f.is_file())).unwrap_or(&paths[0]);
@@ -296,7 +294,7 @@ fn cached_files(
     rc: &RepoCache,
     commit: &str,
     paths: impl Iterator<Item = String>,
-    lock: Option<&LockedDataset>,
+    lock: Option<&LockedRepo>,
 ) -> Option<Vec<FetchedFile>> {
     let mut out = Vec::new();
     for path in paths {

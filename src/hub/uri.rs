@@ -21,6 +21,36 @@ impl RepoType {
     }
 }
 
+/// What a remote input of a recipe is used as. It decides which files of its URI are fetched
+/// (`hub::fetched`) and which table of the lock file pins it. It lives with the URI because
+/// stage kinds declare their remote inputs with it (`recipe::RemoteSource`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RemoteKind {
+    /// `[datasets.<name>] source = "hf://datasets/…"`: the files the path or glob selects.
+    Dataset,
+    /// A tokenizer stage's `source = "hf://…"`: `tokenizer.json` and `tokenizer_config.json` of the
+    /// folder the URI names, or the `.json` file it names and the config next to it. Nothing else
+    /// of a model repository is downloaded.
+    Tokenizer,
+    /// A released model (`[models.<name>] source = "hf://…"`): the files the path selects, the
+    /// whole repository when the path is empty.
+    Model,
+}
+
+impl RemoteKind {
+    /// Every kind, in lock-file order.
+    pub const ALL: [RemoteKind; 3] = [RemoteKind::Dataset, RemoteKind::Tokenizer, RemoteKind::Model];
+
+    /// `dataset`, `tokenizer`, `model` (for messages).
+    pub fn noun(self) -> &'static str {
+        match self {
+            RemoteKind::Dataset => "dataset",
+            RemoteKind::Tokenizer => "tokenizer",
+            RemoteKind::Model => "model",
+        }
+    }
+}
+
 /// A parsed `hf://[datasets/]<owner>/<name>[@<revision>]/<path-or-glob>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HubUri {

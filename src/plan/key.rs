@@ -16,6 +16,7 @@
 //! | keys of input stages (per param, in order)   | an upstream change propagates down the DAG; order matters (`models = ["a", "b"]`)         |
 //! | each input dataset's content hash            | the bytes read, not where they live: moving a file or re-downloading it changes nothing   |
 //! | content hash of each local file a stage reads ([`crate::recipe::StageParams::local_files`]: an adopted tokenizer) | same rule as datasets: editing the file reruns the stage; the param naming the path is left out |
+//! | path and sha256 of each file of an `hf://` input a stage names ([`crate::recipe::StageParams::remote_sources`]), as pinned by the recipe's lock | the bytes used: a moved branch changes nothing until `mmrun update` re-pins it; the URI string is left out, and so is the commit (a new commit with the same files must not retrain everything downstream) |
 //! | each input dataset's `format`, `columns`, `on_bad_record`, `builtin` | they change which examples the bytes turn into                    |
 //! | `recipe.seed`                                | init, data order and sampling depend on it; conservatively in every stage                 |
 //! | resolved `[model]` config (stages that *build* a model: output is a model and no input is one) | architecture; downstream stages get it through that stage's key; `vocab_size` only when set explicitly (else the tokenizer input decides it) |
@@ -38,6 +39,7 @@
 
 use crate::artifact::ArtifactKind;
 use crate::data::ResolvedDataset;
+use crate::hub::Fetched;
 use crate::recipe::{resolve_model, ModelSpec, Precision, Recipe, StageSpec};
 use crate::recipe::{DynStageKind, InputRef};
 use serde_json::{json, Map, Value};
@@ -76,6 +78,8 @@ pub struct KeyContext<'a> {
     pub stage_outputs: &'a BTreeMap<String, ArtifactKind>,
     /// Resolved datasets, by name.
     pub datasets: &'a BTreeMap<String, ResolvedDataset>,
+    /// The recipe's `hf://` inputs, resolved through its lock.
+    pub fetched: &'a Fetched,
     /// `cpu` or `cuda`.
     pub device_class: &'a str,
     /// The recipe's precision resolved for `device_class` (never `Auto`).
@@ -100,6 +104,16 @@ pub enum FingerprintError {
         stage: String,
         /// The dataset.
         dataset: String,
+    },
+    /// A stage names an `hf://` input that exec did not fetch.
+    #[error("stage '{stage}' reads {uri} (`{param}`), which was not fetched through the recipe's lock")]
+    RemoteNotFetched {
+        /// The reading stage.
+        stage: String,
+        /// The param naming it.
+        param: String,
+        /// The URI.
+        uri: String,
     },
     /// `[model]` is needed by this stage but cannot be resolved.
     #[error("stage '{stage}' builds a model but [model] is invalid: {source}")]
@@ -127,13 +141,18 @@ pub fn fingerprint(
         .collect();
     let recipe_dir = cx.recipe.path.parent().unwrap_or(std::path::Path::new("."));
     let local = def.local_files(&spec.params, recipe_dir);
+    let remote = def.remote_sources(&spec.params);
     let mut params = Map::new();
     let mut cosmetic = Map::new();
     if let Value::Object(all) = &spec.params {
         for (k, v) in all {
             if def.cosmetic().contains(&k.as_str()) {
                 cosmetic.insert(k.clone(), v.clone());
-            } else if !ref_params.contains(&k.as_str()) && !local.iter().any(|(p, _)| p == k) && !v.is_null() {
+            } else if !ref_params.contains(&k.as_str())
+                && !local.iter().any(|(p, _)| p == k)
+                && !remote.iter().any(|r| r.param == k)
+                && !v.is_null()
+            {
                 params.insert(k.clone(), v.clone());
             }
         }
@@ -188,6 +207,20 @@ pub fn fingerprint(
             })
             .collect();
         fp.insert("files".into(), Value::Array(files));
+    }
+    if !remote.is_empty() {
+        let mut pinned = Vec::new();
+        for r in &remote {
+            let repo = cx.fetched.get(r.kind, &spec.name).ok_or_else(|| FingerprintError::RemoteNotFetched {
+                stage: spec.name.clone(),
+                param: r.param.into(),
+                uri: r.uri.to_string(),
+            })?;
+            let files: Vec<Value> =
+                repo.files.iter().map(|f| json!({ "path": f.repo_path, "sha256": f.sha256 })).collect();
+            pinned.push(json!({ "param": r.param, "files": files }));
+        }
+        fp.insert("remote".into(), Value::Array(pinned));
     }
     fp.insert("seed".into(), json!(cx.recipe.meta.seed));
     if output == ArtifactKind::Model && !reads_model {

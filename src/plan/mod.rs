@@ -14,6 +14,7 @@ mod reasons;
 use crate::artifact::ArtifactKind;
 use crate::cache::{Bucket, Cache, Depth, Lookup};
 use crate::data::ResolvedDataset;
+use crate::hub::Fetched;
 use crate::recipe::{dag, did_you_mean, DynStageKind, InputRef, Recipe};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -147,15 +148,34 @@ fn cycle_text(c: &[String]) -> String {
 }
 
 /// Plan `recipe` against the stage kinds mmrun ships.
-pub fn build(recipe: &Recipe, cache: &Cache, datasets: &BTreeMap<String, ResolvedDataset>) -> Result<Plan, PlanError> {
-    build_with(recipe, cache, datasets, &crate::stages::kinds())
+///
+/// `fetched` holds the recipe's `hf://` inputs as resolved through its lock; their content enters
+/// the keys of the stages that name them.
+pub fn build(
+    recipe: &Recipe,
+    cache: &Cache,
+    datasets: &BTreeMap<String, ResolvedDataset>,
+    fetched: &Fetched,
+) -> Result<Plan, PlanError> {
+    build_fetched(recipe, cache, datasets, fetched, &crate::stages::kinds())
 }
 
-/// [`build`] against an explicit set of stage kinds.
+/// [`build`] against an explicit set of stage kinds, for a recipe without `hf://` stage inputs.
 pub fn build_with(
     recipe: &Recipe,
     cache: &Cache,
     datasets: &BTreeMap<String, ResolvedDataset>,
+    registry: &[&dyn DynStageKind],
+) -> Result<Plan, PlanError> {
+    build_fetched(recipe, cache, datasets, &Fetched::default(), registry)
+}
+
+/// [`build`] against an explicit set of stage kinds.
+pub fn build_fetched(
+    recipe: &Recipe,
+    cache: &Cache,
+    datasets: &BTreeMap<String, ResolvedDataset>,
+    fetched: &Fetched,
     registry: &[&dyn DynStageKind],
 ) -> Result<Plan, PlanError> {
     let defs: Vec<&dyn DynStageKind> = recipe
@@ -186,6 +206,7 @@ pub fn build_with(
             stage_keys: &keys,
             stage_outputs: &outputs,
             datasets,
+            fetched,
             device_class: device,
             precision,
         };

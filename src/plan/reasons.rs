@@ -179,6 +179,21 @@ pub(crate) fn diff(old: &Value, new: &Value, statuses: &BTreeMap<String, Status>
         out.push(format!("no longer reads {} ({})", s(o, "file"), s(o, "param")));
     }
 
+    // `hf://` inputs, as pinned by the lock: matched by param.
+    let (or, nr) = (arr(old.get("remote")), arr(new.get("remote")));
+    for n in &nr {
+        match or.iter().find(|o| s(o, "param") == s(n, "param")) {
+            None => out.push(format!("now reads a Hub input ({})", s(n, "param"))),
+            Some(o) if o.get("files") != n.get("files") => {
+                out.push(format!("the Hub files of `{}` changed (re-pinned in the lock)", s(n, "param")))
+            }
+            Some(_) => {}
+        }
+    }
+    for o in or.iter().filter(|o| !nr.iter().any(|n| s(n, "param") == s(o, "param"))) {
+        out.push(format!("no longer reads a Hub input ({})", s(o, "param")));
+    }
+
     let (om, nm) = (old.get("model").filter(|v| !v.is_null()), new.get("model").filter(|v| !v.is_null()));
     match (om, nm) {
         (Some(a), Some(b)) if a != b => diff_map("model", &obj(Some(a)), &obj(Some(b)), &mut out),

@@ -6,6 +6,7 @@
 
 use crate::artifact::ArtifactKind;
 use crate::data::spec::DataFormat;
+use crate::hub::uri::{HubUri, RemoteKind};
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -52,11 +53,30 @@ pub trait StageParams: DeserializeOwned + Serialize + JsonSchema + Clone + Send 
         Vec::new()
     }
 
+    /// The `hf://` inputs this stage's params name (an adopted tokenizer's `source`). Exec resolves
+    /// them through the recipe's lock before planning, under this stage's name; their fetched
+    /// *content* enters the stage key in place of the param's value, and the stage reads the files
+    /// from `Inputs::remote`. `validate` should have rejected a malformed URI already.
+    fn remote_sources(&self) -> Vec<RemoteSource> {
+        Vec::new()
+    }
+
     /// Reject values that deserialise but can never work (`temperature = 0` for GRPO), so the
     /// recipe loader points at the key before any stage runs.
     fn validate(&self) -> Result<(), InvalidParam> {
         Ok(())
     }
+}
+
+/// An `hf://` input named by a stage param ([`StageParams::remote_sources`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteSource {
+    /// The param naming it.
+    pub param: &'static str,
+    /// What it is used as (which files are fetched).
+    pub kind: RemoteKind,
+    /// The parsed URI.
+    pub uri: HubUri,
 }
 
 /// A parameter value no run can use, found by [`StageParams::validate`].
@@ -135,6 +155,8 @@ pub trait DynStageKind: Send + Sync {
         canonical: &serde_json::Value,
         recipe_dir: &std::path::Path,
     ) -> Vec<(&'static str, std::path::PathBuf)>;
+    /// See [`StageParams::remote_sources`], for canonical params.
+    fn remote_sources(&self, canonical: &serde_json::Value) -> Vec<RemoteSource>;
 }
 
 impl<S: StageKind> DynStageKind for S {
@@ -171,5 +193,8 @@ impl<S: StageKind> DynStageKind for S {
     ) -> Vec<(&'static str, std::path::PathBuf)> {
         // Canonical params were produced by this kind's own parser, so they always deserialise.
         serde_json::from_value::<S::Params>(canonical.clone()).map(|p| p.local_files(recipe_dir)).unwrap_or_default()
+    }
+    fn remote_sources(&self, canonical: &serde_json::Value) -> Vec<RemoteSource> {
+        serde_json::from_value::<S::Params>(canonical.clone()).map(|p| p.remote_sources()).unwrap_or_default()
     }
 }

@@ -18,7 +18,7 @@ pub(crate) mod testing;
 mod tests;
 
 pub use diag::{did_you_mean, Diagnostic, Location};
-pub use kind::{DynStageKind, InputRef, InvalidParam, ParamsError, ParsedParams, StageKind, StageParams};
+pub use kind::{DynStageKind, InputRef, InvalidParam, ParamsError, ParsedParams, RemoteSource, StageKind, StageParams};
 pub use load::{load, load_str, RecipeError};
 pub use model::{resolve_model, ModelSpecError};
 

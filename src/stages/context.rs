@@ -4,6 +4,7 @@ use crate::artifact::Artifact;
 use crate::cache::Cache;
 use crate::cancel::CancelToken;
 use crate::data::ResolvedDataset;
+use crate::hub::FetchedRepo;
 use crate::recipe::Recipe;
 use crate::runs::RunSink;
 use std::collections::BTreeMap;
@@ -16,6 +17,9 @@ pub struct Inputs {
     pub artifacts: BTreeMap<String, Artifact>,
     /// Datasets, by dataset name.
     pub datasets: BTreeMap<String, ResolvedDataset>,
+    /// The `hf://` inputs the stage's params name ([`crate::recipe::StageParams::remote_sources`]),
+    /// by param, as resolved through the recipe's lock before planning.
+    pub remote: BTreeMap<&'static str, FetchedRepo>,
 }
 
 impl Inputs {
@@ -34,6 +38,11 @@ impl Inputs {
             );
         }
         Ok(art)
+    }
+
+    /// The locked files of the `hf://` input named by param `param`.
+    pub fn remote(&self, param: &str) -> anyhow::Result<&FetchedRepo> {
+        self.remote.get(param).ok_or_else(|| anyhow::anyhow!("internal: the hf:// input of `{param}` was not fetched"))
     }
 
     /// The dataset called `name`.

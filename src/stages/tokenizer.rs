@@ -18,6 +18,9 @@ use crate::data::read::{for_each_example, Example};
 use crate::data::spec::DataFormat;
 use crate::data::tokenize::TextTokenizer;
 use crate::data::DataError;
+use crate::hub::uri::{HubUri, RemoteKind};
+use crate::hub::FetchedRepo;
+use crate::recipe::RemoteSource;
 use anyhow::{bail, Context};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -99,7 +102,7 @@ impl StageParams for TokenizerParams {
     }
 
     /// An adopted local tokenizer: `tokenizer.json` and, when present, its `tokenizer_config.json`
-    /// (the two files [`adopt`] copies). `hf://` sources are pinned by their URI and lock instead.
+    /// (the two files [`adopt`] copies). `hf://` sources are [`Self::remote_sources`] instead.
     fn local_files(&self, recipe_dir: &Path) -> Vec<(&'static str, PathBuf)> {
         let Some(src) = self.source.as_deref().filter(|s| !s.starts_with("hf://")) else { return Vec::new() };
         let p = recipe_dir.join(src);
@@ -112,7 +115,19 @@ impl StageParams for TokenizerParams {
         v
     }
 
+    fn remote_sources(&self) -> Vec<RemoteSource> {
+        let uri = self.source.as_deref().filter(|s| s.starts_with("hf://")).and_then(|s| HubUri::parse(s).ok());
+        uri.map(|uri| RemoteSource { param: "source", kind: RemoteKind::Tokenizer, uri }).into_iter().collect()
+    }
+
     fn validate(&self) -> Result<(), InvalidParam> {
+        if let Some(Err(e)) = self.source.as_deref().filter(|s| s.starts_with("hf://")).map(HubUri::parse) {
+            return Err(InvalidParam {
+                key: "source",
+                message: e.problem,
+                hint: "write hf://<owner>/<name>[@<revision>][/<folder or tokenizer.json>]".into(),
+            });
+        }
         if self.source.is_none() {
             // Training one needs text; adopting one (`source = …`) reads none.
             crate::stages::training::non_empty(
@@ -146,7 +161,12 @@ impl Stage for TokenizerStage {
             (None, true) => bail!("stage '{}': set `data = [\"<dataset>\", …]` to train a tokenizer or `source = \"<path>\"` to adopt one", ctx.name),
             (Some(src), true) => {
                 let recipe_dir = ctx.recipe.path.parent().unwrap_or(Path::new("."));
-                adopt(src, recipe_dir, ctx.out_dir).with_context(|| format!("stage '{}'", ctx.name))?;
+                let tj = if src.starts_with("hf://") {
+                    fetched_tokenizer(src, ctx.inputs.remote("source")?)
+                } else {
+                    adopt_location(src, recipe_dir)
+                };
+                tj.and_then(|tj| adopt(&tj, ctx.out_dir)).with_context(|| format!("stage '{}'", ctx.name))?;
                 metrics.insert("adopted".into(), json!(src));
             }
             (None, false) => {
@@ -296,21 +316,25 @@ fn write_trained(tok: &tokenizers::Tokenizer, out: &Path) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Where an adopted tokenizer's files are. The one place to wire `hf://` through the hub client.
+/// The tokenizer file of an `hf://` source, among the files exec fetched through the lock (the
+/// `.json` file that is not `tokenizer_config.json`, which [`RemoteKind::Tokenizer`] selects next
+/// to it).
+fn fetched_tokenizer(src: &str, fetched: &FetchedRepo) -> anyhow::Result<PathBuf> {
+    fetched
+        .files
+        .iter()
+        .find(|f| !f.repo_path.ends_with(layout::TOKENIZER_CONFIG_JSON))
+        .map(|f| f.local_path.clone())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "tokenizer source '{src}': no tokenizer.json at commit {} (point at the folder holding it, or the file)",
+                fetched.commit
+            )
+        })
+}
+
+/// Where a local adopted tokenizer's file is.
 fn adopt_location(src: &str, recipe_dir: &Path) -> anyhow::Result<PathBuf> {
-    if src.starts_with("hf://") {
-        let uri = crate::hub::HubUri::parse(src)?;
-        let fetched = crate::hub::resolve_dataset(&uri, None, &crate::hub::HubOptions::from_env())
-            .with_context(|| format!("tokenizer source '{src}'"))?;
-        return fetched
-            .files
-            .iter()
-            .find(|f| f.repo_path.rsplit('/').next() == Some(layout::TOKENIZER_JSON))
-            .map(|f| f.local_path.clone())
-            .ok_or_else(|| {
-                anyhow::anyhow!("tokenizer source '{src}': no tokenizer.json there (point at the model folder)")
-            });
-    }
     let p = recipe_dir.join(src);
     let dir = if p.is_dir() { p.clone() } else { p.parent().map(Path::to_path_buf).unwrap_or_default() };
     let tj = if p.is_dir() { p.join(layout::TOKENIZER_JSON) } else { p.clone() };
@@ -320,9 +344,9 @@ fn adopt_location(src: &str, recipe_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir.join(tj.file_name().expect("a file name")))
 }
 
-fn adopt(src: &str, recipe_dir: &Path, out: &Path) -> anyhow::Result<()> {
-    let tj = adopt_location(src, recipe_dir)?;
-    std::fs::copy(&tj, out.join(layout::TOKENIZER_JSON)).with_context(|| format!("copying {}", tj.display()))?;
+/// Copy tokenizer file `tj` (and the `tokenizer_config.json` next to it) into `out`.
+fn adopt(tj: &Path, out: &Path) -> anyhow::Result<()> {
+    std::fs::copy(tj, out.join(layout::TOKENIZER_JSON)).with_context(|| format!("copying {}", tj.display()))?;
     let cfg_src = tj.with_file_name(layout::TOKENIZER_CONFIG_JSON);
     let cfg_dst = out.join(layout::TOKENIZER_CONFIG_JSON);
     if cfg_src.is_file() {
@@ -385,6 +409,7 @@ mod tests {
     fn adopting_preserves_encodings() {
         let Some(d) = crate::testutil::shared_data() else { return };
         let out = tempfile::tempdir().unwrap();
+        let adopt = |src: &str, d: &Path, out: &Path| adopt_location(src, d).and_then(|tj| adopt(&tj, out));
         adopt("minimind_tokenizer", &d, out.path()).unwrap();
         let t = TextTokenizer::from_dir(out.path()).unwrap();
         assert_eq!(t.encode("<|im_start|>assistant\n").unwrap(), vec![1, 1388, 570, 811, 234]);
