@@ -22,6 +22,9 @@ pub enum ArtifactKind {
     Adapter,
     /// Metrics and generations (`report.json`).
     EvalReport,
+    /// A causal LM backbone with a scalar `score` head: `config.json` (architectures
+    /// `Qwen3ForSequenceClassification`, `num_labels = 1`) + `model.safetensors` + tokenizer files.
+    RewardModel,
 }
 
 impl ArtifactKind {
@@ -37,6 +40,7 @@ impl ArtifactKind {
             ArtifactKind::Model => "a model",
             ArtifactKind::Adapter => "a LoRA adapter",
             ArtifactKind::EvalReport => "an eval report",
+            ArtifactKind::RewardModel => "a reward model",
         }
     }
 }
@@ -114,12 +118,12 @@ impl Artifact {
         self.path(layout::TOKENIZER_CONFIG_JSON)
     }
 
-    /// `config.json` of a `Model`.
+    /// `config.json` of a `Model` or `RewardModel`.
     pub fn model_config_json(&self) -> PathBuf {
         self.path(layout::MODEL_CONFIG_JSON)
     }
 
-    /// `model.safetensors` of a `Model`.
+    /// `model.safetensors` of a `Model` (or a `RewardModel`: the backbone plus `score.weight`).
     pub fn model_weights(&self) -> PathBuf {
         self.path(layout::MODEL_WEIGHTS)
     }

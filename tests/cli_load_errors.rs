@@ -46,6 +46,17 @@ fn a_dpo_stage_fed_a_text_dataset_fails_at_load_time() {
 }
 
 #[test]
+fn a_reward_model_stage_fed_a_chat_dataset_fails_at_load_time() {
+    let sb = Sandbox::new();
+    let text = format!("{}\n[stages.rm]\nkind = \"reward_model\"\nfrom = \"base\"\ndata = \"chat\"\n", base());
+    refused(&sb, "rm_chat", &text, "data = \"chat\"", "a reward_model stage reads dpo");
+    let ok = format!("{}\n[stages.rm]\nkind = \"reward_model\"\nfrom = \"base\"\ndata = \"pairs\"\n", base());
+    sb.write("rm_ok.toml", &ok);
+    let o = sb.run(&["plan", "rm_ok.toml"]);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+}
+
+#[test]
 fn values_that_can_never_work_fail_at_load_time() {
     let sb = Sandbox::new();
     let b = base();
@@ -87,6 +98,18 @@ fn values_that_can_never_work_fail_at_load_time() {
             stage("[stages.pref]\nkind = \"dpo\"\nfrom = \"base\"\ndata = \"pairs\"\nbeta = -0.1"),
             "beta = -0.1",
             "beta = -0.1",
+        ),
+        (
+            "rm_margin",
+            stage("[stages.rm]\nkind = \"reward_model\"\nfrom = \"base\"\ndata = \"pairs\"\nmargin = -1.0"),
+            "margin = -1.0",
+            "margin = -1 is out of range",
+        ),
+        (
+            "rm_holdout",
+            stage("[stages.rm]\nkind = \"reward_model\"\nfrom = \"base\"\ndata = \"pairs\"\nholdout = 1.0"),
+            "holdout = 1.0",
+            "holdout = 1 is out of range",
         ),
         (
             "grpo_top_p",

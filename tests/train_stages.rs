@@ -331,3 +331,56 @@ fn lora_dpo_and_grpo_stages_resume_exactly() {
     };
     assert_resumes_exactly(&w, "grpo", grpo, "model.safetensors");
 }
+
+/// Preference pairs whose chosen answers share a style the rejected ones lack, so a tiny reward
+/// model can learn the difference within a few dozen steps.
+fn styled_pairs(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("What is {i} plus 1?"), "chosen": format!("The answer is {}.", i + 1),
+                "rejected": format!("{}!!! {}??", i + 7, i)})
+            .to_string()
+        })
+        .collect()
+}
+
+/// The reward_model stage: the artifact is a `Qwen3ForSequenceClassification` folder, held-out
+/// pair accuracy rises from the untrained head's, and an interrupted run resumes to the same bytes.
+#[test]
+fn reward_model_learns_held_out_pairs_exports_the_classifier_layout_and_resumes_exactly() {
+    let Some(shared) = common::shared_data() else { return };
+    let mut w = world(&shared);
+    w.inputs.datasets.insert("pairs".into(), dataset(&w.root, "pairs", DataFormat::Dpo, &styled_pairs(32)));
+    let base = toml::toml! { tokenizer = "tok" data = "text" max_seq_len = 32 batch_size = 4 max_steps = 4 lr = 3e-3 };
+    let (res, dir) = run_stage(&w, "pretrain", base, "work-base", "out-base", &CancelToken::new());
+    res.unwrap();
+    w.inputs.artifacts.insert("base".into(), artifact(&dir, ArtifactKind::Model, "pretrain", "base-key"));
+
+    let params = toml::toml! { from = "base" data = "pairs" holdout = 0.25 margin = 0.1 max_seq_len = 64 batch_size = 4 max_steps = 30 lr = 2e-3 };
+    let (res, rm) = run_stage(&w, "reward_model", params.clone(), "work-rm", "out-rm", &CancelToken::new());
+    let m = res.unwrap().metrics;
+    assert_eq!((m["train_pairs"].as_u64(), m["heldout_pairs"].as_u64()), (Some(24), Some(8)), "{m:?}");
+    let (before, after) = (m["heldout_before/accuracy"].as_f64().unwrap(), m["heldout/accuracy"].as_f64().unwrap());
+    assert!(after >= 0.75 && after > before, "held-out accuracy {before} -> {after}: {m:?}");
+    assert!(m["heldout/margin"].as_f64().unwrap() > m["heldout_before/margin"].as_f64().unwrap(), "{m:?}");
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(rm.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"], serde_json::json!(["Qwen3ForSequenceClassification"]));
+    assert_eq!(cfg["num_labels"], 1);
+    let bytes = std::fs::read(rm.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("score.weight").unwrap().shape(), &[1, cfg["hidden_size"].as_u64().unwrap() as usize]);
+    assert!(st.names().iter().all(|n| n.starts_with("model.") || *n == "score.weight"), "{:?}", st.names());
+    assert!(rm.join("tokenizer.json").is_file());
+    let line = std::fs::read_to_string(w.root.join("run-out-rm/metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert!(first["rm_loss"].is_number() && first["accuracy"].is_number(), "{first}");
+
+    // A reward model can continue from a reward model (its head is kept, not re-drawn).
+    w.inputs.artifacts.insert("rm".into(), artifact(&rm, ArtifactKind::RewardModel, "reward_model", "rm-key"));
+    let more = toml::toml! { from = "rm" data = "pairs" holdout = 0.25 max_seq_len = 64 batch_size = 4 max_steps = 1 lr = 1e-9 };
+    let (res, _) = run_stage(&w, "reward_model", more, "work-rm2", "out-rm2", &CancelToken::new());
+    let m2 = res.unwrap().metrics;
+    assert_eq!(m2["heldout_before/accuracy"], m["heldout/accuracy"], "{m2:?}");
+
+    assert_resumes_exactly(&w, "reward_model", params, "model.safetensors");
+}

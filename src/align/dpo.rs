@@ -66,6 +66,11 @@ impl PairRows {
         (Self { pairs: Pairs::Shards { shards: Box::new(shards), usable }, pad_id }, skipped)
     }
 
+    /// The id padding rows carry.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
     /// Pair `i`: (chosen, rejected).
     fn pair(&self, i: usize) -> std::borrow::Cow<'_, (Sample, Sample)> {
         match &self.pairs {

@@ -1,4 +1,4 @@
-//! The loss math of LoRA/SFT, DPO and GRPO as pure candle functions.
+//! The loss math of LoRA/SFT, DPO, reward models and GRPO as pure candle functions.
 //!
 //! Everything here is composite candle (differentiable by candle's autograd on any device); inputs
 //! are plain tensors so the functions are tested on tiny hand-computed values without a model.
@@ -146,6 +146,48 @@ pub fn dpo_loss(pi_c: &Tensor, pi_r: &Tensor, ref_c: &Tensor, ref_r: &Tensor, be
         logps_rejected: mean(&pi_r.detach())?,
     };
     Ok(DpoOutput { loss, metrics })
+}
+
+/// Per-step reward-model metrics (batch means, without gradient).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RewardMetrics {
+    /// The Bradley-Terry loss.
+    pub loss: f32,
+    /// Fraction of pairs whose chosen score is strictly above the rejected one.
+    pub accuracy: f32,
+    /// Mean of chosen minus rejected score.
+    pub margin: f32,
+    /// Mean score of the chosen answers.
+    #[serde(rename = "rewards/chosen")]
+    pub rewards_chosen: f32,
+    /// Mean score of the rejected answers.
+    #[serde(rename = "rewards/rejected")]
+    pub rewards_rejected: f32,
+}
+
+/// A reward-model loss and its metrics.
+pub struct RewardOutput {
+    /// `mean_b(-logsigmoid(r_c - r_r - margin))`.
+    pub loss: Tensor,
+    /// Metrics of this batch.
+    pub metrics: RewardMetrics,
+}
+
+/// The Bradley-Terry loss of a reward model on pairs: scores `r_c`, `r_r` (`[B]`, both carrying
+/// gradients) of the chosen and rejected answers, and a `margin` the chosen score must exceed the
+/// rejected one by (0: plain Bradley-Terry; TRL's `margin` column, as one constant).
+pub fn bradley_terry_loss(r_c: &Tensor, r_r: &Tensor, margin: f64) -> Result<RewardOutput> {
+    let diff = (r_c - r_r)?;
+    let loss = log_sigmoid(&diff.affine(1.0, -margin)?)?.neg()?.mean_all()?;
+    let mean = |t: &Tensor| -> Result<f32> { t.detach().to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>() };
+    let metrics = RewardMetrics {
+        loss: loss.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+        accuracy: mean(&r_c.gt(r_r)?.to_dtype(DType::F32)?)?,
+        margin: mean(&diff)?,
+        rewards_chosen: mean(r_c)?,
+        rewards_rejected: mean(r_r)?,
+    };
+    Ok(RewardOutput { loss, metrics })
 }
 
 /// Group-normalised advantages of one rollout batch and the statistics GRPO reports.

@@ -1,9 +1,10 @@
-//! Alignment: LoRA training, DPO and GRPO. The loss math lives in [`losses`] as pure candle
-//! functions (tested on tiny hand-computed tensors); the stages in `crate::stages::{lora,dpo,grpo}`
-//! wire it to the model, the data and the shared training loop.
+//! Alignment: LoRA training, DPO, reward models and GRPO. The loss math lives in
+//! [`losses`] as pure candle functions (tested on tiny hand-computed tensors); the stages in
+//! `crate::stages` wire it to the model, the data and the shared training loop.
 
 pub mod dpo;
 pub mod grpo;
 pub mod losses;
+pub mod reward;
 pub mod rewards;
 pub mod sft_lora;

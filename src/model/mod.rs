@@ -11,6 +11,7 @@ mod layers;
 pub mod linear;
 pub mod lora;
 pub mod ops;
+pub mod reward;
 pub mod rope;
 pub mod sampling;
 mod vb;

@@ -110,12 +110,18 @@ pub fn export(model: &MiniMind, tokenizer_dir: Option<&Path>, out_dir: &Path) ->
         .with_context(|| format!("writing {}", gen_path.display()))?;
     save(model, &out_dir.join("model.safetensors"))?;
     if let Some(tdir) = tokenizer_dir {
-        for f in TOKENIZER_FILES {
-            let src = tdir.join(f);
-            if src.is_file() {
-                std::fs::copy(&src, out_dir.join(f))
-                    .with_context(|| format!("copying {} into {}", src.display(), out_dir.display()))?;
-            }
+        copy_tokenizer_files(tdir, out_dir)?;
+    }
+    Ok(())
+}
+
+/// Copy the [`TOKENIZER_FILES`] present in `tokenizer_dir` into `out_dir`.
+pub fn copy_tokenizer_files(tokenizer_dir: &Path, out_dir: &Path) -> anyhow::Result<()> {
+    for f in TOKENIZER_FILES {
+        let src = tokenizer_dir.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, out_dir.join(f))
+                .with_context(|| format!("copying {} into {}", src.display(), out_dir.display()))?;
         }
     }
     Ok(())

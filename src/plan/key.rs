@@ -20,8 +20,8 @@
 //! | each input dataset's `format`, `columns`, `on_bad_record`, `builtin` | they change which examples the bytes turn into                    |
 //! | `recipe.seed`                                | init, data order and sampling depend on it; conservatively in every stage                 |
 //! | resolved `[model]` config (stages that *build* a model: output is a model and no input is one) | architecture; downstream stages get it through that stage's key; `vocab_size` only when set explicitly (else the tokenizer input decides it) |
-//! | device class `cpu` / `cuda` (stages producing models, adapters, eval reports) | numerics differ by class |
-//! | resolved `precision` when it is `bf16` (stages producing models and adapters) | bf16 mixed precision trains different weights than f32; `auto` enters as what it resolves to (`bf16` on CUDA, `f32` on the CPU) |
+//! | device class `cpu` / `cuda` (stages producing models, adapters, reward models, eval reports) | numerics differ by class |
+//! | resolved `precision` when it is `bf16` (stages producing models, adapters and reward models) | bf16 mixed precision trains different weights than f32; `auto` enters as what it resolves to (`bf16` on CUDA, `f32` on the CPU) |
 //! | [`KEY_FORMAT`]                               | lets a new mmrun invalidate keys whose recipe changed meaning                             |
 //!
 //! | Deliberately *not* in the key                | Why                                                                                      |
@@ -168,7 +168,10 @@ pub fn fingerprint(
                     stage: spec.name.clone(),
                     input: stage.clone(),
                 })?;
-                reads_model |= matches!(cx.stage_outputs.get(stage), Some(ArtifactKind::Model | ArtifactKind::Adapter));
+                reads_model |= matches!(
+                    cx.stage_outputs.get(stage),
+                    Some(ArtifactKind::Model | ArtifactKind::Adapter | ArtifactKind::RewardModel)
+                );
                 inputs.push(json!({ "param": param, "stage": stage, "key": key }));
             }
             InputRef::Dataset { param, dataset, .. } => {
@@ -240,11 +243,14 @@ pub fn fingerprint(
         };
         fp.insert("model".into(), model);
     }
-    if matches!(output, ArtifactKind::Model | ArtifactKind::Adapter | ArtifactKind::EvalReport) {
+    if matches!(
+        output,
+        ArtifactKind::Model | ArtifactKind::Adapter | ArtifactKind::RewardModel | ArtifactKind::EvalReport
+    ) {
         fp.insert("device".into(), json!(cx.device_class));
     }
     // Only bf16 is written: f32 is what keys meant before precision existed (see the table above).
-    let trains = matches!(output, ArtifactKind::Model | ArtifactKind::Adapter);
+    let trains = matches!(output, ArtifactKind::Model | ArtifactKind::Adapter | ArtifactKind::RewardModel);
     if trains && cx.precision.resolve(cx.device_class) == Precision::Bf16 {
         fp.insert("precision".into(), json!(Precision::Bf16.as_str()));
     }

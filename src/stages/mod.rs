@@ -13,6 +13,7 @@ pub mod grpo;
 pub mod lora;
 pub mod prepare;
 pub mod pretrain;
+pub mod reward_model;
 pub mod sft;
 pub mod tokenizer;
 mod training;
@@ -49,6 +50,7 @@ pub static REGISTRY: &[&dyn DynStage] = &[
     &sft::SftStage,
     &lora::LoraStage,
     &dpo::DpoStage,
+    &reward_model::RewardModelStage,
     &grpo::GrpoStage,
     &eval::EvalStage,
 ];

@@ -124,6 +124,47 @@ impl BatchSource for PaddedRows {
     }
 }
 
+/// The examples `indices` of another source, in that order (a train or held-out split). Batches
+/// report the inner source's indices, so a loss can still look its examples up.
+pub struct Subset<'a, S: BatchSource + ?Sized> {
+    inner: &'a S,
+    indices: Vec<usize>,
+}
+
+impl<'a, S: BatchSource + ?Sized> Subset<'a, S> {
+    /// `indices` must be valid indices of `inner`.
+    pub fn new(inner: &'a S, indices: Vec<usize>) -> Self {
+        Self { inner, indices }
+    }
+}
+
+impl<S: BatchSource + ?Sized> BatchSource for Subset<'_, S> {
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    fn batch(&self, indices: &[usize]) -> anyhow::Result<Batch> {
+        let inner: Vec<usize> = indices.iter().map(|&i| self.indices[i]).collect();
+        self.inner.batch(&inner)
+    }
+}
+
+/// A deterministic split of `n` examples into (train, held out): `round(n · fraction)` examples,
+/// at least one and never all (when `fraction > 0` and `n >= 2`), drawn by a seeded permutation;
+/// both lists sorted. The split depends only on `(n, fraction, seed)`.
+pub fn holdout_split(n: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    if fraction <= 0.0 || n < 2 {
+        return ((0..n).collect(), Vec::new());
+    }
+    let k = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
+    // A salt keeps the split independent of the epoch orders drawn from the same seed.
+    let perm = epoch_permutation(seed ^ 0x5eed_4e1d_u64, 0, n);
+    let (mut held, mut train) = (perm[..k].to_vec(), perm[k..].to_vec());
+    held.sort_unstable();
+    train.sort_unstable();
+    (train, held)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +188,23 @@ mod tests {
         assert_eq!(b.labels, vec![IGNORE, 7, IGNORE, IGNORE, 1, 5, 6, 2]);
         assert_eq!(b.useful_tokens(), 1 + 3);
         assert_eq!(b.tokens(), 8);
+    }
+
+    #[test]
+    fn holdout_split_is_deterministic_disjoint_and_never_empty() {
+        let (train, held) = holdout_split(20, 0.1, 7);
+        assert_eq!((train.len(), held.len()), (18, 2));
+        assert_eq!((train.clone(), held.clone()), holdout_split(20, 0.1, 7));
+        let mut all: Vec<usize> = train.iter().chain(&held).copied().collect();
+        all.sort();
+        assert_eq!(all, (0..20).collect::<Vec<_>>());
+        assert_eq!(holdout_split(3, 0.01, 7).1.len(), 1, "at least one held out");
+        assert_eq!(holdout_split(3, 0.99, 7).0.len(), 1, "at least one trained on");
+        assert_eq!(holdout_split(5, 0.0, 7), ((0..5).collect(), vec![]));
+        let rows = PaddedRows::new(vec![(vec![1], vec![1]), (vec![2], vec![2]), (vec![3], vec![3])], 0, None);
+        let sub = Subset::new(&rows, vec![2, 0]);
+        assert_eq!(sub.len(), 2);
+        let b = sub.batch(&[1, 0]).unwrap();
+        assert_eq!((b.input_ids[0], b.input_ids[2], b.indices.clone()), (1, 3, vec![0, 2]));
     }
 }

@@ -224,3 +224,31 @@ fn empty_completion_contributes_zero() {
     let out = grpo_loss(logp.as_tensor(), None, logp.as_tensor(), &adv, &mask, &cfg).unwrap();
     close(out.metrics.loss, -0.5, 1e-6, "mean over sequences, empty one counts 0");
 }
+
+#[test]
+fn bradley_terry_loss_and_gradient_match_hand_values() {
+    // Pairs: d = r_c - r_r = [1, -2]; margin 0.5 → z = [0.5, -2.5].
+    let rc = Var::new(&[2f32, 0.], &DEV).unwrap();
+    let rr = Var::new(&[1f32, 2.], &DEV).unwrap();
+    let out = bradley_terry_loss(rc.as_tensor(), rr.as_tensor(), 0.5).unwrap();
+    let sig = |z: f64| 1.0 / (1.0 + (-z).exp());
+    let (z0, z1) = (0.5, -2.5);
+    let want = -(sig(z0).ln() + sig(z1).ln()) / 2.0;
+    close(out.metrics.loss, want, 1e-6, "loss");
+    close(out.loss.to_scalar::<f32>().unwrap(), want, 1e-6, "loss tensor");
+    close(out.metrics.accuracy, 0.5, 0.0, "accuracy");
+    close(out.metrics.margin, -0.5, 1e-6, "margin (of the raw scores)");
+    close(out.metrics.rewards_chosen, 1.0, 1e-6, "chosen");
+    close(out.metrics.rewards_rejected, 1.5, 1e-6, "rejected");
+    // d loss / d r_c = -(1 - sigmoid(z)) / B, and the opposite for r_r.
+    let g = out.loss.backward().unwrap();
+    let gc = vec1(g.get(rc.as_tensor()).unwrap());
+    let gr = vec1(g.get(rr.as_tensor()).unwrap());
+    for (i, z) in [z0, z1].into_iter().enumerate() {
+        close(gc[i], -(1.0 - sig(z)) / 2.0, 1e-6, "d/d r_c");
+        close(gr[i], (1.0 - sig(z)) / 2.0, 1e-6, "d/d r_r");
+    }
+    // Without a margin it is DPO's loss with beta 1 on the score difference.
+    let plain = bradley_terry_loss(rc.as_tensor(), rr.as_tensor(), 0.0).unwrap().metrics.loss;
+    close(plain, -(sig(1.0).ln() + sig(-2.0).ln()) / 2.0, 1e-6, "no margin");
+}
