@@ -14,7 +14,9 @@
 //! the stage reports pair accuracy and mean margin there before and after training
 //! (`heldout_before/*`, `heldout/*`). Per micro-batch `metrics.jsonl` gets `rm_loss`, `accuracy`,
 //! `margin`, `rewards/chosen`, `rewards/rejected`. The reference (spec §12) scores with an
-//! external 1.8B reward model instead of training one.
+//! external 1.8B reward model instead of training one; its value head (the PPO critic) applies
+//! the final norm twice (spec §18 item 13, a bug), while this head reads the final normed hidden
+//! state once, as transformers does.
 
 use super::training::training_params;
 use super::{InputRef, InvalidParam, Stage, StageContext, StageKind, StageOutcome, StageParams};
