@@ -57,6 +57,18 @@ fn a_reward_model_stage_fed_a_chat_dataset_fails_at_load_time() {
 }
 
 #[test]
+fn a_distill_stage_fed_preference_pairs_fails_at_load_time() {
+    let sb = Sandbox::new();
+    let kd = |data: &str| {
+        format!("{}\n[stages.kd]\nkind = \"distill\"\nfrom = \"base\"\nteacher = \"base\"\ndata = \"{data}\"\n", base())
+    };
+    refused(&sb, "kd_pairs", &kd("pairs"), "data = \"pairs\"", "a distill stage reads");
+    sb.write("kd_ok.toml", &kd("chat"));
+    let o = sb.run(&["plan", "kd_ok.toml"]);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+}
+
+#[test]
 fn values_that_can_never_work_fail_at_load_time() {
     let sb = Sandbox::new();
     let b = base();
@@ -110,6 +122,18 @@ fn values_that_can_never_work_fail_at_load_time() {
             stage("[stages.rm]\nkind = \"reward_model\"\nfrom = \"base\"\ndata = \"pairs\"\nholdout = 1.0"),
             "holdout = 1.0",
             "holdout = 1 is out of range",
+        ),
+        (
+            "distill_alpha",
+            stage("[stages.kd]\nkind = \"distill\"\nfrom = \"base\"\nteacher = \"base\"\ndata = \"chat\"\nalpha = 1.5"),
+            "alpha = 1.5",
+            "alpha = 1.5 is out of range",
+        ),
+        (
+            "distill_temperature",
+            stage("[stages.kd]\nkind = \"distill\"\nfrom = \"base\"\nteacher = \"base\"\ndata = \"chat\"\ntemperature = 0.0"),
+            "temperature = 0.0",
+            "temperature = 0 is out of range",
         ),
         (
             "grpo_top_p",

@@ -384,3 +384,53 @@ fn reward_model_learns_held_out_pairs_exports_the_classifier_layout_and_resumes_
 
     assert_resumes_exactly(&w, "reward_model", params, "model.safetensors");
 }
+
+/// The distill stage: the student comes closer to the teacher (KD on the probe examples falls), a
+/// teacher with another vocabulary is refused, and an interrupted run resumes to the same bytes.
+#[test]
+fn distill_moves_the_student_towards_the_teacher_refuses_other_vocabularies_and_resumes_exactly() {
+    let Some(shared) = common::shared_data() else { return };
+    let mut w = world(&shared);
+    let base = toml::toml! { tokenizer = "tok" data = "text" max_seq_len = 32 batch_size = 4 max_steps = 4 lr = 3e-3 };
+    let (res, dir) = run_stage(&w, "pretrain", base, "work-base", "out-base", &CancelToken::new());
+    res.unwrap();
+    w.inputs.artifacts.insert("base".into(), artifact(&dir, ArtifactKind::Model, "pretrain", "base-key"));
+    let sft = toml::toml! { from = "base" data = "chat" max_seq_len = 64 batch_size = 4 max_steps = 12 lr = 3e-3 };
+    let (res, teacher) = run_stage(&w, "sft", sft, "work-t", "out-t", &CancelToken::new());
+    res.unwrap();
+    w.inputs.artifacts.insert("teacher".into(), artifact(&teacher, ArtifactKind::Model, "sft", "t-key"));
+
+    let params = toml::toml! { from = "base" teacher = "teacher" data = "chat" alpha = 0.3 temperature = 2.0 eval_examples = 8 max_seq_len = 64 batch_size = 4 max_steps = 12 lr = 3e-3 };
+    let (res, out) = run_stage(&w, "distill", params.clone(), "work-d", "out-d", &CancelToken::new());
+    let m = res.unwrap().metrics;
+    let kd = |k: &str| m[k].as_f64().unwrap_or_else(|| panic!("{k} in {m:?}"));
+    assert!(kd("after/kd") < 0.5 * kd("before/kd"), "{m:?}");
+    assert!(kd("after/ce") < kd("before/ce"), "{m:?}");
+    assert!(kd("teacher/ce") > 0.0 && m["eval_tokens"].as_u64().unwrap() > 0, "{m:?}");
+    assert!(out.join("model.safetensors").is_file() && out.join("tokenizer.json").is_file());
+    let line = std::fs::read_to_string(w.root.join("run-out-d/metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert!(first["distill_loss"].is_number() && first["kd"].is_number() && first["ce"].is_number(), "{first}");
+
+    // The same teacher with two tokens' ids swapped in its tokenizer is refused, naming a token.
+    let other = w.root.join("other-teacher");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer_config.json"] {
+        std::fs::copy(teacher.join(f), other.join(f)).unwrap();
+    }
+    let mut tok: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(teacher.join("tokenizer.json")).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let (a, b) = (vocab["a"].clone(), vocab["b"].clone());
+    vocab.insert("a".into(), b);
+    vocab.insert("b".into(), a);
+    std::fs::write(other.join("tokenizer.json"), serde_json::to_vec(&tok).unwrap()).unwrap();
+    w.inputs.artifacts.insert("other".into(), artifact(&other, ArtifactKind::Model, "sft", "o-key"));
+    let bad =
+        toml::toml! { from = "base" teacher = "other" data = "chat" max_seq_len = 64 batch_size = 4 max_steps = 1 };
+    let (res, _) = run_stage(&w, "distill", bad, "work-bad", "out-bad", &CancelToken::new());
+    let err = format!("{:#}", res.expect_err("a teacher with another vocabulary must be refused"));
+    assert!(err.contains("vocabulary differs") && err.contains("\"a\""), "{err}");
+
+    assert_resumes_exactly(&w, "distill", params, "model.safetensors");
+}

@@ -1,4 +1,4 @@
-//! The loss math of LoRA/SFT, DPO, reward models and GRPO as pure candle functions.
+//! The loss math of LoRA/SFT, DPO, reward models, GRPO and distillation as pure candle functions.
 //!
 //! Everything here is composite candle (differentiable by candle's autograd on any device); inputs
 //! are plain tensors so the functions are tested on tiny hand-computed values without a model.
@@ -188,6 +188,62 @@ pub fn bradley_terry_loss(r_c: &Tensor, r_r: &Tensor, margin: f64) -> Result<Rew
         rewards_rejected: mean(r_r)?,
     };
     Ok(RewardOutput { loss, metrics })
+}
+
+/// Per-step distillation metrics (means over the trained tokens, without gradient).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DistillMetrics {
+    /// `alpha · ce + (1 − alpha) · kd`.
+    pub loss: f32,
+    /// The student's cross-entropy on the labels.
+    pub ce: f32,
+    /// `T² · KL(teacher_T ‖ student_T)` per token.
+    pub kd: f32,
+    /// Tokens the loss was taken over.
+    pub tokens: usize,
+}
+
+/// A distillation loss and its metrics.
+pub struct DistillOutput {
+    /// Scalar loss to back-propagate (through the student only).
+    pub loss: Tensor,
+    /// Its statistics.
+    pub metrics: DistillMetrics,
+}
+
+/// The distillation loss of spec §15 on next-token rows: `student` and `teacher` logits `[N, V]`
+/// (same vocabulary; the teacher is a constant), `targets: [N]` (i64, [`IGNORE`] where no loss is
+/// taken, already shifted). Over the `M` trained rows:
+/// `alpha · mean(−log p_s(y)) + (1 − alpha) · T² · Σ KL(softmax(t/T) ‖ softmax(s/T)) / M`
+/// (PyTorch's `kl_div(..., reduction="batchmean")` over the trained rows, i.e. per token). With no
+/// trained row the loss is a zero that still reaches the student's graph.
+pub fn distill_loss(
+    student: &Tensor,
+    teacher: &Tensor,
+    targets: &Tensor,
+    alpha: f64,
+    temperature: f64,
+) -> Result<DistillOutput> {
+    let t: Vec<i64> = targets.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+    let rows: Vec<u32> = t.iter().enumerate().filter(|(_, &y)| y >= 0).map(|(i, _)| i as u32).collect();
+    if rows.is_empty() {
+        let loss = (student.to_dtype(DType::F32)?.sum_all()? * 0.0)?;
+        return Ok(DistillOutput { loss, metrics: DistillMetrics { loss: 0.0, ce: 0.0, kd: 0.0, tokens: 0 } });
+    }
+    let m = rows.len();
+    let idx = Tensor::from_vec(rows, m, student.device())?;
+    let s = student.to_dtype(DType::F32)?.index_select(&idx, 0)?;
+    let te = teacher.to_dtype(DType::F32)?.detach().index_select(&idx, 0)?;
+    let y = targets.to_dtype(DType::I64)?.flatten_all()?.index_select(&idx, 0)?.to_dtype(DType::U32)?;
+    let ce = log_softmax_last(&s)?.gather(&y.unsqueeze(1)?, 1)?.neg()?.mean_all()?;
+    let ls = log_softmax_last(&(&s / temperature)?)?;
+    let lt = log_softmax_last(&(&te / temperature)?)?;
+    let kl = (lt.exp()? * (lt - ls)?)?.sum_all()?;
+    let kd = (kl * (temperature * temperature / m as f64))?;
+    let loss = ((&ce * alpha)? + (&kd * (1.0 - alpha))?)?;
+    let scalar = |x: &Tensor| -> Result<f32> { x.detach().to_scalar::<f32>() };
+    let metrics = DistillMetrics { loss: scalar(&loss)?, ce: scalar(&ce)?, kd: scalar(&kd)?, tokens: m };
+    Ok(DistillOutput { loss, metrics })
 }
 
 /// Group-normalised advantages of one rollout batch and the statistics GRPO reports.

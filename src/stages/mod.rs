@@ -6,6 +6,7 @@
 //! [`REGISTRY`] lists every kind once. The executor only sees the object-safe [`DynStage`].
 
 mod context;
+pub mod distill;
 pub mod dpo;
 pub mod eval;
 mod fit;
@@ -52,6 +53,7 @@ pub static REGISTRY: &[&dyn DynStage] = &[
     &dpo::DpoStage,
     &reward_model::RewardModelStage,
     &grpo::GrpoStage,
+    &distill::DistillStage,
     &eval::EvalStage,
 ];
 

@@ -252,3 +252,38 @@ fn bradley_terry_loss_and_gradient_match_hand_values() {
     let plain = bradley_terry_loss(rc.as_tensor(), rr.as_tensor(), 0.0).unwrap().metrics.loss;
     close(plain, -(sig(1.0).ln() + sig(-2.0).ln()) / 2.0, 1e-6, "no margin");
 }
+
+#[test]
+fn distill_loss_and_gradient_match_hand_values() {
+    // Two rows, V = 2; row 1 is ignored. Student logits (0, ln 3) → p_s = (1/4, 3/4) at T = 1;
+    // teacher logits (0, 0) → p_t = (1/2, 1/2). T = 2, alpha = 0.25, target id 1.
+    let (alpha, temp) = (0.25f64, 2.0f64);
+    let s = Var::new(&[[0f32, 3f32.ln()], [5., -5.]], &DEV).unwrap();
+    let teacher = Tensor::new(&[[0f32, 0.], [1., 2.]], &DEV).unwrap();
+    let targets = Tensor::new(&[1i64, IGNORE], &DEV).unwrap();
+    let out = distill_loss(s.as_tensor(), &teacher, &targets, alpha, temp).unwrap();
+    // At T = 2 the student is softmax(0, ln3 / 2) = (1, √3) / (1 + √3).
+    let r3 = 3f64.sqrt();
+    let ps = [1.0 / (1.0 + r3), r3 / (1.0 + r3)];
+    let ce = -(0.75f64).ln();
+    let kl = 0.5 * (0.5 / ps[0]).ln() + 0.5 * (0.5 / ps[1]).ln();
+    let kd = temp * temp * kl;
+    close(out.metrics.ce, ce, 1e-6, "ce");
+    close(out.metrics.kd, kd, 1e-6, "kd");
+    close(out.metrics.loss, alpha * ce + (1.0 - alpha) * kd, 1e-6, "loss");
+    assert_eq!(out.metrics.tokens, 1);
+    // d/ds: alpha (p_s − onehot) + (1 − alpha) T (p_s^T − p_t^T); the ignored row gets nothing.
+    let g = vec1(out.loss.backward().unwrap().get(s.as_tensor()).unwrap());
+    let want0 = alpha * (0.25 - 0.0) + (1.0 - alpha) * temp * (ps[0] - 0.5);
+    let want1 = alpha * (0.75 - 1.0) + (1.0 - alpha) * temp * (ps[1] - 0.5);
+    close(g[0], want0, 1e-6, "d/ds[0]");
+    close(g[1], want1, 1e-6, "d/ds[1]");
+    assert_eq!((g[2], g[3]), (0.0, 0.0), "ignored rows carry no gradient");
+    // A student equal to the teacher has kd = 0; with alpha = 1 the loss is the plain CE.
+    let same = distill_loss(&teacher, &teacher, &targets, 1.0, temp).unwrap().metrics;
+    close(same.kd, 0.0, 1e-7, "kd of identical models");
+    close(same.loss, 2f64.ln(), 1e-6, "alpha = 1 is cross-entropy");
+    // Nothing trained: a zero loss.
+    let none = Tensor::new(&[IGNORE, IGNORE], &DEV).unwrap();
+    assert_eq!(distill_loss(s.as_tensor(), &teacher, &none, alpha, temp).unwrap().metrics.tokens, 0);
+}
