@@ -9,6 +9,7 @@ pub mod artifact;
 pub mod cache;
 pub mod cancel;
 pub mod cli;
+pub mod cpu;
 pub mod data;
 pub mod durable;
 pub mod eval;

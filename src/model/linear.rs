@@ -2,9 +2,10 @@
 //! tensor), with an optional LoRA branch (and its dropout) so a frozen base plus adapters can be
 //! trained; `model::lora` builds, saves and loads the adapter sets on top of this.
 
+use super::ops::linear_bf16::{self, WeightCache};
 use candle_core::{Result, Tensor};
 use rand::{Rng, SeedableRng};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// A LoRA adapter `y += scale * (x A^T) B^T` (spec §10).
 #[derive(Clone, Debug)]
@@ -69,21 +70,38 @@ pub struct Linear {
     pub weight: Tensor,
     /// Optional adapter.
     pub lora: Option<Lora>,
+    /// `Some` when this layer multiplies through the CPU bf16 kernel (see
+    /// [`Self::set_cpu_bf16`]); holds the weight's packing between optimizer steps.
+    cpu_bf16: Option<Arc<WeightCache>>,
 }
 
 impl Linear {
     /// Wrap the weight of the module at `path`.
     pub fn new(path: impl Into<String>, weight: Tensor) -> Self {
-        Self { path: path.into(), weight, lora: None }
+        Self { path: path.into(), weight, lora: None, cpu_bf16: None }
     }
 
-    /// Apply to `x` of shape `[N, in]` (2-D; callers flatten batch and time first). The matmul
-    /// runs in `x`'s dtype: weights (f32 masters) are cast to it at use, which is how bf16 mixed
-    /// precision works here. The cast is differentiable (its backward casts the gradient back), so
-    /// f32 `Var`s still receive f32 gradients; for f32 `x` the cast is a no-op.
+    /// Multiply through the CPU bf16 kernel ([`linear_bf16`]: f32 in and out, bf16 operands,
+    /// f32 accumulation) or, when `false`, through candle's matmul in the input's dtype.
+    pub fn set_cpu_bf16(&mut self, on: bool) {
+        self.cpu_bf16 = on.then(Default::default);
+    }
+
+    /// Apply to `x` of shape `[N, in]` (2-D; callers flatten batch and time first).
+    ///
+    /// With [`Self::set_cpu_bf16`] the base matmul runs in the CPU bf16 kernel (`x` f32). Otherwise
+    /// it runs in `x`'s dtype: weights (f32 masters) are cast to it at use, which is how bf16
+    /// mixed precision works on CUDA. The cast is differentiable (its backward casts the gradient
+    /// back), so f32 `Var`s still receive f32 gradients; for f32 `x` the cast is a no-op. The LoRA
+    /// branch (rank-sized, cheap) always runs in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
-        let y = x.matmul(&self.weight.to_dtype(dt)?.t()?)?;
+        let y = match &self.cpu_bf16 {
+            Some(cache) if x.device().is_cpu() && dt == candle_core::DType::F32 => {
+                linear_bf16::linear(x, &self.weight, cache)?
+            }
+            _ => x.matmul(&self.weight.to_dtype(dt)?.t()?)?,
+        };
         match &self.lora {
             None => Ok(y),
             Some(l) => {

@@ -121,6 +121,10 @@ pub struct MiniMind {
     /// Every weight by key name in walk order (the same tensors the layers hold).
     tensors: Vec<(String, Tensor)>,
     compute_dtype: DType,
+    /// Set with bf16 on the CPU: every matmul of the linear layers and the head runs through the
+    /// bf16 kernel (`ops::linear_bf16`) while activations stay f32; this caches the tied head's
+    /// packing (an untied head is a [`Linear`] with its own).
+    cpu_bf16_head: Option<ops::linear_bf16::WeightCache>,
     /// The tied head `embed^T` stored `[C, V]` contiguous, set by [`Self::prepare_for_decoding`].
     head_t: Option<Tensor>,
 }
@@ -187,6 +191,7 @@ impl MiniMind {
             params: w.params,
             tensors: w.tensors,
             compute_dtype: DType::F32,
+            cpu_bf16_head: None,
             head_t: None,
         })
     }
@@ -207,17 +212,37 @@ impl MiniMind {
     }
 
     /// Choose the compute dtype (mixed precision when bf16). Weights stay what they are (f32
-    /// `Var`s for training, so gradients and optimizer state stay f32) and are cast at use; the
-    /// residual stream, RMSNorm, RoPE, the attention softmax, the MoE router and the logits stay
-    /// f32, like PyTorch autocast. In bf16 the fused CPU kernels (f32-only) are bypassed wherever
-    /// a tensor is bf16, and the composite ops run instead.
+    /// `Var`s for training, so gradients and optimizer state stay f32); the residual stream,
+    /// RMSNorm, RoPE, the attention softmax, the MoE router and the logits stay f32, like PyTorch
+    /// autocast.
+    ///
+    /// On the CPU, bf16 means the linear layers and the head multiply through the bf16 GEMM
+    /// (`ops::linear_bf16`: operands rounded to bf16, f32 accumulation, forward and backward;
+    /// `VDPBF16PS` on CPUs with avx512_bf16), with each weight packed once per optimizer step;
+    /// the activations between ops stay f32, so the fused f32 kernels keep running. On other
+    /// devices the activations between matmuls are bf16 and the weights are cast at use.
     pub fn set_compute_dtype(&mut self, dtype: DType) -> std::result::Result<(), ModelError> {
         match dtype {
             DType::F32 | DType::BF16 => {
                 self.compute_dtype = dtype;
+                let cpu_bf16 = dtype == DType::BF16 && self.device.is_cpu();
+                for lin in self.blocks.iter_mut().flat_map(Block::linears_mut).chain(self.lm_head.as_mut()) {
+                    lin.set_cpu_bf16(cpu_bf16);
+                }
+                self.cpu_bf16_head = cpu_bf16.then(Default::default);
                 Ok(())
             }
             other => Err(ModelError::ComputeDtype(other)),
+        }
+    }
+
+    /// The dtype of the activations that flow into the matmuls: the compute dtype, except for
+    /// bf16 on the CPU, where the bf16 kernel takes f32 activations and rounds them itself.
+    fn activation_dtype(&self) -> DType {
+        if self.cpu_bf16_head.is_some() {
+            DType::F32
+        } else {
+            self.compute_dtype
         }
     }
 
@@ -246,7 +271,8 @@ impl MiniMind {
         train: bool,
     ) -> Result<(Tensor, Tensor)> {
         let (b, t) = input_ids.dims2()?;
-        let ctx = Ctx { cfg: &self.cfg, rope: &self.rope, start_pos, key_mask, dtype: self.compute_dtype, train, b, t };
+        let dtype = self.activation_dtype();
+        let ctx = Ctx { cfg: &self.cfg, rope: &self.rope, start_pos, key_mask, dtype, train, b, t };
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
         let mut x = self.embed.index_select(&ids, 0)?; // [N, C]
         let mut aux = Tensor::zeros((), DType::F32, &self.device)?;
@@ -267,11 +293,13 @@ impl MiniMind {
         let dims = hidden.dims().to_vec();
         let c = *dims.last().expect("rank >= 1");
         let n = hidden.elem_count() / c;
-        let h2 = hidden.reshape((n, c))?.to_dtype(self.compute_dtype)?;
-        let out = match (&self.lm_head, &self.head_t) {
-            (Some(l), _) => l.forward(&h2)?,
-            (None, Some(t)) if t.dtype() == self.compute_dtype => h2.matmul(t)?,
-            (None, _) => h2.matmul(&self.embed.to_dtype(self.compute_dtype)?.t()?)?,
+        let dt = self.activation_dtype();
+        let h2 = hidden.reshape((n, c))?.to_dtype(dt)?;
+        let out = match (&self.lm_head, &self.head_t, &self.cpu_bf16_head) {
+            (Some(l), _, _) => l.forward(&h2)?,
+            (None, _, Some(cache)) => ops::linear_bf16::linear(&h2, &self.embed, cache)?,
+            (None, Some(t), None) if t.dtype() == dt => h2.matmul(t)?,
+            (None, _, None) => h2.matmul(&self.embed.to_dtype(dt)?.t()?)?,
         }
         .to_dtype(DType::F32)?;
         let mut od = dims;
@@ -368,6 +396,7 @@ impl MiniMind {
                 *t = m;
             }
         }
+        ops::linear_bf16::weights_changed();
         Ok(())
     }
 

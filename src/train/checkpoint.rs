@@ -134,6 +134,7 @@ pub fn restore(dir: &Path, state: &TrainState, params: &[(String, Var)], opt: &m
         let t = weights.get(name).with_context(|| format!("checkpoint {} lacks weight '{name}'", dir.display()))?;
         var.set(&t.to_dtype(var.dtype())?).with_context(|| format!("restoring '{name}'"))?;
     }
+    crate::model::ops::linear_bf16::weights_changed();
     let st = candle_core::safetensors::load(dir.join(OPTIM), &dev).context("reading optimizer state")?;
     opt.load_state(&st, state.step as u64)?;
     Ok(())

@@ -134,6 +134,8 @@ impl AdamW {
                 }
             }
         }
+        // Packed bf16 copies of the weights (CPU mixed precision) are stale now.
+        crate::model::ops::linear_bf16::weights_changed();
         Ok(())
     }
 

@@ -306,3 +306,65 @@ fn bf16_interrupted_and_resumed_run_ends_bit_identical() {
     assert_eq!(bits(m2.params()), bits(full.params()));
     assert_ne!(bits(full.params()), bits(decoder(DType::BF16).params()), "training changed the weights");
 }
+
+/// bf16 mixed precision on the CPU (the bf16 GEMM in every linear layer and the head, forward and
+/// backward) trains like f32: the same small decoder, seed and batches in both precisions, 40
+/// AdamW steps on a learnable pattern. The loss curves stay within 2 % (+0.02 nats) of each other
+/// at every step and both fall to less than half. This is what `precision = "auto"` relies on to
+/// pick bf16 on CPUs with avx512_bf16.
+#[test]
+fn bf16_training_tracks_the_f32_loss_curve() {
+    use super::optim::{clip_coefficient, global_norm, AdamW, AdamWConfig, GradAccumulator};
+    use crate::model::{MiniMind, ModelConfig};
+    use candle_core::{DType, Tensor};
+    let mut cfg = ModelConfig::dense(64, 2, 4, 2);
+    cfg.vocab_size = 96;
+    cfg.intermediate_size = 160;
+    let (b, t, steps) = (4, 32, 40);
+    let batch = |step: usize| -> (Tensor, Tensor) {
+        // Rows of x -> (5x + 3) mod V from a per-row start: learnable, different every step.
+        let ids: Vec<u32> = (0..b)
+            .flat_map(|r| {
+                let mut x = ((step * b + r) * 7 % cfg.vocab_size) as u32;
+                (0..t).map(move |_| {
+                    let c = x;
+                    x = (5 * x + 3) % 96;
+                    c
+                })
+            })
+            .collect();
+        let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+        (Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(), Tensor::from_vec(labels, (b, t), &Device::Cpu).unwrap())
+    };
+    let curve = |dtype: DType| -> Vec<f32> {
+        let mut m = MiniMind::new(&cfg, 3, &Device::Cpu).unwrap();
+        m.set_compute_dtype(dtype).unwrap();
+        let params = m.params().to_vec();
+        let mut opt = AdamW::new(params.clone(), AdamWConfig::default()).unwrap();
+        let mut acc = GradAccumulator::new(params.len());
+        (0..steps)
+            .map(|s| {
+                let (x, y) = batch(s);
+                let (loss, _) = m.forward_train(&x, &y).unwrap();
+                let grads = loss.backward().unwrap();
+                acc.clear();
+                acc.add(&params, &grads).unwrap();
+                let norm = global_norm(acc.grads()).unwrap();
+                opt.step(acc.grads(), 3e-3, clip_coefficient(norm, 1.0)).unwrap();
+                loss.to_scalar::<f32>().unwrap()
+            })
+            .collect()
+    };
+    let f32_curve = curve(DType::F32);
+    let bf16_curve = curve(DType::BF16);
+    assert_ne!(f32_curve, bf16_curve, "the bf16 path did not run");
+    for (s, (a, b)) in f32_curve.iter().zip(&bf16_curve).enumerate() {
+        assert!(
+            (a - b).abs() <= 0.02 * a + 0.02,
+            "step {s}: f32 loss {a} vs bf16 {b}\nf32 {f32_curve:?}\nbf16 {bf16_curve:?}"
+        );
+    }
+    for c in [&f32_curve, &bf16_curve] {
+        assert!(c[steps - 1] < 0.5 * c[0], "did not learn: {c:?}");
+    }
+}

@@ -105,3 +105,201 @@ fn cross_entropy_matches_composite() {
     let g = l.backward().unwrap();
     assert_eq!(g.get(x.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
 }
+
+// ---------------------------------------------------------------- bf16 GEMM and linear
+
+use super::gemm::{self as bg, Backend, Elems, MatRef, Packed};
+
+/// The backends this CPU can run: the fallback always; the avx512_bf16 kernel where the CPU has
+/// it (a notice otherwise, and a failure under `MMRUN_REQUIRE_AVX512BF16=1`, which CI sets on
+/// machines that have it).
+fn backends() -> Vec<Backend> {
+    let mut v = vec![Backend::Fallback];
+    if bg::has_avx512_bf16() {
+        v.push(Backend::Avx512Bf16);
+    } else {
+        assert!(
+            std::env::var("MMRUN_REQUIRE_AVX512BF16").as_deref() != Ok("1"),
+            "MMRUN_REQUIRE_AVX512BF16=1 but this CPU lacks avx512_bf16"
+        );
+        eprintln!("notice: this CPU lacks avx512_bf16; only the fallback bf16 GEMM is tested");
+    }
+    v
+}
+
+fn vals(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    crate::model::normal_vec(&mut rng, n, 1.0)
+}
+
+fn at(d: &[f32], rs: usize, cs: usize, r: usize, c: usize) -> f32 {
+    d[r * rs + c * cs]
+}
+
+/// Every product of bf16 values is exact in f64, so the f64 sum of the rounded operands is the
+/// exact answer the kernel approximates with f32 accumulation. Checked against it to f32
+/// summation accuracy, and against the unrounded product to bf16 accuracy.
+#[test]
+fn bf16_gemm_matches_reference_on_odd_shapes_and_layouts() {
+    // (M, N, K): tails in every dimension, several K blocks (KCP pairs = 256 values), M beyond
+    // one task block, N beyond one panel, K odd, a single row (decoding), and empty K.
+    let shapes = [(1, 1, 1), (13, 37, 45), (97, 33, 300), (130, 65, 517), (200, 70, 31), (1, 200, 64), (5, 7, 0)];
+    for backend in backends() {
+        for &(m, n, k) in &shapes {
+            for (a_t, b_t, pad) in [(false, false, 0), (true, false, 0), (false, true, 0), (true, true, 3)] {
+                // A stored row-major (or transposed: column-major), with `pad` extra elements per
+                // stored row so the strides are not the logical sizes; the same for B.
+                let (ar, ac) = if a_t { (k, m) } else { (m, k) };
+                let (br, bc) = if b_t { (n, k) } else { (k, n) };
+                let (lda, ldb) = (ac + pad, bc + pad);
+                let a_data = vals(ar.max(1) * lda, (m * 31 + k) as u64);
+                let b_data = vals(br.max(1) * ldb, (n * 17 + k) as u64);
+                let a = MatRef::new(Elems::F32(&a_data), ar, ac, lda, 1);
+                let b = MatRef::new(Elems::F32(&b_data), br, bc, ldb, 1);
+                let (a, b) = (if a_t { a.t() } else { a }, if b_t { b.t() } else { b });
+                let (ars, acs) = if a_t { (1, lda) } else { (lda, 1) };
+                let (brs, bcs) = if b_t { (1, ldb) } else { (ldb, 1) };
+                let ldc = n + 2;
+                let c0 = vals(m * ldc, 5);
+                for accumulate in [false, true] {
+                    let mut c = c0.clone();
+                    bg::gemm(a, &Packed::new(b, backend), &mut c, ldc, accumulate);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (mut exact, mut unrounded, mut mag) = (0f64, 0f64, 0f64);
+                            for p in 0..k {
+                                let (x, y) = (at(&a_data, ars, acs, i, p), at(&b_data, brs, bcs, p, j));
+                                let (xr, yr) = (bg::to_bf16_f32(x) as f64, bg::to_bf16_f32(y) as f64);
+                                exact += xr * yr;
+                                unrounded += x as f64 * y as f64;
+                                mag += (x as f64 * y as f64).abs();
+                            }
+                            let base = if accumulate { c0[i * ldc + j] as f64 } else { 0.0 };
+                            let got = c[i * ldc + j] as f64 - base;
+                            let what =
+                                format!("{backend:?} {m}x{n}x{k} a_t={a_t} b_t={b_t} acc={accumulate} at ({i},{j})");
+                            assert!(
+                                (got - exact).abs() <= 1e-6 * (k as f64 + 1.0) * mag + 1e-6,
+                                "{what}: {got} vs exact {exact}"
+                            );
+                            assert!(
+                                (got - unrounded).abs() <= 2f64.powi(-7) * mag + 1e-6,
+                                "{what}: {got} vs f32 {unrounded}"
+                            );
+                        }
+                        // Columns past N (the padding of C's rows) are never written.
+                        assert_eq!(&c[i * ldc + n..i * ldc + ldc], &c0[i * ldc + n..i * ldc + ldc]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// bf16 inputs (no rounding) and f32 inputs holding bf16 values give bit-identical results, and
+/// both backends agree to f32 summation accuracy.
+#[test]
+fn bf16_gemm_takes_bf16_inputs_and_backends_agree() {
+    let (m, n, k) = (29, 41, 77);
+    let a32: Vec<f32> = vals(m * k, 1).into_iter().map(bg::to_bf16_f32).collect();
+    let b32: Vec<f32> = vals(k * n, 2).into_iter().map(bg::to_bf16_f32).collect();
+    let a16: Vec<half::bf16> = a32.iter().map(|&x| half::bf16::from_f32(x)).collect();
+    let b16: Vec<half::bf16> = b32.iter().map(|&x| half::bf16::from_f32(x)).collect();
+    let mut outs = Vec::new();
+    for backend in backends() {
+        let mut c32 = vec![0f32; m * n];
+        let mut c16 = vec![0f32; m * n];
+        bg::gemm(MatRef::f32(&a32, m, k), &Packed::new(MatRef::f32(&b32, k, n), backend), &mut c32, n, false);
+        let (a, b) = (MatRef::new(Elems::Bf16(&a16), m, k, k, 1), MatRef::new(Elems::Bf16(&b16), k, n, n, 1));
+        bg::gemm(a, &Packed::new(b, backend), &mut c16, n, false);
+        assert_eq!(c32, c16, "{backend:?}");
+        outs.push(c32);
+    }
+    for o in &outs[1..] {
+        let d = o.iter().zip(&outs[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d < 1e-4, "backends differ by {d}");
+    }
+}
+
+/// The bf16 linear op: forward, `dX = dY·W` and `dW = dYᵀ·X` against the same products of the
+/// bf16-rounded operands in f64 (tight), and against candle's f32 autograd of `x Wᵀ` (to bf16
+/// accuracy). A frozen weight gets no gradient and the input still does.
+#[test]
+fn bf16_linear_gradients_match_reference() {
+    use super::linear_bf16::{linear, WeightCache};
+    let (n, inp, out) = (37, 70, 45);
+    let x = randn(&[n, inp], 11, 1.0);
+    let w = randn(&[out, inp], 12, 0.5);
+    let r = randn(&[n, out], 13, 1.0);
+    let round = |t: &Tensor| -> Vec<f64> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(|v| bg::to_bf16_f32(v) as f64).collect()
+    };
+    let (xr, wr, rr) = (round(&x), round(&w), round(&r));
+    let mut want_y = vec![0f64; n * out];
+    let mut want_dx = vec![0f64; n * inp];
+    let mut want_dw = vec![0f64; out * inp];
+    for i in 0..n {
+        for o in 0..out {
+            for j in 0..inp {
+                want_y[i * out + o] += xr[i * inp + j] * wr[o * inp + j];
+                want_dx[i * inp + j] += rr[i * out + o] * wr[o * inp + j];
+                want_dw[o * inp + j] += rr[i * out + o] * xr[i * inp + j];
+            }
+        }
+    }
+    let close = |got: &Tensor, want: &[f64], what: &str| {
+        let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = want.iter().map(|v| v.abs()).fold(0f64, f64::max);
+        let d = g.iter().zip(want).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
+        assert!(d < 1e-5 * scale, "{what}: max diff {d} (scale {scale})");
+    };
+    let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+    let cache = WeightCache::default();
+    let y = linear(xv.as_tensor(), wv.as_tensor(), &cache).unwrap();
+    close(&y, &want_y, "y");
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let (dx, dw) = (g.get(xv.as_tensor()).unwrap(), g.get(wv.as_tensor()).unwrap());
+    close(dx, &want_dx, "dx");
+    close(dw, &want_dw, "dw");
+
+    // candle's autograd in f32, unrounded: bf16-level agreement.
+    let (xc, wc) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+    let yc = xc.as_tensor().matmul(&wc.as_tensor().t().unwrap()).unwrap();
+    let gc = (&yc * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(rel_err(&y, &yc) < 1e-2, "y {}", rel_err(&y, &yc));
+    assert!(rel_err(dx, gc.get(xc.as_tensor()).unwrap()) < 1e-2);
+    assert!(rel_err(dw, gc.get(wc.as_tensor()).unwrap()) < 1e-2);
+
+    // A frozen weight (a plain tensor): only the input gets a gradient.
+    let xv = Var::from_tensor(&x).unwrap();
+    let y = linear(xv.as_tensor(), &w, &cache).unwrap();
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    close(g.get(xv.as_tensor()).unwrap(), &want_dx, "dx with a frozen weight");
+    assert!(g.get(&w).is_none());
+}
+
+/// A weight is packed once and reused until `weights_changed` (an optimizer step) or another
+/// tensor; a weight rewritten in place is seen after the bump.
+#[test]
+fn bf16_weight_cache_repacks_only_after_weights_change() {
+    use super::linear_bf16::{linear, weights_changed, WeightCache};
+    let cache = WeightCache::default();
+    let w = Var::from_tensor(&randn(&[8, 6], 1, 1.0)).unwrap();
+    let p1 = cache.get(w.as_tensor()).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&p1, &cache.get(w.as_tensor()).unwrap()), "packed twice without a change");
+    let x = randn(&[3, 6], 2, 1.0);
+    let y1 = linear(&x, w.as_tensor(), &cache).unwrap();
+    w.set(&(w.as_tensor() * 2.0).unwrap()).unwrap();
+    weights_changed();
+    let p2 = cache.get(w.as_tensor()).unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&p1, &p2), "not repacked after weights_changed");
+    let y2 = linear(&x, w.as_tensor(), &cache).unwrap();
+    // Doubling is exact in bf16, so the new output is exactly twice the old one.
+    assert_eq!((y1 * 2.0).unwrap().to_vec2::<f32>().unwrap(), y2.to_vec2::<f32>().unwrap());
+    let other = randn(&[8, 6], 3, 1.0);
+    let p3 = cache.get(&other).unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&p2, &p3), "another tensor reused the packing");
+    // A frozen weight cannot change in place: an optimizer step elsewhere does not repack it.
+    weights_changed();
+    assert!(std::sync::Arc::ptr_eq(&p3, &cache.get(&other).unwrap()), "a frozen weight was repacked");
+}

@@ -1,0 +1,639 @@
+//! bf16 GEMM on the CPU: `C (f32) = A · B` with A and B rounded to bf16 (round to nearest even)
+//! and the products accumulated in f32 — the numerics of PyTorch's CPU autocast.
+//!
+//! On x86-64 CPUs with avx512_bf16 (Cooper Lake, Sapphire Rapids and later, Zen 4/5) a packed
+//! micro-kernel runs `VDPBF16PS`, which multiplies 16 pairs of bf16 values and adds both products
+//! of a pair to one f32 lane: twice the flops of an f32 FMA per instruction, and half the bytes.
+//! The operands are packed with their K values in pairs (a `u32` holds the bf16 of `k` in its low
+//! and of `k + 1` in its high half; an odd K is padded with a zero):
+//!
+//! * B (K×N) once per call into [`Packed`] panels of [`NR`] columns, [`KCP`] pairs deep; a weight
+//!   is packed once per optimizer step and reused by every matmul until then (`super::linear_bf16`);
+//! * A (M×K) per task into [`MR`]-row panels, pair-major, so the kernel broadcasts one `u32` per
+//!   row and K pair against the B panel.
+//!
+//! Everywhere else (other CPUs, other architectures) [`Packed::Rounded`] keeps B rounded to bf16 as
+//! f32 and the `gemm` crate multiplies the rounded values in f32: the same numbers up to summation
+//! order, at f32 speed. [`Backend::detect`] picks one at run time, so the binary stays portable.
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Rows of the micro-kernel's C tile.
+pub const MR: usize = 12;
+/// Columns of the micro-kernel's C tile (two 16-lane vectors).
+pub const NR: usize = 32;
+/// K pairs per packed block: a B micro-panel (`KCP × NR` u32, 16 KiB) stays in L1 while the
+/// kernel sweeps the A block of its task.
+pub const KCP: usize = 128;
+/// Rows of A per task (a multiple of [`MR`]): the packed A block (`MC × KCP` u32, 48 KiB) stays
+/// in L2.
+const MC: usize = MR * 8;
+
+/// Round an f32 to bf16 bits, to nearest even (NaN stays NaN), like `VCVTNE2PS2BF16`.
+#[inline]
+pub fn round_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The value `x` rounds to in bf16, as f32.
+#[inline]
+pub fn to_bf16_f32(x: f32) -> f32 {
+    f32::from_bits((round_bf16(x) as u32) << 16)
+}
+
+/// The elements behind a [`MatRef`].
+#[derive(Clone, Copy, Debug)]
+pub enum Elems<'a> {
+    /// f32 values (rounded to bf16 when packed).
+    F32(&'a [f32]),
+    /// bf16 values.
+    Bf16(&'a [bf16]),
+}
+
+/// A read-only strided matrix: element `(r, c)` is `data[r * rs + c * cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    data: Elems<'a>,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A view of `data` as `rows × cols` with row stride `rs` and column stride `cs`.
+    ///
+    /// # Panics
+    /// When the last element lies outside `data`.
+    pub fn new(data: Elems<'a>, rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        let len = match data {
+            Elems::F32(d) => d.len(),
+            Elems::Bf16(d) => d.len(),
+        };
+        if rows > 0 && cols > 0 {
+            assert!(
+                (rows - 1) * rs + (cols - 1) * cs < len,
+                "matrix view {rows}x{cols} (rs {rs}, cs {cs}) exceeds {len} elements"
+            );
+        }
+        Self { data, rows, cols, rs, cs }
+    }
+
+    /// A row-major f32 matrix.
+    pub fn f32(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::new(Elems::F32(data), rows, cols, cols, 1)
+    }
+
+    /// The transpose (a view: strides swap).
+    pub fn t(self) -> Self {
+        Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    #[inline]
+    fn bits(&self, r: usize, c: usize) -> u16 {
+        match self.data {
+            Elems::F32(d) => round_bf16(d[r * self.rs + c * self.cs]),
+            Elems::Bf16(d) => d[r * self.rs + c * self.cs].to_bits(),
+        }
+    }
+
+    /// The K pair `(r, 2p), (r, 2p + 1)` along columns, zero past the last column.
+    #[inline]
+    fn pair_along_cols(&self, r: usize, p: usize) -> u32 {
+        let k = 2 * p;
+        let hi = if k + 1 < self.cols { self.bits(r, k + 1) } else { 0 };
+        self.bits(r, k) as u32 | (hi as u32) << 16
+    }
+
+    /// The K pair `(2p, c), (2p + 1, c)` along rows, zero past the last row.
+    #[inline]
+    fn pair_along_rows(&self, p: usize, c: usize) -> u32 {
+        let k = 2 * p;
+        let hi = if k + 1 < self.rows { self.bits(k + 1, c) } else { 0 };
+        self.bits(k, c) as u32 | (hi as u32) << 16
+    }
+
+    /// The f32 slice when the elements are f32 (the vectorised packing paths).
+    fn f32_data(&self) -> Option<&'a [f32]> {
+        match self.data {
+            Elems::F32(d) => Some(d),
+            Elems::Bf16(_) => None,
+        }
+    }
+}
+
+/// Which kernel runs the bf16 matmuls on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The packed `VDPBF16PS` micro-kernel (x86-64 with avx512f and avx512_bf16).
+    Avx512Bf16,
+    /// bf16-rounded operands multiplied by the `gemm` crate in f32.
+    Fallback,
+}
+
+impl Backend {
+    /// The fastest backend this CPU supports.
+    pub fn detect() -> Self {
+        if has_avx512_bf16() {
+            Backend::Avx512Bf16
+        } else {
+            Backend::Fallback
+        }
+    }
+}
+
+pub use crate::cpu::has_avx512_bf16;
+
+/// The right-hand operand B (K×N) of [`gemm`], prepared once and reusable.
+#[derive(Debug)]
+pub enum Packed {
+    /// For [`Backend::Avx512Bf16`]: K blocks of [`KCP`] pairs, each holding the `ceil(N / NR)`
+    /// column panels one after the other, each panel `pairs × NR` u32 (zero padded).
+    Panels {
+        /// K.
+        k: usize,
+        /// N.
+        n: usize,
+        /// The packed pairs.
+        data: Vec<u32>,
+    },
+    /// For [`Backend::Fallback`]: B rounded to bf16, as row-major f32 `K × N`.
+    Rounded {
+        /// K.
+        k: usize,
+        /// N.
+        n: usize,
+        /// The rounded values.
+        data: Vec<f32>,
+    },
+}
+
+/// Column panels for `n` columns.
+fn panels(n: usize) -> usize {
+    n.div_ceil(NR)
+}
+
+impl Packed {
+    /// Pack `b` (K×N) for `backend`.
+    pub fn new(b: MatRef, backend: Backend) -> Self {
+        let (k, n) = (b.rows, b.cols);
+        match backend {
+            Backend::Fallback => {
+                let mut data = vec![0f32; k * n];
+                data.par_chunks_mut(n.max(1)).enumerate().for_each(|(r, row)| {
+                    for (c, o) in row.iter_mut().enumerate() {
+                        *o = f32::from_bits((b.bits(r, c) as u32) << 16);
+                    }
+                });
+                Packed::Rounded { k, n, data }
+            }
+            Backend::Avx512Bf16 => {
+                let (kp, np) = (k.div_ceil(2), panels(n));
+                let mut data = vec![0u32; kp * np * NR];
+                // One rayon task per K block: each block is a contiguous run of the buffer.
+                data.par_chunks_mut((KCP * np * NR).max(1)).enumerate().for_each(|(kb, block)| {
+                    let p0 = kb * KCP;
+                    let bp = block.len() / (np * NR);
+                    for j in 0..np {
+                        let panel = &mut block[j * bp * NR..(j + 1) * bp * NR];
+                        pack_b_panel(&b, p0, bp, j * NR, panel);
+                    }
+                });
+                Packed::Panels { k, n, data }
+            }
+        }
+    }
+
+    /// K (rows of B).
+    pub fn k(&self) -> usize {
+        match self {
+            Packed::Panels { k, .. } | Packed::Rounded { k, .. } => *k,
+        }
+    }
+
+    /// N (columns of B).
+    pub fn n(&self) -> usize {
+        match self {
+            Packed::Panels { n, .. } | Packed::Rounded { n, .. } => *n,
+        }
+    }
+
+    /// The backend this was packed for.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Packed::Panels { .. } => Backend::Avx512Bf16,
+            Packed::Rounded { .. } => Backend::Fallback,
+        }
+    }
+}
+
+/// Pack the B panel of columns `c0..c0+NR`, pairs `p0..p0+bp`, into `out` (`bp × NR`).
+fn pack_b_panel(b: &MatRef, p0: usize, bp: usize, c0: usize, out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(d) = b.f32_data() {
+        // SAFETY: only packed for `Backend::Avx512Bf16`, which `Backend::detect` returns only when
+        // the CPU has avx512f + avx512bf16; `MatRef::new` checked the bounds of the view.
+        if b.cs == 1 {
+            unsafe { avx512::pack_b_panel_rows(d, b.rows, b.cols, b.rs, p0, bp, c0, out) };
+            return;
+        }
+        // A transposed weight (the forward's `Wᵀ`): each column's K run is contiguous.
+        if b.rs == 1 {
+            unsafe { avx512::pack_b_panel_cols(d, b.rows, b.cols, b.cs, p0, bp, c0, out) };
+            return;
+        }
+    }
+    for p in 0..bp {
+        for c in 0..NR {
+            out[p * NR + c] = if c0 + c < b.cols { b.pair_along_rows(p0 + p, c0 + c) } else { 0 };
+        }
+    }
+}
+
+/// Pack rows `m0..m0+rows` of A, pairs `p0..p0+bp`, into `MR`-row panels (`[panel][pair][MR]`).
+fn pack_a(a: &MatRef, m0: usize, rows: usize, p0: usize, bp: usize, out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(d) = a.f32_data() {
+        // SAFETY: as in `pack_b_panel`; the view's bounds were checked by `MatRef::new`.
+        if a.cs == 1 {
+            unsafe { avx512::pack_a_row_major(d, a.cols, a.rs, m0, rows, p0, bp, out) };
+            return;
+        }
+        if a.rs == 1 {
+            unsafe { avx512::pack_a_col_major(d, a.rows, a.cols, a.cs, m0, rows, p0, bp, out) };
+            return;
+        }
+    }
+    for (i, panel) in out.chunks_mut(bp * MR).take(rows.div_ceil(MR)).enumerate() {
+        for p in 0..bp {
+            for r in 0..MR {
+                let m = i * MR + r;
+                panel[p * MR + r] = if m < rows { a.pair_along_cols(m0 + m, p0 + p) } else { 0 };
+            }
+        }
+    }
+}
+
+/// A raw pointer into C that rayon tasks share: each task writes a disjoint block.
+#[derive(Clone, Copy)]
+struct CPtr(*mut f32);
+unsafe impl Send for CPtr {}
+unsafe impl Sync for CPtr {}
+
+impl CPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `C = A · B` (or `C += A · B` with `accumulate`), C row-major `M × N` with row stride `ldc`,
+/// operands rounded to bf16 and products summed in f32. `b` must have been packed for the
+/// backend this CPU supports (as [`Backend::detect`] says) or for [`Backend::Fallback`].
+///
+/// # Panics
+/// On mismatched shapes, a C too small, or a packing for a backend this CPU lacks.
+pub fn gemm(a: MatRef, b: &Packed, c: &mut [f32], ldc: usize, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.n());
+    assert_eq!(k, b.k(), "gemm: A is {m}x{k} but B has {} rows", b.k());
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        ldc >= n && c.len() >= (m - 1) * ldc + n,
+        "gemm: C ({} elements, ldc {ldc}) is too small for {m}x{n}",
+        c.len()
+    );
+    match b {
+        Packed::Rounded { data, .. } => gemm_fallback(a, data, n, c, ldc, accumulate),
+        Packed::Panels { data, .. } => {
+            assert!(has_avx512_bf16(), "gemm: B was packed for avx512_bf16, which this CPU lacks");
+            gemm_panels(a, data, n, c, ldc, accumulate)
+        }
+    }
+}
+
+fn gemm_fallback(a: MatRef, b: &[f32], n: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+    let (m, k) = (a.rows, a.cols);
+    if k == 0 {
+        if !accumulate {
+            c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
+        }
+        return;
+    }
+    let mut ar = vec![0f32; m * k];
+    ar.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
+        for (j, o) in row.iter_mut().enumerate() {
+            *o = f32::from_bits((a.bits(r, j) as u32) << 16);
+        }
+    });
+    // SAFETY: the shapes and C's extent were checked by `gemm`; the buffers outlive the call.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            ar.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
+fn gemm_panels(a: MatRef, b: &[u32], n: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+    let (m, k) = (a.rows, a.cols);
+    let (kp, np) = (k.div_ceil(2), panels(n));
+    if kp == 0 {
+        if !accumulate {
+            c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
+        }
+        return;
+    }
+    // Tasks: MC-row blocks of C, split along N too when there are too few rows to feed every
+    // thread (the weight gradient of a small layer, decoding).
+    let mblocks = m.div_ceil(MC);
+    let groups = (2 * rayon::current_num_threads()).div_ceil(mblocks).clamp(1, np);
+    let per_group = np.div_ceil(groups);
+    let groups = np.div_ceil(per_group);
+    let cp = CPtr(c.as_mut_ptr());
+    (0..mblocks * groups).into_par_iter().for_each(|task| {
+        let (mb, g) = (task / groups, task % groups);
+        let (m0, rows) = (mb * MC, MC.min(m - mb * MC));
+        let (j0, j1) = (g * per_group, ((g + 1) * per_group).min(np));
+        let mut abuf = vec![0u32; rows.div_ceil(MR) * MR * KCP];
+        for kb in 0..kp.div_ceil(KCP) {
+            let p0 = kb * KCP;
+            let bp = KCP.min(kp - p0);
+            pack_a(&a, m0, rows, p0, bp, &mut abuf);
+            let block = &b[p0 * np * NR..];
+            for j in j0..j1 {
+                let bpanel = &block[j * bp * NR..(j + 1) * bp * NR];
+                let nr = NR.min(n - j * NR);
+                for (i, apanel) in abuf.chunks(bp * MR).take(rows.div_ceil(MR)).enumerate() {
+                    let mr = MR.min(rows - i * MR);
+                    // SAFETY: the tile (rows m0+i*MR.., mr; columns j*NR.., nr) lies inside C
+                    // (checked by `gemm`) and belongs to this task alone; the CPU has the
+                    // features (checked by `gemm`).
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        let cptr = cp.get().add((m0 + i * MR) * ldc + j * NR);
+                        avx512::kernel(bp, apanel.as_ptr(), bpanel.as_ptr(), cptr, ldc, mr, nr, accumulate || kb > 0);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let _ = (cp, apanel, bpanel, mr, nr);
+                }
+            }
+        }
+    });
+}
+
+/// `C = A · B` for a B used once: packs it for this CPU and multiplies.
+pub fn matmul(a: MatRef, b: MatRef, c: &mut [f32], ldc: usize, accumulate: bool) {
+    gemm(a, &Packed::new(b, Backend::detect()), c, ldc, accumulate)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The avx512_bf16 kernels. Every function needs avx512f + avx512bf16 (callers check).
+
+    use super::{KCP, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// A mask of the first `n` (≤ 16) lanes.
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// Pairs `(lo[i], hi[i])` as 16 u32 (lo in the low half), both rounded to bf16.
+    #[inline(always)]
+    unsafe fn interleave(lo: __m512, hi: __m512) -> __m512i {
+        let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(lo));
+        let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(hi));
+        _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)))
+    }
+
+    /// B panel from a matrix whose columns are contiguous (`cs == 1`): rows `2p` and `2p + 1`
+    /// load as vectors and interleave.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn pack_b_panel_rows(
+        d: &[f32],
+        rows: usize,
+        cols: usize,
+        rs: usize,
+        p0: usize,
+        bp: usize,
+        c0: usize,
+        out: &mut [u32],
+    ) {
+        let base = d.as_ptr();
+        for p in 0..bp {
+            let k = 2 * (p0 + p);
+            for v in 0..NR / 16 {
+                let c = c0 + v * 16;
+                let mask = lanes(cols.saturating_sub(c));
+                let lo =
+                    if mask != 0 { _mm512_maskz_loadu_ps(mask, base.add(k * rs + c)) } else { _mm512_setzero_ps() };
+                let hi = if mask != 0 && k + 1 < rows {
+                    _mm512_maskz_loadu_ps(mask, base.add((k + 1) * rs + c))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                _mm512_storeu_si512(out.as_mut_ptr().add(p * NR + v * 16) as *mut _, interleave(lo, hi));
+            }
+        }
+    }
+
+    /// B panel from a matrix whose rows are contiguous (`rs == 1`): each column's K run converts
+    /// as vectors into pairs, scattered down the panel's column.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn pack_b_panel_cols(
+        d: &[f32],
+        rows: usize,
+        cols: usize,
+        cs: usize,
+        p0: usize,
+        bp: usize,
+        c0: usize,
+        out: &mut [u32],
+    ) {
+        let idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(NR as i32),
+        );
+        let k0 = 2 * p0;
+        let kn = (rows - k0).min(2 * bp);
+        for c in 0..NR {
+            if c0 + c >= cols {
+                for p in 0..bp {
+                    out[p * NR + c] = 0;
+                }
+                continue;
+            }
+            let col = d.as_ptr().add((c0 + c) * cs + k0);
+            let mut k = 0;
+            while k < kn {
+                let lo = _mm512_maskz_loadu_ps(lanes(kn - k), col.add(k));
+                let hi = if kn > k + 16 {
+                    _mm512_maskz_loadu_ps(lanes(kn - k - 16), col.add(k + 16))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                let pairs = (bp - k / 2).min(16);
+                _mm512_mask_i32scatter_epi32::<4>(out.as_mut_ptr().add(k / 2 * NR + c) as *mut _, lanes(pairs), idx, v);
+                k += 32;
+            }
+        }
+    }
+
+    /// A panels from a row-major matrix (`cs == 1`): each row's K run converts as vectors into
+    /// pairs, which then spread to the pair-major panel.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn pack_a_row_major(
+        d: &[f32],
+        cols: usize,
+        rs: usize,
+        m0: usize,
+        rows: usize,
+        p0: usize,
+        bp: usize,
+        out: &mut [u32],
+    ) {
+        let mut tmp = [0u32; KCP];
+        let k0 = 2 * p0;
+        let kn = (cols - k0).min(2 * bp);
+        for (i, panel) in out.chunks_mut(bp * MR).take(rows.div_ceil(MR)).enumerate() {
+            for r in 0..MR {
+                let m = i * MR + r;
+                if m >= rows {
+                    for p in 0..bp {
+                        panel[p * MR + r] = 0;
+                    }
+                    continue;
+                }
+                let row = d.as_ptr().add((m0 + m) * rs + k0);
+                let mut k = 0;
+                while k < kn {
+                    let lo = _mm512_maskz_loadu_ps(lanes(kn - k), row.add(k));
+                    let hi = if kn > k + 16 {
+                        _mm512_maskz_loadu_ps(lanes(kn - k - 16), row.add(k + 16))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                    _mm512_storeu_si512(tmp.as_mut_ptr().add(k / 2) as *mut _, v);
+                    k += 32;
+                }
+                for p in 0..bp {
+                    panel[p * MR + r] = tmp[p];
+                }
+            }
+        }
+    }
+
+    /// A panels from a column-major matrix (`rs == 1`, the transposed gradient of a weight
+    /// gradient): K columns `2p` and `2p + 1` load `MR` rows as vectors and interleave.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn pack_a_col_major(
+        d: &[f32],
+        all_rows: usize,
+        cols: usize,
+        cs: usize,
+        m0: usize,
+        rows: usize,
+        p0: usize,
+        bp: usize,
+        out: &mut [u32],
+    ) {
+        debug_assert!(m0 + rows <= all_rows);
+        let base = d.as_ptr();
+        for (i, panel) in out.chunks_mut(bp * MR).take(rows.div_ceil(MR)).enumerate() {
+            let mask = lanes((rows - i * MR).min(MR));
+            let m = m0 + i * MR;
+            for p in 0..bp {
+                let k = 2 * (p0 + p);
+                let lo = _mm512_maskz_loadu_ps(mask, base.add(k * cs + m));
+                let hi = if k + 1 < cols {
+                    _mm512_maskz_loadu_ps(mask, base.add((k + 1) * cs + m))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                _mm512_mask_storeu_epi32(panel.as_mut_ptr().add(p * MR) as *mut i32, lanes(MR), interleave(lo, hi));
+            }
+        }
+    }
+
+    /// The `MR × NR` micro-kernel: `C[..mr, ..nr] (+)= A_panel · B_panel` over `pairs` K pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn kernel(
+        pairs: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        accumulate: bool,
+    ) {
+        const NV: usize = NR / 16;
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        for p in 0..pairs {
+            let bv: [__m512bh; NV] =
+                std::array::from_fn(|v| std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + v * 16) as *const _)));
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + r) as i32));
+                for (x, bv) in row.iter_mut().zip(&bv) {
+                    *x = _mm512_dpbf16_ps(*x, av, *bv);
+                }
+            }
+        }
+        let masks = [lanes(nr), lanes(nr.saturating_sub(16))];
+        for (r, row) in acc.iter().enumerate().take(mr) {
+            let cr = c.add(r * ldc);
+            for (v, (&x, &mask)) in row.iter().zip(&masks).enumerate() {
+                if mask == 0 {
+                    continue;
+                }
+                let x = if accumulate { _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, cr.add(v * 16))) } else { x };
+                _mm512_mask_storeu_ps(cr.add(v * 16), mask, x);
+            }
+        }
+    }
+}

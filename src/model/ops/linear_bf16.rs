@@ -1,0 +1,159 @@
+//! The linear layer of bf16 mixed precision on the CPU: `y = x Wᵀ` as a candle `CustomOp2` whose
+//! forward and backward (`dX = dY · W`, `dW = dYᵀ · X`) all run through the bf16 GEMM of
+//! [`super::gemm`]. Activations, outputs and gradients stay f32 (the operands are rounded to bf16
+//! when packed, like PyTorch autocast), so the f32 fused ops keep working around it.
+//!
+//! A weight is packed (rounded and laid out for the kernel) once and reused by every matmul until
+//! the weights change: [`WeightCache`] keys the packing by the tensor and, for trainable weights,
+//! a process-wide epoch that [`weights_changed`] bumps. Everything that rewrites `Var`s in place
+//! (the optimizer step, a checkpoint restore, a LoRA merge into a trainable base) calls it.
+
+use super::gemm::{self, Backend, Elems, MatRef, Packed};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+static EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// Invalidate every packed weight: call after rewriting weights in place. The next matmul of each
+/// layer packs its weight again (once per optimizer step, not once per matmul).
+pub fn weights_changed() {
+    EPOCH.fetch_add(1, Ordering::AcqRel);
+}
+
+/// A `[out, in]` f32 weight packed for the bf16 GEMM in both orientations it is used in.
+#[derive(Debug)]
+pub struct PackedWeight {
+    /// `Wᵀ` (K = in, N = out): the forward's right operand.
+    fwd: Packed,
+    /// `W` (K = out, N = in): the input gradient's right operand, packed at the first backward
+    /// (frozen models never need it).
+    bwd: OnceLock<Packed>,
+    /// The f32 weight the packings come from.
+    weight: Tensor,
+    backend: Backend,
+}
+
+impl PackedWeight {
+    /// Pack `w` (`[out, in]`, f32, CPU) for `backend`.
+    pub fn new(w: &Tensor, backend: Backend) -> Result<Self> {
+        let fwd = with_matrix(w, |m| Ok(Packed::new(m.t(), backend)))?;
+        Ok(Self { fwd, bwd: OnceLock::new(), weight: w.clone(), backend })
+    }
+
+    fn bwd(&self) -> Result<&Packed> {
+        if let Some(p) = self.bwd.get() {
+            return Ok(p);
+        }
+        let p = with_matrix(&self.weight, |m| Ok(Packed::new(m, self.backend)))?;
+        Ok(self.bwd.get_or_init(|| p))
+    }
+}
+
+/// The packed form of one layer's weight, rebuilt when the weight tensor or the epoch changed.
+#[derive(Default)]
+pub struct WeightCache {
+    slot: Mutex<Option<(candle_core::TensorId, u64, Arc<PackedWeight>)>>,
+}
+
+impl std::fmt::Debug for WeightCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WeightCache")
+    }
+}
+
+impl WeightCache {
+    /// The packing of `w` for this CPU, from the cache when `w` has not changed since. Only a
+    /// trainable weight (a `Var`'s tensor) changes in place, so a frozen one (a LoRA base, DPO's
+    /// reference model) is packed once, whatever the epoch.
+    pub fn get(&self, w: &Tensor) -> Result<Arc<PackedWeight>> {
+        let epoch = if w.is_variable() { EPOCH.load(Ordering::Acquire) } else { 0 };
+        let mut slot = self.slot.lock().expect("weight cache lock");
+        if let Some((id, e, p)) = &*slot {
+            if *id == w.id() && *e == epoch {
+                return Ok(p.clone());
+            }
+        }
+        let p = Arc::new(PackedWeight::new(w, Backend::detect())?);
+        *slot = Some((w.id(), epoch, p.clone()));
+        Ok(p)
+    }
+}
+
+/// `x Wᵀ` for `x: [N, in]` and `w: [out, in]`, both f32 on the CPU, with bf16 operands and f32
+/// accumulation (forward and backward); `cache` holds `w`'s packing between optimizer steps.
+pub fn linear(x: &Tensor, w: &Tensor, cache: &WeightCache) -> Result<Tensor> {
+    x.apply_op2(w, LinearBf16 { w: cache.get(w)? })
+}
+
+/// The custom op behind [`linear`].
+pub struct LinearBf16 {
+    /// The packed weight (the op's second argument, packed).
+    pub w: Arc<PackedWeight>,
+}
+
+/// Run `f` on a 2-D f32 CPU tensor as a strided matrix view.
+fn with_matrix<R>(t: &Tensor, f: impl FnOnce(MatRef) -> Result<R>) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => f(matrix(c, l, "bf16 linear")?),
+        _ => bail!("bf16 linear: tensor is not on the CPU"),
+    }
+}
+
+fn matrix<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<MatRef<'a>> {
+    let (rows, cols) = l.shape().dims2()?;
+    let st = l.stride();
+    let data = match s {
+        CpuStorage::F32(v) => Elems::F32(&v[l.start_offset()..]),
+        other => bail!("{op}: expected f32, got {:?}", other.dtype()),
+    };
+    Ok(MatRef::new(data, rows, cols, st[0], st[1]))
+}
+
+impl CustomOp2 for LinearBf16 {
+    fn name(&self) -> &'static str {
+        "mmrun-linear-bf16"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, _s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = matrix(s1, l1, "bf16 linear")?;
+        let (out, inp) = l2.shape().dims2()?;
+        if x.cols() != inp || self.w.fwd.n() != out {
+            bail!("bf16 linear: x is {}x{}, weight {out}x{inp}", x.rows(), x.cols());
+        }
+        let mut y = vec![0f32; x.rows() * out];
+        gemm::gemm(x, &self.w.fwd, &mut y, out, false);
+        Ok((CpuStorage::F32(y), Shape::from((x.rows(), out))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let gy = gy.to_dtype(DType::F32)?.contiguous()?;
+        let (n, out) = gy.dims2()?;
+        let inp = x.dim(1)?;
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; n * inp];
+            with_matrix(&gy, |g| {
+                gemm::gemm(g, self.w.bwd()?, &mut dx, inp, false);
+                Ok(())
+            })?;
+            Some(Tensor::from_vec(dx, (n, inp), x.device())?)
+        } else {
+            None
+        };
+        // A frozen weight (a LoRA base) gets no gradient: a third of the backward saved.
+        let dw = if w.track_op() {
+            let xp = with_matrix(x, |m| Ok(Packed::new(m, self.w.backend)))?;
+            let mut dw = vec![0f32; out * inp];
+            with_matrix(&gy, |g| {
+                gemm::gemm(g.t(), &xp, &mut dw, inp, false);
+                Ok(())
+            })?;
+            Some(Tensor::from_vec(dw, (out, inp), w.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
