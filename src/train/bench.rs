@@ -3,9 +3,10 @@
 //! Trains the shape the PyTorch baseline was measured at (hidden 512, 8 layers, 8 q / 4 kv heads,
 //! intermediate 1664, vocab 6400, seq 512, batch 8) for a few steps with the real training step
 //! (forward, backward, global-norm clip, in-place AdamW), times greedy KV-cache generation at
-//! batch 1, and measures the device's f32 matmul peak so that MFU is relative to what this machine
-//! can actually do. `--dtype bf16` runs the same step in bf16 mixed precision (what training uses
-//! on CUDA); MFU stays relative to the f32 peak.
+//! batch 1, and measures the device's f32 and bf16 matmul peaks so that MFU is relative to what
+//! this machine can actually do in the precision the step ran in. `--dtype bf16` runs the same
+//! step in bf16 mixed precision (on the CPU: the bf16 GEMM of `model::ops::gemm`, `VDPBF16PS` on
+//! CPUs with avx512_bf16).
 
 use super::optim::{clip_coefficient, global_norm, AdamW, AdamWConfig, GradAccumulator};
 use crate::model::{MiniMind, ModelConfig};
@@ -24,7 +25,8 @@ pub struct BenchArgs {
     /// `auto`, `cpu` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Compute dtype, as `[recipe] precision`: `auto` (bf16 on CUDA, f32 on the CPU), `f32`, or
+    /// Compute dtype, as `[recipe] precision`: `auto` (bf16 on CUDA and on CPUs with avx512_bf16,
+    /// else f32), `f32`, or
     /// `bf16` (mixed precision: f32 weights and AdamW state, bf16 matmuls).
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16"])]
     pub dtype: String,
@@ -61,7 +63,7 @@ pub struct BenchArgs {
     /// Prompt length for generation.
     #[arg(long, default_value_t = 24)]
     pub prompt_len: usize,
-    /// Side of the square f32 matmul used to measure the peak.
+    /// Side of the square matmuls used to measure the f32 and bf16 peaks.
     #[arg(long, default_value_t = 2048)]
     pub matmul_size: usize,
 }
@@ -114,19 +116,51 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Best of four timings of `f`, in seconds.
+fn best_of_4(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..4 {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
 /// Best-of-N GFLOP/s of an `n × n` by `n × n` f32 matmul on `device`.
 pub fn matmul_peak_gflops(device: &Device, n: usize) -> anyhow::Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
-    let mut best = f64::INFINITY;
-    for _ in 0..4 {
-        let t = Instant::now();
-        let c = a.matmul(&b)?;
-        device.synchronize()?;
-        best = best.min(t.elapsed().as_secs_f64());
-        drop(c);
-    }
-    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+    let s = best_of_4(|| {
+        let _c = a.matmul(&b)?;
+        Ok(device.synchronize()?)
+    })?;
+    Ok(2.0 * (n as f64).powi(3) / s / 1e9)
+}
+
+/// Best-of-N GFLOP/s of an `n × n` by `n × n` matmul the way bf16 training runs it on `device`:
+/// on the CPU the bf16 GEMM with B packed beforehand (as weights are, once per optimizer step)
+/// and A packed inside; on a GPU candle's bf16 matmul.
+pub fn matmul_peak_gflops_bf16(device: &Device, n: usize) -> anyhow::Result<f64> {
+    use crate::model::ops::gemm::{gemm, Backend, MatRef, Packed};
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let s = if device.is_cpu() {
+        let (av, bv) = (a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+        let packed = Packed::new(MatRef::f32(&bv, n, n), Backend::detect());
+        let mut c = vec![0f32; n * n];
+        best_of_4(|| {
+            gemm(MatRef::f32(&av, n, n), &packed, &mut c, n, false);
+            Ok(())
+        })?
+    } else {
+        let (a, b) = (a.to_dtype(DType::BF16)?, b.to_dtype(DType::BF16)?);
+        best_of_4(|| {
+            let _c = a.matmul(&b)?;
+            Ok(device.synchronize()?)
+        })?
+    };
+    Ok(2.0 * (n as f64).powi(3) / s / 1e9)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -146,7 +180,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<serde_json::Value> {
     cfg.validate().context("invalid bench shape; fix the --hidden/--heads/--kv-heads flags")?;
     anyhow::ensure!(args.seq >= 2 && args.batch >= 1, "--seq must be >= 2 and --batch >= 1");
 
-    let peak = matmul_peak_gflops(&device, args.matmul_size)?;
+    let peak_f32 = matmul_peak_gflops(&device, args.matmul_size)?;
+    let peak_bf16 = matmul_peak_gflops_bf16(&device, args.matmul_size)?;
 
     let precision = match args.dtype.as_str() {
         "auto" => Precision::Auto,
@@ -190,6 +225,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<serde_json::Value> {
     let gen_tps = if args.gen_tokens > 0 { Some(generation_tokens_per_s(&model, &args, &mut rng)?) } else { None };
 
     let flops = train_flops_per_token(&cfg, args.seq);
+    // MFU against the peak of the precision the step ran in.
+    let peak = if dtype == DType::BF16 { peak_bf16 } else { peak_f32 };
     let mfu = train_tps * flops / (peak * 1e9);
     Ok(serde_json::json!({
         "device": super::device::describe(&device),
@@ -205,10 +242,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<serde_json::Value> {
         "train_flops_per_token": flops,
         "gen_tokens_per_s": gen_tps,
         "peak_rss_mb": peak_rss_mb(),
-        "matmul_peak_gflops": peak,
+        "matmul_peak_gflops": peak_f32,
+        "matmul_peak_gflops_bf16": peak_bf16,
+        "bf16_gemm": bf16_gemm_name(&device),
         "mfu": mfu,
         "final_loss": last_loss,
     }))
+}
+
+/// Which bf16 matmul runs on `device` (the bench reports it next to the bf16 peak).
+fn bf16_gemm_name(device: &Device) -> &'static str {
+    use crate::model::ops::gemm::Backend;
+    match (device.is_cpu(), Backend::detect()) {
+        (false, _) => "device",
+        (true, Backend::Avx512Bf16) => "avx512_bf16",
+        (true, Backend::Fallback) => "f32 fallback",
+    }
 }
 
 /// Greedy decoding at batch 1 with the KV cache: prompt prefill plus `gen_tokens` steps; new
@@ -234,7 +283,7 @@ fn generation_tokens_per_s(model: &MiniMind, args: &BenchArgs, rng: &mut impl Rn
 pub fn render_text(v: &serde_json::Value) -> String {
     let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
     format!(
-        "device {} ({} threads, {})\nconfig {}\ntrain      {} tokens/s ({} s/step)\ngenerate   {} tokens/s (batch 1, greedy, KV cache)\nmatmul     {} GFLOP/s peak\nMFU        {:.1} %\npeak RSS   {} MiB\n",
+        "device {} ({} threads, {})\nconfig {}\ntrain      {} tokens/s ({} s/step)\ngenerate   {} tokens/s (batch 1, greedy, KV cache)\nmatmul     {} GFLOP/s peak f32, {} GFLOP/s bf16 ({})\nMFU        {:.1} % (of the {} peak)\npeak RSS   {} MiB\n",
         v["device"].as_str().unwrap_or("?"),
         v["threads"],
         v["dtype"].as_str().unwrap_or("?"),
@@ -243,7 +292,10 @@ pub fn render_text(v: &serde_json::Value) -> String {
         v["train_step_s"].as_f64().map(|x| format!("{x:.3}")).unwrap_or_default(),
         f("gen_tokens_per_s"),
         f("matmul_peak_gflops"),
+        f("matmul_peak_gflops_bf16"),
+        v["bf16_gemm"].as_str().unwrap_or("?"),
         v["mfu"].as_f64().unwrap_or(f64::NAN) * 100.0,
+        v["dtype"].as_str().unwrap_or("?"),
         f("peak_rss_mb"),
     )
 }
@@ -291,12 +343,20 @@ mod tests {
                 "gen_tokens_per_s",
                 "peak_rss_mb",
                 "matmul_peak_gflops",
+                "matmul_peak_gflops_bf16",
+                "bf16_gemm",
                 "mfu",
             ] {
                 assert!(!v[k].is_null(), "{k} missing in {v}");
             }
             assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0);
             assert_eq!(v["dtype"], dtype);
+            // MFU is relative to the peak of the precision the step ran in.
+            let peak =
+                v[if dtype == "bf16" { "matmul_peak_gflops_bf16" } else { "matmul_peak_gflops" }].as_f64().unwrap();
+            let want =
+                v["train_tokens_per_s"].as_f64().unwrap() * v["train_flops_per_token"].as_f64().unwrap() / (peak * 1e9);
+            assert!((v["mfu"].as_f64().unwrap() - want).abs() <= 1e-9 * want, "{v}");
             assert!(v["final_loss"].as_f64().unwrap().is_finite());
             assert!(!render_text(&v).is_empty());
         }
