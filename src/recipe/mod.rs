@@ -62,36 +62,43 @@ pub struct RecipeMeta {
     /// `auto` (CUDA if built with it and present, else CPU), `cpu`, or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
-    /// Training numerics: `auto` (bf16 mixed precision on CUDA, f32 on the CPU), `f32`, or `bf16`
-    /// (mixed precision: f32 master weights and optimizer state, bf16 matmuls).
+    /// Training numerics: `auto` (bf16 mixed precision on CUDA and on CPUs with avx512_bf16, f32
+    /// on other CPUs), `f32`, or `bf16` (mixed precision: f32 master weights and optimizer state,
+    /// bf16 matmuls).
     #[serde(default)]
     pub precision: Precision,
 }
 
 /// `[recipe] precision`: the numeric policy of the training stages.
 ///
-/// `bf16` is *mixed* precision: weights, gradients and AdamW moments stay f32; matmuls and the
-/// activations between them run in bf16; RMSNorm statistics, RoPE, softmax, the cross-entropy and
-/// the MoE router run in f32. Saved weights are f32 either way.
+/// `bf16` is *mixed* precision: weights, gradients and AdamW moments stay f32; the matmuls of the
+/// linear layers and the head take bf16 operands and accumulate in f32 (on the CPU through
+/// `model::ops::gemm`, natively on CPUs with avx512_bf16; on CUDA the activations between matmuls
+/// are bf16 too); RMSNorm statistics, RoPE, softmax, the cross-entropy and the MoE router run in
+/// f32. Saved weights are f32 either way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// bf16 on CUDA (what GPUs are fast at), f32 on the CPU (where bf16 matmuls are widened to f32
-    /// and so only slower).
+    /// bf16 on CUDA and on CPUs with avx512_bf16 (where bf16 matmuls run natively, `VDPBF16PS`,
+    /// and the loss curve tracks f32: `train::tests::bf16_training_tracks_the_f32_loss_curve`),
+    /// f32 on other CPUs (where bf16 would only round, at f32 speed).
     #[default]
     Auto,
     /// f32 everywhere.
     F32,
-    /// bf16 mixed precision, on any device (on the CPU it is slower than f32; useful for testing).
+    /// bf16 mixed precision, on any device (on a CPU without avx512_bf16 it runs the f32 kernels
+    /// on bf16-rounded operands: the same numbers, no faster).
     Bf16,
 }
 
 impl Precision {
-    /// What this resolves to on a device of class `device_class` (`"cpu"` or `"cuda"`): never
-    /// `Auto`. Used both by the stage keys and at run time, so `auto` keys like its resolution.
+    /// What this resolves to on a device of class `device_class` (`"cpu"` or `"cuda"`) of this
+    /// machine: never `Auto`. Used both by the stage keys and at run time, so `auto` keys like its
+    /// resolution (a CPU with avx512_bf16 and one without key `auto` runs differently, as they
+    /// compute differently).
     pub fn resolve(self, device_class: &str) -> Precision {
         match self {
-            Precision::Auto if device_class == "cuda" => Precision::Bf16,
+            Precision::Auto if device_class == "cuda" || crate::cpu::has_avx512_bf16() => Precision::Bf16,
             Precision::Auto => Precision::F32,
             p => p,
         }

@@ -72,8 +72,8 @@ pub fn class(device: &Device) -> &'static str {
     }
 }
 
-/// The compute dtype of a precision on `device`: `auto` is bf16 on CUDA and f32 elsewhere (by
-/// [`Precision::resolve`], the rule the stage keys use too).
+/// The compute dtype of a precision on `device`: `auto` is bf16 on CUDA and on CPUs with
+/// avx512_bf16, f32 elsewhere (by [`Precision::resolve`], the rule the stage keys use too).
 pub fn compute_dtype(precision: Precision, device: &Device) -> DType {
     match precision.resolve(class(device)) {
         Precision::Bf16 => DType::BF16,
@@ -147,7 +147,8 @@ mod tests {
     #[test]
     fn precision_resolves_by_device_class() {
         let cpu = Device::Cpu;
-        assert_eq!(compute_dtype(Precision::Auto, &cpu), DType::F32);
+        let auto_cpu = if crate::cpu::has_avx512_bf16() { DType::BF16 } else { DType::F32 };
+        assert_eq!(compute_dtype(Precision::Auto, &cpu), auto_cpu);
         assert_eq!(compute_dtype(Precision::F32, &cpu), DType::F32);
         assert_eq!(compute_dtype(Precision::Bf16, &cpu), DType::BF16);
         assert_eq!(Precision::Auto.resolve("cuda"), Precision::Bf16);
@@ -158,6 +159,6 @@ mod tests {
         assert_eq!(m.compute_dtype(), DType::BF16);
         assert!(m.params().iter().all(|(_, v)| v.dtype() == DType::F32), "weights stay f32");
         let m = Compute::for_recipe(&meta(Precision::Auto)).unwrap().new_model(&cfg, 1).unwrap();
-        assert_eq!(m.compute_dtype(), DType::F32);
+        assert_eq!(m.compute_dtype(), auto_cpu);
     }
 }
