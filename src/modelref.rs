@@ -369,7 +369,12 @@ fn check_weights(reference: &str, dir: &Path, kind: ArtifactKind) -> Result<(), 
         return Ok(());
     }
     let pickled: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| is_pickled(n)).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| crate::hub::names::is_pickled(n))
+                .collect()
+        })
         .unwrap_or_default();
     if !pickled.is_empty() {
         return Err(ModelRefError::Pickled { reference: reference.to_string(), files: pickled.join(", ") });
@@ -379,10 +384,6 @@ fn check_weights(reference: &str, dir: &Path, kind: ArtifactKind) -> Result<(), 
         problem: format!("folder {} has no model.safetensors (nor model.safetensors.index.json)", dir.display()),
         fix: "point at a complete transformers model folder".into(),
     })
-}
-
-fn is_pickled(name: &str) -> bool {
-    name.ends_with(".bin") || name.ends_with(".pth") || name.ends_with(".pt") || name.ends_with(".ckpt")
 }
 
 /// A Hub model repository in the HF cache.
@@ -426,7 +427,8 @@ pub fn fetch_hub_model(uri: &HubUri, opts: &HubOptions) -> Result<FetchedModel, 
             Ok(f) => files.extend(f.files),
             Err(HubError::FileNotFound { .. }) if *pattern == "*.safetensors" => {
                 let listing = crate::hub::client::Client::new(uri, opts).list_files(&commit, "").unwrap_or_default();
-                let pickled: Vec<String> = listing.into_iter().map(|f| f.path).filter(|p| is_pickled(p)).collect();
+                let pickled: Vec<String> =
+                    listing.into_iter().map(|f| f.path).filter(|p| crate::hub::names::is_pickled(p)).collect();
                 if !pickled.is_empty() {
                     return Err(FetchError::Pickled(pickled.join(", ")));
                 }

@@ -105,3 +105,43 @@ fn export_for_transformers_check() {
         candle_core::safetensors::save(&map, out.join("golden.safetensors")).unwrap();
     }
 }
+
+/// transformers >= 5 writes MoE experts fused (spec §5.2): `mlp.experts.gate_up_proj` [E, 2I, C]
+/// and `mlp.experts.down_proj` [E, C, I]. That layout loads to exactly the per-expert model; so
+/// does the same checkpoint stored in f16 or bf16, to within their rounding.
+#[test]
+fn qwen3_moe_fused_experts_load_like_per_expert() {
+    let dir = fixture("qwen3_moe_tiny");
+    let per_expert = weights::load_dir(&dir, &Device::Cpu, false).unwrap();
+    let golden = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let ids = golden["input_ids"].to_dtype(DType::U32).unwrap();
+    let want = per_expert.forward_logits(&ids, None).unwrap();
+    let cfg = per_expert.config();
+    let mut all = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}.mlp.experts");
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        for e in 0..cfg.num_experts {
+            let mut take = |w: &str| all.remove(&format!("{p}.{e}.{w}.weight")).unwrap();
+            let (g, u, d) = (take("gate_proj"), take("up_proj"), take("down_proj"));
+            gate_up.push(Tensor::cat(&[g, u], 0).unwrap());
+            down.push(d);
+        }
+        all.insert(format!("{p}.gate_up_proj"), Tensor::stack(&gate_up, 0).unwrap());
+        all.insert(format!("{p}.down_proj"), Tensor::stack(&down, 0).unwrap());
+    }
+    assert_eq!(
+        all["model.layers.0.mlp.experts.gate_up_proj"].dims(),
+        [cfg.num_experts, 2 * cfg.moe_intermediate_size, cfg.hidden_size]
+    );
+    for (dtype, tol) in [(DType::F32, 0.0), (DType::F16, 5e-2), (DType::BF16, 2e-1)] {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.join("config.json"), tmp.path().join("config.json")).unwrap();
+        let stored: std::collections::HashMap<String, Tensor> =
+            all.iter().map(|(k, t)| (k.clone(), t.to_dtype(dtype).unwrap())).collect();
+        candle_core::safetensors::save(&stored, tmp.path().join("model.safetensors")).unwrap();
+        let fused = weights::load_dir(tmp.path(), &Device::Cpu, false).unwrap();
+        let d = max_abs_diff(&fused.forward_logits(&ids, None).unwrap(), &want);
+        assert!(d <= tol, "{dtype:?}: fused layout differs by {d}");
+    }
+}

@@ -132,6 +132,14 @@ pub enum HubError {
         /// What the user can do.
         fix: &'static str,
     },
+    /// A model repository has only pickled weights: nothing was downloaded.
+    #[error("{repo} has only pickled weights ({files}); mmrun reads safetensors only, because loading a pickle can run arbitrary code; convert once with `python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('<repo>').save_pretrained('<out>', safe_serialization=True)\"` and push or point at <out>")]
+    PickledWeights {
+        /// The `hf://` URI.
+        repo: String,
+        /// The pickled files found.
+        files: String,
+    },
     /// The `hf://` URI itself is malformed.
     #[error("dataset {dataset}: {reason}")]
     BadUri {

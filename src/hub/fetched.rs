@@ -16,7 +16,13 @@ impl RemoteKind {
     /// Whether repository file `path` belongs to this input, for the URI's path `pattern`.
     pub fn selects(self, pattern: &str, path: &str) -> bool {
         match self {
-            RemoteKind::Dataset | RemoteKind::Model => super::path_matches(pattern, path),
+            RemoteKind::Dataset => super::path_matches(pattern, path),
+            // What loading needs: configs, tokenizer files, chat templates and safetensors; never
+            // pickled weights, which mmrun refuses to load anyway.
+            RemoteKind::Model => {
+                super::path_matches(pattern, path)
+                    && [".json", ".safetensors", ".jinja"].iter().any(|x| path.ends_with(x))
+            }
             RemoteKind::Tokenizer => {
                 let pattern = pattern.trim_matches('/');
                 let (dir, file) = path.rsplit_once('/').unwrap_or(("", path));

@@ -217,7 +217,21 @@ pub fn resolve(
             }
             v
         }
-        None => listing.into_iter().filter(|f| kind.selects(&uri.path, &f.path)).collect(),
+        None => {
+            let selected: Vec<RemoteFile> =
+                listing.iter().filter(|f| kind.selects(&uri.path, &f.path)).cloned().collect();
+            if kind == RemoteKind::Model && !selected.iter().any(|f| f.path.ends_with(".safetensors")) {
+                let pickled: Vec<String> = listing
+                    .iter()
+                    .filter(|f| path_matches(&uri.path, &f.path) && names::is_pickled(&f.path))
+                    .map(|f| f.path.clone())
+                    .collect();
+                if !pickled.is_empty() {
+                    return Err(HubError::PickledWeights { repo: uri.to_string(), files: pickled.join(", ") });
+                }
+            }
+            selected
+        }
     };
     if selected.is_empty() {
         return Err(HubError::FileNotFound {

@@ -150,6 +150,12 @@ pub fn join_under(root: &Path, rel: &str) -> Result<PathBuf, UnsafeName> {
     Ok(root.join(p))
 }
 
+/// Whether a weights file name is a pickle format (PyTorch `.bin`/`.pt`/`.pth`, `.ckpt`), which
+/// mmrun never downloads nor loads: unpickling can run arbitrary code.
+pub fn is_pickled(name: &str) -> bool {
+    [".bin", ".pth", ".pt", ".ckpt"].iter().any(|x| name.ends_with(x))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,7 +47,7 @@ pub fn load_config(dir: &Path) -> anyhow::Result<ModelConfig> {
 
 /// Load a weights file into a model for `cfg`. `trainable` makes the weights `Var`s.
 pub fn load(cfg: &ModelConfig, path: &Path, device: &Device, trainable: bool) -> anyhow::Result<MiniMind> {
-    let tensors = load_tensors(path, device)?;
+    let tensors = unfuse_experts(load_tensors(path, device)?)?;
     MiniMind::from_tensors(cfg, tensors, device, trainable)
         .map_err(|e: ModelError| anyhow::anyhow!(e))
         .with_context(|| format!("loading weights from {}", path.display()))
@@ -61,26 +61,96 @@ pub fn load_dir(dir: &Path, device: &Device, trainable: bool) -> anyhow::Result<
     if single.is_file() {
         return load(&cfg, &single, device, trainable);
     }
-    let index = dir.join("model.safetensors.index.json");
+    let index = dir.join(SHARD_INDEX);
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
-        let mut files: Vec<String> = v["weight_map"]
-            .as_object()
-            .map(|m| m.values().filter_map(|x| x.as_str().map(String::from)).collect())
-            .unwrap_or_default();
-        files.sort();
-        files.dedup();
         let mut all = HashMap::new();
-        for f in files {
+        for f in shard_files(&index)? {
             all.extend(load_tensors(&dir.join(&f), device)?);
         }
-        return MiniMind::from_tensors(&cfg, all, device, trainable)
+        return MiniMind::from_tensors(&cfg, unfuse_experts(all)?, device, trainable)
             .map_err(|e: ModelError| anyhow::anyhow!(e))
             .with_context(|| format!("loading weights from {}", dir.display()));
     }
+    refuse_pickled(dir)?;
     anyhow::bail!("{} has no model.safetensors (or model.safetensors.index.json); is it a model folder?", dir.display())
+}
+
+/// The index of a sharded checkpoint (transformers' `save_pretrained` with `max_shard_size`).
+pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+/// The shard file names an index's `weight_map` points at, sorted, each once. Names are checked to
+/// stay inside the folder (an index is data from the network).
+pub fn shard_files(index: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).with_context(|| format!("reading {}", index.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+    let map =
+        v["weight_map"].as_object().ok_or_else(|| anyhow::anyhow!("{} has no `weight_map` object", index.display()))?;
+    let mut files: Vec<String> = map.values().filter_map(|x| x.as_str().map(String::from)).collect();
+    files.sort();
+    files.dedup();
+    if let Some(bad) = files.iter().find(|f| f.is_empty() || f.contains(['/', '\\']) || f.starts_with('.')) {
+        anyhow::bail!("{}: shard name '{bad}' is not a file name in the model folder", index.display());
+    }
+    Ok(files)
+}
+
+/// Fail, saying why and how to convert, when `dir` holds pickled weights (`*.bin`, `*.pth`, …)
+/// and no safetensors: unpickling runs arbitrary code, so mmrun never does it.
+pub fn refuse_pickled(dir: &Path) -> anyhow::Result<()> {
+    let has_safetensors = dir.join(crate::artifact::layout::MODEL_WEIGHTS).is_file() || dir.join(SHARD_INDEX).is_file();
+    let mut pickled: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| crate::hub::names::is_pickled(n))
+                .collect()
+        })
+        .unwrap_or_default();
+    pickled.sort();
+    if has_safetensors || pickled.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{} has only pickled weights ({}); mmrun reads safetensors only, because loading a pickle can run \
+         arbitrary code. Convert once with transformers: `python -c \"from transformers import \
+         AutoModelForCausalLM as M; M.from_pretrained('<dir>').save_pretrained('<out>', safe_serialization=True)\"` \
+         and point at <out>",
+        dir.display(),
+        pickled.join(", ")
+    )
+}
+
+/// Split the fused MoE expert tensors transformers >= 5 writes into mmrun's per-expert ones (spec
+/// §5.2): `…mlp.experts.gate_up_proj` `[E, 2I, C]` (per expert, gate stacked over up) becomes
+/// `…mlp.experts.<e>.gate_proj.weight` and `….up_proj.weight` `[I, C]`, and
+/// `…mlp.experts.down_proj` `[E, C, I]` becomes `…mlp.experts.<e>.down_proj.weight` `[C, I]`.
+/// Checkpoints already per expert pass through unchanged.
+pub fn unfuse_experts(mut tensors: HashMap<String, Tensor>) -> anyhow::Result<HashMap<String, Tensor>> {
+    let fused: Vec<String> = tensors
+        .keys()
+        .filter(|k| k.ends_with(".mlp.experts.gate_up_proj") || k.ends_with(".mlp.experts.down_proj"))
+        .cloned()
+        .collect();
+    for key in fused {
+        let t = tensors.remove(&key).expect("listed above");
+        let (prefix, which) = key.rsplit_once('.').expect("the suffix has dots");
+        let (e, rows, _) = t.dims3().with_context(|| format!("fused expert tensor {key} is not 3-D"))?;
+        for i in 0..e {
+            let expert = t.get(i)?;
+            if which == "gate_up_proj" {
+                anyhow::ensure!(
+                    rows % 2 == 0,
+                    "fused {key} has an odd number of rows ({rows}), not gate and up stacked"
+                );
+                let half = rows / 2;
+                tensors.insert(format!("{prefix}.{i}.gate_proj.weight"), expert.narrow(0, 0, half)?.contiguous()?);
+                tensors.insert(format!("{prefix}.{i}.up_proj.weight"), expert.narrow(0, half, half)?.contiguous()?);
+            } else {
+                tensors.insert(format!("{prefix}.{i}.down_proj.weight"), expert.contiguous()?);
+            }
+        }
+    }
+    Ok(tensors)
 }
 
 /// Tokenizer files copied by [`export`] when present in the tokenizer folder.

@@ -137,7 +137,10 @@ pub fn load_str(
     }
 }
 
-const TOP_LEVEL: &[&str] = &["recipe", "model", "datasets", "stages"];
+const TOP_LEVEL: &[&str] = &["recipe", "model", "models", "datasets", "stages"];
+
+/// The stage kind a `[models.<name>]` table declares (its only key is the kind's `source`).
+const MODEL_INPUT_KIND: &str = "model";
 
 struct Loader<'a> {
     file: &'a Path,
@@ -297,7 +300,10 @@ impl Loader<'_> {
                     &p(&[k]),
                     true,
                     format!("unknown top-level key '{k}'{}", suggestion(k, TOP_LEVEL.iter().copied())),
-                    Some("a recipe has the tables [recipe], [model], [datasets.<name>] and [stages.<name>]".into()),
+                    Some(
+                        "a recipe has the tables [recipe], [model], [models.<name>], [datasets.<name>] and [stages.<name>]"
+                            .into(),
+                    ),
                 );
             }
         }
@@ -393,7 +399,36 @@ impl Loader<'_> {
             ),
         }
 
+        // `[models.<name>]` are stages of kind `model` that come first, so `from = "<name>"` and
+        // eval's `models` name them like any model stage.
         let mut stages = Vec::new();
+        let model_names: Vec<String> = match doc.get("models") {
+            Some(toml::Value::Table(t)) => {
+                for (name, v) in t {
+                    if doc.get("stages").and_then(|s| s.get(name)).is_some() {
+                        self.error(
+                            &p(&["models", name]),
+                            true,
+                            format!("'{name}' is both a model and a stage"),
+                            Some("rename one of them: stages and models share one namespace".into()),
+                        );
+                    } else if let Some(s) = self.stage("models", name, v) {
+                        stages.push(s);
+                    }
+                }
+                t.keys().cloned().collect()
+            }
+            None => Vec::new(),
+            Some(other) => {
+                self.error(
+                    &p(&["models"]),
+                    false,
+                    format!("'models' must be a table of tables, found {}", overrides::type_name(other)),
+                    Some("declare each model as [models.<name>] with source = \"hf://<owner>/<name>\"".into()),
+                );
+                Vec::new()
+            }
+        };
         match doc.get("stages") {
             None => self.error(
                 &[],
@@ -403,7 +438,7 @@ impl Loader<'_> {
             ),
             Some(toml::Value::Table(t)) => {
                 for (name, v) in t {
-                    if let Some(s) = self.stage(name, v) {
+                    if let Some(s) = self.stage("stages", name, v) {
                         stages.push(s);
                     }
                 }
@@ -415,10 +450,11 @@ impl Loader<'_> {
                 Some("declare each stage as [stages.<name>]".into()),
             ),
         }
-        let all_stage_names: Vec<String> = match doc.get("stages") {
+        let mut all_stage_names: Vec<String> = match doc.get("stages") {
             Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
             _ => Vec::new(),
         };
+        all_stage_names.extend(model_names);
         let dataset_names: Vec<String> = match doc.get("datasets") {
             Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
             _ => Vec::new(),
@@ -506,14 +542,19 @@ impl Loader<'_> {
         }
     }
 
-    fn stage(&mut self, name: &str, v: &toml::Value) -> Option<StageSpec> {
-        let at = p(&["stages", name]);
+    /// A stage from `[<table>.<name>]`: `table` is `stages`, or `models` for a released model
+    /// (a stage of kind [`MODEL_INPUT_KIND`] that takes its kind from the table).
+    fn stage(&mut self, table: &str, name: &str, v: &toml::Value) -> Option<StageSpec> {
+        let at = p(&[table, name]);
         let toml::Value::Table(t) = v else {
             self.error(
                 &at,
                 false,
                 format!("stage '{name}' must be a table, found {}", overrides::type_name(v)),
-                Some(format!("write it as [stages.{name}] with kind = \"…\"")),
+                Some(match table {
+                    "models" => format!("write it as [models.{name}] with source = \"hf://<owner>/<name>\""),
+                    _ => format!("write it as [stages.{name}] with kind = \"…\""),
+                }),
             );
             return None;
         };
@@ -528,10 +569,20 @@ impl Loader<'_> {
         let known: Vec<&str> = self.registry.iter().map(|s| s.kind()).collect();
         let known_list = if known.is_empty() { "(none registered)".to_string() } else { known.join(", ") };
         let kind = match t.get("kind") {
+            _ if table == "models" && t.contains_key("kind") => {
+                self.error(
+                    &p(&[table, name, "kind"]),
+                    true,
+                    format!("[models.{name}] takes no 'kind': it is a released model"),
+                    Some("remove `kind`; write only source = \"hf://<owner>/<name>\" or a local folder".into()),
+                );
+                return None;
+            }
+            _ if table == "models" => MODEL_INPUT_KIND.to_string(),
             Some(toml::Value::String(k)) => k.clone(),
             Some(other) => {
                 self.error(
-                    &p(&["stages", name, "kind"]),
+                    &p(&[table, name, "kind"]),
                     false,
                     format!("'kind' of stage '{name}' must be a string, found {}", overrides::type_name(other)),
                     Some(format!("known kinds: {known_list}")),
@@ -550,7 +601,7 @@ impl Loader<'_> {
         };
         let Some(stage) = self.registry.iter().find(|s| s.kind() == kind) else {
             self.error(
-                &p(&["stages", name, "kind"]),
+                &p(&[table, name, "kind"]),
                 false,
                 format!("unknown stage kind '{kind}'{} known kinds: {known_list}", {
                     let s = suggestion(&kind, known.iter().copied());

@@ -55,6 +55,8 @@ pub fn recipe_schema(registry: &[&dyn DynStageKind]) -> Value {
         }
         branches.push(s);
     }
+    // `[models.<name>]` holds a `model` stage's params (its kind is implied).
+    let model_input = registry.iter().find(|s| s.kind() == "model").map(|s| s.params_schema(&mut gen).to_value());
     let stage_schema = if branches.is_empty() {
         json!({ "type": "object", "required": ["kind"], "properties": { "kind": { "type": "string" } } })
     } else {
@@ -66,7 +68,7 @@ pub fn recipe_schema(registry: &[&dyn DynStageKind]) -> Value {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://github.com/mmrun/mmrun/schemas/recipe.schema.json",
         "title": "mmrun recipe",
-        "description": "A declarative mmrun training recipe: [recipe], [model], [datasets.<name>], [stages.<name>].",
+        "description": "A declarative mmrun training recipe: [recipe], [model], [models.<name>], [datasets.<name>], [stages.<name>].",
         "type": "object",
         "additionalProperties": false,
         "required": ["recipe", "stages"],
@@ -77,6 +79,11 @@ pub fn recipe_schema(registry: &[&dyn DynStageKind]) -> Value {
                 "description": "Named datasets that stages read (`data = \"<name>\"`).",
                 "type": "object",
                 "additionalProperties": dataset,
+            },
+            "models": {
+                "description": "Released models as pipeline inputs (`from = \"<name>\"`): `source = \"hf://<owner>/<name>[@<rev>]\"` or a local transformers folder.",
+                "type": "object",
+                "additionalProperties": model_input.unwrap_or_else(|| json!({ "type": "object" })),
             },
             "stages": {
                 "description": "Named stages; each is dispatched on `kind` to that kind's parameters.",

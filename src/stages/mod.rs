@@ -12,6 +12,7 @@ pub mod eval;
 mod fit;
 pub mod grpo;
 pub mod lora;
+pub mod model;
 pub mod prepare;
 pub mod pretrain;
 pub mod reward_model;
@@ -45,6 +46,7 @@ impl<S: Stage> DynStage for S {
 /// Every stage kind mmrun knows, in pipeline order: the one list that the loader, the schema,
 /// `--help` and the executor all read.
 pub static REGISTRY: &[&dyn DynStage] = &[
+    &model::ModelStage,
     &tokenizer::TokenizerStage,
     &prepare::PrepareStage,
     &pretrain::PretrainStage,
