@@ -155,7 +155,9 @@ pub fn make_plan(src: &RecipeSource, cache: &Cache) -> anyhow::Result<(Recipe, P
 fn prepare(recipe: &Recipe, cache: &Cache) -> anyhow::Result<Prepared> {
     let fetched = fetch_remote(recipe)?;
     let datasets = resolve_datasets(recipe, cache, &fetched)?;
-    let plan = crate::plan::build(recipe, cache, &datasets, &fetched).context("planning")?;
+    // The one place `auto` is resolved (it may open a GPU); the planner only sees the class.
+    let device = crate::train::device::resolve_class(recipe.meta.device);
+    let plan = crate::plan::build(recipe, cache, &datasets, &fetched, device).context("planning")?;
     Ok(Prepared { fetched, datasets, plan })
 }
 
@@ -249,7 +251,7 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
                 name: s.name.clone(),
                 kind: s.kind.clone(),
                 key: s.key.clone(),
-                reasons: s.reasons.clone(),
+                reasons: s.reasons.iter().map(ToString::to_string).collect(),
                 ..Default::default()
             })
             .collect();

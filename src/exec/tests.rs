@@ -88,7 +88,7 @@ fn recipe() -> Recipe {
             name: "toy".into(),
             description: None,
             seed: 1,
-            device: "cpu".into(),
+            device: crate::recipe::DeviceSpec::Cpu,
             precision: Default::default(),
         },
         model: ModelSpec::default(),

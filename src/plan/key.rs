@@ -1,12 +1,14 @@
 //! Stage keys: when is a stage's cached artifact still the right answer?
 //!
-//! Every stage gets a *fingerprint*, a JSON record of everything that can change its output, and a
-//! *key*, the blake3 of that record's canonical form (sorted keys, no whitespace) minus the names
-//! that are there only to explain things to people. The key names the cache object
+//! Every stage gets a [`Fingerprint`], a typed record of everything that can change its output
+//! (one field per row of the table below), and a *key*, the blake3 of that record's canonical
+//! JSON (sorted keys, no whitespace) minus the names that are there only to explain things to
+//! people. The key names the cache object
 //! (`objects/<key>/`): same key, same artifact, nothing to run. The fingerprint is kept per
 //! (recipe, stage name) after a stage succeeds, so the next plan can say *why* a key moved
 //! (`mmrun plan --why <stage>` prints it), the way cargo's fingerprint module records why a unit
-//! is dirty.
+//! is dirty: [`super::StaleReason`] is the one list of reasons. A record this mmrun cannot read
+//! (written by an older or newer one) costs only the explanation, never correctness.
 //!
 //! | In the key                                   | Why                                                                                      |
 //! |----------------------------------------------|------------------------------------------------------------------------------------------|
@@ -20,7 +22,7 @@
 //! | each input dataset's `format`, `columns`, `on_bad_record`, `builtin` | they change which examples the bytes turn into                    |
 //! | `recipe.seed`                                | init, data order and sampling depend on it; conservatively in every stage                 |
 //! | resolved `[model]` config (stages that *build* a model: output is a model and no input is one) | architecture; downstream stages get it through that stage's key; `vocab_size` only when set explicitly (else the tokenizer input decides it) |
-//! | device class `cpu` / `cuda` (stages producing models, adapters, reward models, eval reports) | numerics differ by class |
+//! | device class `cpu` / `cuda` (stages producing models, adapters, reward models, eval reports) | numerics differ by class; the executor resolves `[recipe] device` to it once (`auto` may probe for a GPU), the planner never touches hardware |
 //! | resolved `precision` when it is `bf16` (stages producing models, adapters and reward models) | bf16 mixed precision trains different weights than f32; `auto` enters as what it resolves to (`bf16` on CUDA and on CPUs with avx512_bf16, else `f32`) |
 //! | [`KEY_FORMAT`]                               | lets a new mmrun invalidate keys whose recipe changed meaning                             |
 //!
@@ -38,11 +40,13 @@
 //! | wall clock, host name, run directory         | not inputs of the computation                                                             |
 
 use crate::artifact::ArtifactKind;
+use crate::data::spec::{DataFormat, OnBadRecord};
 use crate::data::ResolvedDataset;
 use crate::hub::Fetched;
-use crate::recipe::{resolve_model, ModelSpec, Precision, Recipe, StageSpec};
+use crate::recipe::{resolve_model, DeviceClass, ModelSpec, Precision, Recipe, StageSpec};
 use crate::recipe::{DynStageKind, InputRef};
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// Version of the fingerprint layout itself; bump when what goes into keys changes.
@@ -51,21 +55,142 @@ pub const KEY_FORMAT: u32 = 1;
 /// Fingerprint fields that name things for people and are dropped before hashing.
 const NAME_FIELDS: &[&str] = &["stage", "dataset"];
 
-/// The device class that enters keys: `cpu` or `cuda` (the index does not matter; `auto`
-/// resolves to what this build would use).
-pub fn device_class(device: &str) -> &'static str {
-    if device.starts_with("cuda") || (device == "auto" && auto_has_cuda()) {
-        "cuda"
-    } else {
-        "cpu"
+/// Everything that can change a stage's output: the rows of the table above, one field each.
+///
+/// Its key ([`key_of`]) is the blake3 of its canonical JSON without the name fields, so the
+/// serialised shape *is* the key format: a field that is absent from the JSON (the `Option`s and
+/// `files` skip when empty) keeps the keys written before the field existed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fingerprint {
+    /// [`KEY_FORMAT`].
+    pub key_format: u32,
+    /// The stage kind.
+    pub kind: String,
+    /// The kind's `VERSION`.
+    pub version: u32,
+    /// Output-affecting params, canonical (defaults applied; cosmetic, input-naming, local-file
+    /// and unset params left out), in declaration order.
+    pub params: Map<String, Value>,
+    /// Input stages, per param, in order.
+    pub inputs: Vec<StageInput>,
+    /// Input datasets, in declaration order.
+    pub datasets: Vec<DatasetInput>,
+    /// Local files the stage reads (an adopted tokenizer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<LocalFile>,
+    /// The files of each `hf://` input the stage names, as the recipe's lock pins them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote: Vec<RemoteInputKey>,
+    /// `[recipe] seed`.
+    pub seed: u64,
+    /// The resolved `[model]`, for stages that build a model; absent for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    pub model: Option<ModelInKey>,
+    /// The device class, for stages that produce models, adapters or eval reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceClass>,
+    /// `bf16` for training stages that resolve to it; absent means f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
+}
+
+/// A field that is there deserialises as `Some` even when it is `null` (`model = null` means
+/// "no [model] table", which is not the same as no `model` field).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// One input stage: the param naming it, its name (not in the key) and its key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageInput {
+    /// The param (`from`, `models`, …).
+    pub param: String,
+    /// The stage's name: for explanations only.
+    pub stage: String,
+    /// Its key.
+    pub key: String,
+}
+
+/// One input dataset: what was read and how it turns into examples.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetInput {
+    /// The param (`data`, …).
+    pub param: String,
+    /// The dataset's name: for explanations only.
+    pub dataset: String,
+    /// blake3 over the bytes read.
+    pub content_hash: String,
+    /// How records are read.
+    pub format: DataFormat,
+    /// Column renames.
+    #[serde(default)]
+    pub columns: BTreeMap<String, String>,
+    /// The bad-record policy.
+    #[serde(default)]
+    pub on_bad_record: OnBadRecord,
+    /// `builtin:` generator params.
+    #[serde(default)]
+    pub builtin: BTreeMap<String, Value>,
+}
+
+impl DatasetInput {
+    /// The fields besides the content that change which examples the bytes turn into, by their
+    /// recipe names, as the recipe writes them.
+    pub fn reading(&self) -> [(&'static str, Value); 4] {
+        let v = |x: Result<Value, serde_json::Error>| x.unwrap_or(Value::Null);
+        [
+            ("format", Value::String(self.format.as_str().into())),
+            ("columns", v(serde_json::to_value(&self.columns))),
+            ("on_bad_record", v(serde_json::to_value(self.on_bad_record))),
+            ("builtin", v(serde_json::to_value(&self.builtin))),
+        ]
     }
 }
 
-/// What `auto` resolves to, by the same rule as `train::device::select`: CUDA when this build has
-/// it *and* device 0 opens. Probed once per process.
-fn auto_has_cuda() -> bool {
-    static PROBE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *PROBE.get_or_init(|| candle_core::utils::cuda_is_available() && candle_core::Device::new_cuda(0).is_ok())
+/// One local file a stage reads: the param naming its folder, the file's name, its content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalFile {
+    /// The param (`source`).
+    pub param: String,
+    /// The file name (`tokenizer.json`).
+    pub file: String,
+    /// blake3 of its bytes; `None` when it cannot be read (the stage then fails with the reason,
+    /// and the key changes once the file appears).
+    pub content_hash: Option<String>,
+}
+
+/// An `hf://` input of a stage: the param naming it and its pinned files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteInputKey {
+    /// The param (`source`).
+    pub param: String,
+    /// Each file by its path in the repository and its sha256.
+    pub files: Vec<PinnedFile>,
+}
+
+/// One file of a pinned `hf://` input.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinnedFile {
+    /// Path in the repository.
+    pub path: String,
+    /// Its sha256.
+    pub sha256: String,
+}
+
+/// What a model-building stage hashes of `[model]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ModelInKey {
+    /// The resolved config's fields (`vocab_size` only when the recipe sets it).
+    Config(Map<String, Value>),
+    /// No `[model]` table: the kind gets its architecture elsewhere. (JSON `null`.)
+    NoTable,
 }
 
 /// What a stage's fingerprint needs besides its own spec.
@@ -80,8 +205,8 @@ pub struct KeyContext<'a> {
     pub datasets: &'a BTreeMap<String, ResolvedDataset>,
     /// The recipe's `hf://` inputs, resolved through its lock.
     pub fetched: &'a Fetched,
-    /// `cpu` or `cuda`.
-    pub device_class: &'a str,
+    /// The class the recipe's device resolved to (by the executor).
+    pub device_class: DeviceClass,
     /// The recipe's precision resolved for `device_class` (never `Auto`).
     pub precision: Precision,
 }
@@ -131,7 +256,7 @@ pub fn fingerprint(
     spec: &StageSpec,
     def: &dyn DynStageKind,
     cx: &KeyContext<'_>,
-) -> Result<(Value, Map<String, Value>), FingerprintError> {
+) -> Result<(Fingerprint, Map<String, Value>), FingerprintError> {
     let ref_params: Vec<&str> = spec
         .inputs
         .iter()
@@ -172,7 +297,7 @@ pub fn fingerprint(
                     cx.stage_outputs.get(stage),
                     Some(ArtifactKind::Model | ArtifactKind::Adapter | ArtifactKind::RewardModel)
                 );
-                inputs.push(json!({ "param": param, "stage": stage, "key": key }));
+                inputs.push(StageInput { param: param.to_string(), stage: stage.clone(), key: key.clone() });
             }
             InputRef::Dataset { param, dataset, .. } => {
                 let resolved = cx.datasets.get(dataset).ok_or_else(|| FingerprintError::DatasetNotResolved {
@@ -180,96 +305,95 @@ pub fn fingerprint(
                     dataset: dataset.clone(),
                 })?;
                 let ds = cx.recipe.datasets.get(dataset).unwrap_or(&resolved.spec);
-                datasets.push(json!({
-                    "param": param,
-                    "dataset": dataset,
-                    "content_hash": resolved.content_hash,
-                    "format": ds.format,
-                    "columns": ds.columns,
-                    "on_bad_record": ds.on_bad_record,
-                    "builtin": ds.builtin,
-                }));
+                datasets.push(DatasetInput {
+                    param: param.to_string(),
+                    dataset: dataset.clone(),
+                    content_hash: resolved.content_hash.clone(),
+                    format: ds.format,
+                    columns: ds.columns.clone(),
+                    on_bad_record: ds.on_bad_record,
+                    builtin: ds.builtin.clone(),
+                });
             }
         }
     }
+    let files = local
+        .iter()
+        .map(|(param, path)| LocalFile {
+            param: param.to_string(),
+            file: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            content_hash: file_hash(path),
+        })
+        .collect();
 
     let output = def.output();
-    let mut fp = Map::new();
-    fp.insert("key_format".into(), json!(KEY_FORMAT));
-    fp.insert("kind".into(), json!(def.kind()));
-    fp.insert("version".into(), json!(def.version()));
-    fp.insert("params".into(), Value::Object(params));
-    fp.insert("inputs".into(), Value::Array(inputs));
-    fp.insert("datasets".into(), Value::Array(datasets));
-    if !local.is_empty() {
-        let files = local
-            .iter()
-            .map(|(param, path)| {
-                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                json!({ "param": param, "file": name, "content_hash": file_hash(path) })
-            })
-            .collect();
-        fp.insert("files".into(), Value::Array(files));
+    let mut remote_keys = Vec::new();
+    for r in &remote {
+        let repo = cx.fetched.get(r.kind, &spec.name).ok_or_else(|| FingerprintError::RemoteNotFetched {
+            stage: spec.name.clone(),
+            param: r.param.into(),
+            uri: r.uri.to_string(),
+        })?;
+        let files =
+            repo.files.iter().map(|f| PinnedFile { path: f.repo_path.clone(), sha256: f.sha256.clone() }).collect();
+        remote_keys.push(RemoteInputKey { param: r.param.to_string(), files });
     }
-    if !remote.is_empty() {
-        let mut pinned = Vec::new();
-        for r in &remote {
-            let repo = cx.fetched.get(r.kind, &spec.name).ok_or_else(|| FingerprintError::RemoteNotFetched {
-                stage: spec.name.clone(),
-                param: r.param.into(),
-                uri: r.uri.to_string(),
-            })?;
-            let files: Vec<Value> =
-                repo.files.iter().map(|f| json!({ "path": f.repo_path, "sha256": f.sha256 })).collect();
-            pinned.push(json!({ "param": r.param, "files": files }));
-        }
-        fp.insert("remote".into(), Value::Array(pinned));
-    }
-    fp.insert("seed".into(), json!(cx.recipe.meta.seed));
-    if output == ArtifactKind::Model && !reads_model {
-        let model = match resolve_model(&cx.recipe.model, None) {
+    let model = if output == ArtifactKind::Model && !reads_model {
+        Some(match resolve_model(&cx.recipe.model, None) {
             Ok(cfg) => {
-                let mut v = serde_json::to_value(cfg).expect("ModelConfig serialises");
+                let Ok(Value::Object(mut fields)) = serde_json::to_value(cfg) else {
+                    unreachable!("ModelConfig serialises to an object")
+                };
                 if cx.recipe.model.vocab_size.is_none() {
                     // Taken from the tokenizer at run time, whose key is already an input.
-                    v.as_object_mut().map(|o| o.remove("vocab_size"));
+                    fields.remove("vocab_size");
                 }
-                v
+                ModelInKey::Config(fields)
             }
             // No [model] at all: this kind evidently gets its architecture elsewhere (or will say
             // so when it runs); there is nothing to hash.
-            Err(_) if cx.recipe.model == ModelSpec::default() => Value::Null,
+            Err(_) if cx.recipe.model == ModelSpec::default() => ModelInKey::NoTable,
             Err(source) => return Err(FingerprintError::Model { stage: spec.name.clone(), source }),
-        };
-        fp.insert("model".into(), model);
-    }
-    if matches!(
+        })
+    } else {
+        None
+    };
+    let numeric = matches!(
         output,
         ArtifactKind::Model | ArtifactKind::Adapter | ArtifactKind::RewardModel | ArtifactKind::EvalReport
-    ) {
-        fp.insert("device".into(), json!(cx.device_class));
-    }
+    );
     // Only bf16 is written: f32 is what keys meant before precision existed (see the table above).
     let trains = matches!(output, ArtifactKind::Model | ArtifactKind::Adapter | ArtifactKind::RewardModel);
-    if trains && cx.precision.resolve(cx.device_class) == Precision::Bf16 {
-        fp.insert("precision".into(), json!(Precision::Bf16.as_str()));
-    }
-    Ok((Value::Object(fp), cosmetic))
+    let precision = cx.precision.resolve(cx.device_class);
+    let fp = Fingerprint {
+        key_format: KEY_FORMAT,
+        kind: def.kind().to_string(),
+        version: def.version(),
+        params,
+        inputs,
+        datasets,
+        files,
+        remote: remote_keys,
+        seed: cx.recipe.meta.seed,
+        model,
+        device: numeric.then_some(cx.device_class),
+        precision: (trains && precision == Precision::Bf16).then_some(Precision::Bf16),
+    };
+    Ok((fp, cosmetic))
 }
 
-/// blake3 of a file's bytes; `null` when it cannot be read (the stage itself then fails with the
-/// reason, and the key changes once the file appears).
-fn file_hash(path: &std::path::Path) -> Value {
+/// blake3 of a file's bytes; `None` when it cannot be read.
+fn file_hash(path: &std::path::Path) -> Option<String> {
     let mut h = blake3::Hasher::new();
-    match std::fs::File::open(path).and_then(|f| h.update_reader(f).map(|_| ())) {
-        Ok(()) => json!(h.finalize().to_hex().to_string()),
-        Err(_) => Value::Null,
-    }
+    let f = std::fs::File::open(path).ok()?;
+    h.update_reader(f).ok()?;
+    Some(h.finalize().to_hex().to_string())
 }
 
 /// The key of a fingerprint: blake3 of its canonical JSON without the name fields, hex.
-pub fn key_of(fingerprint: &Value) -> String {
-    blake3::hash(canonical_json(&strip_names(fingerprint)).as_bytes()).to_hex().to_string()
+pub fn key_of(fingerprint: &Fingerprint) -> String {
+    let v = serde_json::to_value(fingerprint).expect("a fingerprint serialises");
+    blake3::hash(canonical_json(&strip_names(&v)).as_bytes()).to_hex().to_string()
 }
 
 fn strip_names(v: &Value) -> Value {
@@ -303,6 +427,15 @@ pub fn canonical_json(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn fp(v: Value) -> Fingerprint {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn base() -> Value {
+        json!({"key_format": 1, "kind": "sft", "version": 1, "params": {}, "inputs": [], "datasets": [], "seed": 1})
+    }
 
     #[test]
     fn canonical_json_ignores_key_order() {
@@ -310,23 +443,41 @@ mod tests {
         let b = json!({"a": {"x": null, "y": [1, 2]}, "b": 1});
         assert_eq!(canonical_json(&a), canonical_json(&b));
         assert_eq!(canonical_json(&a), r#"{"a":{"x":null,"y":[1,2]},"b":1}"#);
-        assert_eq!(key_of(&a), key_of(&b));
-        assert_eq!(key_of(&a).len(), 64);
     }
 
     #[test]
     fn names_do_not_enter_the_key() {
-        let a = json!({"inputs": [{"param": "from", "stage": "base", "key": "k1"}]});
-        let b = json!({"inputs": [{"param": "from", "stage": "renamed", "key": "k1"}]});
-        let c = json!({"inputs": [{"param": "from", "stage": "base", "key": "k2"}]});
-        assert_eq!(key_of(&a), key_of(&b));
-        assert_ne!(key_of(&a), key_of(&c));
+        let with = |stage: &str, key: &str| {
+            let mut v = base();
+            v["inputs"] = json!([{"param": "from", "stage": stage, "key": key}]);
+            fp(v)
+        };
+        let a = with("base", "k1");
+        assert_eq!(key_of(&a), key_of(&with("renamed", "k1")));
+        assert_ne!(key_of(&a), key_of(&with("base", "k2")));
+        assert_eq!(key_of(&a).len(), 64);
     }
 
+    /// The typed record serialises to exactly the JSON keys were computed from before it was
+    /// typed (a field absent, `null` and present are three different things), so no key moved.
     #[test]
-    fn device_class_ignores_the_index() {
-        assert_eq!(device_class("cpu"), "cpu");
-        assert_eq!(device_class("cuda:1"), "cuda");
-        assert_eq!(device_class("cuda"), "cuda");
+    fn the_serialised_shape_is_the_key_format() {
+        let mut v = base();
+        v["model"] = Value::Null;
+        v["device"] = json!("cuda");
+        v["precision"] = json!("bf16");
+        v["datasets"] = json!([{"param": "data", "dataset": "d", "content_hash": "h", "format": "prompt_answer",
+                                "columns": {}, "on_bad_record": "skip", "builtin": {"count": 3}}]);
+        v["files"] = json!([{"param": "source", "file": "tokenizer.json", "content_hash": null}]);
+        let f = fp(v.clone());
+        assert_eq!(f.model, Some(ModelInKey::NoTable));
+        assert_eq!(serde_json::to_value(&f).unwrap(), v);
+        assert_eq!(key_of(&f), blake3::hash(canonical_json(&strip_names(&v)).as_bytes()).to_hex().to_string());
+        let f = fp(base());
+        assert_eq!(f.model, None);
+        assert_eq!(serde_json::to_value(&f).unwrap(), base(), "absent fields stay absent");
+        let mut v = base();
+        v["model"] = json!({"hidden_size": 64});
+        assert!(matches!(fp(v).model, Some(ModelInKey::Config(m)) if m["hidden_size"] == 64));
     }
 }

@@ -11,11 +11,14 @@
 pub mod key;
 mod reasons;
 
+pub use key::Fingerprint;
+pub use reasons::{Change, StaleReason};
+
 use crate::artifact::ArtifactKind;
 use crate::cache::{Bucket, Cache, Depth, Lookup};
 use crate::data::ResolvedDataset;
 use crate::hub::Fetched;
-use crate::recipe::{dag, did_you_mean, DynStageKind, InputRef, Recipe};
+use crate::recipe::{dag, did_you_mean, DeviceClass, DynStageKind, InputRef, Recipe};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -56,11 +59,11 @@ pub struct PlannedStage {
     /// Cached, stale or missing.
     pub status: Status,
     /// Why it is stale or missing (empty when cached), e.g. "param lr 5e-4 → 3e-4".
-    pub reasons: Vec<String>,
+    pub reasons: Vec<StaleReason>,
     /// The stage's inputs (upstream stages and datasets), as declared.
     pub inputs: Vec<InputRef>,
     /// What went into the key (see [`key`]); recorded after success for the next plan's reasons.
-    pub fingerprint: Value,
+    pub fingerprint: Fingerprint,
     /// Cosmetic params and their values: deliberately *not* in the key.
     pub excluded: Map<String, Value>,
     /// Cached, and a stage that runs in this plan reads it: its object was checked against its
@@ -150,14 +153,17 @@ fn cycle_text(c: &[String]) -> String {
 /// Plan `recipe` against the stage kinds mmrun ships.
 ///
 /// `fetched` holds the recipe's `hf://` inputs as resolved through its lock; their content enters
-/// the keys of the stages that name them.
+/// the keys of the stages that name them. `device` is the class the recipe's `[recipe] device`
+/// resolved to: the executor resolves it (probing for a GPU when it says `auto`), so the planner
+/// never touches hardware.
 pub fn build(
     recipe: &Recipe,
     cache: &Cache,
     datasets: &BTreeMap<String, ResolvedDataset>,
     fetched: &Fetched,
+    device: DeviceClass,
 ) -> Result<Plan, PlanError> {
-    build_fetched(recipe, cache, datasets, fetched, &crate::stages::kinds())
+    build_fetched(recipe, cache, datasets, fetched, device, &crate::stages::kinds())
 }
 
 /// [`build`] against an explicit set of stage kinds, for a recipe without `hf://` stage inputs.
@@ -165,9 +171,10 @@ pub fn build_with(
     recipe: &Recipe,
     cache: &Cache,
     datasets: &BTreeMap<String, ResolvedDataset>,
+    device: DeviceClass,
     registry: &[&dyn DynStageKind],
 ) -> Result<Plan, PlanError> {
-    build_fetched(recipe, cache, datasets, &Fetched::default(), registry)
+    build_fetched(recipe, cache, datasets, &Fetched::default(), device, registry)
 }
 
 /// [`build`] against an explicit set of stage kinds.
@@ -176,6 +183,7 @@ pub fn build_fetched(
     cache: &Cache,
     datasets: &BTreeMap<String, ResolvedDataset>,
     fetched: &Fetched,
+    device: DeviceClass,
     registry: &[&dyn DynStageKind],
 ) -> Result<Plan, PlanError> {
     let defs: Vec<&dyn DynStageKind> = recipe
@@ -194,7 +202,6 @@ pub fn build_fetched(
     check_edges(recipe, &outputs)?;
     let order = dag::topo_order(&recipe.stages).map_err(PlanError::Cycle)?;
 
-    let device = key::device_class(&recipe.meta.device);
     let precision = recipe.meta.precision.resolve(device);
     let mut keys = BTreeMap::new();
     let mut statuses: BTreeMap<String, Status> = BTreeMap::new();
@@ -214,24 +221,14 @@ pub fn build_fetched(
         let k = key::key_of(&fingerprint);
         let (status, reasons) = match cache.lookup(&k, Depth::Sizes) {
             Lookup::Found(_) => (Status::Cached, Vec::new()),
-            Lookup::Damaged(damage) => (Status::Missing, vec![damaged(&damage)]),
+            Lookup::Damaged(damage) => (Status::Missing, vec![StaleReason::Damaged(damage.to_string())]),
             Lookup::Absent => match read_record(cache, &recipe.meta.name, &spec.name) {
-                Err(RecordError::Absent) => (Status::Missing, vec!["never built".to_string()]),
-                Err(RecordError::Unreadable(why)) => (
-                    Status::Missing,
-                    vec![format!("the record of its last build is unreadable ({why}), so what changed is unknown")],
-                ),
-                Ok(prev) if prev.key == k => (
-                    Status::Missing,
-                    vec![format!(
-                        "built before as {} but the object is no longer in the cache (deleted or gc'd)",
-                        short(&k)
-                    )],
-                ),
+                Err(why) => (Status::Missing, vec![*why]),
+                Ok(prev) if prev.key == k => (Status::Missing, vec![StaleReason::ObjectGone { key: k.clone() }]),
                 Ok(prev) => {
                     let mut r = reasons::diff(&prev.fingerprint, &fingerprint, &statuses);
                     if r.is_empty() {
-                        r.push(format!("key changed ({} → {})", short(&prev.key), short(&k)));
+                        r.push(StaleReason::KeyChanged { old: prev.key, new: k.clone() });
                     }
                     (Status::Stale, r)
                 }
@@ -279,14 +276,10 @@ fn verify_opened(cache: &Cache, planned: &mut [PlannedStage]) {
             up.opened = true;
             if let Lookup::Damaged(damage) = cache.lookup(&up.key, Depth::Content) {
                 up.status = Status::Missing;
-                up.reasons = vec![damaged(&damage)];
+                up.reasons = vec![StaleReason::Damaged(damage.to_string())];
             }
         }
     }
-}
-
-fn damaged(damage: &crate::cache::Damage) -> String {
-    format!("its cached object is damaged ({damage}); it will be rebuilt")
 }
 
 /// Reference and type checks on the edges (the loader does these with spans; this is the
@@ -333,29 +326,29 @@ pub(crate) fn short(k: &str) -> &str {
 
 /// The record kept per (recipe, stage) after a stage succeeds.
 #[derive(Serialize, Deserialize)]
-struct Record {
+struct Record<F> {
     key: String,
-    fingerprint: Value,
+    fingerprint: F,
 }
 
 fn record_path(cache: &Cache, recipe: &str, stage: &str) -> PathBuf {
     cache.bucket(Bucket::Fingerprints).join(recipe).join(format!("{stage}.json"))
 }
 
-enum RecordError {
-    Absent,
-    Unreadable(String),
-}
-
-fn read_record(cache: &Cache, recipe: &str, stage: &str) -> Result<Record, RecordError> {
-    // An unreadable or corrupt record only costs the explanation, never correctness: the key
-    // alone decides what runs.
+/// The record of the last build of `stage`, or the reason it cannot explain anything.
+fn read_record(cache: &Cache, recipe: &str, stage: &str) -> Result<Record<Fingerprint>, Box<StaleReason>> {
+    // An unreadable, corrupt or foreign record only costs the explanation, never correctness:
+    // the key alone decides what runs.
     let text = match std::fs::read_to_string(record_path(cache, recipe, stage)) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(RecordError::Absent),
-        Err(e) => return Err(RecordError::Unreadable(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Box::new(StaleReason::NeverBuilt)),
+        Err(e) => return Err(Box::new(StaleReason::RecordUnreadable(e.to_string()))),
     };
-    serde_json::from_str(&text).map_err(|e| RecordError::Unreadable(e.to_string()))
+    let raw: Record<Value> =
+        serde_json::from_str(&text).map_err(|e| Box::new(StaleReason::RecordUnreadable(e.to_string())))?;
+    let fingerprint = serde_json::from_value(raw.fingerprint)
+        .map_err(|e| Box::new(StaleReason::RecordFromOtherVersion(e.to_string())))?;
+    Ok(Record { key: raw.key, fingerprint })
 }
 
 /// Remember what `stage` was built from, so the next plan can explain what changed. The executor
@@ -380,7 +373,7 @@ impl Plan {
                 "kind": s.kind,
                 "key": s.key,
                 "status": s.status,
-                "reasons": s.reasons,
+                "reasons": s.reasons.iter().map(ToString::to_string).collect::<Vec<_>>(),
             })).collect::<Vec<_>>()
         })
     }
@@ -419,57 +412,60 @@ fn explain_stage(s: &PlannedStage) -> String {
     let _ = writeln!(o, "stage {} (kind {}): {}", s.name, s.kind, s.status);
     let _ = writeln!(o, "key {}", s.key);
     let _ = writeln!(o, "\nin the key (blake3 of this record, names excluded):");
-    for field in ["kind", "version", "key_format", "seed", "device", "precision"] {
-        if let Some(v) = fp.get(field) {
-            let _ = writeln!(o, "  {field:<10} {}", reasons::show(v));
+    let mut field = |name: &str, v: &dyn std::fmt::Display| {
+        let _ = writeln!(o, "  {name:<10} {v}");
+    };
+    field("kind", &fp.kind);
+    field("version", &fp.version);
+    field("key_format", &fp.key_format);
+    field("seed", &fp.seed);
+    if let Some(d) = fp.device {
+        field("device", &d);
+    }
+    if let Some(p) = fp.precision {
+        field("precision", &p.as_str());
+    }
+    if fp.params.is_empty() {
+        let _ = writeln!(o, "  params     (none)");
+    } else {
+        let _ = writeln!(o, "  params");
+        for (k, v) in &fp.params {
+            let _ = writeln!(o, "    {k} = {}", reasons::show(v));
         }
     }
-    let params = fp.get("params").and_then(Value::as_object);
-    match params {
-        Some(p) if !p.is_empty() => {
-            let _ = writeln!(o, "  params");
-            for (k, v) in p {
-                let _ = writeln!(o, "    {k} = {}", reasons::show(v));
-            }
-        }
-        _ => {
-            let _ = writeln!(o, "  params     (none)");
-        }
+    for i in &fp.inputs {
+        let _ = writeln!(o, "  input      {} = {} → key {}", i.param, i.stage, short(&i.key));
     }
-    for i in fp.get("inputs").and_then(Value::as_array).into_iter().flatten() {
+    for d in &fp.datasets {
+        let columns = if d.columns.is_empty() {
+            String::new()
+        } else {
+            format!(", columns {}", serde_json::to_string(&d.columns).unwrap_or_default())
+        };
         let _ = writeln!(
             o,
-            "  input      {} = {} → key {}",
-            str_of(i, "param"),
-            str_of(i, "stage"),
-            short(str_of(i, "key"))
+            "  dataset    {} = {} → content {}, format {}{columns}",
+            d.param,
+            d.dataset,
+            short(&d.content_hash),
+            d.format.as_str()
         );
     }
-    for d in fp.get("datasets").and_then(Value::as_array).into_iter().flatten() {
-        let _ = writeln!(
-            o,
-            "  dataset    {} = {} → content {}, format {}{}",
-            str_of(d, "param"),
-            str_of(d, "dataset"),
-            short(str_of(d, "content_hash")),
-            reasons::show(&d["format"]),
-            match d.get("columns") {
-                Some(Value::Object(c)) if !c.is_empty() => format!(", columns {}", reasons::show(&d["columns"])),
-                _ => String::new(),
-            }
-        );
+    for f in &fp.files {
+        let hash = f.content_hash.as_deref().map_or("(unreadable)", short);
+        let _ = writeln!(o, "  file       {} = {} → content {hash}", f.param, f.file);
     }
-    match fp.get("model") {
-        Some(Value::Object(m)) => {
+    match &fp.model {
+        Some(key::ModelInKey::Config(m)) => {
             let _ = writeln!(o, "  model");
             for (k, v) in m {
                 let _ = writeln!(o, "    {k} = {}", reasons::show(v));
             }
         }
-        Some(Value::Null) => {
+        Some(key::ModelInKey::NoTable) => {
             let _ = writeln!(o, "  model      (no [model] table)");
         }
-        _ => {}
+        None => {}
     }
     let _ = writeln!(o, "\nnot in the key:");
     if s.excluded.is_empty() {
@@ -487,10 +483,6 @@ fn explain_stage(s: &PlannedStage) -> String {
         let _ = writeln!(o, "  - {r}");
     }
     o
-}
-
-fn str_of<'a>(v: &'a Value, k: &str) -> &'a str {
-    v.get(k).and_then(Value::as_str).unwrap_or("?")
 }
 
 #[cfg(test)]

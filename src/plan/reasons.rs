@@ -1,8 +1,13 @@
-//! Why a key moved: a field-by-field comparison of two fingerprints, in words.
+//! Why a stage has to run, as [`StaleReason`]s: one enum, one `Display` (the model is cargo's
+//! `DirtyReason`), used by `mmrun plan`, `plan --why`, `plan --json` and the run record.
+//! [`diff`] compares two [`Fingerprint`]s field by field.
 
+use super::key::{Fingerprint, ModelInKey};
 use super::{short, Status};
+use crate::recipe::{DeviceClass, Precision};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
+use std::fmt;
 
 /// A value as a person would write it in the recipe: `5e-4` rather than `0.0005`, bare strings.
 pub(crate) fn show(v: &Value) -> String {
@@ -22,184 +27,418 @@ pub(crate) fn show(v: &Value) -> String {
     }
 }
 
-fn obj(v: Option<&Value>) -> Map<String, Value> {
-    v.and_then(Value::as_object).cloned().unwrap_or_default()
+/// How one named value (a param, a `[model]` field, a dataset setting) changed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    /// Set before and now, to different values.
+    Changed {
+        /// Before.
+        old: Value,
+        /// Now.
+        new: Value,
+    },
+    /// Set now, not before.
+    Added(Value),
+    /// Set before, not now.
+    Removed(Value),
 }
 
-fn arr(v: Option<&Value>) -> Vec<Value> {
-    v.and_then(Value::as_array).cloned().unwrap_or_default()
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::Changed { old, new } => write!(f, "{} → {}", show(old), show(new)),
+            Change::Added(new) => write!(f, "= {} (new)", show(new)),
+            Change::Removed(old) => write!(f, "removed (was {})", show(old)),
+        }
+    }
 }
 
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v.get(k).and_then(Value::as_str).unwrap_or("")
+/// Why a stage is stale or missing. `Display` is the sentence `mmrun plan` prints.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StaleReason {
+    /// No record of an earlier build.
+    NeverBuilt,
+    /// The record of the last build could not be read (I/O or not JSON).
+    RecordUnreadable(String),
+    /// The record of the last build is in a layout this mmrun does not know.
+    RecordFromOtherVersion(String),
+    /// Built before under this very key, but the object is gone.
+    ObjectGone {
+        /// The key.
+        key: String,
+    },
+    /// The cached object failed verification.
+    Damaged(String),
+    /// mmrun changed what goes into keys.
+    KeyFormat {
+        /// Before.
+        old: u32,
+        /// Now.
+        new: u32,
+    },
+    /// The stage's kind changed.
+    Kind {
+        /// Before.
+        old: String,
+        /// Now.
+        new: String,
+    },
+    /// The kind's `VERSION` changed.
+    Version {
+        /// Before.
+        old: u32,
+        /// Now.
+        new: u32,
+    },
+    /// `[recipe] seed` changed.
+    Seed {
+        /// Before.
+        old: u64,
+        /// Now.
+        new: u64,
+    },
+    /// The device class changed (or started or stopped entering the key).
+    Device {
+        /// Before.
+        old: Option<DeviceClass>,
+        /// Now.
+        new: Option<DeviceClass>,
+    },
+    /// The resolved precision changed (absent means f32).
+    Precision {
+        /// Before.
+        old: Precision,
+        /// Now.
+        new: Precision,
+    },
+    /// An output-affecting param changed.
+    Param {
+        /// Its name.
+        name: String,
+        /// How.
+        change: Change,
+    },
+    /// An input stage was added.
+    InputAdded {
+        /// The param.
+        param: String,
+        /// The stage.
+        stage: String,
+    },
+    /// A param now names another stage (with another key).
+    InputReplaced {
+        /// The param.
+        param: String,
+        /// The stage named before.
+        old: String,
+        /// The stage named now.
+        new: String,
+    },
+    /// An input stage is stale itself, so this one reruns after it.
+    InputStale(String),
+    /// An input stage is not built yet.
+    InputNotBuilt(String),
+    /// An input stage's key changed although it is cached.
+    InputChanged {
+        /// The stage.
+        stage: String,
+        /// Its key before.
+        old: String,
+        /// Its key now.
+        new: String,
+    },
+    /// An input stage is no longer read.
+    InputDropped {
+        /// The param.
+        param: String,
+        /// The stage.
+        stage: String,
+    },
+    /// A dataset is read that was not before.
+    DatasetAdded {
+        /// The dataset.
+        dataset: String,
+        /// The param.
+        param: String,
+    },
+    /// A dataset's bytes changed.
+    DatasetContent {
+        /// The dataset.
+        dataset: String,
+        /// Content hash before.
+        old: String,
+        /// Content hash now.
+        new: String,
+    },
+    /// How a dataset is read changed (`format`, `columns`, `on_bad_record`, `builtin`).
+    DatasetSetting {
+        /// The dataset.
+        dataset: String,
+        /// The setting.
+        field: &'static str,
+        /// Before.
+        old: Value,
+        /// Now.
+        new: Value,
+    },
+    /// A dataset is no longer read.
+    DatasetDropped(String),
+    /// A local file is read that was not before.
+    FileAdded {
+        /// The file name.
+        file: String,
+        /// The param.
+        param: String,
+    },
+    /// A local file's bytes changed.
+    FileChanged {
+        /// The file name.
+        file: String,
+        /// The param.
+        param: String,
+        /// Content hash before (`None`: unreadable).
+        old: Option<String>,
+        /// Content hash now.
+        new: Option<String>,
+    },
+    /// A local file is no longer read.
+    FileDropped {
+        /// The file name.
+        file: String,
+        /// The param.
+        param: String,
+    },
+    /// The stage names an `hf://` input it did not before (by param).
+    RemoteAdded(String),
+    /// The lock re-pinned an `hf://` input to other files (`mmrun update`).
+    RemoteChanged(String),
+    /// The stage no longer names an `hf://` input.
+    RemoteDropped(String),
+    /// A field of the resolved `[model]` changed.
+    Model {
+        /// The field.
+        field: String,
+        /// How.
+        change: Change,
+    },
+    /// The stage builds its model from `[model]`, which it did not before.
+    ModelNowFromTable,
+    /// The stage no longer builds its model from `[model]`.
+    ModelNoLongerFromTable,
+    /// The key moved for a reason none of the above names.
+    KeyChanged {
+        /// Before.
+        old: String,
+        /// Now.
+        new: String,
+    },
 }
 
-/// Compare two flat objects, one reason per changed key: "`label` k a → b".
-fn diff_map(label: &str, old: &Map<String, Value>, new: &Map<String, Value>, out: &mut Vec<String>) {
+fn opt_hash(h: &Option<String>) -> &str {
+    h.as_deref().map(short).unwrap_or("(unreadable)")
+}
+
+impl fmt::Display for StaleReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use StaleReason::*;
+        match self {
+            NeverBuilt => write!(f, "never built"),
+            RecordUnreadable(why) => {
+                write!(f, "the record of its last build is unreadable ({why}), so what changed is unknown")
+            }
+            RecordFromOtherVersion(why) => write!(
+                f,
+                "the record of its last build was written by an older (or newer) mmrun ({why}), so what changed is unknown"
+            ),
+            ObjectGone { key } => {
+                write!(f, "built before as {} but the object is no longer in the cache (deleted or gc'd)", short(key))
+            }
+            Damaged(damage) => write!(f, "its cached object is damaged ({damage}); it will be rebuilt"),
+            KeyFormat { old, new } => write!(f, "key format {old} → {new} (mmrun changed what goes into keys)"),
+            Kind { old, new } => write!(f, "kind {old} → {new}"),
+            Version { old, new } => write!(f, "stage version {old} → {new}"),
+            Seed { old, new } => write!(f, "seed {old} → {new}"),
+            Device { old, new } => {
+                let s = |d: &Option<DeviceClass>| d.map_or("(none)", DeviceClass::as_str);
+                write!(f, "device class {} → {}", s(old), s(new))
+            }
+            Precision { old, new } => write!(f, "precision {} → {}", old.as_str(), new.as_str()),
+            Param { name, change } => write!(f, "param {name} {change}"),
+            InputAdded { param, stage } => write!(f, "input {stage} added ({param})"),
+            InputReplaced { param, old, new } => write!(f, "input {param} is now {new} (was {old})"),
+            InputStale(stage) => write!(f, "input {stage} is stale"),
+            InputNotBuilt(stage) => write!(f, "input {stage} is not built"),
+            InputChanged { stage, old, new } => write!(f, "input {stage} changed (key {} → {})", short(old), short(new)),
+            InputDropped { param, stage } => write!(f, "input {stage} no longer used ({param})"),
+            DatasetAdded { dataset, param } => write!(f, "dataset {dataset} added ({param})"),
+            DatasetContent { dataset, old, new } => {
+                write!(f, "dataset {dataset} changed (content hash {}… → {}…)", short(old), short(new))
+            }
+            DatasetSetting { dataset, field, old, new } => {
+                write!(f, "dataset {dataset} {field} {} → {}", show(old), show(new))
+            }
+            DatasetDropped(dataset) => write!(f, "dataset {dataset} no longer used"),
+            FileAdded { file, param } => write!(f, "now reads {file} ({param})"),
+            FileChanged { file, param, old, new } => {
+                write!(f, "{file} ({param}) changed (content hash {}… → {}…)", opt_hash(old), opt_hash(new))
+            }
+            FileDropped { file, param } => write!(f, "no longer reads {file} ({param})"),
+            RemoteAdded(param) => write!(f, "now reads a Hub input ({param})"),
+            RemoteChanged(param) => write!(f, "the Hub files of `{param}` changed (re-pinned in the lock)"),
+            RemoteDropped(param) => write!(f, "no longer reads a Hub input ({param})"),
+            Model { field, change } => write!(f, "model {field} {change}"),
+            ModelNowFromTable => write!(f, "now builds its model from [model]"),
+            ModelNoLongerFromTable => write!(f, "no longer builds its model from [model]"),
+            KeyChanged { old, new } => write!(f, "key changed ({} → {})", short(old), short(new)),
+        }
+    }
+}
+
+/// One [`Change`] per differing key of two flat objects, in key order.
+fn diff_map(old: &Map<String, Value>, new: &Map<String, Value>) -> Vec<(String, Change)> {
     let mut keys: Vec<&String> = old.keys().chain(new.keys()).collect();
     keys.sort();
     keys.dedup();
-    for k in keys {
-        match (old.get(k), new.get(k)) {
-            (Some(a), Some(b)) if a != b => out.push(format!("{label} {k} {} → {}", show(a), show(b))),
-            (None, Some(b)) => out.push(format!("{label} {k} = {} (new)", show(b))),
-            (Some(a), None) => out.push(format!("{label} {k} removed (was {})", show(a))),
-            _ => {}
-        }
-    }
+    keys.into_iter()
+        .filter_map(|k| {
+            let change = match (old.get(k), new.get(k)) {
+                (Some(a), Some(b)) if a != b => Change::Changed { old: a.clone(), new: b.clone() },
+                (None, Some(b)) => Change::Added(b.clone()),
+                (Some(a), None) => Change::Removed(a.clone()),
+                _ => return None,
+            };
+            Some((k.clone(), change))
+        })
+        .collect()
 }
 
 /// Reasons `new` differs from `old`. `statuses` holds the already-planned upstream stages.
-pub(crate) fn diff(old: &Value, new: &Value, statuses: &BTreeMap<String, Status>) -> Vec<String> {
+pub(crate) fn diff(old: &Fingerprint, new: &Fingerprint, statuses: &BTreeMap<String, Status>) -> Vec<StaleReason> {
+    use StaleReason as R;
     let mut out = Vec::new();
-    if old.get("key_format") != new.get("key_format") {
-        out.push(format!(
-            "key format {} → {} (mmrun changed what goes into keys)",
-            show(old.get("key_format").unwrap_or(&Value::Null)),
-            show(new.get("key_format").unwrap_or(&Value::Null))
-        ));
+    if old.key_format != new.key_format {
+        out.push(R::KeyFormat { old: old.key_format, new: new.key_format });
     }
-    if old.get("kind") != new.get("kind") {
-        out.push(format!("kind {} → {}", s(old, "kind"), s(new, "kind")));
-    } else if old.get("version") != new.get("version") {
-        out.push(format!(
-            "stage version {} → {}",
-            show(old.get("version").unwrap_or(&Value::Null)),
-            show(new.get("version").unwrap_or(&Value::Null))
-        ));
+    if old.kind != new.kind {
+        out.push(R::Kind { old: old.kind.clone(), new: new.kind.clone() });
+    } else if old.version != new.version {
+        out.push(R::Version { old: old.version, new: new.version });
     }
-    if old.get("seed") != new.get("seed") {
-        out.push(format!(
-            "seed {} → {}",
-            show(old.get("seed").unwrap_or(&Value::Null)),
-            show(new.get("seed").unwrap_or(&Value::Null))
-        ));
+    if old.seed != new.seed {
+        out.push(R::Seed { old: old.seed, new: new.seed });
     }
-    if old.get("device") != new.get("device") {
-        out.push(format!(
-            "device class {} → {}",
-            show(old.get("device").unwrap_or(&Value::Null)),
-            show(new.get("device").unwrap_or(&Value::Null))
-        ));
+    if old.device != new.device {
+        out.push(R::Device { old: old.device, new: new.device });
     }
-    if old.get("precision") != new.get("precision") {
+    if old.precision != new.precision {
         // Absent means f32 (see plan::key).
-        let p = |v: &Value| v.get("precision").and_then(Value::as_str).unwrap_or("f32").to_string();
-        out.push(format!("precision {} → {}", p(old), p(new)));
+        let p = |p: Option<Precision>| p.unwrap_or(Precision::F32);
+        out.push(R::Precision { old: p(old.precision), new: p(new.precision) });
     }
-    diff_map("param", &obj(old.get("params")), &obj(new.get("params")), &mut out);
+    out.extend(diff_map(&old.params, &new.params).into_iter().map(|(name, change)| R::Param { name, change }));
 
     // Inputs: matched by (param, position among that param's entries).
-    let (oi, ni) = (arr(old.get("inputs")), arr(new.get("inputs")));
-    let by_param = |v: &[Value]| {
-        let mut m: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let by_param = |v: &[super::key::StageInput]| {
+        let mut m: BTreeMap<String, Vec<super::key::StageInput>> = BTreeMap::new();
         for e in v {
-            m.entry(s(e, "param").to_string()).or_default().push(e.clone());
+            m.entry(e.param.clone()).or_default().push(e.clone());
         }
         m
     };
-    let (om, nm) = (by_param(&oi), by_param(&ni));
+    let (om, nm) = (by_param(&old.inputs), by_param(&new.inputs));
     for (param, news) in &nm {
         let olds = om.get(param).cloned().unwrap_or_default();
         for (i, n) in news.iter().enumerate() {
-            let name = s(n, "stage");
             match olds.get(i) {
-                None => out.push(format!("input {name} added ({param})")),
-                Some(o) if s(o, "stage") != name && s(o, "key") != s(n, "key") => {
-                    out.push(format!("input {param} is now {name} (was {})", s(o, "stage")))
+                None => out.push(R::InputAdded { param: param.clone(), stage: n.stage.clone() }),
+                Some(o) if o.stage != n.stage && o.key != n.key => {
+                    out.push(R::InputReplaced { param: param.clone(), old: o.stage.clone(), new: n.stage.clone() })
                 }
-                Some(o) if s(o, "key") != s(n, "key") => out.push(match statuses.get(name) {
-                    Some(Status::Stale) => format!("input {name} is stale"),
-                    Some(Status::Missing) => format!("input {name} is not built"),
-                    _ => format!("input {name} changed (key {} → {})", short(s(o, "key")), short(s(n, "key"))),
+                Some(o) if o.key != n.key => out.push(match statuses.get(&n.stage) {
+                    Some(Status::Stale) => R::InputStale(n.stage.clone()),
+                    Some(Status::Missing) => R::InputNotBuilt(n.stage.clone()),
+                    _ => R::InputChanged { stage: n.stage.clone(), old: o.key.clone(), new: n.key.clone() },
                 }),
                 _ => {}
             }
         }
         for o in olds.iter().skip(news.len()) {
-            out.push(format!("input {} no longer used ({param})", s(o, "stage")));
+            out.push(R::InputDropped { param: param.clone(), stage: o.stage.clone() });
         }
     }
     for (param, olds) in &om {
         if !nm.contains_key(param) {
             for o in olds {
-                out.push(format!("input {} no longer used ({param})", s(o, "stage")));
+                out.push(R::InputDropped { param: param.clone(), stage: o.stage.clone() });
             }
         }
     }
 
     // Datasets: matched by name.
-    let (od, nd) = (arr(old.get("datasets")), arr(new.get("datasets")));
-    for n in &nd {
-        let name = s(n, "dataset");
-        match od.iter().find(|o| s(o, "dataset") == name) {
-            None => out.push(format!("dataset {name} added ({})", s(n, "param"))),
+    for n in &new.datasets {
+        match old.datasets.iter().find(|o| o.dataset == n.dataset) {
+            None => out.push(R::DatasetAdded { dataset: n.dataset.clone(), param: n.param.clone() }),
             Some(o) => {
-                if o.get("content_hash") != n.get("content_hash") {
-                    out.push(format!(
-                        "dataset {name} changed (content hash {}… → {}…)",
-                        short(s(o, "content_hash")),
-                        short(s(n, "content_hash"))
-                    ));
+                if o.content_hash != n.content_hash {
+                    out.push(R::DatasetContent {
+                        dataset: n.dataset.clone(),
+                        old: o.content_hash.clone(),
+                        new: n.content_hash.clone(),
+                    });
                 }
-                for field in ["format", "columns", "on_bad_record", "builtin"] {
-                    if o.get(field) != n.get(field) {
-                        out.push(format!(
-                            "dataset {name} {field} {} → {}",
-                            show(o.get(field).unwrap_or(&Value::Null)),
-                            show(n.get(field).unwrap_or(&Value::Null))
-                        ));
+                for ((field, a), (_, b)) in o.reading().into_iter().zip(n.reading()) {
+                    if a != b {
+                        out.push(R::DatasetSetting { dataset: n.dataset.clone(), field, old: a, new: b });
                     }
                 }
             }
         }
     }
-    for o in &od {
-        if !nd.iter().any(|n| s(n, "dataset") == s(o, "dataset")) {
-            out.push(format!("dataset {} no longer used", s(o, "dataset")));
-        }
+    for o in old.datasets.iter().filter(|o| !new.datasets.iter().any(|n| n.dataset == o.dataset)) {
+        out.push(R::DatasetDropped(o.dataset.clone()));
     }
 
     // Local files (an adopted tokenizer): matched by (param, file name).
-    let (of, nf) = (arr(old.get("files")), arr(new.get("files")));
-    let same_file = |a: &Value, b: &Value| s(a, "param") == s(b, "param") && s(a, "file") == s(b, "file");
-    for n in &nf {
-        let what = format!("{} ({})", s(n, "file"), s(n, "param"));
-        match of.iter().find(|o| same_file(o, n)) {
-            None => out.push(format!("now reads {what}")),
-            Some(o) if o.get("content_hash") != n.get("content_hash") => out.push(format!(
-                "{what} changed (content hash {}… → {}…)",
-                short(s(o, "content_hash")),
-                short(s(n, "content_hash"))
-            )),
+    let same_file = |a: &super::key::LocalFile, b: &super::key::LocalFile| a.param == b.param && a.file == b.file;
+    for n in &new.files {
+        match old.files.iter().find(|o| same_file(o, n)) {
+            None => out.push(R::FileAdded { file: n.file.clone(), param: n.param.clone() }),
+            Some(o) if o.content_hash != n.content_hash => out.push(R::FileChanged {
+                file: n.file.clone(),
+                param: n.param.clone(),
+                old: o.content_hash.clone(),
+                new: n.content_hash.clone(),
+            }),
             Some(_) => {}
         }
     }
-    for o in of.iter().filter(|o| !nf.iter().any(|n| same_file(o, n))) {
-        out.push(format!("no longer reads {} ({})", s(o, "file"), s(o, "param")));
+    for o in old.files.iter().filter(|o| !new.files.iter().any(|n| same_file(o, n))) {
+        out.push(R::FileDropped { file: o.file.clone(), param: o.param.clone() });
     }
 
     // `hf://` inputs, as pinned by the lock: matched by param.
-    let (or, nr) = (arr(old.get("remote")), arr(new.get("remote")));
-    for n in &nr {
-        match or.iter().find(|o| s(o, "param") == s(n, "param")) {
-            None => out.push(format!("now reads a Hub input ({})", s(n, "param"))),
-            Some(o) if o.get("files") != n.get("files") => {
-                out.push(format!("the Hub files of `{}` changed (re-pinned in the lock)", s(n, "param")))
-            }
+    for n in &new.remote {
+        match old.remote.iter().find(|o| o.param == n.param) {
+            None => out.push(R::RemoteAdded(n.param.clone())),
+            Some(o) if o.files != n.files => out.push(R::RemoteChanged(n.param.clone())),
             Some(_) => {}
         }
     }
-    for o in or.iter().filter(|o| !nr.iter().any(|n| s(n, "param") == s(o, "param"))) {
-        out.push(format!("no longer reads a Hub input ({})", s(o, "param")));
+    for o in old.remote.iter().filter(|o| !new.remote.iter().any(|n| n.param == o.param)) {
+        out.push(R::RemoteDropped(o.param.clone()));
     }
 
-    let (om, nm) = (old.get("model").filter(|v| !v.is_null()), new.get("model").filter(|v| !v.is_null()));
-    match (om, nm) {
-        (Some(a), Some(b)) if a != b => diff_map("model", &obj(Some(a)), &obj(Some(b)), &mut out),
-        (None, Some(_)) => out.push("now builds its model from [model]".into()),
-        (Some(_), None) => out.push("no longer builds its model from [model]".into()),
-        _ => {}
+    let config = |m: &Option<ModelInKey>| match m {
+        Some(ModelInKey::Config(c)) => Some(c.clone()),
+        _ => None,
+    };
+    match (config(&old.model), config(&new.model)) {
+        (Some(a), Some(b)) => {
+            out.extend(diff_map(&a, &b).into_iter().map(|(field, change)| R::Model { field, change }))
+        }
+        (None, Some(_)) => out.push(R::ModelNowFromTable),
+        (Some(_), None) => out.push(R::ModelNoLongerFromTable),
+        (None, None) => {}
     }
     out
 }
@@ -220,15 +459,16 @@ mod tests {
 
     #[test]
     fn each_field_gives_a_reason() {
-        let old = json!({
+        let old: Fingerprint = serde_json::from_value(json!({
             "key_format": 1, "kind": "pretrain", "version": 1, "seed": 42, "device": "cpu",
             "params": {"lr": 5e-4, "warmup": 10},
             "inputs": [{"param": "tokenizer", "stage": "tok", "key": "aaaaaaaaaaaaaaaa"}],
             "datasets": [{"param": "data", "dataset": "medical", "content_hash": "1a2b3c4d5e6f7a8b", "format": "text"}],
             "files": [{"param": "source", "file": "tokenizer.json", "content_hash": "0123456789abcdef"}],
             "model": {"hidden_size": 64}
-        });
-        let new = json!({
+        }))
+        .unwrap();
+        let new: Fingerprint = serde_json::from_value(json!({
             "key_format": 1, "kind": "pretrain", "version": 2, "seed": 7, "device": "cuda", "precision": "bf16",
             "params": {"lr": 3e-4, "batch": 8},
             "inputs": [{"param": "tokenizer", "stage": "tok", "key": "bbbbbbbbbbbbbbbb"}],
@@ -236,10 +476,12 @@ mod tests {
             "files": [{"param": "source", "file": "tokenizer.json", "content_hash": "fedcba9876543210"},
                       {"param": "source", "file": "tokenizer_config.json", "content_hash": "00"}],
             "model": {"hidden_size": 128}
-        });
+        }))
+        .unwrap();
         let st = BTreeMap::from([("tok".to_string(), Status::Stale)]);
+        let text = |r: Vec<StaleReason>| r.iter().map(ToString::to_string).collect::<Vec<_>>();
         assert_eq!(
-            diff(&old, &new, &st),
+            text(diff(&old, &new, &st)),
             [
                 "stage version 1 → 2",
                 "seed 42 → 7",
@@ -256,6 +498,8 @@ mod tests {
             ]
         );
         let st = BTreeMap::from([("tok".to_string(), Status::Cached)]);
-        assert!(diff(&old, &new, &st).contains(&"input tok changed (key aaaaaaaaaaaa → bbbbbbbbbbbb)".to_string()));
+        assert!(
+            text(diff(&old, &new, &st)).contains(&"input tok changed (key aaaaaaaaaaaa → bbbbbbbbbbbb)".to_string())
+        );
     }
 }

@@ -25,9 +25,12 @@ fn datasets(r: &Recipe, hash_suffix: &str) -> BTreeMap<String, ResolvedDataset> 
         .collect()
 }
 
+/// The stub recipes run on the CPU.
+const CPU: DeviceClass = DeviceClass::Cpu;
+
 fn plan(cache: &Cache, text: &str, overrides: &[&str]) -> Plan {
     let r = recipe(text, overrides);
-    build_with(&r, cache, &datasets(&r, ""), &registry()).unwrap()
+    build_with(&r, cache, &datasets(&r, ""), CPU, &registry()).unwrap()
 }
 
 /// What the executor does after a stage succeeds: publish the object, record the fingerprint.
@@ -59,8 +62,8 @@ fn statuses(p: &Plan) -> Vec<(&str, Status)> {
     p.stages.iter().map(|s| (s.name.as_str(), s.status)).collect()
 }
 
-fn reasons<'a>(p: &'a Plan, name: &str) -> &'a [String] {
-    &p.stage(name).unwrap().reasons
+fn reasons(p: &Plan, name: &str) -> Vec<String> {
+    p.stage(name).unwrap().reasons.iter().map(ToString::to_string).collect()
 }
 
 #[test]
@@ -101,7 +104,7 @@ fn cosmetic_param_change_keeps_every_key() {
     }
     let base = after.stage("base").unwrap();
     assert_eq!(base.excluded["log_every"], 1);
-    assert!(base.fingerprint["params"].get("log_every").is_none());
+    assert!(base.fingerprint.params.get("log_every").is_none());
     // Writing a default explicitly is not a change either.
     let explicit = plan(&c, GOOD, &["stages.base.batch_size=32"]);
     assert_eq!(explicit.stage("base").unwrap().key, before.stage("base").unwrap().key);
@@ -130,13 +133,13 @@ fn output_param_change_invalidates_the_stage_and_its_descendants_only() {
 fn seed_dataset_and_version_reasons() {
     let (_d, c) = cache();
     let r = recipe(GOOD, &[]);
-    publish_all(&c, &build_with(&r, &c, &datasets(&r, ""), &registry()).unwrap());
+    publish_all(&c, &build_with(&r, &c, &datasets(&r, ""), CPU, &registry()).unwrap());
 
     let p = plan(&c, GOOD, &["recipe.seed=7"]);
     assert!(p.stages.iter().all(|s| s.status == Status::Stale));
     assert_eq!(reasons(&p, "tok"), ["seed 42 → 7"]);
 
-    let p = build_with(&r, &c, &datasets(&r, "-v2"), &registry()).unwrap();
+    let p = build_with(&r, &c, &datasets(&r, "-v2"), CPU, &registry()).unwrap();
     let why = reasons(&p, "tok");
     assert_eq!(why.len(), 1);
     assert!(why[0].starts_with("dataset text changed (content hash "), "{why:?}");
@@ -147,7 +150,7 @@ fn seed_dataset_and_version_reasons() {
     assert_eq!(reasons(&p, "sft"), ["dataset chat on_bad_record error → skip"]);
 
     let v2: [&dyn crate::recipe::DynStageKind; 4] = [&Tok, &PretrainV2, &Sft, &Eval];
-    let p = build_with(&r, &c, &datasets(&r, ""), &v2).unwrap();
+    let p = build_with(&r, &c, &datasets(&r, ""), CPU, &v2).unwrap();
     assert_eq!(reasons(&p, "base"), ["stage version 1 → 2"]);
     assert_eq!(p.stage("tok").unwrap().status, Status::Cached);
 }
@@ -161,8 +164,9 @@ fn model_change_reaches_only_the_stage_that_builds_the_model() {
     let why = reasons(&p, "base");
     assert!(why.contains(&"model hidden_size 64 → 128".to_string()), "{why:?}");
     // The vocabulary comes from the tokenizer (an input), not from the preset's placeholder.
-    assert!(p.stage("base").unwrap().fingerprint["model"].get("vocab_size").is_none());
-    assert!(p.stage("sft").unwrap().fingerprint.get("model").is_none());
+    let Some(key::ModelInKey::Config(m)) = &p.stage("base").unwrap().fingerprint.model else { panic!("no model") };
+    assert!(m.get("vocab_size").is_none());
+    assert!(p.stage("sft").unwrap().fingerprint.model.is_none());
     assert_eq!(reasons(&p, "sft"), ["input base is stale"]);
 }
 
@@ -231,19 +235,19 @@ fn programmatic_recipes_get_structural_errors() {
     let ds = datasets(&r, "");
     let sft = r.stages.iter_mut().find(|s| s.name == "sft").unwrap();
     sft.inputs[0] = InputRef::Stage { param: "from", stage: "tok".into(), accepts: vec![ArtifactKind::Model] };
-    let e = build_with(&r, &c, &ds, &registry()).unwrap_err();
+    let e = build_with(&r, &c, &ds, CPU, &registry()).unwrap_err();
     assert_eq!(e.to_string(), "stage 'sft' takes from = 'tok', but 'tok' produces a tokenizer, not a model");
 
     let mut r = recipe(GOOD, &[]);
     let base: &mut StageSpec = r.stages.iter_mut().find(|s| s.name == "base").unwrap();
     base.inputs.push(InputRef::Stage { param: "from", stage: "sft".into(), accepts: vec![ArtifactKind::Model] });
-    let e = build_with(&r, &c, &ds, &registry()).unwrap_err();
+    let e = build_with(&r, &c, &ds, CPU, &registry()).unwrap_err();
     assert_eq!(e.to_string(), "stages depend on each other in a cycle: base → sft → base");
 
     let r = recipe(GOOD, &[]);
     let mut partial = ds.clone();
     partial.remove("chat");
-    let e = build_with(&r, &c, &partial, &registry()).unwrap_err();
+    let e = build_with(&r, &c, &partial, CPU, &registry()).unwrap_err();
     assert!(e.to_string().contains("dataset 'chat', which was not resolved"), "{e}");
 }
 
@@ -252,7 +256,7 @@ fn absent_model_section_hashes_as_null() {
     let (_d, c) = cache();
     let text = GOOD.replace("[model]\npreset = \"tiny\"\n", "");
     let p = plan(&c, &text, &[]);
-    assert_eq!(p.stage("base").unwrap().fingerprint["model"], serde_json::Value::Null);
+    assert_eq!(p.stage("base").unwrap().fingerprint.model, Some(key::ModelInKey::NoTable));
     publish_all(&c, &p);
     let p = plan(&c, &text, &["model.preset=tiny"]);
     assert_eq!(reasons(&p, "base"), ["now builds its model from [model]"]);
@@ -282,7 +286,7 @@ fn unset_optional_params_stay_out_of_the_key() {
     let (_d, c) = cache();
     let p = plan(&c, GOOD, &[]);
     let sft = p.stage("sft").unwrap();
-    assert!(sft.fingerprint["params"].get("max_steps").is_none(), "{}", sft.fingerprint);
+    assert!(sft.fingerprint.params.get("max_steps").is_none(), "{:?}", sft.fingerprint);
     publish_all(&c, &p);
     let p = plan(&c, GOOD, &["stages.sft.max_steps=100"]);
     assert_eq!(reasons(&p, "sft"), ["param max_steps = 100 (new)"]);
@@ -295,11 +299,11 @@ fn precision_enters_model_keys_and_auto_keys_like_its_resolution() {
     // GOOD runs on the CPU, where `auto` (the default) keys like what it resolves to on this
     // machine: bf16 with avx512_bf16, f32 without.
     let auto = plan(&c, GOOD, &[]);
-    let resolved = crate::recipe::Precision::Auto.resolve("cpu").as_str();
+    let resolved = crate::recipe::Precision::Auto.resolve(crate::recipe::DeviceClass::Cpu).as_str();
     assert_eq!(keys(&auto), keys(&plan(&c, GOOD, &["recipe.precision=auto"])));
     assert_eq!(keys(&auto), keys(&plan(&c, GOOD, &[&format!("recipe.precision={resolved}")])));
     let auto = plan(&c, GOOD, &["recipe.precision=f32"]);
-    assert!(auto.stage("base").unwrap().fingerprint.get("precision").is_none());
+    assert!(auto.stage("base").unwrap().fingerprint.precision.is_none());
 
     publish_all(&c, &auto);
     let bf16 = plan(&c, GOOD, &["recipe.precision=bf16"]);
@@ -307,26 +311,25 @@ fn precision_enters_model_keys_and_auto_keys_like_its_resolution() {
     for name in ["base", "sft", "report"] {
         assert_ne!(bf16.stage(name).unwrap().key, auto.stage(name).unwrap().key, "{name}");
     }
-    assert_eq!(bf16.stage("base").unwrap().fingerprint["precision"], "bf16");
+    assert_eq!(bf16.stage("base").unwrap().fingerprint.precision, Some(crate::recipe::Precision::Bf16));
     assert_eq!(reasons(&bf16, "base"), ["precision f32 → bf16"]);
     assert!(bf16.explain("base").unwrap().contains("precision  bf16"));
     // Eval runs in f32 whatever the policy; it moves only because its models did.
-    assert!(bf16.stage("report").unwrap().fingerprint.get("precision").is_none());
+    assert!(bf16.stage("report").unwrap().fingerprint.precision.is_none());
     assert_eq!(reasons(&bf16, "report"), ["input base is stale", "input sft is stale"]);
 
     // On CUDA `auto` is bf16: it keys like explicit bf16, and explicit f32 differs from both.
-    // (The loader refuses `cuda` on a CPU-only build, so these recipes are edited after loading.)
+    // (The loader refuses `cuda` on a CPU-only build; the planner only sees the resolved class.)
     let on_cuda = |p: &str| {
-        let mut r = recipe(GOOD, &[&format!("recipe.precision={p}")]);
-        r.meta.device = "cuda:0".into();
-        build_with(&r, &c, &datasets(&r, ""), &registry()).unwrap()
+        let r = recipe(GOOD, &[&format!("recipe.precision={p}")]);
+        build_with(&r, &c, &datasets(&r, ""), DeviceClass::Cuda, &registry()).unwrap()
     };
     let cuda = |p: &str| keys(&on_cuda(p));
     assert_eq!(cuda("auto"), cuda("bf16"));
     assert_ne!(cuda("auto")["base"], cuda("f32")["base"]);
     // ...and a CUDA f32 run keys exactly as CUDA runs did before precision existed (no field).
     let cuda_f32 = on_cuda("f32");
-    assert!(cuda_f32.stage("base").unwrap().fingerprint.get("precision").is_none());
+    assert!(cuda_f32.stage("base").unwrap().fingerprint.precision.is_none());
 }
 
 #[test]
@@ -351,7 +354,7 @@ fn an_adopted_tokenizer_is_keyed_by_its_content_not_its_path() {
         let text = format!("[recipe]\nname = \"t\"\n\n[stages.tok]\nkind = \"tokenizer\"\nsource = \"{src}\"\n");
         let reg = crate::stages::kinds();
         let r = load_str(&dir.join("r.toml"), text, &[], &reg).unwrap_or_else(|e| panic!("{e}"));
-        build_with(&r, &c, &BTreeMap::new(), &reg).unwrap().stage("tok").unwrap().key.clone()
+        build_with(&r, &c, &BTreeMap::new(), CPU, &reg).unwrap().stage("tok").unwrap().key.clone()
     };
     let k = key("a");
     assert_eq!(key("b"), k, "the same bytes somewhere else: same key");
@@ -360,4 +363,19 @@ fn an_adopted_tokenizer_is_keyed_by_its_content_not_its_path() {
     assert_ne!(key("a"), k, "an edited tokenizer must not be served from the cache");
     write("b/tokenizer_config.json", "{}");
     assert_ne!(key("b"), k, "its tokenizer_config.json (chat template) is read too");
+}
+
+#[test]
+fn a_record_in_another_layout_is_a_reason_not_a_crash() {
+    let (_d, c) = cache();
+    let p = plan(&c, GOOD, &[]);
+    record_fingerprint(&c, "demo", p.stage("tok").unwrap()).unwrap();
+    let rec = c.bucket(crate::cache::Bucket::Fingerprints).join("demo/tok.json");
+    // What a future (or long-gone) mmrun might have written: valid JSON, unknown fields.
+    std::fs::write(&rec, r#"{"key": "00", "fingerprint": {"kind": "tokenizer", "recipe_hash": "x"}}"#).unwrap();
+    let p = plan(&c, GOOD, &[]);
+    assert_eq!(p.stage("tok").unwrap().status, Status::Missing);
+    let why = reasons(&p, "tok");
+    assert!(why[0].starts_with("the record of its last build was written by an older (or newer) mmrun"), "{why:?}");
+    assert!(matches!(p.stage("tok").unwrap().reasons[0], StaleReason::RecordFromOtherVersion(_)));
 }

@@ -10,7 +10,7 @@ use super::diag::{suggestion, Diagnostic, Location, SourceMap};
 use super::kind::{DynStageKind, InputRef, ParamsError};
 use super::overrides::{self, Applied};
 use super::spans::SpanIndex;
-use super::{resolve_model, ModelSpec, Recipe, RecipeMeta, StageSpec};
+use super::{resolve_model, DeviceClass, DeviceSpec, ModelSpec, Recipe, RecipeMeta, StageSpec, UnknownDevice};
 use crate::data::spec::DatasetSpec;
 use crate::hub::uri::HubUri;
 use std::collections::BTreeMap;
@@ -293,6 +293,26 @@ impl Loader<'_> {
         }
     }
 
+    /// `[recipe]` with `device` parsed here rather than by serde, so a bad one is reported at its
+    /// value with the known spellings (and the rest of the table still loads).
+    fn device_checked(&mut self, recipe: &toml::Value) -> toml::Value {
+        let mut recipe = recipe.clone();
+        if let Some(t) = recipe.as_table_mut() {
+            if let Some(toml::Value::String(d)) = t.get("device") {
+                if let Err(e) = d.parse::<DeviceSpec>() {
+                    self.error(
+                        &p(&["recipe", "device"]),
+                        false,
+                        format!("{e}{}", suggestion(d, ["auto", "cpu", "cuda"])),
+                        Some(UnknownDevice::HINT.into()),
+                    );
+                    t.remove("device");
+                }
+            }
+        }
+        recipe
+    }
+
     fn typed(&mut self, doc: &toml::Table, text: &str, overrides: &[String]) -> Option<Recipe> {
         for k in doc.keys() {
             if !TOP_LEVEL.contains(&k.as_str()) {
@@ -309,7 +329,10 @@ impl Loader<'_> {
         }
 
         let meta = match doc.get("recipe") {
-            Some(v) => self.typed_section::<RecipeMeta>(&p(&["recipe"]), v),
+            Some(v) => {
+                let v = self.device_checked(v);
+                self.typed_section::<RecipeMeta>(&p(&["recipe"]), &v)
+            }
             None => {
                 self.error(
                     &[],
@@ -329,23 +352,11 @@ impl Loader<'_> {
                     Some("use letters, digits, '_' and '-'".into()),
                 );
             }
-            let d = m.device.as_str();
-            let ok = d == "auto"
-                || d == "cpu"
-                || d == "cuda"
-                || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
-            if !ok {
+            if m.device.explicit_class() == Some(DeviceClass::Cuda) && !cfg!(feature = "cuda") {
                 self.error(
                     &p(&["recipe", "device"]),
                     false,
-                    format!("unknown device '{d}'{}", suggestion(d, ["auto", "cpu", "cuda"])),
-                    Some("use \"auto\", \"cpu\" or \"cuda:N\"".into()),
-                );
-            } else if d.starts_with("cuda") && !cfg!(feature = "cuda") {
-                self.error(
-                    &p(&["recipe", "device"]),
-                    false,
-                    format!("device '{d}' needs CUDA, but this mmrun was built without it"),
+                    format!("device '{}' needs CUDA, but this mmrun was built without it", m.device),
                     Some("use device = \"auto\" or \"cpu\", or build mmrun with `--features cuda`".into()),
                 );
             }

@@ -5,6 +5,7 @@
 //! stage kind's parameter struct (`deny_unknown_fields`) and canonicalised.
 
 pub mod dag;
+mod device;
 mod diag;
 mod kind;
 mod load;
@@ -17,6 +18,7 @@ pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
 
+pub use device::{DeviceClass, DeviceSpec, UnknownDevice};
 pub use diag::{did_you_mean, Diagnostic, Location};
 pub use kind::{DynStageKind, InputRef, InvalidParam, ParamsError, ParsedParams, RemoteSource, StageKind, StageParams};
 pub use load::{load, load_str, RecipeError};
@@ -60,8 +62,8 @@ pub struct RecipeMeta {
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// `auto` (CUDA if built with it and present, else CPU), `cpu`, or `cuda:N`.
-    #[serde(default = "default_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: DeviceSpec,
     /// Training numerics: `auto` (bf16 mixed precision on CUDA and on CPUs with avx512_bf16, f32
     /// on other CPUs), `f32`, or `bf16` (mixed precision: f32 master weights and optimizer state,
     /// bf16 matmuls).
@@ -92,13 +94,12 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// What this resolves to on a device of class `device_class` (`"cpu"` or `"cuda"`) of this
-    /// machine: never `Auto`. Used both by the stage keys and at run time, so `auto` keys like its
-    /// resolution (a CPU with avx512_bf16 and one without key `auto` runs differently, as they
-    /// compute differently).
-    pub fn resolve(self, device_class: &str) -> Precision {
+    /// What this resolves to on a device of class `device_class` of this machine: never `Auto`.
+    /// Used both by the stage keys and at run time, so `auto` keys like its resolution (a CPU with
+    /// avx512_bf16 and one without key `auto` differently, as they compute differently).
+    pub fn resolve(self, device_class: DeviceClass) -> Precision {
         match self {
-            Precision::Auto if device_class == "cuda" || crate::cpu::has_avx512_bf16() => Precision::Bf16,
+            Precision::Auto if device_class == DeviceClass::Cuda || crate::cpu::has_avx512_bf16() => Precision::Bf16,
             Precision::Auto => Precision::F32,
             p => p,
         }
@@ -116,10 +117,6 @@ impl Precision {
 
 fn default_seed() -> u64 {
     42
-}
-
-fn default_device() -> String {
-    "auto".into()
 }
 
 /// `[model]`: a preset name and/or explicit architecture fields (explicit fields win).

@@ -141,7 +141,7 @@ impl Stage for EvalStage {
         if params.models.is_empty() {
             bail!("eval stage '{}': `models` is empty; name at least one stage that produces a model", ctx.name);
         }
-        let device = crate::train::device::select(&ctx.recipe.meta.device)?;
+        let device = crate::train::device::select(ctx.recipe.meta.device)?;
         let mut gen = params.generation.clone();
         if gen.seed == 0 {
             gen.seed = ctx.recipe.meta.seed;
@@ -488,7 +488,7 @@ mod tests {
                 name: "t".into(),
                 description: None,
                 seed: 1,
-                device: "cpu".into(),
+                device: crate::recipe::DeviceSpec::Cpu,
                 precision: Default::default(),
             },
             model: Default::default(),

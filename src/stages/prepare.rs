@@ -153,7 +153,7 @@ mod tests {
                 name: "t".into(),
                 description: None,
                 seed: 1,
-                device: "cpu".into(),
+                device: crate::recipe::DeviceSpec::Cpu,
                 precision: Default::default(),
             },
             model: Default::default(),

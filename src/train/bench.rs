@@ -175,7 +175,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// `{"device","threads","dtype","config","train_tokens_per_s","gen_tokens_per_s","peak_rss_mb",
 /// "matmul_peak_gflops","mfu", …}`.
 pub fn run(args: BenchArgs) -> anyhow::Result<serde_json::Value> {
-    let device = super::device::select(&args.device)?;
+    let spec: crate::recipe::DeviceSpec =
+        args.device.parse().map_err(|e| anyhow::anyhow!("{e} in --device: {}", crate::recipe::UnknownDevice::HINT))?;
+    let device = super::device::select(spec)?;
     let cfg = args.model_config();
     cfg.validate().context("invalid bench shape; fix the --hidden/--heads/--kv-heads flags")?;
     anyhow::ensure!(args.seq >= 2 && args.batch >= 1, "--seq must be >= 2 and --batch >= 1");

@@ -1,57 +1,55 @@
-//! Device selection from the recipe's `device` string, and the numeric policy (`precision`) that
+//! Device selection from the recipe's [`DeviceSpec`], and the numeric policy (`precision`) that
 //! goes with it.
 
 use crate::model::{MiniMind, ModelConfig, ModelError};
-use crate::recipe::{Precision, RecipeMeta};
+use crate::recipe::{DeviceClass, DeviceSpec, Precision, RecipeMeta};
 use candle_core::{DType, Device};
 use std::path::Path;
 
-/// Why a device string could not be turned into a device.
+/// Why a [`DeviceSpec`] could not be turned into a device.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    /// The string is not `auto`, `cpu` or `cuda:N`.
-    #[error("unknown device '{0}': use \"auto\", \"cpu\" or \"cuda:N\" (e.g. \"cuda:0\") in [recipe] device")]
-    Unknown(String),
     /// CUDA was asked for but this binary has no CUDA support.
     #[error("device '{0}' needs CUDA, but this mmrun was built without it: rebuild with `cargo build --release --features cuda`, or set [recipe] device = \"cpu\"")]
-    NoCuda(String),
+    NoCuda(DeviceSpec),
     /// CUDA was asked for but the device could not be opened.
     #[error("could not open CUDA device '{device}': {source}; check `nvidia-smi`, or set [recipe] device = \"cpu\"")]
     Open {
-        /// The device string.
-        device: String,
+        /// The device asked for.
+        device: DeviceSpec,
         /// candle's error.
         source: candle_core::Error,
     },
 }
 
-/// Turn `"auto"`, `"cpu"` or `"cuda:N"` into a candle device. `auto` picks CUDA device 0 when this
-/// binary was built with the `cuda` feature and a GPU is present, else the CPU.
-pub fn select(spec: &str) -> Result<Device, DeviceError> {
-    let s = spec.trim().to_ascii_lowercase();
-    match s.as_str() {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => {
-            if candle_core::utils::cuda_is_available() {
-                if let Ok(d) = Device::new_cuda(0) {
-                    return Ok(d);
-                }
-            }
-            Ok(Device::Cpu)
-        }
-        "cuda" => open_cuda(spec, 0),
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => open_cuda(spec, n),
-            _ => Err(DeviceError::Unknown(spec.to_string())),
-        },
+/// Open the device a spec names. `auto` picks CUDA device 0 when this binary was built with the
+/// `cuda` feature and a GPU is present, else the CPU.
+pub fn select(spec: DeviceSpec) -> Result<Device, DeviceError> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Auto if auto_has_cuda() => open_cuda(spec, 0),
+        DeviceSpec::Auto => Ok(Device::Cpu),
+        DeviceSpec::Cuda(n) => open_cuda(spec, n),
     }
 }
 
-fn open_cuda(spec: &str, ordinal: usize) -> Result<Device, DeviceError> {
+/// The class `spec` computes on, by the rule [`select`] follows, without keeping the device
+/// open: what the executor hands the planner, so stage keys match what the stages will run on.
+pub fn resolve_class(spec: DeviceSpec) -> DeviceClass {
+    spec.explicit_class().unwrap_or_else(|| if auto_has_cuda() { DeviceClass::Cuda } else { DeviceClass::Cpu })
+}
+
+/// Whether `auto` means CUDA: this build has it *and* device 0 opens. Probed once per process.
+fn auto_has_cuda() -> bool {
+    static PROBE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROBE.get_or_init(|| candle_core::utils::cuda_is_available() && Device::new_cuda(0).is_ok())
+}
+
+fn open_cuda(spec: DeviceSpec, ordinal: usize) -> Result<Device, DeviceError> {
     if !candle_core::utils::cuda_is_available() {
-        return Err(DeviceError::NoCuda(spec.to_string()));
+        return Err(DeviceError::NoCuda(spec));
     }
-    Device::new_cuda(ordinal).map_err(|source| DeviceError::Open { device: spec.to_string(), source })
+    Device::new_cuda(ordinal).map_err(|source| DeviceError::Open { device: spec, source })
 }
 
 /// A short human name for a device, used in metrics and the bench JSON.
@@ -63,12 +61,12 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
-/// The device class a device belongs to, as `plan::key` spells it (`"cpu"` or `"cuda"`).
-pub fn class(device: &Device) -> &'static str {
+/// The device class a device belongs to, as the stage keys name it.
+pub fn class(device: &Device) -> DeviceClass {
     if device.is_cuda() {
-        "cuda"
+        DeviceClass::Cuda
     } else {
-        "cpu"
+        DeviceClass::Cpu
     }
 }
 
@@ -97,7 +95,7 @@ pub struct Compute {
 impl Compute {
     /// Resolve `[recipe] device` and `precision`.
     pub fn for_recipe(meta: &RecipeMeta) -> Result<Self, DeviceError> {
-        let device = select(&meta.device)?;
+        let device = select(meta.device)?;
         let dtype = compute_dtype(meta.precision, &device);
         if dtype != DType::F32 {
             tracing::info!(
@@ -134,13 +132,13 @@ mod tests {
 
     #[test]
     fn parses_device_strings() {
-        assert!(select("cpu").unwrap().is_cpu());
-        assert!(select(" CPU ").unwrap().is_cpu());
-        assert!(matches!(select("tpu"), Err(DeviceError::Unknown(_))));
-        assert!(matches!(select("cuda:x"), Err(DeviceError::Unknown(_))));
+        assert!(select(DeviceSpec::Cpu).unwrap().is_cpu());
+        assert_eq!(resolve_class(DeviceSpec::Cpu), DeviceClass::Cpu);
+        assert_eq!(resolve_class(DeviceSpec::Cuda(1)), DeviceClass::Cuda);
+        assert_eq!(resolve_class(DeviceSpec::Auto), class(&select(DeviceSpec::Auto).unwrap()));
         if !candle_core::utils::cuda_is_available() {
-            assert!(select("auto").unwrap().is_cpu());
-            assert!(matches!(select("cuda:0"), Err(DeviceError::NoCuda(_))));
+            assert!(select(DeviceSpec::Auto).unwrap().is_cpu());
+            assert!(matches!(select(DeviceSpec::Cuda(0)), Err(DeviceError::NoCuda(_))));
         }
     }
 
@@ -151,9 +149,10 @@ mod tests {
         assert_eq!(compute_dtype(Precision::Auto, &cpu), auto_cpu);
         assert_eq!(compute_dtype(Precision::F32, &cpu), DType::F32);
         assert_eq!(compute_dtype(Precision::Bf16, &cpu), DType::BF16);
-        assert_eq!(Precision::Auto.resolve("cuda"), Precision::Bf16);
-        assert_eq!(Precision::F32.resolve("cuda"), Precision::F32);
-        let meta = |p| RecipeMeta { name: "t".into(), description: None, seed: 1, device: "cpu".into(), precision: p };
+        assert_eq!(Precision::Auto.resolve(DeviceClass::Cuda), Precision::Bf16);
+        assert_eq!(Precision::F32.resolve(DeviceClass::Cuda), Precision::F32);
+        let meta =
+            |p| RecipeMeta { name: "t".into(), description: None, seed: 1, device: DeviceSpec::Cpu, precision: p };
         let cfg = crate::model::preset("tiny").unwrap();
         let m = Compute::for_recipe(&meta(Precision::Bf16)).unwrap().new_model(&cfg, 1).unwrap();
         assert_eq!(m.compute_dtype(), DType::BF16);
