@@ -10,8 +10,11 @@
 //! Architecture invariant: nothing here knows about candle or models; the output of this layer is
 //! plain token ids and masks.
 
+pub mod answer;
 pub mod builtin;
 pub mod chat;
+pub mod example;
+mod formats;
 pub mod parquet;
 pub mod read;
 pub mod rejects;
@@ -19,7 +22,8 @@ pub mod shards;
 pub mod spec;
 pub mod tokenize;
 
-pub use read::{read_examples, Example, Message, ReadStats};
+pub use example::{Example, Message, ReadStats};
+pub use read::read_examples;
 pub use rejects::{RejectLog, RejectSink};
 
 use crate::cache::Cache;

@@ -29,20 +29,45 @@ pub struct EvalReport {
     pub models: BTreeMap<String, ModelReport>,
 }
 
+/// The scores of a model on a dataset, or its headline scores (each from the first dataset that
+/// has it). Flattened into the reports, so `report.json` reads `{"perplexity": …, "n": …}`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Scores {
+    /// Perplexity over the scored tokens (all tokens for text, answers / assistant turns otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
+    /// Exact-match accuracy (0..1) on a `prompt_answer` dataset without choices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exact_match: Option<f64>,
+    /// Multiple-choice accuracy (0..1) on a dataset with choices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mc_accuracy: Option<f64>,
+}
+
+impl Scores {
+    /// Each score by its report name, in report order.
+    pub fn named(&self) -> [(&'static str, Option<f64>); 3] {
+        [("perplexity", self.perplexity), ("exact_match", self.exact_match), ("mc_accuracy", self.mc_accuracy)]
+    }
+
+    /// Fill the scores this lacks from `other` (headlines come from the first dataset that has one).
+    pub fn or(self, other: Scores) -> Scores {
+        Scores {
+            perplexity: self.perplexity.or(other.perplexity),
+            exact_match: self.exact_match.or(other.exact_match),
+            mc_accuracy: self.mc_accuracy.or(other.mc_accuracy),
+        }
+    }
+}
+
 /// Metrics of one model.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelReport {
     /// How prompts were rendered (`chat` or `raw`).
     pub prompt_style: String,
-    /// Perplexity on the first dataset that has one (the headline); per-dataset values below.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub perplexity: Option<f64>,
-    /// Exact-match accuracy (0..1) on the first `prompt_answer` dataset without choices.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exact_match: Option<f64>,
-    /// Multiple-choice accuracy (0..1) on the first dataset with choices.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mc_accuracy: Option<f64>,
+    /// The headline scores: each from the first dataset that has it; per-dataset values below.
+    #[serde(flatten)]
+    pub scores: Scores,
     /// Per-dataset metrics.
     pub datasets: BTreeMap<String, DatasetReport>,
     /// Outputs for the fixed prompts.
@@ -54,15 +79,9 @@ pub struct ModelReport {
 pub struct DatasetReport {
     /// Records evaluated.
     pub n: usize,
-    /// Perplexity over the scored tokens (all tokens for text, answers / assistant turns otherwise).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub perplexity: Option<f64>,
-    /// Exact-match accuracy (0..1).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exact_match: Option<f64>,
-    /// Multiple-choice accuracy (0..1).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mc_accuracy: Option<f64>,
+    /// The scores on this dataset.
+    #[serde(flatten)]
+    pub scores: Scores,
     /// A few graded exact-match samples, so reports can be compared by eye.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<GradedSample>,

@@ -126,6 +126,20 @@ pub enum PlanError {
         /// What is accepted.
         wants: String,
     },
+    /// An input dataset's format is not one the stage reads.
+    #[error("stage '{stage}' takes {param} = '{target}', but dataset '{target}' has format {format}, not {wants}")]
+    FormatMismatch {
+        /// The reading stage.
+        stage: String,
+        /// The param naming the input.
+        param: String,
+        /// The dataset.
+        target: String,
+        /// Its format.
+        format: &'static str,
+        /// What is accepted.
+        wants: String,
+    },
     /// The stages form a cycle (names in data-flow order).
     #[error("stages depend on each other in a cycle: {}", cycle_text(.0))]
     Cycle(Vec<String>),
@@ -304,12 +318,19 @@ fn check_edges(recipe: &Recipe, outputs: &BTreeMap<String, ArtifactKind>) -> Res
                         });
                     }
                 }
-                InputRef::Dataset { param, dataset, .. } => {
-                    if !recipe.datasets.contains_key(dataset) {
-                        return Err(PlanError::UnknownDataset {
+                InputRef::Dataset { param, dataset, accepts } => {
+                    let spec = recipe.datasets.get(dataset).ok_or_else(|| PlanError::UnknownDataset {
+                        stage: s.name.clone(),
+                        param: param.to_string(),
+                        target: dataset.clone(),
+                    })?;
+                    if !accepts.contains(&spec.format) {
+                        return Err(PlanError::FormatMismatch {
                             stage: s.name.clone(),
                             param: param.to_string(),
                             target: dataset.clone(),
+                            format: spec.format.as_str(),
+                            wants: accepts.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(" or "),
                         });
                     }
                 }

@@ -244,6 +244,13 @@ fn programmatic_recipes_get_structural_errors() {
     let e = build_with(&r, &c, &ds, CPU, &registry()).unwrap_err();
     assert_eq!(e.to_string(), "stages depend on each other in a cycle: base → sft → base");
 
+    let mut r = recipe(GOOD, &[]);
+    let sft = r.stages.iter_mut().find(|s| s.name == "sft").unwrap();
+    sft.inputs[1] =
+        InputRef::Dataset { param: "data", dataset: "chat".into(), accepts: &[crate::data::spec::DataFormat::Dpo] };
+    let e = build_with(&r, &c, &ds, CPU, &registry()).unwrap_err();
+    assert_eq!(e.to_string(), "stage 'sft' takes data = 'chat', but dataset 'chat' has format sharegpt, not dpo");
+
     let r = recipe(GOOD, &[]);
     let mut partial = ds.clone();
     partial.remove("chat");

@@ -10,52 +10,15 @@
 //! per `on_bad_record` with file:line; pairs whose answer is truncated away by `max_seq_len`, or
 //! whose two sides become identical after truncation, are skipped and counted in the stage metrics.
 
-use super::training::training_params;
+use super::training::{training_params, LoraParams, Policy};
 use super::{InputRef, InvalidParam, Stage, StageContext, StageKind, StageOutcome, StageParams};
-use crate::align::dpo::{evaluate_dpo, frozen_reference, train_dpo, PairRows};
+use crate::align::dpo::{evaluate_dpo, train_dpo, PairRows};
 use crate::artifact::ArtifactKind;
-use crate::data::shards::{tokenized, ShardParams};
+use crate::data::shards::ShardParams;
 use crate::data::spec::DataFormat;
-use crate::model::lora::{LoraAdapters, LoraConfig, Targets};
 use crate::model::weights;
 use crate::train::BatchSource;
 use anyhow::{bail, Context};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
-
-/// LoRA settings inside a training stage (`lora = { rank = 8 }`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LoraParams {
-    /// Adapter rank.
-    pub rank: usize,
-    /// `lora_alpha` (update scale alpha / rank); default `2 * rank`.
-    #[serde(default)]
-    pub alpha: Option<f64>,
-    /// Dropout on the adapter input while training.
-    #[serde(default)]
-    pub dropout: f64,
-    /// `"all-linear"` or a comma-separated list of module names (`"q_proj,v_proj"`).
-    #[serde(default = "default_targets")]
-    pub targets: String,
-}
-
-fn default_targets() -> String {
-    "all-linear".into()
-}
-
-impl LoraParams {
-    /// The model-level config (seeded from the stage seed).
-    pub fn to_config(&self, seed: u64) -> anyhow::Result<LoraConfig> {
-        Ok(LoraConfig {
-            rank: self.rank,
-            alpha: self.alpha.unwrap_or(2.0 * self.rank as f64),
-            dropout: self.dropout,
-            targets: Targets::parse(&self.targets)?,
-            seed,
-        })
-    }
-}
 
 training_params! {
     /// Parameters of a `dpo` stage.
@@ -118,18 +81,9 @@ impl Stage for DpoStage {
         // Device and precision policy; every model below is built through it.
         let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
         let seed = p.seed_or(ctx.recipe.meta.seed);
-        let ds = ctx.inputs.dataset(&p.data)?;
-        if ds.spec.format != DataFormat::Dpo {
-            bail!(
-                "dpo stage '{stage}': dataset '{}' has format {:?}; DPO needs format = \"dpo\" (chosen/rejected pairs)",
-                p.data,
-                ds.spec.format
-            );
-        }
         let from = ctx.inputs.model(&p.from, &stage)?;
         let sp = ShardParams { max_seq_len: p.max_seq_len, seed, ..ShardParams::default() };
-        let shards = tokenized(ctx.cache, ds, from, &sp, ctx.cancel, Some(ctx.run as _))
-            .with_context(|| format!("dpo stage '{stage}': tokenising dataset '{}'", p.data))?;
+        let shards = super::fit::tokenize(ctx, &p.data, from, &sp)?;
         let (data, skipped) = PairRows::from_shards(shards);
         if data.len() == 0 {
             bail!(
@@ -142,23 +96,8 @@ impl Stage for DpoStage {
             );
         }
 
-        let mut policy = compute
-            .load_model(&from.dir, p.lora.is_none())
-            .with_context(|| format!("dpo stage '{stage}': loading model from stage '{}'", p.from))?;
-        let adapters = match &p.lora {
-            Some(l) => Some(LoraAdapters::attach(&mut policy, &l.to_config(seed)?)?),
-            None => None,
-        };
-        let reference = match &p.reference {
-            Some(r) => compute
-                .load_model(&ctx.inputs.model(r, &stage)?.dir, false)
-                .with_context(|| format!("dpo stage '{stage}': loading reference from stage '{r}'"))?,
-            None => frozen_reference(&policy)?,
-        };
-        let params = match &adapters {
-            Some(a) => a.params(),
-            None => policy.params().to_vec(),
-        };
+        let Policy { model: mut policy, adapters, reference, params } =
+            Policy::load(ctx, &compute, &p.from, p.reference.as_deref(), p.lora.as_ref(), seed)?;
 
         let opts = p.train_options(ctx);
 

@@ -161,9 +161,7 @@ impl Stage for EvalStage {
             let art = ctx.inputs.model(model_name, ctx.name)?;
             let mr = eval_model(ctx, art, model_name, params, &gen, &sets, &device)
                 .with_context(|| format!("eval stage '{}': evaluating model '{model_name}'", ctx.name))?;
-            for (k, v) in
-                [("perplexity", mr.perplexity), ("exact_match", mr.exact_match), ("mc_accuracy", mr.mc_accuracy)]
-            {
+            for (k, v) in mr.scores.named() {
                 if let Some(v) = v.filter(|v| v.is_finite()) {
                     metrics.insert(format!("{model_name}.{k}"), serde_json::json!(v));
                 }
@@ -325,23 +323,21 @@ fn eval_model(
                 for ex in examples {
                     seqs.extend(enc.scored(ex, params.max_seq_len)?);
                 }
-                dr.perplexity = Some(ev.perplexity(&seqs)?);
+                dr.scores.perplexity = Some(ev.perplexity(&seqs)?);
             }
             EvalSet::PromptAnswer(items) => {
                 dr.n = items.len();
                 let (acc, samples) = ev.exact_match(items, &gen, params.keep_samples)?;
-                dr.exact_match = Some(acc);
+                dr.scores.exact_match = Some(acc);
                 dr.samples = samples;
-                dr.perplexity = Some(ev.answer_perplexity(items)?);
+                dr.scores.perplexity = Some(ev.answer_perplexity(items)?);
             }
             EvalSet::MultipleChoice(items) => {
                 dr.n = items.len();
-                dr.mc_accuracy = Some(ev.multiple_choice(items)?);
+                dr.scores.mc_accuracy = Some(ev.multiple_choice(items)?);
             }
         }
-        mr.perplexity = mr.perplexity.or(dr.perplexity);
-        mr.exact_match = mr.exact_match.or(dr.exact_match);
-        mr.mc_accuracy = mr.mc_accuracy.or(dr.mc_accuracy);
+        mr.scores = mr.scores.or(dr.scores);
         ctx.run_metric(name, ds_name, &dr);
         mr.datasets.insert(ds_name.clone(), dr);
     }
@@ -414,8 +410,8 @@ impl RunMetric for StageContext<'_> {
     fn run_metric(&self, model: &str, dataset: &str, dr: &DatasetReport) {
         let _ = self.run.metric(
             self.name,
-            serde_json::json!({"model": model, "dataset": dataset, "n": dr.n, "perplexity": dr.perplexity,
-                "exact_match": dr.exact_match, "mc_accuracy": dr.mc_accuracy}),
+            serde_json::json!({"model": model, "dataset": dataset, "n": dr.n, "perplexity": dr.scores.perplexity,
+                "exact_match": dr.scores.exact_match, "mc_accuracy": dr.scores.mc_accuracy}),
         );
     }
 }

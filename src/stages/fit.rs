@@ -3,7 +3,7 @@
 
 use super::{StageContext, StageOutcome};
 use crate::artifact::Artifact;
-use crate::data::shards::ShardParams;
+use crate::data::shards::{ShardParams, TokenShards};
 use crate::model::MiniMind;
 use crate::train::batch::BatchSource;
 use crate::train::data_source::ShardSource;
@@ -11,9 +11,23 @@ use crate::train::trainer::{train, LossOutput, TrainOptions, TrainSummary};
 use anyhow::Context;
 use std::path::Path;
 
-/// Tokenise (once, cached) dataset `data` with the tokenizer files of `tok` and wrap it as batches
-/// of `shard.max_seq_len` tokens at most (`packing` short documents together, padding each batch
-/// to its longest row or, with `pad_to_max`, to `max_seq_len` like the reference).
+/// Dataset `data` tokenised with the tokenizer files of `tok`: built once into the cache's
+/// `shards-v1` bucket, its rejects recorded in this run. (Its format was checked against what the
+/// stage declares when the recipe loaded, and again when it was planned.)
+pub fn tokenize(
+    ctx: &StageContext<'_>,
+    data: &str,
+    tok: &Artifact,
+    shard: &ShardParams,
+) -> anyhow::Result<TokenShards> {
+    let ds = ctx.inputs.dataset(data)?;
+    crate::data::shards::tokenized(ctx.cache, ds, tok, shard, ctx.cancel, Some(ctx.run as _))
+        .with_context(|| format!("tokenising dataset '{data}' for stage '{}'", ctx.name))
+}
+
+/// Tokenise dataset `data` (see [`tokenize`]) and wrap it as batches of `shard.max_seq_len`
+/// tokens at most (`packing` short documents together, padding each batch to its longest row or,
+/// with `pad_to_max`, to `max_seq_len` like the reference).
 pub fn shard_source(
     ctx: &StageContext<'_>,
     data: &str,
@@ -23,9 +37,7 @@ pub fn shard_source(
     pad_to_max: bool,
     seed: u64,
 ) -> anyhow::Result<ShardSource> {
-    let ds = ctx.inputs.dataset(data)?;
-    let shards = crate::data::shards::tokenized(ctx.cache, ds, tok, shard, ctx.cancel, Some(ctx.run as _))
-        .with_context(|| format!("tokenising dataset '{data}' for stage '{}'", ctx.name))?;
+    let shards = tokenize(ctx, data, tok, shard)?;
     anyhow::ensure!(
         !shards.is_empty(),
         "dataset '{data}' has no usable examples after tokenisation (stage '{}'); check its format and content",

@@ -15,10 +15,8 @@
 //! With `reward_eval_prompts = N` the stage also measures the mean reward on the first N prompts
 //! before and after training with identical sampling seeds (`reward_before` / `reward_after`).
 
-use super::dpo::LoraParams;
-use super::training::training_params;
+use super::training::{training_params, LoraParams, Policy};
 use super::{InputRef, InvalidParam, Stage, StageContext, StageKind, StageOutcome, StageParams};
-use crate::align::dpo::frozen_reference;
 use crate::align::grpo::{Grpo, Prompt, PromptSet, RolloutConfig};
 use crate::align::losses::{GrpoLossConfig, PolicyLossKind};
 use crate::align::rewards::{RewardSet, RewardSpec};
@@ -27,7 +25,6 @@ use crate::data::spec::DataFormat;
 use crate::data::tokenize::TextTokenizer;
 use crate::data::{Example, Message};
 use crate::model::generate::GenerationConfig;
-use crate::model::lora::LoraAdapters;
 use crate::model::weights;
 use crate::train::BatchSource;
 use anyhow::{bail, Context};
@@ -186,27 +183,11 @@ impl Stage for GrpoStage {
         let tok = TextTokenizer::from_artifact(from)
             .with_context(|| format!("grpo stage '{stage}': loading the tokenizer of stage '{}'", p.from))?;
 
-        let mut policy = compute
-            .load_model(&from.dir, p.lora.is_none())
-            .with_context(|| format!("grpo stage '{stage}': loading model from stage '{}'", p.from))?;
+        let Policy { model: mut policy, adapters, reference, params } =
+            Policy::load(ctx, &compute, &p.from, p.reference.as_deref(), p.lora.as_ref(), seed)?;
         let max_prompt = p.max_prompt_len.min(policy.config().max_position_embeddings.saturating_sub(1));
         let (prompts, skipped_long) = load_prompts(ctx, p, &tok, &rewards, max_prompt)?;
         let data = PromptSet::new(prompts, tok.pad);
-
-        let adapters = match &p.lora {
-            Some(l) => Some(LoraAdapters::attach(&mut policy, &l.to_config(seed)?)?),
-            None => None,
-        };
-        let reference = match &p.reference {
-            Some(r) => compute
-                .load_model(&ctx.inputs.model(r, &stage)?.dir, false)
-                .with_context(|| format!("grpo stage '{stage}': loading reference from stage '{r}'"))?,
-            None => frozen_reference(&policy)?,
-        };
-        let params = match &adapters {
-            Some(a) => a.params(),
-            None => policy.params().to_vec(),
-        };
         let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
         let generation = GenerationConfig {
             max_new_tokens: p.max_new_tokens,

@@ -4,12 +4,11 @@
 //! plus the tokenizer files; with `merge = true` it also holds the merged full model
 //! (`config.json` + `model.safetensors`), which `dpo` can start from.
 
-use super::dpo::LoraParams;
-use super::training::training_params;
+use super::training::{training_params, LoraParams};
 use super::{InputRef, InvalidParam, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::align::sft_lora::train_lora;
 use crate::artifact::ArtifactKind;
-use crate::data::shards::{tokenized, ShardParams};
+use crate::data::shards::ShardParams;
 use crate::data::spec::DataFormat;
 use crate::model::lora::LoraAdapters;
 use crate::model::weights;
@@ -88,18 +87,9 @@ impl Stage for LoraStage {
         let stage = ctx.name.to_string();
         let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
         let seed = p.seed_or(ctx.recipe.meta.seed);
-        let ds = ctx.inputs.dataset(&p.data)?;
-        if !matches!(ds.spec.format, DataFormat::Sharegpt | DataFormat::Openai | DataFormat::Alpaca) {
-            bail!(
-                "lora stage '{stage}': dataset '{}' has format {:?}; LoRA trains on chat data (sharegpt, openai or alpaca)",
-                p.data,
-                ds.spec.format
-            );
-        }
         let from = ctx.inputs.artifact(&p.from)?;
         let sp = ShardParams { max_seq_len: p.max_seq_len, seed, ..ShardParams::default() };
-        let shards = tokenized(ctx.cache, ds, from, &sp, ctx.cancel, Some(ctx.run as _))
-            .with_context(|| format!("lora stage '{stage}': tokenising dataset '{}'", p.data))?;
+        let shards = super::fit::tokenize(ctx, &p.data, from, &sp)?;
         let (mut rows, mut no_loss) = (Vec::new(), 0usize);
         for i in 0..shards.len() {
             let s = shards.get(i).swap_remove(0);

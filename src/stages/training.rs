@@ -199,3 +199,84 @@ pub(crate) fn default_grad_clip() -> f64 {
 pub(crate) fn default_weight_decay() -> f64 {
     0.01
 }
+
+/// LoRA settings inside a training stage (`lora = { rank = 8 }`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraParams {
+    /// Adapter rank.
+    pub rank: usize,
+    /// `lora_alpha` (update scale alpha / rank); default `2 * rank`.
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// Dropout on the adapter input while training.
+    #[serde(default)]
+    pub dropout: f64,
+    /// `"all-linear"` or a comma-separated list of module names (`"q_proj,v_proj"`).
+    #[serde(default = "default_targets")]
+    pub targets: String,
+}
+
+fn default_targets() -> String {
+    "all-linear".into()
+}
+
+impl LoraParams {
+    /// The model-level config (seeded from the stage seed).
+    pub fn to_config(&self, seed: u64) -> anyhow::Result<crate::model::lora::LoraConfig> {
+        Ok(crate::model::lora::LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha.unwrap_or(2.0 * self.rank as f64),
+            dropout: self.dropout,
+            targets: crate::model::lora::Targets::parse(&self.targets)?,
+            seed,
+        })
+    }
+}
+
+/// The model a preference or RL stage (DPO, GRPO) optimises and its frozen reference, loaded from
+/// the `from`, `reference` and `lora` params that [`policy_inputs`] declares.
+pub(crate) struct Policy {
+    /// The policy; its own weights are frozen when LoRA adapters train instead.
+    pub model: crate::model::MiniMind,
+    /// The LoRA adapters attached to `model`, when the stage trains adapters.
+    pub adapters: Option<crate::model::lora::LoraAdapters>,
+    /// The frozen reference: the `reference` stage's model, or the starting policy's weights.
+    pub reference: crate::model::MiniMind,
+    /// What the optimiser updates: the adapters' tensors, or every weight of the policy.
+    pub params: Vec<(String, candle_core::Var)>,
+}
+
+impl Policy {
+    /// Load stage `from`'s model as the policy (in `compute`'s precision), attach adapters seeded
+    /// by `seed` when `lora` is set, and load or copy the reference.
+    pub fn load(
+        ctx: &super::StageContext<'_>,
+        compute: &crate::train::device::Compute,
+        from: &str,
+        reference: Option<&str>,
+        lora: Option<&LoraParams>,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let stage = ctx.name;
+        let mut model = compute
+            .load_model(&ctx.inputs.model(from, stage)?.dir, lora.is_none())
+            .with_context(|| format!("stage '{stage}': loading model from stage '{from}'"))?;
+        let adapters = match lora {
+            Some(l) => Some(crate::model::lora::LoraAdapters::attach(&mut model, &l.to_config(seed)?)?),
+            None => None,
+        };
+        let reference = match reference {
+            Some(r) => compute
+                .load_model(&ctx.inputs.model(r, stage)?.dir, false)
+                .with_context(|| format!("stage '{stage}': loading reference from stage '{r}'"))?,
+            None => crate::align::dpo::frozen_reference(&model)?,
+        };
+        let params = match &adapters {
+            Some(a) => a.params(),
+            None => model.params().to_vec(),
+        };
+        Ok(Self { model, adapters, reference, params })
+    }
+}
