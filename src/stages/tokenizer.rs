@@ -13,6 +13,7 @@
 
 use super::{InputRef, InvalidParam, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::artifact::{layout, ArtifactKind};
+use crate::cancel::Interrupted;
 use crate::data::chat::REFERENCE_TEMPLATE;
 use crate::data::read::{for_each_example, Example};
 use crate::data::spec::DataFormat;
@@ -170,30 +171,9 @@ impl Stage for TokenizerStage {
                 metrics.insert("adopted".into(), json!(src));
             }
             (None, false) => {
-                let mut texts = Vec::new();
-                for name in &params.data {
-                    let ds = ctx.inputs.dataset(name)?;
-                    let limit = params.max_texts;
-                    let res = for_each_example(ds, Some(ctx.run as _), |ex| {
-                        if limit == 0 || texts.len() < limit {
-                            texts.push(training_text(&ex));
-                        }
-                        if ctx.cancel.is_cancelled() {
-                            return Err(Stop::Cancelled);
-                        }
-                        Ok(())
-                    });
-                    match res {
-                        Err(Stop::Cancelled) => return Err(crate::cancel::Interrupted.into()),
-                        Err(Stop::Data(e)) => return Err(e).with_context(|| format!("stage '{}'", ctx.name)),
-                        Ok(_) => {}
-                    }
-                }
-                let bar = crate::data::progress_spinner(&format!("training BPE tokenizer on {} texts", texts.len()));
-                let tok = train(&texts, params.vocab_size)?;
-                bar.finish_and_clear();
+                let (tok, count) = train_streaming(ctx, params)?;
                 write_trained(&tok, ctx.out_dir)?;
-                metrics.insert("texts".into(), json!(texts.len()));
+                metrics.insert("texts".into(), json!(count));
             }
         }
         // Validate what we wrote: it loads and has the markers the loss masks need.
@@ -204,9 +184,61 @@ impl Stage for TokenizerStage {
     }
 }
 
+/// Train on the stage's datasets. The texts stream to the BPE trainer on its own thread through a
+/// bounded channel, so memory holds the trainer's word counts (they grow with the distinct words,
+/// not with the text) and never the corpus. This thread polls Ctrl-C while it reads and while the
+/// trainer counts and merges, which the `tokenizers` crate cannot be asked to stop: on Ctrl-C the
+/// stage returns [`Interrupted`] at once and the abandoned trainer thread ends with the process.
+/// Nothing is written before training finished, so an interrupted stage leaves nothing behind.
+fn train_streaming(ctx: &StageContext<'_>, params: &TokenizerParams) -> anyhow::Result<(tokenizers::Tokenizer, usize)> {
+    check_vocab_size(params.vocab_size)?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<String>(256);
+    let vocab_size = params.vocab_size;
+    let trainer = std::thread::Builder::new()
+        .name("bpe-trainer".into())
+        .spawn(move || train(rx, vocab_size))
+        .context("cannot start the tokenizer trainer thread")?;
+    let limit = params.max_texts;
+    let mut count = 0usize;
+    for name in &params.data {
+        let ds = ctx.inputs.dataset(name)?;
+        let res = for_each_example(ds, Some(ctx.run as _), |ex| {
+            if ctx.cancel.is_cancelled() {
+                return Err(Stop::Cancelled);
+            }
+            if limit == 0 || count < limit {
+                tx.send(training_text(&ex)).map_err(|_| Stop::TrainerFailed)?;
+                count += 1;
+            }
+            Ok(())
+        });
+        match res {
+            Err(Stop::Cancelled) => return Err(Interrupted.into()),
+            Err(Stop::Data(e)) => return Err(e).with_context(|| format!("stage '{}'", ctx.name)),
+            // The trainer stopped reading: `join` below reports why.
+            Err(Stop::TrainerFailed) => break,
+            Ok(_) => {}
+        }
+    }
+    drop(tx);
+    let bar = crate::data::progress_spinner(&format!("training BPE tokenizer on {count} texts"));
+    while !trainer.is_finished() {
+        if ctx.cancel.is_cancelled() {
+            bar.abandon();
+            return Err(Interrupted.into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    bar.finish_and_clear();
+    let tok = trainer.join().map_err(|_| anyhow::anyhow!("stage '{}': the tokenizer trainer panicked", ctx.name))??;
+    Ok((tok, count))
+}
+
+/// Why the texts stopped flowing to the trainer.
 enum Stop {
     Cancelled,
     Data(DataError),
+    TrainerFailed,
 }
 
 impl From<DataError> for Stop {
@@ -228,15 +260,27 @@ pub fn training_text(ex: &Example) -> String {
     }
 }
 
-/// Train a byte-level BPE with the MiniMind special tokens (ids 0..35).
-pub fn train(texts: &[String], vocab_size: usize) -> anyhow::Result<tokenizers::Tokenizer> {
-    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper};
+/// A trained vocabulary holds every special token and every byte.
+fn check_vocab_size(vocab_size: usize) -> anyhow::Result<()> {
     let floor = SPECIAL_TOKENS.len() + 256;
     if vocab_size < floor {
         bail!("vocab_size = {vocab_size} is too small: it must be at least {floor} (36 special + 256 byte tokens)");
     }
+    Ok(())
+}
+
+/// Train a byte-level BPE with the MiniMind special tokens (ids 0..35). The texts are consumed as
+/// they come: memory holds the word counts, not the corpus.
+pub fn train<I, S>(texts: I, vocab_size: usize) -> anyhow::Result<tokenizers::Tokenizer>
+where
+    I: IntoIterator<Item = S>,
+    I::IntoIter: Send,
+    S: AsRef<str> + Send,
+{
+    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper};
+    check_vocab_size(vocab_size)?;
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(false)
         .vocab_size(vocab_size)
@@ -258,7 +302,7 @@ pub fn train(texts: &[String], vocab_size: usize) -> anyhow::Result<tokenizers::
     .with_decoder(Some(ByteLevel::new(false, true, true).into()))
     .build()
     .map_err(|e| anyhow::anyhow!("building the tokenizer: {e}"))?;
-    tok.train(&mut trainer, texts.iter()).map_err(|e| anyhow::anyhow!("training the tokenizer: {e}"))?;
+    tok.train(&mut trainer, texts.into_iter()).map_err(|e| anyhow::anyhow!("training the tokenizer: {e}"))?;
     // As the reference: rewrite the tool/think/buffer tags to `special: false` in tokenizer.json.
     let generic: tokenizers::Tokenizer = tok.into();
     let mut j: Value = serde_json::from_str(&generic.to_string(false).map_err(|e| anyhow::anyhow!("{e}"))?)?;
