@@ -84,6 +84,12 @@ fn values_that_can_never_work_fail_at_load_time() {
         ("lr_neg", with_base("max_steps = 2", "max_steps = 2\nlr = -1e-3"), "lr = -1e-3", "cannot train"),
         ("lr_nan", with_base("max_steps = 2", "max_steps = 2\nlr = nan"), "lr = nan", "cannot train"),
         ("lr_inf", with_base("max_steps = 2", "max_steps = 2\nlr = inf"), "lr = inf", "cannot train"),
+        (
+            "ckpt_day",
+            with_base("max_steps = 2", "max_steps = 2\nsave_every_secs = 864000"),
+            "save_every_secs = 864000",
+            "more than a day",
+        ),
         ("vocab1", b.replacen("vocab_size = 400", "vocab_size = 1", 1), "vocab_size = 1", "vocab_size = 1"),
         ("vocab0", b.replacen("vocab_size = 400", "vocab_size = 0", 1), "vocab_size = 0", "vocab_size = 0"),
         ("tok_nodata", b.replacen("data = [\"text\"]", "data = []", 1), "data = []", "data is empty"),

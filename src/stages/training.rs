@@ -7,7 +7,7 @@
 
 /// Declare a training stage's parameter struct: the fields written inside, then the fields every
 /// trainer shares (`lr`, `batch_size`, `epochs`, `max_steps`, `accumulation_steps`, `grad_clip`,
-/// `warmup_steps`, `weight_decay`, `seed`, `save_every`, `log_every`) with this stage's defaults,
+/// `warmup_steps`, `weight_decay`, `seed`, `save_every`, `save_every_secs`, `log_every`) with this stage's defaults,
 /// plus `seed_or()` and `train_options()`. It defines `default_lr`, `default_batch_size`,
 /// `default_epochs`, `default_save_every` and `default_log_every` in the calling module.
 macro_rules! training_params {
@@ -48,10 +48,15 @@ macro_rules! training_params {
             /// Seed for initialisation, data order and sampling (default: the recipe's).
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub seed: Option<u64>,
-            /// Checkpoint every N optimiser steps (0: only on interrupt). Cosmetic: resuming is
-            /// exact either way.
+            /// Checkpoint every N optimiser steps (0: not by count). Cosmetic: resuming is exact
+            /// either way.
             #[serde(default = "default_save_every")]
             pub save_every: usize,
+            /// Also checkpoint when this many seconds have passed since the last checkpoint
+            /// (0: after every step), so a crash or `kill -9` loses at most this much training.
+            /// Cosmetic.
+            #[serde(default = "crate::stages::training::default_save_every_secs")]
+            pub save_every_secs: u64,
             /// Progress refresh every N steps (cosmetic; metrics are logged every step).
             #[serde(default = "default_log_every")]
             pub log_every: usize,
@@ -88,7 +93,7 @@ macro_rules! training_params {
                 if let Some(n) = self.max_steps {
                     crate::stages::training::at_least("max_steps", n, 1)?;
                 }
-                Ok(())
+                crate::stages::training::save_every_secs(self.save_every_secs)
             }
 
             /// The shared loop's options for this stage: checkpoints in its work dir, per-step
@@ -104,6 +109,7 @@ macro_rules! training_params {
                 o.epochs = self.epochs;
                 o.max_steps = self.max_steps;
                 o.save_every = self.save_every;
+                o.save_interval = Some(std::time::Duration::from_secs(self.save_every_secs));
                 o.log_every = self.log_every;
                 o.seed = self.seed_or(ctx.recipe.meta.seed);
                 o.metrics_path = Some(ctx.run.dir().join(crate::runs::files::METRICS));
@@ -119,7 +125,32 @@ pub(crate) use training_params;
 
 /// The cosmetic params of every training stage: checkpoint cadence and progress output never
 /// change the trained weights (resuming is exact either way).
-pub(crate) const COSMETIC: &[&str] = &["save_every", "log_every"];
+pub(crate) const COSMETIC: &[&str] = &["save_every", "save_every_secs", "log_every"];
+
+/// Default of `save_every_secs`: a crash loses at most five minutes of training, and a
+/// checkpoint (a few seconds for the largest models mmrun trains) stays a small share of that.
+pub(crate) fn default_save_every_secs() -> u64 {
+    300
+}
+
+/// The longest `save_every_secs` accepted: a day. Anything longer is almost surely a unit slip
+/// (milliseconds), which would silently turn off crash recovery.
+const MAX_SAVE_EVERY_SECS: u64 = 86_400;
+
+/// `save_every_secs` is at most [`MAX_SAVE_EVERY_SECS`].
+pub(crate) fn save_every_secs(secs: u64) -> Result<(), crate::recipe::InvalidParam> {
+    if secs <= MAX_SAVE_EVERY_SECS {
+        return Ok(());
+    }
+    Err(crate::recipe::InvalidParam {
+        key: "save_every_secs",
+        message: format!("save_every_secs = {secs} is more than a day: a crash would lose all of that training"),
+        hint: format!(
+            "give seconds between checkpoints, at most {MAX_SAVE_EVERY_SECS} (default {}; 0 = after every step)",
+            default_save_every_secs()
+        ),
+    })
+}
 
 /// The inputs of a stage that optimises a policy `from` a model against a frozen `reference`
 /// (DPO, GRPO): both accept a model or a merged LoRA stage; `data` has one of the formats `accepts`.

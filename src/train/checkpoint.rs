@@ -11,6 +11,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Bumped when the checkpoint format changes.
 pub const FORMAT: u32 = 1;
@@ -43,6 +44,36 @@ pub struct TrainState {
     pub losses: Vec<f32>,
     /// Parameter names, in optimiser order (checked on load).
     pub params: Vec<String>,
+}
+
+/// When the loop writes a checkpoint after an optimiser step: every `every_steps` steps (0: not by
+/// count) and whenever `interval` has passed since the last checkpoint (or since the loop started;
+/// `Some(ZERO)`: after every step; `None`: not by time). The caller passes the current time in,
+/// so the policy is tested with made-up instants and the loop's results never depend on it.
+#[derive(Clone, Debug)]
+pub struct Cadence {
+    every_steps: usize,
+    interval: Option<Duration>,
+    last: Instant,
+}
+
+impl Cadence {
+    /// A cadence whose interval starts counting at `now`.
+    pub fn new(every_steps: usize, interval: Option<Duration>, now: Instant) -> Self {
+        Self { every_steps, interval, last: now }
+    }
+
+    /// Whether a checkpoint is due after optimiser step `step`, at `now`.
+    pub fn due(&self, step: usize, now: Instant) -> bool {
+        let by_count = self.every_steps > 0 && step.is_multiple_of(self.every_steps);
+        let by_time = self.interval.is_some_and(|i| now.saturating_duration_since(self.last) >= i);
+        by_count || by_time
+    }
+
+    /// A checkpoint was written at `now`: the interval starts again.
+    pub fn saved(&mut self, now: Instant) {
+        self.last = now;
+    }
 }
 
 fn root(work_dir: &Path) -> PathBuf {

@@ -368,3 +368,51 @@ fn bf16_training_tracks_the_f32_loss_curve() {
         assert!(c[steps - 1] < 0.5 * c[0], "did not learn: {c:?}");
     }
 }
+
+#[test]
+fn checkpoint_cadence_counts_steps_and_time_from_the_last_checkpoint() {
+    use super::checkpoint::Cadence;
+    use std::time::{Duration, Instant};
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+
+    let mut c = Cadence::new(0, Some(Duration::from_secs(300)), t0);
+    assert!(!c.due(1, at(299)));
+    assert!(c.due(1, at(300)));
+    c.saved(at(310));
+    assert!(!c.due(2, at(600)), "the interval restarts at the last checkpoint");
+    assert!(c.due(2, at(610)));
+
+    let c = Cadence::new(4, None, t0);
+    assert!(!c.due(3, at(1_000_000)), "no interval: time never triggers");
+    assert!(c.due(8, t0));
+
+    let c = Cadence::new(4, Some(Duration::from_secs(60)), t0);
+    assert!(c.due(4, t0), "either rule triggers");
+    assert!(c.due(5, at(60)));
+    assert!(!c.due(5, at(59)));
+
+    let c = Cadence::new(0, Some(Duration::ZERO), t0);
+    assert!(c.due(1, t0) && c.due(2, t0), "a zero interval checkpoints after every step");
+}
+
+#[test]
+fn zero_save_interval_checkpoints_after_every_step_but_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.max_steps = Some(5);
+    o.save_interval = Some(std::time::Duration::ZERO);
+    run(&o, &toy_data(false), 8);
+    let ckpts = dir.path().join("checkpoints");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    // Two are kept; the last step is published, not checkpointed.
+    assert_eq!(names, ["step-00000003", "step-00000004"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.max_steps = Some(5);
+    run(&o, &toy_data(false), 8);
+    assert!(!dir.path().join("checkpoints").exists(), "neither by count nor by time");
+}

@@ -15,7 +15,7 @@ use crate::cancel::{CancelToken, Interrupted};
 use anyhow::Context;
 use candle_core::{DType, Tensor, Var};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Hyper-parameters and I/O of one training run.
 #[derive(Clone, Debug)]
@@ -38,8 +38,11 @@ pub struct TrainOptions {
     pub epochs: usize,
     /// Stop after this many optimiser steps (wrapping epochs as needed).
     pub max_steps: Option<usize>,
-    /// Checkpoint every N optimiser steps (0: only on interrupt). Does not change results.
+    /// Checkpoint every N optimiser steps (0: not by count). Does not change results.
     pub save_every: usize,
+    /// Also checkpoint once this much time has passed since the last checkpoint (`Some(ZERO)`:
+    /// after every step; `None`: not by time). Does not change results.
+    pub save_interval: Option<Duration>,
     /// Progress message refresh interval in steps. Does not change results.
     pub log_every: usize,
     /// Data-order seed.
@@ -68,6 +71,7 @@ impl TrainOptions {
             epochs: 1,
             max_steps: None,
             save_every: 0,
+            save_interval: None,
             log_every: 10,
             seed: 42,
             work_dir,
@@ -133,7 +137,7 @@ pub struct TrainSummary {
 }
 
 impl TrainSummary {
-    /// The summary as stage metrics.
+    /// The summary as stage metrics (`resumed_from` only when a checkpoint was resumed).
     pub fn to_metrics(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut m = serde_json::Map::new();
         m.insert("steps".into(), self.steps.into());
@@ -141,12 +145,16 @@ impl TrainSummary {
         m.insert("tokens".into(), self.tokens.into());
         m.insert("useful_tokens".into(), self.useful_tokens.into());
         m.insert("tokens_per_s".into(), self.tokens_per_s.into());
+        if let Some(step) = self.resumed_from {
+            m.insert("resumed_from".into(), step.into());
+        }
         m
     }
 }
 
 /// Train `params` on `data` with `loss_fn`, resuming from the newest checkpoint in
-/// `opts.work_dir` if one exists. On `cancel` a checkpoint is saved and [`Interrupted`] returned.
+/// `opts.work_dir` if one exists. Checkpoints follow `opts.save_every` and `opts.save_interval`
+/// ([`checkpoint::Cadence`]); on `cancel` one is saved and [`Interrupted`] returned.
 pub fn train<F>(
     params: &[(String, Var)],
     data: &dyn BatchSource,
@@ -190,6 +198,7 @@ where
         st = saved;
     }
     let mut last_ckpt = resumed_from;
+    let mut cadence = checkpoint::Cadence::new(opts.save_every, opts.save_interval, Instant::now());
 
     let mut metrics = opts.metrics_path.as_deref().map(MetricsFile::open).transpose()?;
     let bar = progress_bar(opts, total_steps, st.step);
@@ -269,8 +278,10 @@ where
             bar.set_message(format!("loss {loss:.4}  {tps:.0} tok/s  lr {lr:.2e}"));
             tracing::debug!(stage = %opts.stage, step = st.step, loss, lr, grad_norm = norm, tokens_per_s = tps);
         }
-        if opts.save_every > 0 && st.step.is_multiple_of(opts.save_every) && st.step < total_steps {
+        // The last step is followed by publishing, which makes a checkpoint pointless.
+        if st.step < total_steps && cadence.due(st.step, Instant::now()) {
             checkpoint::save(&opts.work_dir, params, &opt, &st)?;
+            cadence.saved(Instant::now());
             last_ckpt = Some(st.step);
         }
     }
