@@ -149,3 +149,179 @@ fn sigint_mid_stage_exits_130_then_resume_continues() {
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
+
+/// `lines` lines of pseudo-random words (a few thousand distinct ones): long lines, so reading the
+/// file is quick next to counting and merging its words, which takes the BPE trainer seconds.
+fn corpus(lines: usize, words_per_line: usize) -> String {
+    const SYLLABLES: [&str; 16] =
+        ["ka", "lo", "mi", "nu", "re", "sa", "ti", "vo", "ban", "del", "fir", "gos", "hul", "jen", "kor", "lim"];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out = String::new();
+    for _ in 0..lines {
+        for w in 0..words_per_line {
+            if w > 0 {
+                out.push(' ');
+            }
+            let r = next();
+            for i in 0..(2 + r % 3) {
+                out.push_str(SYLLABLES[((r >> (8 + 4 * i)) & 15) as usize]);
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Ctrl-C while the tokenizer trains: the stage stops (exit 130, nothing published, the record
+/// says `interrupted`) instead of finishing first, and the next run trains it from the start.
+/// Whether the stage finished is what is checked, not how long it took.
+#[test]
+fn sigint_while_training_a_tokenizer_stops_the_stage_then_a_rerun_trains_it() {
+    let sb = Sandbox::new();
+    sb.write("corpus.txt", &corpus(150, 8000));
+    sb.write(
+        "r.toml",
+        "[recipe]\nname = \"tokint\"\n\n[datasets.corpus]\nsource = \"corpus.txt\"\nformat = \"text\"\n\n\
+         [stages.tok]\nkind = \"tokenizer\"\ndata = [\"corpus\"]\nvocab_size = 3000\n",
+    );
+    let plan = sb.plan(&["r.toml"]);
+    let key = plan["stages"][0]["key"].as_str().unwrap().to_string();
+    let mut child = sb
+        .command(&["r.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The record says `running` once the stage has started reading its data.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("mmrun finished ({status}) before the stage started; make the corpus bigger");
+        }
+        if sb.runs_json().last().is_some_and(|r| r["stages"]["tok"]["status"] == "running") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stage did not start within 240 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { kill(child.id() as i32, 2) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "the stage ignored Ctrl-C; stderr:\n{stderr}");
+    let rec = sb.last_run();
+    assert_eq!(rec["status"], "interrupted");
+    assert_eq!(rec["stages"]["tok"]["status"], "interrupted", "the stage finished instead of stopping");
+    assert!(!sb.home().join("objects-v1").join(&key).exists(), "nothing is published");
+    let leftovers: Vec<_> =
+        std::fs::read_dir(sb.home().join("tmp-v1")).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(leftovers.is_empty(), "the half-built artifact is discarded: {leftovers:?}");
+
+    sb.run_ok(&["r.toml"]);
+    let rec = sb.last_run();
+    assert_eq!(rec["stages"]["tok"]["status"], "ran");
+    assert!(sb.home().join("objects-v1").join(&key).join("manifest.json").is_file());
+    assert_objects_complete(&sb.home());
+}
+
+/// A LoRA stage with the time-based checkpoint interval at 0 (after every step), killed with
+/// SIGKILL once a checkpoint exists: the rerun continues from the newest checkpoint.
+#[test]
+fn sigkill_during_lora_then_rerun_resumes_from_its_last_checkpoint() {
+    let sb = Sandbox::new();
+    sb.write(
+        "r.toml",
+        r#"[recipe]
+name = "lorakill"
+seed = 3
+
+[model]
+preset = "tiny"
+
+[datasets.text]
+source = "builtin:arithmetic"
+format = "text"
+builtin = { count = 200 }
+
+[datasets.chat]
+source = "builtin:arithmetic"
+format = "sharegpt"
+builtin = { count = 200, seed = 2 }
+
+[stages.tok]
+kind = "tokenizer"
+data = ["text"]
+vocab_size = 400
+
+[stages.base]
+kind = "pretrain"
+tokenizer = "tok"
+data = "text"
+max_seq_len = 32
+batch_size = 4
+max_steps = 2
+
+[stages.adapt]
+kind = "lora"
+from = "base"
+data = "chat"
+rank = 4
+max_seq_len = 64
+batch_size = 2
+max_steps = 60
+save_every_secs = 0
+"#,
+    );
+    let plan = sb.plan(&["r.toml"]);
+    let key = plan["stages"].as_array().unwrap().iter().find(|s| s["name"] == "adapt").unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ckpts = sb.home().join("work-v1").join(&key).join("checkpoints");
+    let complete = || -> Vec<usize> {
+        let mut v: Vec<usize> = std::fs::read_dir(&ckpts)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().join("state.json").is_file())
+                    .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let mut child = sb
+        .command(&["r.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while complete().is_empty() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("mmrun finished ({status}) before the LoRA stage wrote a checkpoint");
+        }
+        assert!(Instant::now() < deadline, "no checkpoint after 240 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!sb.home().join("objects-v1").join(&key).exists(), "the killed stage must not be published");
+    let newest = *complete().last().expect("the checkpoint survives the kill");
+
+    let o = sb.run_ok(&["r.toml"]);
+    assert!(o.stderr.contains("resuming"), "{}", o.stderr);
+    let rec = sb.last_run();
+    assert_eq!(rec["stages"]["base"]["status"], "cached");
+    assert_eq!(rec["stages"]["adapt"]["status"], "ran");
+    assert_eq!(rec["stages"]["adapt"]["metrics"]["resumed_from"], newest, "continues from the newest checkpoint");
+    assert_eq!(rec["stages"]["adapt"]["metrics"]["steps"], 60);
+    assert!(!sb.home().join("work-v1").join(&key).exists(), "checkpoints are removed once published");
+    assert_objects_complete(&sb.home());
+}
