@@ -217,3 +217,195 @@ fn two_concurrent_runs_on_one_cache_build_each_stage_once() {
     assert_eq!(objects, 3, "one object per stage");
     assert_eq!(std::fs::read_dir(sb.home().join("tmp-v1")).unwrap().count(), 0, "no leftovers in tmp/");
 }
+
+/// `mmrun gc` while another run is using cached objects: what that run planned to use survives,
+/// though no run record gc can see references it (the other run's records live in another
+/// project's runs dir), and the run succeeds. The run is frozen (SIGSTOP) mid-stage while gc runs,
+/// so the order of the two is fixed without any timing.
+#[test]
+fn gc_never_deletes_what_a_live_run_planned_to_use() {
+    let sb = Sandbox::new();
+    sb.write(
+        "r.toml",
+        r#"[recipe]
+name = "gcrace"
+seed = 3
+
+[datasets.small]
+source = "builtin:arithmetic"
+format = "text"
+builtin = { count = 200 }
+
+[datasets.big]
+source = "builtin:arithmetic"
+format = "text"
+builtin = { count = 60000, max_operand = 999, seed = 5 }
+
+[stages.tok]
+kind = "tokenizer"
+data = ["small"]
+vocab_size = 300
+
+[stages.big_data]
+kind = "prepare"
+tokenizer = "tok"
+data = "big"
+max_seq_len = 64
+chunk_records = 2000
+"#,
+    );
+    // A first run builds `tok` and a small variant of `big_data`.
+    let small = ["--set", "datasets.big.builtin.count=500"];
+    sb.run_ok(&["r.toml", small[0], small[1]]);
+    let first = sb.last_run();
+    let tok = sb.home().join("objects-v1").join(first["stages"]["tok"]["key"].as_str().unwrap());
+    let unused = sb.home().join("objects-v1").join(first["stages"]["big_data"]["key"].as_str().unwrap());
+    let plan = sb.plan(&["r.toml"]);
+    let big_key = plan["stages"].as_array().unwrap().iter().find(|s| s["name"] == "big_data").unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The second run finds `tok` cached and builds the big `big_data`; freeze it mid-stage.
+    let child = sb
+        .command(&["r.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let frozen = Frozen(Some(child));
+    let chunk = sb.home().join("work-v1").join(&big_key).join("shards").join("chunk-00000.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    while !chunk.exists() {
+        assert!(std::time::Instant::now() < deadline, "big_data wrote no chunk within 240 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { kill(frozen.pid(), SIGSTOP) }, 0);
+
+    // gc from another project: its runs dir is empty, so only the live run's lease protects `tok`.
+    let other_runs = sb.root().join("other-project-runs");
+    let o = sb.command(&["gc"]).env("MMRUN_RUNS_DIR", &other_runs).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!unused.exists(), "gc did run: the object nobody uses is freed");
+    assert!(tok.join("manifest.json").is_file(), "gc deleted the object a live run planned to use");
+    assert!(chunk.exists(), "gc deleted the checkpoint of the stage being built");
+
+    let out = frozen.resume().wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rec = sb.last_run();
+    assert_eq!(statuses(&rec), expect(&[("tok", "cached"), ("big_data", "ran")]));
+    assert!(sb.run_ok(&["verify"]).stdout.contains(": 0 damaged"));
+}
+
+const SIGSTOP: i32 = 19;
+const SIGCONT: i32 = 18;
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+/// A child that may be stopped: continued (and, on a failed test, killed) when dropped.
+struct Frozen(Option<std::process::Child>);
+
+impl Frozen {
+    fn pid(&self) -> i32 {
+        self.0.as_ref().expect("not resumed yet").id() as i32
+    }
+
+    fn resume(mut self) -> std::process::Child {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { kill(self.pid(), SIGCONT) };
+        self.0.take().expect("not resumed yet")
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { kill(child.id() as i32, SIGCONT) };
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A `shards-v1` set damaged on disk is never trained on: bytes that no longer match its
+/// manifest (offsets swapped so they decrease) are reported as damaged, and a set that matches
+/// its manifest yet holds token ids beyond the vocabulary (as a buggy build would write) is
+/// reported as corrupt; either way the next run rebuilds it, says so and succeeds.
+#[test]
+fn corrupted_shards_are_reported_and_rebuilt_by_the_next_run() {
+    let sb = Sandbox::new();
+    sb.write(
+        "r.toml",
+        r#"[recipe]
+name = "shards"
+seed = 7
+
+[model]
+preset = "tiny"
+
+[datasets.text]
+source = "builtin:arithmetic"
+format = "text"
+builtin = { count = 300 }
+
+[stages.tok]
+kind = "tokenizer"
+data = ["text"]
+vocab_size = 400
+
+[stages.base]
+kind = "pretrain"
+tokenizer = "tok"
+data = "text"
+max_seq_len = 32
+batch_size = 4
+max_steps = 2
+"#,
+    );
+    sb.run_ok(&["r.toml"]);
+    let sets: Vec<_> = std::fs::read_dir(sb.home().join("shards-v1")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    let set = &sets[0];
+    let (idx, ids) = (set.join("chunk-00000.idx"), set.join("chunk-00000.ids"));
+    let (idx_bytes, ids_bytes) = (std::fs::read(&idx).unwrap(), std::fs::read(&ids).unwrap());
+    let rerun = |steps: u32, says: &[&str]| {
+        let set = format!("stages.base.max_steps={steps}");
+        let o = sb.run_ok(&["r.toml", "--set", &set]);
+        let rec = sb.last_run();
+        assert_eq!(statuses(&rec), expect(&[("tok", "cached"), ("base", "ran")]));
+        let notes = rec["notes"].to_string();
+        for s in says {
+            assert!(notes.contains(s), "the run record does not say {s:?}: {notes}");
+            assert!(o.stderr.contains(s), "the run does not say {s:?}: {}", o.stderr);
+        }
+        assert_eq!(std::fs::read(&idx).unwrap(), idx_bytes, "rebuilt identical");
+        assert_eq!(std::fs::read(&ids).unwrap(), ids_bytes, "rebuilt identical");
+    };
+
+    // Offsets 1 and 2 swapped: they decrease, the size is unchanged, the blake3 is not.
+    let mut bad = idx_bytes.clone();
+    let (a, b) = (bad[8..16].to_vec(), bad[16..24].to_vec());
+    bad[8..16].copy_from_slice(&b);
+    bad[16..24].copy_from_slice(&a);
+    replace_file(&idx, &bad);
+    rerun(3, &["damaged", "rebuilt"]);
+
+    // Every id beyond the vocabulary, the manifest updated to match.
+    replace_file(&ids, &vec![0xff; ids_bytes.len()]);
+    let mpath = set.join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    let entry = manifest["files"].as_array_mut().unwrap().iter_mut().find(|f| f["path"] == "chunk-00000.ids").unwrap();
+    entry["blake3"] = blake3::hash(&std::fs::read(&ids).unwrap()).to_hex().to_string().into();
+    replace_file(&mpath, &serde_json::to_vec(&manifest).unwrap());
+    rerun(4, &["corrupt", "outside the vocabulary", "rebuilding"]);
+}
+
+/// Replace a file's content with a new file (it may be hard-linked elsewhere).
+fn replace_file(p: &std::path::Path, bytes: &[u8]) {
+    std::fs::remove_file(p).unwrap();
+    std::fs::write(p, bytes).unwrap();
+}
