@@ -140,16 +140,26 @@ fn copy_present(src: &Path, dst: &Path, files: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Move the finished `tmp` to `out`, replacing an existing `out` only now.
+/// Move the finished `tmp` to `out` durably ([`crate::durable::publish_dir`]: every file is
+/// fsynced before the rename), replacing an existing `out` only now. The old `out` is moved to a
+/// sibling of our own first and put back if the new one cannot take its place.
 fn replace(tmp: &Path, out: &Path) -> anyhow::Result<()> {
-    if out.exists() {
-        let old = tmp.with_extension("old");
-        std::fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
-        std::fs::rename(tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
-        let _ = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
-    } else {
-        std::fs::rename(tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+    let publish = || {
+        crate::durable::publish_dir(tmp, out)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+    };
+    if std::fs::symlink_metadata(out).is_err() {
+        return publish();
     }
+    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let old = tmp.with_file_name(format!(".{name}.mmrun-old-{}", std::process::id()));
+    std::fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
+    if let Err(e) = publish() {
+        let _ = std::fs::rename(&old, out);
+        return Err(e);
+    }
+    let _ = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
+    crate::durable::fsync_dir(out.parent().unwrap_or(Path::new(".")));
     Ok(())
 }
 
@@ -235,4 +245,40 @@ fn model_card(model: &ResolvedModel, opts: &ExportOptions, name: &str) -> String
 /// The newest run record that built or used stage key `key`.
 fn newest_run_with(runs_dir: &Path, key: &str) -> Option<crate::runs::RunSummary> {
     crate::runs::list_runs(runs_dir).ok()?.into_iter().rev().find(|r| r.record.stages.iter().any(|s| s.key == key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace;
+
+    fn names(dir: &std::path::Path) -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn replace_swaps_folders_and_restores_the_old_one_when_the_new_one_cannot_be_published() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("tiny");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("a.txt"), "old").unwrap();
+        // A file of the user's whose name looks like one of ours is never touched.
+        std::fs::write(t.path().join(".tiny.old"), "mine").unwrap();
+
+        // The new folder vanished before it could be published: the old one is back in place.
+        let gone = t.path().join(".tiny.mmrun-tmp-1");
+        assert!(replace(&gone, &out).is_err());
+        assert_eq!(std::fs::read_to_string(out.join("a.txt")).unwrap(), "old");
+        assert_eq!(names(t.path()), [".tiny.old", "tiny"]);
+
+        let new = t.path().join(".tiny.mmrun-tmp-2");
+        std::fs::create_dir(&new).unwrap();
+        std::fs::write(new.join("b.txt"), "new").unwrap();
+        replace(&new, &out).unwrap();
+        assert_eq!(names(&out), ["b.txt"]);
+        assert_eq!(names(t.path()), [".tiny.old", "tiny"], "nothing left beside it");
+        assert_eq!(std::fs::read_to_string(t.path().join(".tiny.old")).unwrap(), "mine");
+    }
 }
