@@ -5,7 +5,7 @@
         && ../hfenv/bin/pip install transformers safetensors
     mmrun export <model> --to hf /tmp/x
     # the folder must hold golden.safetensors ({"input_ids", "logits"}) written by mmrun;
-    `MMRUN_EXPORT_DIR=/tmp/e cargo test --test export hf_export_for_transformers` writes such folders.
+    `MMRUN_EXPORT_DIR=/tmp/e cargo test --test it export::hf_export_for_transformers` writes such folders.
     ../hfenv/bin/python scripts/check-hf-export.py /tmp/e/dense /tmp/e/moe
 
 Loads each folder with AutoModelForCausalLM and AutoTokenizer, renders the chat template, and

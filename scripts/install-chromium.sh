@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install headless Chromium (Debian's package) for the web page test (tests/web_browser.rs), which
+# Install headless Chromium (Debian's package) for the web page test (tests/it/web_browser.rs), which
 # skips without it unless MMRUN_REQUIRE_CHROMIUM=1. Idempotent.
 set -euo pipefail
 if command -v chromium >/dev/null 2>&1; then

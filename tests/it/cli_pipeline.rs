@@ -1,7 +1,7 @@
 //! End-to-end behaviour of `mmrun run/plan/runs/diff/gc/verify` on real stages (tokenizer, prepare)
 //! over built-in data: caching, overrides, concurrency, records.
 
-mod common;
+use crate::common;
 
 use common::{expect, statuses, Sandbox, SMALL_RECIPE};
 

@@ -4,7 +4,7 @@
 //! pins the model (commit, files, sha256s), and the imported model's first forward equals the
 //! golden logits. Pickled weights are refused, locally and on the Hub.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use common::Sandbox;

@@ -2,7 +2,7 @@
 //! medical files at the shibing624/medical paths, with overrides that shrink the model and the
 //! data; checks the lock it writes and that a second run reuses the locked, cached files offline.
 
-mod common;
+use crate::common;
 
 use common::Sandbox;
 use mmrun::hub::lock::{lock_path, LockFile};
@@ -56,7 +56,7 @@ fn medical_sft_recipe_runs_against_local_hub_and_writes_lock() {
     let hub = TestHub::start();
     let commit = hub.add_medical_repo(&shared).unwrap();
     let sb = Sandbox::new();
-    let recipe = sb.write("recipes/medical_sft.toml", include_str!("../recipes/medical_sft.toml"));
+    let recipe = sb.write("recipes/medical_sft.toml", include_str!("../../recipes/medical_sft.toml"));
     let hf_home = sb.root().join("hf");
     let run = |offline: bool| {
         let mut args = vec!["recipes/medical_sft.toml"];

@@ -2,7 +2,7 @@
 //! are skipped, the interrupted one continues from its checkpoint (its finished chunks are
 //! reused, not rebuilt), and nothing half-written ever appears in `objects/`.
 
-mod common;
+use crate::common;
 
 use common::Sandbox;
 use std::os::unix::fs::MetadataExt;

@@ -1,7 +1,7 @@
 //! `mmrun show` and the summary printed after a run: eval table, generations, models and the
 //! commands to talk to them, as text and JSON.
 
-mod common;
+use crate::common;
 
 use common::Sandbox;
 

@@ -4,7 +4,7 @@
 //! `mmrun update`, and `mmrun update` then changes both. `mmrun plan` says that the branch moved,
 //! and plans offline from the lock.
 
-mod common;
+use crate::common;
 
 use common::Sandbox;
 use mmrun::hub::lock::{lock_path, LockFile};

@@ -4,7 +4,7 @@
 //!
 //! Peak RSS is measured per child process with `wait4`, so tests running in parallel do not mix.
 
-mod common;
+use crate::common;
 
 use common::Sandbox;
 

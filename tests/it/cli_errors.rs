@@ -1,7 +1,7 @@
 //! Error behaviour of the CLI: bad recipes point at file:line:col; bad records name file:line
 //! or, with `on_bad_record = "skip"`, are counted in the run and written to `rejects.jsonl`.
 
-mod common;
+use crate::common;
 
 use common::{shared_data, Sandbox, SMALL_RECIPE};
 

@@ -1,7 +1,7 @@
 //! The pretrain and SFT stages end to end on a tiny model: artifact layout, interruption and exact
 //! resume (the resumed model's bytes equal an uninterrupted run's), and SFT from the result.
 
-mod common;
+use crate::common;
 
 use mmrun::artifact::{Artifact, ArtifactKind, Manifest};
 use mmrun::cache::Cache;

@@ -2,7 +2,7 @@
 //! the HF cache layout, verification, every switchable fault, locks, offline mode, concurrency.
 //! Every test is bounded: retries use millisecond backoffs and short timeouts.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;
@@ -469,7 +469,7 @@ fn two_processes_download_each_blob_once() {
     let exe = std::env::current_exe().unwrap();
     let spawn = || {
         std::process::Command::new(&exe)
-            .args(["--exact", "child_fetch", "--test-threads=1"])
+            .args(["--exact", "hub_client::child_fetch", "--test-threads=1"])
             .env("MMRUN_HUB_CHILD_ENDPOINT", hub.url())
             .env("MMRUN_HUB_CHILD_CACHE", cache.path())
             .env_remove("HF_TOKEN")

@@ -2,7 +2,7 @@
 //! before any stage runs: dataset formats a stage cannot read, values no run can use, bytes that
 //! are not UTF-8, and `--set` values with line breaks.
 
-mod common;
+use crate::common;
 
 use common::{Sandbox, SMALL_RECIPE};
 

@@ -4,7 +4,7 @@
 //! rerun after an interrupted one) sends no LFS object again. Missing or refused tokens and bad
 //! repository names fail with one line, the latter before any request.
 
-mod common;
+use crate::common;
 
 use common::{Output, Sandbox};
 use mmrun::hub::push::{push_folder, PushOptions, PushTarget};
