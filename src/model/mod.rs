@@ -218,7 +218,7 @@ impl MiniMind {
     ///
     /// On the CPU, bf16 means the linear layers and the head multiply through the bf16 GEMM
     /// (`ops::linear_bf16`: operands rounded to bf16, f32 accumulation, forward and backward;
-    /// `VDPBF16PS` on CPUs with avx512_bf16), with each weight packed once per optimizer step;
+    /// `VDPBF16PS` where it outruns f32 FMAs), with each weight packed once per optimizer step;
     /// the activations between ops stay f32, so the fused f32 kernels keep running. On other
     /// devices the activations between matmuls are bf16 and the weights are cast at use.
     pub fn set_compute_dtype(&mut self, dtype: DType) -> std::result::Result<(), ModelError> {

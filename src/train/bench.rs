@@ -6,7 +6,7 @@
 //! batch 1, and measures the device's f32 and bf16 matmul peaks so that MFU is relative to what
 //! this machine can actually do in the precision the step ran in. `--dtype bf16` runs the same
 //! step in bf16 mixed precision (on the CPU: the bf16 GEMM of `model::ops::gemm`, `VDPBF16PS` on
-//! CPUs with avx512_bf16).
+//! CPUs where it is fast, the f32 kernels on bf16-rounded operands elsewhere).
 
 use super::optim::{clip_coefficient, global_norm, AdamW, AdamWConfig, GradAccumulator};
 use crate::model::{MiniMind, ModelConfig};
@@ -25,7 +25,7 @@ pub struct BenchArgs {
     /// `auto`, `cpu` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Compute dtype, as `[recipe] precision`: `auto` (bf16 on CUDA and on CPUs with avx512_bf16,
+    /// Compute dtype, as `[recipe] precision`: `auto` (bf16 on CUDA and on AMD Zen 4/5 CPUs,
     /// else f32), `f32`, or
     /// `bf16` (mixed precision: f32 weights and AdamW state, bf16 matmuls).
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16"])]

@@ -1,9 +1,12 @@
 //! bf16 GEMM on the CPU: `C (f32) = A · B` with A and B rounded to bf16 (round to nearest even)
 //! and the products accumulated in f32 — the numerics of PyTorch's CPU autocast.
 //!
-//! On x86-64 CPUs with avx512_bf16 (Cooper Lake, Sapphire Rapids and later, Zen 4/5) a packed
-//! micro-kernel runs `VDPBF16PS`, which multiplies 16 pairs of bf16 values and adds both products
-//! of a pair to one f32 lane: twice the flops of an f32 FMA per instruction, and half the bytes.
+//! On x86-64 CPUs where avx512_bf16 is fast (AMD Zen 4/5; [`crate::cpu::bf16_dot_is_fast`]) a
+//! packed micro-kernel runs `VDPBF16PS`, which multiplies 16 pairs of bf16 values and adds both
+//! products of a pair to one f32 lane: twice the flops of an f32 FMA per instruction, and half the
+//! bytes. Intel's Sapphire Rapids class has the instruction but issues it at half the FMA rate
+//! (this kernel reaches ≈ 90 GFLOP/s per core there, the instruction's limit, against ≈ 80–95 for
+//! the `gemm` crate's f32 kernel and twice that for f32 FMAs in a loop), so there the fallback runs.
 //! The operands are packed with their K values in pairs (a `u32` holds the bf16 of `k` in its low
 //! and of `k + 1` in its high half; an odd K is padded with a zero):
 //!
@@ -147,9 +150,10 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The fastest backend this CPU supports.
+    /// The faster backend on this CPU: the native kernel where `VDPBF16PS` outruns f32 FMAs
+    /// ([`crate::cpu::bf16_dot_is_fast`]), else the fallback (the same numbers).
     pub fn detect() -> Self {
-        if has_avx512_bf16() {
+        if crate::cpu::bf16_dot_is_fast() {
             Backend::Avx512Bf16
         } else {
             Backend::Fallback
