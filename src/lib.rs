@@ -15,6 +15,7 @@ pub mod durable;
 pub mod eval;
 pub mod exec;
 pub mod export;
+pub mod fs_error;
 pub mod hub;
 pub mod infer;
 pub mod model;

@@ -441,7 +441,10 @@ pub fn fetch_hub_model(uri: &HubUri, opts: &HubOptions) -> Result<FetchedModel, 
     let rc = crate::hub::cache::RepoCache::new(&opts.cache_dir, RepoType::Model, &uri.repo_id);
     // The commit came back from the client, which accepts only 40-hex ids.
     let dir = rc.snapshot_dir(&commit).map_err(|e| {
-        FetchError::Hub(HubError::Io { dataset: uri.to_string(), path: opts.cache_dir.clone(), source: e })
+        FetchError::Hub(HubError::Io {
+            dataset: uri.to_string(),
+            source: crate::fs_error::IoError::new("creating a snapshot in", &opts.cache_dir, e),
+        })
     })?;
     Ok(FetchedModel { dir, revision: uri.revision_or_main().to_string(), commit, files })
 }

@@ -2,8 +2,9 @@
 
 use super::lease::{self, GC_LOCK, LEASE_EXT};
 use super::lock::{KeyLock, Mode};
-use super::{Bucket, Cache, CacheError, Damage, Depth, IoCtx, CACHEDIR_TAG};
+use super::{Bucket, Cache, CacheError, Damage, Depth, CACHEDIR_TAG};
 use crate::durable;
+use crate::fs_error::IoContext;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -125,7 +126,7 @@ impl Cache {
                     continue;
                 };
                 if !dry_run {
-                    std::fs::remove_dir_all(&path).ctx("removing", &path)?;
+                    std::fs::remove_dir_all(&path).ctx("removing", &path).map_err(CacheError::from)?;
                 }
                 drop(lock);
                 if bucket == Bucket::Objects {
@@ -145,7 +146,7 @@ impl Cache {
         let fps = report.buckets.entry(Bucket::Fingerprints.dir_name().into()).or_default();
         fps.kept = std::fs::read_dir(&fp).into_iter().flatten().count();
         fps.kept_bytes = durable::dir_size(&fp);
-        for entry in std::fs::read_dir(&self.root).ctx("listing", &self.root)?.flatten() {
+        for entry in std::fs::read_dir(&self.root).ctx("listing", &self.root).map_err(CacheError::from)?.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
             if Bucket::from_dir_name(&name).is_some() || name == CACHEDIR_TAG || !is_legacy(&name) {
                 continue;
@@ -154,7 +155,7 @@ impl Cache {
             let bytes = durable::dir_size(&p);
             if !dry_run {
                 let res = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-                res.ctx("removing", &p)?;
+                res.ctx("removing", &p).map_err(CacheError::from)?;
             }
             report.add(LEGACY, true, bytes);
         }

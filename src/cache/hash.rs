@@ -1,6 +1,7 @@
 //! blake3 file hashing, memoised by (canonical path, size, mtime) in `hashes-v1/files.jsonl`.
 
-use super::{CacheError, IoCtx};
+use super::CacheError;
+use crate::fs_error::IoContext;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{Read, Write};

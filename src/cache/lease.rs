@@ -9,7 +9,8 @@
 //! OS lock orders the two. A lease whose lock is free belongs to a dead process and is removed.
 
 use super::lock::{KeyLock, Mode};
-use super::{Bucket, CacheError, IoCtx};
+use super::{Bucket, CacheError};
+use crate::fs_error::{IoContext, IoError};
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Write;
@@ -79,7 +80,7 @@ fn create_lease(locks: &Path) -> Result<(File, PathBuf), CacheError> {
                 return Ok((f, path));
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e).ctx("creating lease", &path),
+            Err(e) => return Err(IoError::new("creating lease", &path, e).into()),
         }
     }
 }
@@ -97,7 +98,7 @@ pub(crate) fn live_pins(locks: &Path, dry_run: bool) -> Result<BTreeSet<(String,
         let file = match std::fs::OpenOptions::new().read(true).open(&p) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).ctx("opening lease", &p),
+            Err(e) => return Err(IoError::new("opening lease", &p, e).into()),
         };
         match file.try_lock() {
             Ok(()) => {
@@ -114,7 +115,7 @@ pub(crate) fn live_pins(locks: &Path, dry_run: bool) -> Result<BTreeSet<(String,
                     }
                 }
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e).ctx("locking", &p),
+            Err(std::fs::TryLockError::Error(e)) => return Err(IoError::new("locking", &p, e).into()),
         }
     }
     Ok(out)

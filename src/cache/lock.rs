@@ -7,7 +7,8 @@
 //! deleted would hold a lock on an unlinked inode that nobody else can see, so after locking we
 //! check that the path still names the file we locked, and start over if it does not.
 
-use super::{CacheError, IoCtx};
+use super::CacheError;
+use crate::fs_error::{IoContext, IoError};
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 
@@ -31,7 +32,7 @@ fn open(path: &Path) -> Result<File, CacheError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).ctx("creating", parent)?;
     }
-    std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).ctx("opening lock", path)
+    Ok(std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).ctx("opening lock", path)?)
 }
 
 fn try_lock(file: &File, mode: Mode) -> Result<(), TryLockError> {
@@ -74,7 +75,7 @@ impl KeyLock {
                     }
                     .ctx("locking", path)?;
                 }
-                Err(TryLockError::Error(e)) => return Err(e).ctx("locking", path),
+                Err(TryLockError::Error(e)) => return Err(IoError::new("locking", path, e).into()),
             }
             if still_linked(&file, path) {
                 return Ok(Self { file, path: path.to_path_buf() });
@@ -90,7 +91,7 @@ impl KeyLock {
                 Ok(()) if still_linked(&file, path) => return Ok(Some(Self { file, path: path.to_path_buf() })),
                 Ok(()) => continue,
                 Err(TryLockError::WouldBlock) => return Ok(None),
-                Err(TryLockError::Error(e)) => return Err(e).ctx("locking", path),
+                Err(TryLockError::Error(e)) => return Err(IoError::new("locking", path, e).into()),
             }
         }
     }

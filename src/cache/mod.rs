@@ -33,6 +33,7 @@ pub use verify::{Damage, Depth};
 
 use crate::artifact::{layout, Artifact, ArtifactKind, FileEntry, Manifest};
 use crate::durable;
+use crate::fs_error::{IoContext, IoError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -42,16 +43,8 @@ use std::sync::Arc;
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     /// A file system operation failed.
-    #[error("{what} {}: {source}", path.display())]
-    Io {
-        /// What we were doing ("creating", "renaming", …).
-        what: &'static str,
-        /// The path involved.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// A manifest could not be written or read.
     #[error("manifest {}: {source}", path.display())]
     Manifest {
@@ -61,17 +54,6 @@ pub enum CacheError {
         #[source]
         source: serde_json::Error,
     },
-}
-
-/// Attach a description and path to an `io::Result`.
-pub(crate) trait IoCtx<T> {
-    fn ctx(self, what: &'static str, path: &Path) -> Result<T, CacheError>;
-}
-
-impl<T> IoCtx<T> for std::io::Result<T> {
-    fn ctx(self, what: &'static str, path: &Path) -> Result<T, CacheError> {
-        self.map_err(|source| CacheError::Io { what, path: path.to_path_buf(), source })
-    }
 }
 
 /// The cache's buckets. [`Bucket::dir_name`] is the one place their directory names are spelled.
@@ -338,7 +320,7 @@ impl Cache {
             match std::fs::create_dir(&p) {
                 Ok(()) => return Ok(TmpDir { path: Some(p) }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e).ctx("creating tmp directory", &p),
+                Err(e) => return Err(IoError::new("creating tmp directory", &p, e).into()),
             }
         }
     }
@@ -394,7 +376,7 @@ impl Cache {
         let src = tmp.take();
         if let Err(e) = durable::publish_dir(&src, &target) {
             let _ = std::fs::remove_dir_all(&src);
-            return Err(e).ctx("publishing", &target);
+            return Err(IoError::new("publishing", &target, e).into());
         }
         let _ = std::fs::remove_dir_all(self.entry_dir(Bucket::Work, key));
         Ok(Artifact { dir: target, manifest })
@@ -441,7 +423,7 @@ impl Cache {
             files: self.list_files(&work)?,
         };
         write_json(&work.join(layout::MANIFEST), &manifest)?;
-        durable::publish_dir(&work, &dir).ctx("publishing", &dir)?;
+        durable::publish_dir(&work, &dir).ctx("publishing", &dir).map_err(CacheError::from)?;
         Ok(Derived { dir, built: true, replaced })
     }
 
@@ -526,7 +508,7 @@ fn collect_files(base: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), C
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<(), CacheError> {
     let json = serde_json::to_vec_pretty(value).map_err(|source| CacheError::Manifest { path: path.into(), source })?;
-    durable::write_atomic(path, &json).ctx("writing", path)
+    Ok(durable::write_atomic(path, &json).ctx("writing", path)?)
 }
 
 /// Total size of the files under `p` (0 if it does not exist).

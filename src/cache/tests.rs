@@ -172,10 +172,15 @@ fn gc_removes_unreferenced_objects_and_stale_tmp() {
 fn gc_frees_unreferenced_derived_entries_and_work_and_legacy_dirs() {
     let (_d, c) = cache();
     for key in ["shard-keep", "shard-drop"] {
-        c.derived(Bucket::Shards, key, |dir| std::fs::write(dir.join("chunk"), vec![1u8; 500]).ctx("w", dir)).unwrap();
-    }
-    c.derived(Bucket::Builtin, "gen-drop", |dir| std::fs::write(dir.join("data.jsonl"), b"{}\n").ctx("w", dir))
+        c.derived(Bucket::Shards, key, |dir| {
+            std::fs::write(dir.join("chunk"), vec![1u8; 500]).ctx("w", dir).map_err(CacheError::from)
+        })
         .unwrap();
+    }
+    c.derived(Bucket::Builtin, "gen-drop", |dir| {
+        std::fs::write(dir.join("data.jsonl"), b"{}\n").ctx("w", dir).map_err(CacheError::from)
+    })
+    .unwrap();
     std::fs::write(c.work_dir("orphan").unwrap().join("ckpt"), b"12345").unwrap();
     std::fs::write(c.work_dir("resumable").unwrap().join("ckpt"), b"12345").unwrap();
     std::fs::create_dir_all(c.root().join("shards/old")).unwrap();
@@ -223,7 +228,7 @@ fn derived_builds_once_and_rebuilds_a_damaged_entry() {
     let mut builds = 0;
     let mut build = |dir: &Path| {
         builds += 1;
-        std::fs::write(dir.join("a"), b"hello").ctx("w", dir)
+        std::fs::write(dir.join("a"), b"hello").ctx("w", dir).map_err(CacheError::from)
     };
     let e = c.derived(Bucket::Shards, "k", &mut build).unwrap();
     assert!(e.built && e.replaced.is_none());
@@ -248,7 +253,7 @@ fn derived_continues_an_interrupted_build() {
     let e = c
         .derived(Bucket::Shards, "k", |dir| -> Result<(), CacheError> {
             std::fs::write(dir.join("part-1"), b"1").ctx("w", dir)?;
-            Err(CacheError::Io { what: "interrupted", path: dir.into(), source: std::io::Error::other("ctrl-c") })
+            Err(CacheError::Io(crate::fs_error::IoError::new("interrupted", dir, std::io::Error::other("ctrl-c"))))
         })
         .unwrap_err();
     assert!(e.to_string().contains("ctrl-c"));
@@ -256,7 +261,7 @@ fn derived_continues_an_interrupted_build() {
     let e = c
         .derived(Bucket::Shards, "k", |dir| {
             assert!(dir.join("part-1").is_file(), "the next builder sees the finished part");
-            std::fs::write(dir.join("part-2"), b"2").ctx("w", dir)
+            std::fs::write(dir.join("part-2"), b"2").ctx("w", dir).map_err(CacheError::from)
         })
         .unwrap();
     assert!(e.dir.join("part-1").is_file() && e.dir.join("part-2").is_file());
@@ -291,7 +296,10 @@ fn verify_all_reports_and_repairs() {
     let (_d, c) = cache();
     publish(&c, "good", 10);
     publish(&c, "bad", 10);
-    c.derived(Bucket::Builtin, "gen", |dir| std::fs::write(dir.join("data.jsonl"), b"x").ctx("w", dir)).unwrap();
+    c.derived(Bucket::Builtin, "gen", |dir| {
+        std::fs::write(dir.join("data.jsonl"), b"x").ctx("w", dir).map_err(CacheError::from)
+    })
+    .unwrap();
     // A manifest that lists a wrong hash.
     let m = c.object_dir("bad").join("manifest.json");
     let text = std::fs::read_to_string(&m).unwrap();

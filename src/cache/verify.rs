@@ -102,7 +102,7 @@ impl Verifier {
 
     /// blake3 of a file, memoised.
     pub(crate) fn hash(&self, p: &Path) -> Result<String, super::CacheError> {
-        use super::IoCtx;
+        use crate::fs_error::IoContext;
         let md = std::fs::metadata(p).ctx("reading metadata of", p)?;
         self.blake3(p, &md)
     }

@@ -26,6 +26,7 @@ use crate::cache::Bucket;
 use crate::cache::Cache;
 use crate::data::spec::{DataFormat, DatasetSpec};
 use crate::durable::write_atomic;
+use crate::fs_error::IoContext;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -175,7 +176,7 @@ pub fn materialize(name: &str, generator: &str, spec: &DatasetSpec, cache: &Cach
             body.push('\n');
         }
         let path = dir.join(DATA_FILE);
-        write_atomic(&path, body.as_bytes()).map_err(|e| DataError::io(&path, e))
+        write_atomic(&path, body.as_bytes()).ctx("writing", &path).map_err(DataError::from)
     })?;
     Ok(entry.dir.join(DATA_FILE))
 }

@@ -27,6 +27,7 @@ pub use read::read_examples;
 pub use rejects::{RejectLog, RejectSink};
 
 use crate::cache::Cache;
+use crate::fs_error::{IoContext, IoError};
 use spec::DatasetSpec;
 use std::path::{Path, PathBuf};
 
@@ -118,20 +119,8 @@ pub enum DataError {
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
     /// I/O with a path.
-    #[error("{path}: {source}")]
-    Io {
-        /// The path.
-        path: String,
-        /// The error.
-        source: std::io::Error,
-    },
-}
-
-impl DataError {
-    /// Wrap an I/O error with its path.
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
-        DataError::Io { path: path.display().to_string(), source }
-    }
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// File extensions picked up when a dataset source is a directory.
@@ -207,7 +196,7 @@ fn resolve_local(name: &str, source: &str, recipe_dir: &Path) -> Result<(Vec<Pat
     }
     if full.is_dir() {
         let mut files = Vec::new();
-        walk(&full, &mut files).map_err(|e| DataError::io(&full, e))?;
+        walk(&full, &mut files).ctx("listing", &full)?;
         files.sort();
         if files.is_empty() {
             return Err(not_found(&full));

@@ -21,6 +21,7 @@ pub use super::example::{Example, Message, ReadStats};
 use super::formats::{bad, convert, Problem};
 use super::{DataError, RejectSink, ResolvedDataset};
 use crate::data::spec::{DataFormat, OnBadRecord};
+use crate::fs_error::IoContext;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -95,7 +96,8 @@ fn read_file<E: From<DataError>>(
                 }
                 if let Some(sink) = sink {
                     write_reject(sink, &ds.name, &file, line, &p.msg, raw)
-                        .map_err(|e| DataError::io(sink.location(), e))?;
+                        .ctx("recording a rejected record in", sink.location())
+                        .map_err(DataError::from)?;
                 }
                 Ok(())
             }
@@ -122,13 +124,13 @@ fn read_file<E: From<DataError>>(
         }
         return Ok(());
     }
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let file = std::fs::File::open(path).ctx("opening", path).map_err(DataError::from)?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let text_lines = ext == "txt" && fmt == DataFormat::Text;
-    if !text_lines && starts_with_array(&mut reader).map_err(|e| DataError::io(path, e))? {
+    if !text_lines && starts_with_array(&mut reader).ctx("reading", path).map_err(DataError::from)? {
         // A JSON array: parse it whole (such files are small; JSONL is the streaming format).
         let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut reader, &mut bytes).map_err(|e| DataError::io(path, e))?;
+        std::io::Read::read_to_end(&mut reader, &mut bytes).ctx("reading", path).map_err(DataError::from)?;
         let body = strip_bom(&bytes);
         let records: Vec<Value> = match serde_json::from_slice(body) {
             Ok(v) => v,
@@ -144,7 +146,7 @@ fn read_file<E: From<DataError>>(
     let mut lineno = 0usize;
     loop {
         buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).map_err(|e| DataError::io(path, e))?;
+        let n = reader.read_until(b'\n', &mut buf).ctx("reading", path).map_err(DataError::from)?;
         if n == 0 {
             break;
         }

@@ -37,6 +37,7 @@ use crate::cache::{Bucket, Cache, CacheError};
 use crate::cancel::CancelToken;
 use crate::data::spec::DataFormat;
 use crate::durable::write_atomic;
+use crate::fs_error::{IoContext, IoError};
 use memmap2::Mmap;
 use rand::SeedableRng;
 use rayon::prelude::*;
@@ -74,17 +75,8 @@ pub enum ShardError {
     #[error(transparent)]
     Cache(#[from] CacheError),
     /// I/O.
-    #[error("{path}: {source}")]
-    Io {
-        /// The path.
-        path: String,
-        /// The error.
-        source: std::io::Error,
-    },
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ShardError + '_ {
-    move |source| ShardError::Io { path: path.display().to_string(), source }
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// What kind of samples a shard set holds (from the dataset format).
@@ -236,7 +228,7 @@ pub fn build(
             return Ok(m);
         }
     }
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::create_dir_all(dir).ctx("creating", dir)?;
     let kind = SampleKind::of(ds.spec.format);
     let wide = tok.vocab_size() > u16::MAX as usize + 1;
     let mut chunks = complete_chunks(dir)?;
@@ -249,10 +241,12 @@ pub fn build(
     // reports every reject again: start the file afresh.
     let rejects_path = dir.join(REJECTS);
     match std::fs::remove_file(&rejects_path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&rejects_path)(e)),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(IoError::new("removing", &rejects_path, e).into())
+        }
         _ => {}
     }
-    let rejects = RejectLog::open(&rejects_path).map_err(io(&rejects_path))?;
+    let rejects = RejectLog::open(&rejects_path).ctx("opening", &rejects_path)?;
 
     let flush = |pending: &mut Vec<Example>, chunks: &mut Vec<ChunkMeta>| -> Result<(), ShardError> {
         if pending.is_empty() {
@@ -314,7 +308,7 @@ pub fn build(
         read,
     };
     let text = serde_json::to_vec_pretty(&meta).expect("meta serialises");
-    write_atomic(&meta_path, &text).map_err(io(&meta_path))?;
+    write_atomic(&meta_path, &text).ctx("writing", &meta_path)?;
     Ok(meta)
 }
 
@@ -363,10 +357,10 @@ fn write_chunk(
     let idx_bytes: Vec<u8> = idx.iter().flat_map(|o| o.to_le_bytes()).collect();
     for (ext, bytes) in [("ids", &ids), ("mask", &mask), ("idx", &idx_bytes)] {
         let p = chunk_path(dir, index, ext);
-        write_atomic(&p, bytes).map_err(io(&p))?;
+        write_atomic(&p, bytes).ctx("writing", &p)?;
     }
     let p = chunk_path(dir, index, "json");
-    write_atomic(&p, &serde_json::to_vec(&meta).expect("serialises")).map_err(io(&p))?;
+    write_atomic(&p, &serde_json::to_vec(&meta).expect("serialises")).ctx("writing", &p)?;
     Ok(meta)
 }
 
@@ -397,7 +391,7 @@ impl TokenShards {
     pub fn open(dir: &Path) -> Result<Self, ShardError> {
         let corrupt = |msg: String| ShardError::Corrupt { path: dir.display().to_string(), msg };
         let meta_path = dir.join(SHARDS_META);
-        let text = std::fs::read_to_string(&meta_path).map_err(io(&meta_path))?;
+        let text = std::fs::read_to_string(&meta_path).ctx("reading", &meta_path)?;
         let meta: ShardsMeta = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
         if meta.version != LAYOUT_VERSION {
             return Err(corrupt(format!("layout version {} (expected {LAYOUT_VERSION})", meta.version)));
@@ -420,9 +414,9 @@ impl TokenShards {
             let bad = |msg: String| corrupt(format!("chunk {i}: {msg}"));
             let map = |ext: &str| -> Result<Mmap, ShardError> {
                 let p = chunk_path(dir, i, ext);
-                let f = std::fs::File::open(&p).map_err(io(&p))?;
+                let f = std::fs::File::open(&p).ctx("opening", &p)?;
                 // SAFETY: shard files are written once (atomically) and never modified afterwards.
-                unsafe { Mmap::map(&f) }.map_err(io(&p))
+                Ok(unsafe { Mmap::map(&f) }.ctx("mapping", &p)?)
             };
             let (ids, mask, idx) = (map("ids")?, map("mask")?, map("idx")?);
             if idx.len() % 8 != 0 {
@@ -739,7 +733,7 @@ pub fn tokenized(
 /// record once per run, however many stages use the set).
 pub fn report_rejects(dir: &Path, sink: &dyn RejectSink) -> Result<(), ShardError> {
     let p = dir.join(REJECTS);
-    sink.adopt_rejects(&p).map_err(io(&p))
+    Ok(sink.adopt_rejects(&p).ctx("copying rejects from", &p)?)
 }
 
 fn note(sink: Option<&dyn RejectSink>, msg: String) {
@@ -1013,7 +1007,7 @@ mod tests {
                     assert_eq!(n, expected, "case {case}");
                     intact += 1;
                 }
-                Ok(Err(ShardError::Corrupt { .. } | ShardError::Io { .. })) => corrupt += 1,
+                Ok(Err(ShardError::Corrupt { .. } | ShardError::Io(_))) => corrupt += 1,
                 Ok(Err(e)) => panic!("case {case}: unexpected error {e}"),
             }
         }

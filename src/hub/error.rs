@@ -2,6 +2,7 @@
 //! (its `hf://` URI), the URL involved and what the user can do about it. No variant ever carries
 //! the access token.
 
+use crate::fs_error::IoError;
 use std::path::PathBuf;
 
 /// A Hub fetch failure.
@@ -187,35 +188,32 @@ pub enum HubError {
         message: String,
     },
     /// A file of the folder being pushed cannot be read.
-    #[error("{repo}: cannot read {path} to push it: {source}")]
+    #[error("{repo}: cannot push: {source}")]
     PushRead {
         /// The `hf://` target.
         repo: String,
-        /// The local file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// What failed, on which local file.
+        #[source]
+        source: IoError,
     },
     /// A local file-system failure in the cache.
-    #[error("{dataset}: cannot write the Hub cache at {path}: {source}; check permissions or set HF_HUB_CACHE")]
+    #[error("{dataset}: cannot write the Hub cache: {source}; check permissions or set HF_HUB_CACHE")]
     Io {
         /// The `hf://` URI being fetched.
         dataset: String,
-        /// The path involved.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// What failed, where.
+        #[source]
+        source: IoError,
     },
 }
 
 impl HubError {
     /// Map an I/O error while writing `path` to [`HubError::DiskFull`] (ENOSPC / EDQUOT) or [`HubError::Io`].
     pub fn from_write(dataset: &str, url: &str, path: &std::path::Path, e: std::io::Error) -> Self {
-        // ENOSPC = 28, EDQUOT = 122 on Linux; `StorageFull` covers the portable spelling.
-        if e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(28) | Some(122)) {
+        if crate::fs_error::is_disk_full(&e) {
             HubError::DiskFull { dataset: dataset.into(), path: path.into(), url: url.into() }
         } else {
-            HubError::Io { dataset: dataset.into(), path: path.into(), source: e }
+            HubError::Io { dataset: dataset.into(), source: IoError::new("writing", path, e) }
         }
     }
 }

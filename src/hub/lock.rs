@@ -5,6 +5,7 @@
 //!
 //! The lock never contains the access token (only URIs, commits, paths, sizes and hashes).
 
+use crate::fs_error::IoError;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -76,13 +77,8 @@ pub struct LockFile {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     /// Reading the lock or recipe failed.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(IoError),
     /// The lock or recipe is not valid TOML of the expected shape.
     #[error("{path} is malformed: {reason}; fix it, or delete the lock and run `mmrun update` to regenerate it")]
     Parse {
@@ -92,13 +88,8 @@ pub enum LockError {
         reason: String,
     },
     /// Writing the lock failed.
-    #[error("cannot write {path}: {source}; check permissions next to the recipe")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
+    #[error("{0}; check permissions next to the recipe")]
+    Write(IoError),
     /// `mmrun update recipe <name>` named no `hf://` input of the recipe.
     #[error("{recipe}: no Hub input named '{name}' (Hub inputs here: {known}); use one of those names")]
     UnknownInput {
@@ -130,7 +121,7 @@ impl LockFile {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(LockError::Read { path: path.into(), source: e }),
+            Err(e) => return Err(LockError::Read(IoError::new("reading", path, e))),
         };
         let lock: LockFile =
             toml::from_str(&text).map_err(|e| LockError::Parse { path: path.into(), reason: e.to_string() })?;
@@ -183,7 +174,7 @@ impl LockFile {
              # Commit it next to the recipe. `mmrun update <recipe> [name]` re-resolves branches.\n{body}"
         );
         crate::durable::write_atomic(path, text.as_bytes())
-            .map_err(|e| LockError::Write { path: path.into(), source: e })
+            .map_err(|e| LockError::Write(IoError::new("writing", path, e)))
     }
 }
 

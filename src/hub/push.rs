@@ -16,6 +16,7 @@
 //!    `lfsFile` line (`path`, `algo: sha256`, `oid`, `size`) per LFS file. The answer carries
 //!    `commitUrl` and `commitOid`.
 
+use crate::fs_error::IoError;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -134,7 +135,8 @@ pub fn push_folder(dir: &Path, target: &PushTarget, opts: &HubOptions, push: &Pu
 
 /// Every regular file under `dir`, with its repository path checked by [`names::repo_path`].
 fn collect(root: &Path, dir: &Path, repo: &str, out: &mut Vec<Local>) -> Result<(), HubError> {
-    let read_err = |path: &Path, source| HubError::PushRead { repo: repo.to_string(), path: path.into(), source };
+    let read_err =
+        |path: &Path, e| HubError::PushRead { repo: repo.to_string(), source: IoError::new("reading", path, e) };
     let mut entries: Vec<_> =
         std::fs::read_dir(dir).and_then(|rd| rd.collect::<Result<_, _>>()).map_err(|e| read_err(dir, e))?;
     entries.sort_by_key(|e| e.file_name());
@@ -362,7 +364,10 @@ impl Api<'_> {
     fn put(&self, href: &str, headers: &serde_json::Value, f: &Local) -> Result<(), HubError> {
         self.client.with_retries(href, || {
             let file = File::open(&f.local).map_err(|source| {
-                Attempt::Fatal(HubError::PushRead { repo: self.repo.clone(), path: f.local.clone(), source })
+                Attempt::Fatal(HubError::PushRead {
+                    repo: self.repo.clone(),
+                    source: IoError::new("opening", &f.local, source),
+                })
             })?;
             let mut req = self.client.agent().put(href);
             for (k, v) in headers.as_object().into_iter().flatten() {
@@ -390,10 +395,9 @@ impl Api<'_> {
             let line = if f.lfs {
                 serde_json::json!({ "key": "lfsFile", "value": { "path": f.path_in_repo, "algo": "sha256", "oid": f.sha256, "size": f.size } })
             } else {
-                let data = std::fs::read(&f.local).map_err(|source| HubError::PushRead {
+                let data = std::fs::read(&f.local).map_err(|e| HubError::PushRead {
                     repo: self.repo.clone(),
-                    path: f.local.clone(),
-                    source,
+                    source: IoError::new("reading", &f.local, e),
                 })?;
                 serde_json::json!({ "key": "file", "value": { "content": b64(&data), "path": f.path_in_repo, "encoding": "base64" } })
             };

@@ -12,23 +12,18 @@ use super::overrides::{self, Applied};
 use super::spans::SpanIndex;
 use super::{resolve_model, DeviceClass, DeviceSpec, ModelSpec, Recipe, RecipeMeta, StageSpec, UnknownDevice};
 use crate::data::spec::DatasetSpec;
+use crate::fs_error::{IoContext, IoError};
 use crate::hub::uri::HubUri;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Why a recipe could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
     /// The file could not be read.
-    #[error("cannot read recipe {}: {source} (check the path)", path.display())]
-    Io {
-        /// The recipe path.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{0}; check the recipe's path")]
+    Io(IoError),
     /// The recipe is malformed; every problem found, in file order where possible.
     #[error("{}", Rendered(.0))]
     Invalid(Vec<Diagnostic>),
@@ -39,7 +34,7 @@ impl RecipeError {
     pub fn diagnostics(&self) -> &[Diagnostic] {
         match self {
             RecipeError::Invalid(d) => d,
-            RecipeError::Io { .. } => &[],
+            RecipeError::Io(_) => &[],
         }
     }
 }
@@ -64,7 +59,7 @@ impl fmt::Display for Rendered<'_> {
 /// Load and validate a recipe against the stage kinds `registry` (mmrun's are
 /// `crate::stages::kinds()`, wired in by `crate::exec::pipeline`; tests use stub kinds).
 pub fn load(path: &Path, overrides: &[String], registry: &[&dyn DynStageKind]) -> Result<Recipe, RecipeError> {
-    let bytes = std::fs::read(path).map_err(|source| RecipeError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).ctx("reading recipe", path).map_err(RecipeError::Io)?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let bytes = e.as_bytes();
         let at = e.utf8_error().valid_up_to();

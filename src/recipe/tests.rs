@@ -252,7 +252,7 @@ fn override_errors_point_at_the_override() {
 #[test]
 fn missing_file_is_an_io_error() {
     let e = load(Path::new("/nonexistent/r.toml"), &[], &registry()).unwrap_err();
-    assert!(matches!(e, RecipeError::Io { .. }));
+    assert!(matches!(e, RecipeError::Io(_)));
     assert!(e.to_string().contains("/nonexistent/r.toml"));
 }
 

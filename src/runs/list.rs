@@ -1,6 +1,7 @@
 //! Listing run records and finding one by name or prefix.
 
-use super::{files, io_err, RunError, RunRecord, StageStatus};
+use super::{files, RunError, RunRecord, StageStatus};
+use crate::fs_error::{IoContext, IoError};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -23,7 +24,7 @@ impl RunSummary {
 /// Read one run directory's record.
 pub fn read_record(dir: &Path) -> Result<RunRecord, RunError> {
     let path = dir.join(files::RUN_JSON);
-    let bytes = std::fs::read(&path).map_err(io_err("reading", &path))?;
+    let bytes = std::fs::read(&path).ctx("reading", &path)?;
     serde_json::from_slice(&bytes).map_err(|source| RunError::Parse { path, source })
 }
 
@@ -34,7 +35,7 @@ pub fn list_runs(runs_dir: &Path) -> Result<Vec<RunSummary>, RunError> {
     let rd = match std::fs::read_dir(runs_dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(io_err("listing", runs_dir)(e)),
+        Err(e) => return Err(IoError::new("listing", runs_dir, e).into()),
     };
     for entry in rd.flatten() {
         let dir = entry.path();

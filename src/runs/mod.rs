@@ -16,6 +16,7 @@ pub use record::{DatasetLock, RunLock, RunRecord, RunStatus, StageRecord, StageS
 pub use show::{render_text as render_show, show_run, EvalTable, ModelLine, RunReport, StageLine};
 
 use crate::data::rejects::RejectLog;
+use crate::fs_error::{IoContext, IoError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -34,16 +35,8 @@ pub mod files {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// File system error.
-    #[error("{what} {}: {source}", path.display())]
-    Io {
-        /// What we were doing.
-        what: &'static str,
-        /// Path involved.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// A run.json that does not parse.
     #[error("run record {} is not valid: {source}", path.display())]
     Parse {
@@ -59,11 +52,6 @@ pub enum RunError {
     /// A prefix matches several runs.
     #[error("'{0}' matches several runs ({1}); give more of the name")]
     Ambiguous(String, String),
-}
-
-pub(crate) fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RunError {
-    let path = path.to_path_buf();
-    move |source| RunError::Io { what, path, source }
 }
 
 /// Where a running pipeline writes its per-run records (metrics, rejects, plots). Shared by
@@ -91,7 +79,7 @@ impl RunSink {
     /// Start a new run under `runs_dir`: create `<UTC timestamp>-<recipe>/` and write the initial
     /// `run.json` (status `running`).
     pub fn start(runs_dir: &Path, mut record: RunRecord) -> Result<Self, RunError> {
-        std::fs::create_dir_all(runs_dir).map_err(io_err("creating runs directory", runs_dir))?;
+        std::fs::create_dir_all(runs_dir).ctx("creating runs directory", runs_dir)?;
         let now = time::OffsetDateTime::now_utc();
         let stamp = now
             .format(time::macros::format_description!(
@@ -109,12 +97,12 @@ impl RunSink {
                     break dir;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
-                Err(e) => return Err(io_err("creating run directory", &dir)(e)),
+                Err(e) => return Err(IoError::new("creating run directory", &dir, e).into()),
             }
         };
         record.started = now.format(&time::format_description::well_known::Rfc3339).expect("formattable");
         record.pid = std::process::id();
-        let rejects = RejectLog::open(dir.join(files::REJECTS)).map_err(io_err("reading", &dir))?;
+        let rejects = RejectLog::open(dir.join(files::REJECTS)).ctx("reading", &dir)?;
         let sink = Self { dir, record: Mutex::new(Some(record)), append: Mutex::default(), rejects };
         sink.save()?;
         Ok(sink)
@@ -151,7 +139,7 @@ impl RunSink {
         let Some(r) = rec.as_ref() else { return Ok(()) };
         let json = serde_json::to_vec_pretty(r).expect("record serialises");
         let dst = self.dir.join(files::RUN_JSON);
-        crate::durable::write_atomic(&dst, &json).map_err(io_err("writing", &dst))
+        Ok(crate::durable::write_atomic(&dst, &json).ctx("writing", &dst)?)
     }
 
     fn append_line(&self, file: &str, value: &serde_json::Value) -> std::io::Result<()> {
