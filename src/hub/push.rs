@@ -11,14 +11,18 @@
 //!    `actions` and is not sent again, so rerunning an interrupted push resumes it. The others are
 //!    `PUT` to the `upload` href (a presigned URL: the token is never sent there), then the `verify`
 //!    href gets `POST {"oid","size"}` with the token.
+//!    When the `upload` action's `header` carries `chunk_size` and numbered part URLs, the object
+//!    goes up in parts instead ([`Api::put_multipart`]): each slice is PUT to its part URL and the
+//!    parts' ETags are POSTed to the action's `href`, which assembles it; then `verify` as above.
 //! 4. `POST /api/models/{repo}/commit/{rev}`, `Content-Type: application/x-ndjson`: a `header` line
 //!    (`summary`, `description`), then a `file` line (base64 content) per regular file and an
 //!    `lfsFile` line (`path`, `algo: sha256`, `oid`, `size`) per LFS file. The answer carries
 //!    `commitUrl` and `commitOid`.
 
 use crate::fs_error::IoError;
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use sha2::Digest;
@@ -183,6 +187,48 @@ fn hash_and_sample(p: &Path) -> std::io::Result<(String, Vec<u8>)> {
     Ok((hex::encode(h.finalize()), sample))
 }
 
+/// One part of a multipart upload: where its bytes go and which bytes they are.
+#[derive(Debug, PartialEq, Eq)]
+struct Part {
+    url: String,
+    offset: u64,
+    len: u64,
+}
+
+/// The parts an upload action's `header` asks for: `chunk_size` (a decimal string, or a number)
+/// and the URLs under the numeric keys, which must be exactly `1..=ceil(size / chunk_size)`.
+fn multipart_plan(header: &serde_json::Value, size: u64) -> Result<Vec<Part>, String> {
+    let chunk = match &header["chunk_size"] {
+        serde_json::Value::String(s) => s.trim().parse::<u64>().ok(),
+        v => v.as_u64(),
+    }
+    .filter(|&c| c > 0)
+    .ok_or_else(|| format!("chunk_size {} is not a positive integer", header["chunk_size"]))?;
+    let mut urls = BTreeMap::new();
+    for (k, v) in header.as_object().into_iter().flatten() {
+        if k.is_empty() || !k.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let n: u64 = k.parse().map_err(|_| format!("part number {k} is out of range"))?;
+        let url = v.as_str().ok_or_else(|| format!("part {k} has no URL"))?;
+        urls.insert(n, url.to_string());
+    }
+    let count = size.div_ceil(chunk);
+    if urls.len() as u64 != count || urls.keys().copied().ne(1..=count) {
+        return Err(format!(
+            "{} part URL(s) for {size} bytes in chunks of {chunk}; expected parts 1 to {count}",
+            urls.len()
+        ));
+    }
+    Ok(urls
+        .into_iter()
+        .map(|(n, url)| {
+            let offset = (n - 1) * chunk;
+            Part { url, offset, len: chunk.min(size - offset) }
+        })
+        .collect())
+}
+
 fn b64(data: &[u8]) -> String {
     super::base64::encode(data)
 }
@@ -344,13 +390,12 @@ impl Api<'_> {
             let upload = &actions["upload"];
             let href =
                 upload["href"].as_str().ok_or_else(|| self.protocol(&url, "upload action without href".into()))?;
-            if upload["header"].get("chunk_size").is_some() {
-                return Err(
-                    self.protocol(&url, "the Hub asked for a multipart upload, which mmrun does not speak".into())
-                );
-            }
             tracing::info!(path = %f.path_in_repo, bytes = f.size, "uploading");
-            self.put(href, &upload["header"], f)?;
+            if upload["header"].get("chunk_size").is_some() {
+                self.put_multipart(href, &upload["header"], f)?;
+            } else {
+                self.put(href, &upload["header"], f)?;
+            }
             if let Some(href) = actions["verify"]["href"].as_str() {
                 let body = serde_json::json!({ "oid": f.sha256, "size": f.size });
                 self.post(href, "application/vnd.git-lfs+json", body.to_string().as_bytes(), |_| false)?;
@@ -386,6 +431,62 @@ impl Api<'_> {
         })
     }
 
+    /// The Hub's multipart transfer for large objects (`huggingface_hub`'s `lfs.py`,
+    /// `_upload_multi_part`): the upload action's `header` holds `chunk_size` and one presigned
+    /// URL per part, keyed by its number (`"00001"`, …). Each `chunk_size` slice of the file (the
+    /// last one shorter) is PUT to its URL without the token, and the `ETag`s the storage answers
+    /// are POSTed to the action's `href` as `{"oid", "parts": [{"partNumber", "etag"}]}`, which
+    /// assembles the object. A failed part is retried alone.
+    fn put_multipart(&self, completion: &str, header: &serde_json::Value, f: &Local) -> Result<(), HubError> {
+        let parts = multipart_plan(header, f.size)
+            .map_err(|reason| self.protocol(completion, format!("multipart upload of {}: {reason}", f.path_in_repo)))?;
+        let mut etags = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            tracing::debug!(path = %f.path_in_repo, part = i + 1, of = parts.len(), "uploading part");
+            let etag = self.put_part(part, f)?;
+            etags.push(serde_json::json!({ "partNumber": i + 1, "etag": etag }));
+        }
+        let body = serde_json::json!({ "oid": f.sha256, "parts": etags });
+        self.post(completion, "application/vnd.git-lfs+json", body.to_string().as_bytes(), |_| false)?;
+        Ok(())
+    }
+
+    /// PUT one slice of the file to its presigned URL; returns the `ETag` the storage answered.
+    fn put_part(&self, part: &Part, f: &Local) -> Result<String, HubError> {
+        let url = part.url.as_str();
+        self.client.with_retries(url, || {
+            let read_err = |doing: &'static str| {
+                move |e| {
+                    Attempt::Fatal(HubError::PushRead {
+                        repo: self.repo.clone(),
+                        source: IoError::new(doing, &f.local, e),
+                    })
+                }
+            };
+            let mut file = File::open(&f.local).map_err(read_err("opening"))?;
+            file.seek(SeekFrom::Start(part.offset)).map_err(read_err("reading"))?;
+            let mut slice = file.take(part.len);
+            // An explicit Content-Length makes ureq send the reader length-delimited (S3 refuses
+            // chunked uploads), without holding the part in memory.
+            let mut resp = self
+                .client
+                .agent()
+                .put(url)
+                .header("content-length", part.len.to_string())
+                .send(ureq::SendBody::from_reader(&mut slice))
+                .map_err(|e| self.client.transport(url, e))?;
+            let status = resp.status().as_u16();
+            if !resp.status().is_success() {
+                let text = resp.body_mut().read_to_string().unwrap_or_default();
+                return Err(self.failure(url, status, &resp, &text));
+            }
+            match resp.headers().get("etag").and_then(|v| v.to_str().ok()).filter(|e| !e.is_empty()) {
+                Some(etag) => Ok(etag.to_string()),
+                None => Err(Attempt::Fatal(self.protocol(url, format!("no ETag for a part of {}", f.path_in_repo)))),
+            }
+        })
+    }
+
     /// Create the commit; returns its oid and URL.
     fn commit(&self, files: &[Local], push: &PushOptions) -> Result<(String, String), HubError> {
         let url = self.url("commit");
@@ -414,6 +515,29 @@ impl Api<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multipart_plan_slices_the_file_by_the_numbered_part_urls() {
+        let header = serde_json::json!({ "chunk_size": "4", "00002": "u2", "00001": "u1", "00003": "u3" });
+        let plan = multipart_plan(&header, 10).unwrap();
+        let got: Vec<(&str, u64, u64)> = plan.iter().map(|p| (p.url.as_str(), p.offset, p.len)).collect();
+        assert_eq!(got, [("u1", 0, 4), ("u2", 4, 4), ("u3", 8, 2)]);
+        // A number works as well as a string.
+        assert_eq!(multipart_plan(&serde_json::json!({ "chunk_size": 5, "1": "a", "2": "b" }), 10).unwrap().len(), 2);
+        for (bad, why) in [
+            (serde_json::json!({ "chunk_size": "4", "00001": "u1" }), "expected parts 1 to 3"),
+            (
+                serde_json::json!({ "chunk_size": "4", "00001": "a", "00002": "b", "00004": "c" }),
+                "expected parts 1 to 3",
+            ),
+            (serde_json::json!({ "chunk_size": "0", "00001": "u1" }), "not a positive integer"),
+            (serde_json::json!({ "chunk_size": "x" }), "not a positive integer"),
+            (serde_json::json!({ "chunk_size": "8", "00001": 7, "00002": "b" }), "part 00001 has no URL"),
+        ] {
+            let e = multipart_plan(&bad, 10).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn targets_are_whole_model_repositories() {

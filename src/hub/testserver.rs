@@ -11,7 +11,11 @@
 //! (`<repo>.git/info/lfs/objects/batch`; objects it already holds get no actions), `PUT` of an object
 //! to a CDN-style presigned URL on the second address (which, like S3, refuses an `Authorization`
 //! header and a body whose sha256 is not the oid), `verify`, and the NDJSON `commit` endpoint. What is
-//! committed is served back by the read endpoints above, byte for byte.
+//! committed is served back by the read endpoints above, byte for byte. Objects above the threshold
+//! set by [`TestHub::set_multipart`] are asked for in parts, as the Hub does for large files: the
+//! upload action's `header` holds `chunk_size` and a presigned URL per part (`PUT /lfs-part/<oid>/<n>`,
+//! which answers an `ETag`), and its `href` (`POST /api/complete_multipart?oid=…`) checks the parts'
+//! ETags and the assembled object's sha256 before storing it.
 //!
 //! It is a small hand-written HTTP/1.1 server over `std::net` rather than `tiny_http`, because the
 //! faults need byte-level control (closing the socket halfway through a declared body) and because
@@ -120,6 +124,10 @@ struct State {
     lfs_objects: HashMap<String, Arc<Vec<u8>>>,
     /// The token write endpoints accept (`None`: any Bearer token).
     write_token: Option<String>,
+    /// `(threshold, chunk_size)`: objects larger than `threshold` bytes go up in parts.
+    multipart: Option<(u64, u64)>,
+    /// Parts of multipart uploads not completed yet: oid → part number → content.
+    parts: HashMap<String, BTreeMap<u64, Vec<u8>>>,
 }
 
 /// A running test Hub. Dropping it stops accepting connections.
@@ -183,6 +191,13 @@ impl TestHub {
     /// gets 401. Without it, any Bearer token may write.
     pub fn set_write_token(&self, token: &str) {
         self.state.lock().unwrap().write_token = Some(token.to_string());
+    }
+
+    /// Ask for LFS objects larger than `threshold` bytes in parts of `chunk_size` bytes (the Hub's
+    /// multipart transfer) instead of one `PUT`.
+    pub fn set_multipart(&self, threshold: u64, chunk_size: u64) {
+        assert!(chunk_size > 0, "chunk_size must be positive");
+        self.state.lock().unwrap().multipart = Some((threshold, chunk_size));
     }
 
     /// The files on `branch` of a repository (path → content), if both exist.
@@ -589,8 +604,15 @@ fn route_upload(st: &mut State, req: &Req, segs: &[String]) -> Option<Resp> {
     if method == "PUT" && seg(0) == "lfs-upload" {
         return Some(lfs_put(st, req, seg(1)));
     }
+    if method == "PUT" && seg(0) == "lfs-part" {
+        return Some(lfs_put_part(st, req, seg(1), seg(2)));
+    }
     if method != "POST" {
         return None;
+    }
+    // The completion URL is signed on the real Hub: it needs no token.
+    if seg(0) == "api" && seg(1) == "complete_multipart" {
+        return Some(complete_multipart(st, req));
     }
     let authorized = match (&st.write_token, req.headers.get("authorization")) {
         (_, None) => false,
@@ -692,8 +714,19 @@ fn route_upload(st: &mut State, req: &Req, segs: &[String]) -> Option<Resp> {
                     if st.lfs_objects.get(oid).is_some_and(|d| d.len() as u64 == size) {
                         return serde_json::json!({ "oid": oid, "size": size });
                     }
+                    let upload = match st.multipart {
+                        Some((threshold, chunk)) if size > threshold => {
+                            let mut header = serde_json::json!({ "chunk_size": chunk.to_string() });
+                            for n in 1..=size.div_ceil(chunk) {
+                                header[format!("{n:05}")] = format!("{cdn}/lfs-part/{oid}/{n}").into();
+                            }
+                            let href = format!("{}/api/complete_multipart?oid={oid}", st.origin);
+                            serde_json::json!({ "href": href, "header": header })
+                        }
+                        _ => serde_json::json!({ "href": format!("{cdn}/lfs-upload/{oid}?size={size}"), "header": {} }),
+                    };
                     serde_json::json!({ "oid": oid, "size": size, "authenticated": true, "actions": {
-                        "upload": { "href": format!("{cdn}/lfs-upload/{oid}?size={size}"), "header": {} },
+                        "upload": upload,
                         "verify": { "href": format!("{}/{prefix}{repo_id}.git/info/lfs/objects/verify", st.origin), "header": {} },
                     }})
                 })
@@ -787,6 +820,59 @@ fn lfs_put(st: &mut State, req: &Req, oid: &str) -> Resp {
     let mut r = Resp::json(200, serde_json::json!({}));
     r.headers.push(("ETag".into(), format!("\"{oid}\"")));
     r
+}
+
+/// The ETag the test storage gives a part (quoted, as S3 does).
+fn part_etag(data: &[u8]) -> String {
+    format!("\"{}\"", hex::encode(sha2::Sha256::digest(data)))
+}
+
+/// `PUT /lfs-part/<oid>/<n>`: keep one part of a multipart upload (a retried part replaces it).
+fn lfs_put_part(st: &mut State, req: &Req, oid: &str, n: &str) -> Resp {
+    if req.headers.contains_key("authorization") {
+        return Resp::error(400, "", "Only one auth mechanism allowed");
+    }
+    let Ok(n) = n.parse::<u64>() else { return Resp::error(400, "", "bad part number") };
+    st.parts.entry(oid.to_string()).or_default().insert(n, req.body.clone());
+    let mut r = Resp::json(200, serde_json::json!({}));
+    r.headers.push(("ETag".into(), part_etag(&req.body)));
+    r
+}
+
+/// `POST /api/complete_multipart?oid=…` with `{"oid", "parts": [{"partNumber", "etag"}]}`: every
+/// part in order with the ETag it was given; the assembled object must hash to the oid.
+fn complete_multipart(st: &mut State, req: &Req) -> Resp {
+    let query = req.target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let oid = query.split('&').find_map(|kv| kv.strip_prefix("oid=")).unwrap_or("").to_string();
+    let Ok(body) = serde_json::from_slice::<serde_json::Value>(&req.body) else {
+        return Resp::error(400, "", "invalid JSON");
+    };
+    if body["oid"] != oid.as_str() {
+        return Resp::error(400, "", "the body's oid is not the upload's");
+    }
+    let Some(stored) = st.parts.get(&oid) else { return Resp::error(404, "", "no parts uploaded for this oid") };
+    let listed = body["parts"].as_array().cloned().unwrap_or_default();
+    if listed.len() != stored.len() {
+        return Resp::error(400, "", &format!("{} parts listed, {} uploaded", listed.len(), stored.len()));
+    }
+    let mut data = Vec::new();
+    for (i, p) in listed.iter().enumerate() {
+        let n = i as u64 + 1;
+        let Some(part) = stored.get(&n).filter(|_| p["partNumber"].as_u64() == Some(n)) else {
+            return Resp::error(400, "", &format!("part {n} missing or out of order"));
+        };
+        if p["etag"].as_str() != Some(part_etag(part).as_str()) {
+            return Resp::error(400, "", &format!("part {n}: wrong etag {}", p["etag"]));
+        }
+        data.extend_from_slice(part);
+    }
+    let got = hex::encode(sha2::Sha256::digest(&data));
+    if got != oid {
+        return Resp::error(400, "", &format!("assembled sha256 {got} is not the oid {oid}"));
+    }
+    st.parts.remove(&oid);
+    st.lfs_objects.insert(oid, Arc::new(data));
+    Resp::json(200, serde_json::json!({}))
 }
 
 fn serve_cdn(st: &mut State, sha: &str, req: &Req) -> Resp {

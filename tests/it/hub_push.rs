@@ -1,7 +1,8 @@
 //! `mmrun push` against the local test Hub (`mmrun::hub::testserver`) on 127.0.0.1: the binary
 //! uploads through the Hub's real upload API (create, preupload, LFS batch + PUT + verify, NDJSON
 //! commit), and the existing download client then returns the same bytes. A second push (or a push
-//! rerun after an interrupted one) sends no LFS object again. Missing or refused tokens and bad
+//! rerun after an interrupted one) sends no LFS object again; a file above the Hub's multipart
+//! threshold goes up in parts and is assembled to its sha256. Missing or refused tokens and bad
 //! repository names fail with one line, the latter before any request.
 
 use crate::common;
@@ -230,4 +231,47 @@ fn missing_or_refused_tokens_and_bad_names_fail_with_one_line() {
         matches!(e, HubError::Network { .. }) && e.to_string().contains("http://127.0.0.1:9/api/repos/create"),
         "{e}"
     );
+}
+
+#[test]
+fn a_large_file_goes_up_in_parts_assembles_to_its_sha256_and_a_second_push_sends_nothing() {
+    use sha2::Digest;
+    let hub = TestHub::start();
+    hub.set_write_token(TOKEN);
+    let sb = Sandbox::new();
+    let dir = model_folder(sb.root());
+    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+    // Three parts, the last one shorter; a small LFS file stays a single PUT.
+    let chunk = weights.len() as u64 / 3 + 1;
+    hub.set_multipart(1000, chunk);
+    std::fs::write(dir.join("small.safetensors"), [7u8; 100]).unwrap();
+    let opts = HubOptions {
+        endpoint: hub.url(),
+        token: Some(mmrun::hub::Token::new(TOKEN)),
+        cache_dir: sb.root().join("hf/hub"),
+        ..HubOptions::from_env()
+    };
+    let target = PushTarget::parse("hf://me/big").unwrap();
+    let pushed = push_folder(&dir, &target, &opts, &PushOptions { message: "parts".into(), ..Default::default() })
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((pushed.uploaded, pushed.already_there), (2, 0));
+    assert_eq!(count(&hub, "PUT", "/lfs-part/"), 3);
+    assert_eq!(count(&hub, "PUT", "/lfs-upload/"), 1, "below the threshold: one PUT");
+    let seen = hub.seen();
+    assert!(seen.iter().filter(|s| s.method == "PUT").all(|s| s.authorization.is_none() && s.status == 200));
+    let done: Vec<_> = seen.iter().filter(|s| s.target.starts_with("/api/complete_multipart")).collect();
+    assert_eq!(done.len(), 1, "{seen:?}");
+    assert_eq!(done[0].status, 200, "the Hub accepted the parts' ETags and the assembled sha256");
+    let stored = hub.files(RepoType::Model, "me/big", "main").unwrap();
+    let assembled = &stored["model.safetensors"];
+    assert_eq!(hex::encode(sha2::Sha256::digest(assembled)), hex::encode(sha2::Sha256::digest(&weights)));
+    assert_eq!(assembled, &weights);
+
+    // Everything is on the Hub now: a second push uploads nothing, in parts or whole.
+    hub.clear_seen();
+    let again = push_folder(&dir, &target, &opts, &PushOptions { message: "again".into(), ..Default::default() })
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((again.uploaded, again.already_there), (0, 2));
+    assert_eq!(count(&hub, "PUT", ""), 0);
+    assert_eq!(count(&hub, "POST", "complete_multipart"), 0);
 }
