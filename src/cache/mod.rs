@@ -8,7 +8,7 @@
 //! | `shards-v1/<key>/` | tokenised shards of a dataset ([`Cache::derived`]) | the directory exists (renamed in whole, with `manifest.json`) |
 //! | `builtin-v1/<key>/` | generated `builtin:` datasets ([`Cache::derived`]) | as shards |
 //! | `fingerprints-v1/<recipe>/<stage>.json` | what each stage was last built from (`plan --why`) | each file is written atomically |
-//! | `hashes-v1/files.jsonl` | memo of dataset file hashes by (path, size, mtime) | append-only; torn lines are ignored |
+//! | `hashes-v1/files.jsonl` | memo of local input file hashes (datasets, model folders) by (path, size, mtime, dev, inode) | append-only; torn lines are ignored |
 //! | `work-v1/<key>/` | checkpoints and half-built derived entries | survives interrupts; removed once `<key>` is published |
 //! | `tmp-v1/<pid>-<random>/` | artifacts being assembled | never read; removed on failure, or by `gc` once its process is gone |
 //! | `locks-v1/` | `<key>.lock` per key, `gc.lock`, and the leases of live runs | OS locks: released when their process dies |
@@ -446,10 +446,15 @@ impl Cache {
         self.verifier.check(dir, &listed.files, depth)
     }
 
-    /// blake3 of a file's content (hex), memoised by (canonical path, size, mtime) so a large
-    /// corpus is hashed once, not on every run.
+    /// blake3 of a file's content (hex), memoised by (canonical path, size, mtime, device, inode)
+    /// so a large corpus or a local model folder is hashed once, not on every run.
     pub fn hash_file(&self, path: &Path) -> Result<String, CacheError> {
         self.hashes.hash_file(path)
+    }
+
+    /// How many files [`Cache::hash_file`] has read in full through this handle (memo misses).
+    pub fn files_hashed(&self) -> u64 {
+        self.hashes.files_read()
     }
 
     /// Every file under `dir` except a manifest at its root, with size and blake3, sorted by

@@ -17,7 +17,7 @@
 //! | output-affecting params, canonical           | after serde defaults are applied, so writing a default explicitly changes nothing         |
 //! | keys of input stages (per param, in order)   | an upstream change propagates down the DAG; order matters (`models = ["a", "b"]`)         |
 //! | each input dataset's content hash            | the bytes read, not where they live: moving a file or re-downloading it changes nothing   |
-//! | content hash of each local file a stage reads ([`crate::recipe::StageParams::local_files`]: an adopted tokenizer) | same rule as datasets: editing the file reruns the stage; the param naming the path is left out |
+//! | content hash of each local file a stage reads ([`crate::recipe::StageParams::local_files`]: an adopted tokenizer, a local model folder) | same rule as datasets (hashed through the `hashes-v1` memo, so an unchanged file is not read again): editing the file reruns the stage; the param naming the path is left out |
 //! | path and sha256 of each file of an `hf://` input a stage names ([`crate::recipe::StageParams::remote_sources`]), as pinned by the recipe's lock | the bytes used: a moved branch changes nothing until `mmrun update` re-pins it; the URI string is left out, and so is the commit (a new commit with the same files must not retrain everything downstream) |
 //! | each input dataset's `format`, `columns`, `on_bad_record`, `builtin` | they change which examples the bytes turn into                    |
 //! | `recipe.seed`                                | init, data order and sampling depend on it; conservatively in every stage                 |
@@ -209,6 +209,9 @@ pub struct KeyContext<'a> {
     pub device_class: DeviceClass,
     /// The recipe's precision resolved for `device_class` (never `Auto`).
     pub precision: Precision,
+    /// Hashes local input files through its memo (`hashes-v1`), so an unchanged model folder is
+    /// not read again on every plan.
+    pub cache: &'a crate::cache::Cache,
 }
 
 /// Why a fingerprint could not be computed.
@@ -322,7 +325,8 @@ pub fn fingerprint(
         .map(|(param, path)| LocalFile {
             param: param.to_string(),
             file: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            content_hash: file_hash(path),
+            // `None` when unreadable: the stage itself then says what is missing.
+            content_hash: cx.cache.hash_file(path).ok(),
         })
         .collect();
 
@@ -380,14 +384,6 @@ pub fn fingerprint(
         precision: (trains && precision == Precision::Bf16).then_some(Precision::Bf16),
     };
     Ok((fp, cosmetic))
-}
-
-/// blake3 of a file's bytes; `None` when it cannot be read.
-fn file_hash(path: &std::path::Path) -> Option<String> {
-    let mut h = blake3::Hasher::new();
-    let f = std::fs::File::open(path).ok()?;
-    h.update_reader(f).ok()?;
-    Some(h.finalize().to_hex().to_string())
 }
 
 /// The key of a fingerprint: blake3 of its canonical JSON without the name fields, hex.

@@ -230,6 +230,7 @@ pub fn build_fetched(
             fetched,
             device_class: device,
             precision,
+            cache,
         };
         let (fingerprint, excluded) = key::fingerprint(spec, defs[i], &cx)?;
         let k = key::key_of(&fingerprint);

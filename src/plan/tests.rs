@@ -373,6 +373,35 @@ fn an_adopted_tokenizer_is_keyed_by_its_content_not_its_path() {
 }
 
 #[test]
+fn a_local_model_folder_is_read_once_across_plans_and_rehashed_when_it_changes() {
+    let (d, c) = cache();
+    let m = d.path().join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(m.join("config.json"), "{}").unwrap();
+    std::fs::write(m.join("model.safetensors"), [1u8; 4096]).unwrap();
+    let text = "[recipe]\nname = \"t\"\n\n[models.base]\nsource = \"m\"\n\n\
+                [stages.ev]\nkind = \"eval\"\nmodels = [\"base\"]\nprompts = [\"hi\"]\n";
+    let reg = crate::stages::kinds();
+    let r = load_str(&d.path().join("r.toml"), text.into(), &[], &reg).unwrap_or_else(|e| panic!("{e}"));
+    let key = || build_with(&r, &c, &BTreeMap::new(), CPU, &reg).unwrap().stage("base").unwrap().key.clone();
+    let k = key();
+    assert_eq!(c.files_hashed(), 2, "config and weights read once");
+    assert_eq!(key(), k);
+    assert_eq!(c.files_hashed(), 2, "an unchanged folder is not read again");
+
+    // Touched: read again, and the same bytes keep the key.
+    let weights = m.join("model.safetensors");
+    let later = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+    std::fs::File::options().write(true).open(&weights).unwrap().set_modified(later).unwrap();
+    assert_eq!(key(), k);
+    assert_eq!(c.files_hashed(), 3);
+    // Edited: a new key.
+    std::fs::write(&weights, [2u8; 4096]).unwrap();
+    assert_ne!(key(), k, "edited weights must not be served from the cache");
+    assert_eq!(c.files_hashed(), 4);
+}
+
+#[test]
 fn a_record_in_another_layout_is_a_reason_not_a_crash() {
     let (_d, c) = cache();
     let p = plan(&c, GOOD, &[]);
