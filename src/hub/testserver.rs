@@ -3,8 +3,8 @@
 //! uses: revision info, recursive tree listing, `resolve` (302 to a CDN-style `/cdn/<sha256>` path for
 //! LFS files, 200 with a git-blob ETag for small files), `X-Repo-Commit` / `X-Linked-Etag` /
 //! `X-Linked-Size`, and `Range`. Faults can be switched on: a dropped connection mid-body, 5xx,
-//! 429 with `Retry-After`, wrong bytes, slow answers, private repos (401 without the token),
-//! moving a branch, and hostile names (a commit id or tree entries that try to leave the cache).
+//! 429 with `Retry-After`, wrong bytes, slow answers, private or gated repos (401 without the token,
+//! 403 with another), moving a branch, and hostile names (a commit id or tree entries that try to leave the cache).
 //!
 //! It also accepts uploads the way the Hub does ([`super::push`] speaks to it): `POST /api/repos/create`
 //! (409 when the repository exists), `preupload` (which files go to LFS), the LFS batch API
@@ -208,7 +208,7 @@ impl TestHub {
         Some(tree.iter().map(|(p, f)| (p.clone(), f.data.to_vec())).collect())
     }
 
-    /// Make a repository private: requests without `Authorization: Bearer <token>` get 401.
+    /// Make a repository private or gated: requests without a token get 401, with another token 403.
     pub fn set_token(&self, repo_type: RepoType, repo_id: &str, token: &str) {
         let mut st = self.state.lock().unwrap();
         st.repos.entry((repo_type, repo_id.to_string())).or_default().token = Some(token.to_string());
@@ -508,8 +508,13 @@ fn route(st: &mut State, req: &Req) -> Resp {
         return Resp::error(404, "RepoNotFound", "Repository not found");
     };
     if let Some(tok) = &repo.token {
-        if req.headers.get("authorization") != Some(&format!("Bearer {tok}")) {
-            return Resp::error(401, "GatedRepo", "Access to this repository is restricted");
+        // As the Hub for a gated repository: 401 without a token, 403 with one not granted access.
+        match req.headers.get("authorization") {
+            None => return Resp::error(401, "GatedRepo", "Access to this repository is restricted"),
+            Some(h) if *h != format!("Bearer {tok}") => {
+                return Resp::error(403, "GatedRepo", "Access to this repository is restricted")
+            }
+            Some(_) => {}
         }
     }
     let action = rest[2].as_str();

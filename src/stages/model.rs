@@ -115,7 +115,16 @@ impl Stage for ModelStage {
             })?;
             config.local_path.parent().map(Path::to_path_buf).unwrap_or_default()
         } else {
-            ctx.recipe.path.parent().unwrap_or(Path::new(".")).join(src)
+            let dir = ctx.recipe.path.parent().unwrap_or(Path::new(".")).join(src);
+            if !dir.join(layout::MODEL_CONFIG_JSON).is_file() {
+                bail!(
+                    "model '{}': {} {}; point source at a transformers folder (config.json and *.safetensors; relative to the recipe) or write hf://<owner>/<name>",
+                    ctx.name,
+                    dir.display(),
+                    if dir.is_dir() { "has no config.json" } else { "does not exist" }
+                );
+            }
+            dir
         };
         weights::refuse_pickled(&dir).with_context(|| format!("model '{}' ({src})", ctx.name))?;
         // Imported on the CPU in f32: the artifact is the same whatever device trains on it.
@@ -125,8 +134,6 @@ impl Stage for ModelStage {
         if ctx.out_dir.join(layout::TOKENIZER_JSON).is_file() {
             crate::data::tokenize::TextTokenizer::from_dir(ctx.out_dir)
                 .with_context(|| format!("model '{}': the tokenizer of {src} does not load", ctx.name))?;
-        } else if !dir.is_dir() {
-            bail!("model '{}': {} is not a folder", ctx.name, dir.display());
         }
         let mut metrics = serde_json::Map::new();
         metrics.insert("source".into(), json!(src));

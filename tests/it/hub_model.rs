@@ -9,7 +9,7 @@ use crate::common;
 use candle_core::{DType, Device, Tensor};
 use common::Sandbox;
 use mmrun::hub::lock::{lock_path, LockFile};
-use mmrun::hub::testserver::TestHub;
+use mmrun::hub::testserver::{Faults, TestHub};
 use mmrun::hub::RepoType;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -234,4 +234,141 @@ fn pickled_weights_are_refused_with_the_conversion() {
         );
     }
     assert!(!sb.root().join("hf/hub/models--acme--pickled/blobs").exists(), "nothing of the pickle was downloaded");
+}
+
+/// `mmrun <args>` against the test Hub (with `token` as HF_TOKEN); returns the one `error:` line of
+/// its failure.
+fn error_line(sb: &Sandbox, hub: &TestHub, token: Option<&str>, args: &[&str]) -> String {
+    let mut c = sb.command(args);
+    hub_env(&mut c, hub, &sb.root().join("hf"));
+    if let Some(t) = token {
+        c.env("HF_TOKEN", t);
+    }
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: one error line expected:\n{stderr}");
+    lines[0].to_string()
+}
+
+/// A recipe whose only model is `[models.qwen] source = "<src>"`, evaluated on one prompt.
+fn model_recipe(src: &str) -> String {
+    format!(
+        "[recipe]\nname = \"errs\"\ndevice = \"cpu\"\n\n[models.qwen]\nsource = \"{src}\"\n\n\
+         [stages.report]\nkind = \"eval\"\nmodels = [\"qwen\"]\nprompts = [\"hi\"]\n"
+    )
+}
+
+/// No stage output was published and no half-written object is left in the cache.
+fn nothing_published(sb: &Sandbox) {
+    for bucket in ["objects-v1", "tmp-v1"] {
+        let dir = sb.home().join(bucket);
+        let left: Vec<_> = std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "{bucket}: {left:?}");
+    }
+}
+
+#[test]
+fn local_model_errors_name_the_model_and_the_fix() {
+    let hub = TestHub::start();
+    let sb = Sandbox::new();
+
+    // A folder that is not there.
+    sb.write("absent.toml", &model_recipe("no/such/folder"));
+    let e = error_line(&sb, &hub, None, &["absent.toml"]);
+    assert!(e.contains("qwen") && e.contains("no/such/folder"), "{e}");
+    assert!(e.contains("does not exist") && e.contains("transformers folder"), "says what to point at: {e}");
+    nothing_published(&sb);
+    // A folder without a model in it.
+    std::fs::create_dir_all(sb.root().join("empty")).unwrap();
+    sb.write("empty.toml", &model_recipe("empty"));
+    let e = error_line(&sb, &hub, None, &["empty.toml"]);
+    assert!(e.contains("qwen") && e.contains("has no config.json") && e.contains("transformers folder"), "{e}");
+    nothing_published(&sb);
+
+    // An architecture mmrun cannot run: the error names the field.
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = "llama".into();
+    sb.write("llama/config.json", &cfg.to_string());
+    std::fs::copy(fixture("model.safetensors"), sb.root().join("llama/model.safetensors")).unwrap();
+    sb.write("llama.toml", &model_recipe("llama"));
+    let e = error_line(&sb, &hub, None, &["llama.toml"]);
+    assert!(e.contains("qwen") && e.contains("model_type") && e.contains("llama"), "{e}");
+    nothing_published(&sb);
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture("config.json")).unwrap()).unwrap();
+    cfg["hidden_act"] = "gelu".into();
+    sb.write("llama/config.json", &cfg.to_string());
+    let e = error_line(&sb, &hub, None, &["llama.toml"]);
+    assert!(e.contains("qwen") && e.contains("hidden_act"), "{e}");
+    nothing_published(&sb);
+}
+
+#[test]
+fn hub_model_errors_missing_gated_and_corrupt_are_one_line_and_leave_nothing() {
+    let hub = TestHub::start();
+    hub.commit(RepoType::Model, "acme/gated", "main", model_files(false));
+    hub.set_token(RepoType::Model, "acme/gated", "hf_granted");
+    hub.commit(RepoType::Model, "acme/tiny", "main", model_files(false));
+    let sb = Sandbox::new();
+
+    sb.write("missing.toml", &model_recipe("hf://acme/missing"));
+    let e = error_line(&sb, &hub, None, &["missing.toml"]);
+    assert!(e.contains("hf://acme/missing") && e.contains("not found") && e.contains("owner/name"), "{e}");
+
+    // Gated: 401 without a token, 403 with one that was not granted access.
+    sb.write("gated.toml", &model_recipe("hf://acme/gated"));
+    for (token, status) in [(None, "401"), (Some("hf_other"), "403")] {
+        let e = error_line(&sb, &hub, token, &["gated.toml"]);
+        assert!(e.contains("hf://acme/gated") && e.contains(status), "{e}");
+        assert!(e.contains("accept its conditions") && e.contains("HF_TOKEN"), "{e}");
+        assert!(!e.contains("hf_other"), "the token never appears: {e}");
+    }
+    // Every retry gets flipped bytes: a checksum mismatch, and no file of the model is kept.
+    hub.set_faults(Faults { corrupt: 100, ..Faults::default() });
+    sb.write("corrupt.toml", &model_recipe("hf://acme/tiny"));
+    let e = error_line(&sb, &hub, None, &["corrupt.toml"]);
+    assert!(e.contains("hf://acme/tiny") && e.contains("checksum mismatch") && e.contains("retry"), "{e}");
+    let snapshots = sb.root().join("hf/hub/models--acme--tiny/snapshots");
+    let kept: Vec<_> = walk(&snapshots);
+    assert!(kept.iter().all(|p| !p.ends_with("model.safetensors")), "an unverified file was kept: {kept:?}");
+    nothing_published(&sb);
+    assert!(!sb.root().join("corrupt.lock").exists(), "nothing unverified is pinned");
+
+    // The same model, served intact: it loads.
+    hub.set_faults(Faults::default());
+    let mut c = sb.command(&["corrupt.toml"]);
+    hub_env(&mut c, &hub, &sb.root().join("hf"));
+    assert!(c.output().unwrap().status.success());
+}
+
+#[test]
+fn an_export_onto_an_existing_folder_is_refused_and_leaves_it_alone() {
+    let sb = Sandbox::new();
+    let hub = TestHub::start();
+    let out = sb.root().join("out");
+    sb.write("out/keep.txt", "mine");
+    let model = fixture("").to_string_lossy().into_owned();
+    let e = error_line(&sb, &hub, None, &["export", &model, "--to", "hf", out.to_str().unwrap()]);
+    assert!(e.contains("already exists") && e.contains("--force") && e.contains("qwen3_tiny"), "{e}");
+    assert_eq!(walk(&out), vec![out.join("keep.txt")], "the folder is untouched");
+    let siblings: Vec<_> = std::fs::read_dir(sb.root()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(
+        siblings.iter().all(|n| !n.to_string_lossy().starts_with(".out") && !n.to_string_lossy().contains("tmp")),
+        "no temporary sibling left: {siblings:?}"
+    );
+}
+
+/// Every file under `dir` (empty when it does not exist).
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
