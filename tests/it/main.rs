@@ -24,6 +24,7 @@ mod layers;
 mod model_bench;
 mod peft_golden;
 mod quickstart;
+mod recipes;
 mod serve_api;
 mod train_stages;
 mod web_browser;
