@@ -2,9 +2,10 @@
 //! it: `mmrun::hub::testserver::TestHub`). It listens on `127.0.0.1:0` and implements what mmrun
 //! uses: revision info, recursive tree listing, `resolve` (302 to a CDN-style `/cdn/<sha256>` path for
 //! LFS files, 200 with a git-blob ETag for small files), `X-Repo-Commit` / `X-Linked-Etag` /
-//! `X-Linked-Size`, and `Range`. Faults can be switched on: a dropped connection mid-body, 5xx,
-//! 429 with `Retry-After`, wrong bytes, slow answers, private or gated repos (401 without the token,
-//! 403 with another), moving a branch, and hostile names (a commit id or tree entries that try to leave the cache).
+//! `X-Linked-Size`, and `Range`. Faults can be switched on: a dropped connection mid-body, 5xx (also
+//! on multipart parts), 429 with `Retry-After`, wrong bytes, slow answers, private or gated repos (401
+//! without the token, 403 with another), moving a branch, and hostile names (a commit id or tree
+//! entries that try to leave the cache).
 //!
 //! It also accepts uploads the way the Hub does ([`super::push`] speaks to it): `POST /api/repos/create`
 //! (409 when the repository exists), `preupload` (which files go to LFS), the LFS batch API
@@ -92,6 +93,8 @@ pub struct Faults {
     pub extra_tree_entries: Vec<serde_json::Value>,
     /// The next N `commit` requests answer 422 (an interrupted push: objects uploaded, no commit).
     pub reject_commit: u32,
+    /// The next N multipart part uploads answer 500 after reading the body (flaky storage).
+    pub fail_parts: u32,
 }
 
 /// One request the server saw (for assertions).
@@ -838,6 +841,10 @@ fn lfs_put_part(st: &mut State, req: &Req, oid: &str, n: &str) -> Resp {
         return Resp::error(400, "", "Only one auth mechanism allowed");
     }
     let Ok(n) = n.parse::<u64>() else { return Resp::error(400, "", "bad part number") };
+    if st.faults.fail_parts > 0 {
+        st.faults.fail_parts -= 1;
+        return Resp::error(500, "", "injected part failure");
+    }
     st.parts.entry(oid.to_string()).or_default().insert(n, req.body.clone());
     let mut r = Resp::json(200, serde_json::json!({}));
     r.headers.push(("ETag".into(), part_etag(&req.body)));

@@ -244,21 +244,29 @@ fn a_large_file_goes_up_in_parts_assembles_to_its_sha256_and_a_second_push_sends
     // Three parts, the last one shorter; a small LFS file stays a single PUT.
     let chunk = weights.len() as u64 / 3 + 1;
     hub.set_multipart(1000, chunk);
+    // The storage fails one part once: that part alone is sent again.
+    hub.set_faults(Faults { fail_parts: 1, ..Faults::default() });
     std::fs::write(dir.join("small.safetensors"), [7u8; 100]).unwrap();
     let opts = HubOptions {
         endpoint: hub.url(),
         token: Some(mmrun::hub::Token::new(TOKEN)),
         cache_dir: sb.root().join("hf/hub"),
+        backoff_base: std::time::Duration::from_millis(5),
+        backoff_max: std::time::Duration::from_millis(20),
         ..HubOptions::from_env()
     };
     let target = PushTarget::parse("hf://me/big").unwrap();
     let pushed = push_folder(&dir, &target, &opts, &PushOptions { message: "parts".into(), ..Default::default() })
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((pushed.uploaded, pushed.already_there), (2, 0));
-    assert_eq!(count(&hub, "PUT", "/lfs-part/"), 3);
+    assert_eq!(count(&hub, "PUT", "/lfs-part/"), 4, "three parts, one of them twice");
     assert_eq!(count(&hub, "PUT", "/lfs-upload/"), 1, "below the threshold: one PUT");
     let seen = hub.seen();
-    assert!(seen.iter().filter(|s| s.method == "PUT").all(|s| s.authorization.is_none() && s.status == 200));
+    let puts: Vec<_> = seen.iter().filter(|s| s.method == "PUT").collect();
+    assert!(puts.iter().all(|s| s.authorization.is_none()), "{puts:?}");
+    assert_eq!(puts.iter().filter(|s| s.status == 500).count(), 1, "{puts:?}");
+    let failed = puts.iter().find(|s| s.status == 500).unwrap();
+    assert_eq!(puts.iter().filter(|s| s.target == failed.target).count(), 2, "the failed part is retried: {puts:?}");
     let done: Vec<_> = seen.iter().filter(|s| s.target.starts_with("/api/complete_multipart")).collect();
     assert_eq!(done.len(), 1, "{seen:?}");
     assert_eq!(done[0].status, 200, "the Hub accepted the parts' ETags and the assembled sha256");
