@@ -25,6 +25,10 @@ pub struct Cli {
     /// Where run records are written.
     #[arg(long, env = "MMRUN_RUNS_DIR", default_value = "runs", global = true)]
     pub runs_dir: PathBuf,
+    /// Who builds the stale stages: `local` (this process) or `slurm` (one `sbatch` job per stage,
+    /// on a cache the nodes share); overrides `[recipe] executor`.
+    #[arg(long, value_name = "local|slurm", global = true)]
+    pub executor: Option<crate::recipe::ExecutorKind>,
     /// The command (`mmrun <recipe>` is short for `mmrun run <recipe>`).
     #[command(subcommand)]
     pub command: Command,
@@ -148,14 +152,39 @@ pub enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Build one stage of a run (what a Slurm job runs; not for direct use).
+    #[command(hide = true)]
+    StageJob {
+        /// The run directory (its run.json has the recipe and overrides).
+        run_dir: PathBuf,
+        /// The stage.
+        stage: String,
+        /// The key the stage was submitted under (refused if the stage's key is now different).
+        #[arg(long)]
+        key: String,
+    },
 }
 
 const SUBCOMMANDS: &[&str] = &[
-    "run", "plan", "runs", "show", "chat", "serve", "diff", "resume", "bench", "update", "export", "push", "gc",
-    "verify", "help",
+    "run",
+    "plan",
+    "runs",
+    "show",
+    "chat",
+    "serve",
+    "diff",
+    "resume",
+    "bench",
+    "update",
+    "export",
+    "push",
+    "gc",
+    "verify",
+    "stage-job",
+    "help",
 ];
 /// Global options that take a value (so the shorthand detection skips their values).
-const VALUE_OPTS: &[&str] = &["--set", "--home", "--runs-dir"];
+const VALUE_OPTS: &[&str] = &["--set", "--home", "--runs-dir", "--executor"];
 
 /// Insert `run` before the first positional argument when it is not a subcommand, so
 /// `mmrun recipe.toml` means `mmrun run recipe.toml`.
@@ -247,10 +276,11 @@ fn chain_text(e: &anyhow::Error) -> String {
 
 fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
     let paths = Paths { home: cli.home.clone(), runs_dir: cli.runs_dir.clone() };
+    let opts = pipeline::RunOptions { executor: cli.executor };
     match &cli.command {
         Command::Run { recipe } => {
             let src = RecipeSource { path: recipe.clone(), overrides: cli.set.clone(), text: None };
-            finish(pipeline::run(&src, &paths)?, &paths)
+            finish(pipeline::run_with(&src, &paths, &opts)?, &paths)
         }
         Command::Plan { recipe, json, why } => {
             let cache = crate::cache::Cache::open(&paths.home)
@@ -329,7 +359,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 overrides: rec.overrides.clone(),
                 text: Some(rec.recipe_text.clone()),
             };
-            finish(pipeline::run(&src, &paths)?, &paths)
+            finish(pipeline::run_with(&src, &paths, &opts)?, &paths)
         }
         Command::Bench(args) => {
             let json = args.json;
@@ -414,6 +444,16 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", pushed.commit_url);
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::StageJob { run_dir, stage, key } => {
+            Ok(match pipeline::run_stage_job(run_dir, stage, key, &paths.home)? {
+                pipeline::StageJobEnd::Done => ExitCode::SUCCESS,
+                pipeline::StageJobEnd::Failed(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::from(1)
+                }
+                pipeline::StageJobEnd::Interrupted => ExitCode::from(130),
+            })
         }
         Command::Gc { dry_run } => {
             let cache = crate::cache::Cache::open(&paths.home)

@@ -10,6 +10,7 @@
 //! [`DynStage`]s through their object-safe interface.
 
 pub mod pipeline;
+pub mod slurm;
 
 use crate::artifact::Artifact;
 use crate::cache::{Bucket, Cache, Depth, Lookup};
@@ -257,33 +258,48 @@ impl Executor<'_> {
     }
 
     fn set_status(&self, name: &str, status: StageStatus, secs: f64, art: Option<&Artifact>, error: Option<String>) {
-        // The records skipped while building an artifact (a prepare stage's shards) are stored
-        // with it and belong to every run that has it, built or cached, so the record does not
-        // depend on what the cache held. Each is recorded once per run.
-        if let Some(a) = art {
-            let p = a.dir.join(crate::data::rejects::REJECTS);
-            if let Err(e) = crate::data::RejectSink::adopt_rejects(self.run, &p) {
-                tracing::warn!("could not copy {} into the run record: {e}", p.display());
-            }
+        set_status(self.run, self.cache, name, status, secs, art, error);
+    }
+}
+
+/// Record a stage's new state in `run.json` (with the final metrics from its artifact, the
+/// current reject counts and the cache entries the run holds). A record that cannot be written is
+/// a warning, not a failed stage.
+pub(crate) fn set_status(
+    run: &RunSink,
+    cache: &Cache,
+    name: &str,
+    status: StageStatus,
+    secs: f64,
+    art: Option<&Artifact>,
+    error: Option<String>,
+) {
+    // The records skipped while building an artifact (a prepare stage's shards) are stored
+    // with it and belong to every run that has it, built or cached, so the record does not
+    // depend on what the cache held. Each is recorded once per run.
+    if let Some(a) = art {
+        let p = a.dir.join(crate::data::rejects::REJECTS);
+        if let Err(e) = crate::data::RejectSink::adopt_rejects(run, &p) {
+            tracing::warn!("could not copy {} into the run record: {e}", p.display());
         }
-        let rejects = self.run.count_rejects();
-        let res = self.run.update(|r| {
-            if let Some(st) = r.stage_mut(name) {
-                st.status = status;
-                st.seconds = secs;
-                if let Some(a) = art {
-                    st.metrics = a.manifest.metrics.clone();
-                }
-                st.error = error;
+    }
+    let rejects = run.count_rejects();
+    let res = run.update(|r| {
+        if let Some(st) = r.stage_mut(name) {
+            st.status = status;
+            st.seconds = secs;
+            if let Some(a) = art {
+                st.metrics = a.manifest.metrics.clone();
             }
-            if let Some(c) = rejects {
-                r.rejects = c;
-            }
-            r.cache_entries = self.cache.pinned_entries();
-        });
-        if let Err(e) = res {
-            tracing::warn!("could not update the run record: {e}");
+            st.error = error;
         }
+        if let Some(c) = rejects {
+            r.rejects = c;
+        }
+        r.cache_entries = cache.pinned_entries();
+    });
+    if let Err(e) = res {
+        tracing::warn!("could not update the run record: {e}");
     }
 }
 

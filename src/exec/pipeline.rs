@@ -1,13 +1,14 @@
 //! The `run`, `plan` and `resume` commands end to end: load the recipe, resolve datasets, plan,
 //! open a run record, execute, finalise the record.
 
+use super::slurm::SlurmExecutor;
 use super::{ExecCounts, ExecOutcome, Executor, Job};
 use crate::cache::Cache;
 use crate::cancel::CancelToken;
 use crate::data::ResolvedDataset;
 use crate::hub::{Fetched, HubUri, RemoteId, RemoteInput, RemoteKind};
 use crate::plan::Plan;
-use crate::recipe::Recipe;
+use crate::recipe::{ExecutorKind, Recipe};
 use crate::runs::{DatasetLock, RunLock, RunRecord, RunSink, RunStatus, StageRecord};
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -197,8 +198,68 @@ fn effective_params(recipe: &Recipe) -> serde_json::Value {
     })
 }
 
-/// Run a recipe: plan, execute stale stages, keep the run record current.
+/// How to run a recipe beyond what it says itself.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// `--executor`: overrides `[recipe] executor`.
+    pub executor: Option<ExecutorKind>,
+}
+
+/// The executor's view of the plan's stages.
+fn jobs_for(recipe: &Recipe, plan: &Plan) -> Vec<Job> {
+    plan.stages
+        .iter()
+        .map(|p| {
+            let spec = recipe.stages.iter().find(|s| s.name == p.name);
+            Job {
+                name: p.name.clone(),
+                kind: p.kind.clone(),
+                key: p.key.clone(),
+                params: spec.map(|s| s.params.clone()).unwrap_or_default(),
+                inputs: spec.map(|s| s.inputs.clone()).unwrap_or_default(),
+                verify: p.opened,
+            }
+        })
+        .collect()
+}
+
+/// Build `jobs` in this process with the local executor, recording each published stage's
+/// fingerprint (so a later `plan --why` can say what changed).
+fn execute_here(
+    cache: &Cache,
+    sink: &RunSink,
+    cancel: &CancelToken,
+    recipe: &Recipe,
+    prepared: &Prepared,
+    jobs: &[Job],
+) -> (ExecOutcome, ExecCounts) {
+    let on_published = |job: &Job, _art: &crate::artifact::Artifact| {
+        if let Some(p) = prepared.plan.stages.iter().find(|p| p.name == job.name) {
+            if let Err(e) = crate::plan::record_fingerprint(cache, &recipe.meta.name, p) {
+                tracing::warn!("could not record the fingerprint of stage '{}': {e}", job.name);
+            }
+        }
+    };
+    let exec = Executor {
+        cache,
+        run: sink,
+        cancel,
+        recipe,
+        datasets: &prepared.datasets,
+        fetched: &prepared.fetched,
+        registry: crate::stages::REGISTRY,
+        on_published: &on_published,
+    };
+    exec.execute(jobs)
+}
+
+/// Run a recipe with its own executor: see [`run_with`].
 pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
+    run_with(src, paths, &RunOptions::default())
+}
+
+/// Run a recipe: plan, execute stale stages (here, or as cluster jobs), keep the run record current.
+pub fn run_with(src: &RecipeSource, paths: &Paths, opts: &RunOptions) -> anyhow::Result<RunEnd> {
     let started = Instant::now();
     let cache = Cache::open(&paths.home).with_context(|| format!("opening the cache {}", paths.home.display()))?;
     let recipe = load_recipe(src)?;
@@ -215,7 +276,7 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
         ..Default::default()
     };
     let sink = RunSink::start(&paths.runs_dir, record).context("creating the run record")?;
-    let Prepared { fetched, datasets, plan } = match prepare(&recipe, &cache) {
+    let prepared = match prepare(&recipe, &cache) {
         Ok(p) => p,
         Err(error) => {
             let finished = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).ok();
@@ -232,7 +293,8 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
     sink.update(|r| {
         r.lock = RunLock {
             mmrun_version: crate::VERSION.to_string(),
-            datasets: datasets
+            datasets: prepared
+                .datasets
                 .iter()
                 .map(|(n, d)| {
                     let files = d.files.iter().map(|f| f.display().to_string()).collect();
@@ -242,9 +304,10 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
                     )
                 })
                 .collect(),
-            stages: plan.stages.iter().map(|s| (s.name.clone(), s.key.clone())).collect(),
+            stages: prepared.plan.stages.iter().map(|s| (s.name.clone(), s.key.clone())).collect(),
         };
-        r.stages = plan
+        r.stages = prepared
+            .plan
             .stages
             .iter()
             .map(|s| StageRecord {
@@ -260,39 +323,24 @@ pub fn run(src: &RecipeSource, paths: &Paths) -> anyhow::Result<RunEnd> {
     })?;
     let cancel = CancelToken::new();
     cancel.install_signal_handlers().context("installing the Ctrl-C handler")?;
-    let jobs: Vec<Job> = plan
-        .stages
-        .iter()
-        .map(|p| {
-            let spec = recipe.stages.iter().find(|s| s.name == p.name);
-            Job {
-                name: p.name.clone(),
-                kind: p.kind.clone(),
-                key: p.key.clone(),
-                params: spec.map(|s| s.params.clone()).unwrap_or_default(),
-                inputs: spec.map(|s| s.inputs.clone()).unwrap_or_default(),
-                verify: p.opened,
-            }
-        })
-        .collect();
-    let on_published = |job: &Job, _art: &crate::artifact::Artifact| {
-        if let Some(p) = plan.stages.iter().find(|p| p.name == job.name) {
-            if let Err(e) = crate::plan::record_fingerprint(&cache, &recipe.meta.name, p) {
-                tracing::warn!("could not record the fingerprint of stage '{}': {e}", job.name);
-            }
+    let jobs = jobs_for(&recipe, &prepared.plan);
+    let (outcome, counts) = match opts.executor.unwrap_or(recipe.meta.executor) {
+        ExecutorKind::Local => execute_here(&cache, &sink, &cancel, &recipe, &prepared, &jobs),
+        ExecutorKind::Slurm => {
+            // The job runs this very binary on the same cache, named so a node finds it.
+            let exe = std::env::current_exe().context("locating the mmrun binary for the Slurm jobs")?;
+            let home = std::fs::canonicalize(&paths.home).unwrap_or_else(|_| paths.home.clone());
+            let exec = SlurmExecutor {
+                cache: &cache,
+                run: &sink,
+                cancel: &cancel,
+                recipe: &recipe,
+                mmrun: vec![exe.display().to_string(), "--home".into(), home.display().to_string()],
+                poll: slurm_poll_interval(),
+            };
+            exec.execute(&jobs)
         }
     };
-    let exec = Executor {
-        cache: &cache,
-        run: &sink,
-        cancel: &cancel,
-        recipe: &recipe,
-        datasets: &datasets,
-        fetched: &fetched,
-        registry: crate::stages::REGISTRY,
-        on_published: &on_published,
-    };
-    let (outcome, counts) = exec.execute(&jobs);
     let now = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).ok();
     let secs = started.elapsed().as_secs_f64();
     let run_dir = sink.dir().to_path_buf();
@@ -352,4 +400,71 @@ pub fn resolve_model(
         hub: Some(&hub),
     };
     Ok(resolver.resolve(reference)?)
+}
+
+/// How often the Slurm executor polls its jobs: `MMRUN_SLURM_POLL_MS`, default 2 s (one
+/// `scontrol` call per unfinished job each time, which a busy controller can take).
+fn slurm_poll_interval() -> std::time::Duration {
+    let ms = std::env::var("MMRUN_SLURM_POLL_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    std::time::Duration::from_millis(ms)
+}
+
+/// How a `stage-job` ended (its process exit code: 0, 1, 130).
+#[derive(Debug)]
+pub enum StageJobEnd {
+    /// The stage's artifact is in the cache (built here, or found there).
+    Done,
+    /// The stage failed (the error is printed by the caller).
+    Failed(anyhow::Error),
+    /// SIGTERM/SIGINT (e.g. `scancel`): the stage checkpointed and stopped.
+    Interrupted,
+}
+
+/// `mmrun stage-job <run dir> <stage> --key <key>`: what a Slurm job runs. It replays the recipe
+/// text and overrides recorded in `<run dir>/run.json`, plans, checks the stage still has the key
+/// it was submitted under, and builds it (and any upstream stage missing from the cache) with the
+/// local executor, appending metrics and rejects to the run's files. It never touches `run.json`:
+/// the submitting mmrun owns it.
+pub fn run_stage_job(run_dir: &Path, stage: &str, key: &str, home: &Path) -> anyhow::Result<StageJobEnd> {
+    let rec_path = run_dir.join(crate::runs::files::RUN_JSON);
+    let text = std::fs::read_to_string(&rec_path).with_context(|| format!("reading {}", rec_path.display()))?;
+    let rec: RunRecord = serde_json::from_str(&text).with_context(|| format!("parsing {}", rec_path.display()))?;
+    let src = RecipeSource {
+        path: rec.recipe_path.clone().into(),
+        overrides: rec.overrides.clone(),
+        text: Some(rec.recipe_text.clone()),
+    };
+    let cache = Cache::open(home).with_context(|| format!("opening the cache {}", home.display()))?;
+    let (recipe, prepared) = make_plan(&src, &cache)?;
+    let Some(target) = prepared.plan.stages.iter().find(|p| p.name == stage) else {
+        anyhow::bail!("run {} has no stage '{stage}'", rec.id);
+    };
+    if target.key != key {
+        anyhow::bail!(
+            "stage '{stage}' now has key {} but was submitted as {key}: its recipe, data or mmrun changed since \
+             submission; run the recipe again",
+            target.key
+        );
+    }
+    // The stage and everything upstream of it, in plan order (upstream stages are normally cached).
+    let all = jobs_for(&recipe, &prepared.plan);
+    let mut needed: std::collections::BTreeSet<String> = [stage.to_string()].into();
+    for j in all.iter().rev() {
+        if needed.contains(&j.name) {
+            for i in &j.inputs {
+                if let crate::stages::InputRef::Stage { stage, .. } = i {
+                    needed.insert(stage.clone());
+                }
+            }
+        }
+    }
+    let jobs: Vec<Job> = all.into_iter().filter(|j| needed.contains(&j.name)).collect();
+    let sink = RunSink::create(run_dir).context("opening the run directory")?;
+    let cancel = CancelToken::new();
+    cancel.install_signal_handlers().context("installing the signal handlers")?;
+    Ok(match execute_here(&cache, &sink, &cancel, &recipe, &prepared, &jobs).0 {
+        ExecOutcome::Succeeded => StageJobEnd::Done,
+        ExecOutcome::Failed { error, .. } => StageJobEnd::Failed(error),
+        ExecOutcome::Interrupted { .. } => StageJobEnd::Interrupted,
+    })
 }

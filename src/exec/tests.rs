@@ -90,6 +90,8 @@ fn recipe() -> Recipe {
             seed: 1,
             device: crate::recipe::DeviceSpec::Cpu,
             precision: Default::default(),
+            executor: Default::default(),
+            resources: Default::default(),
         },
         model: ModelSpec::default(),
         datasets: Default::default(),

@@ -415,3 +415,14 @@ fn a_record_in_another_layout_is_a_reason_not_a_crash() {
     assert!(why[0].starts_with("the record of its last build was written by an older (or newer) mmrun"), "{why:?}");
     assert!(matches!(p.stage("tok").unwrap().reasons[0], StaleReason::RecordFromOtherVersion(_)));
 }
+
+#[test]
+fn executor_and_resources_are_not_in_any_key() {
+    let (_d, c) = cache();
+    let before = plan(&c, GOOD, &[]);
+    let after =
+        plan(&c, GOOD, &["recipe.executor=slurm", "recipe.resources.partition=gpu", "stages.base.resources.gpus=2"]);
+    for (a, b) in before.stages.iter().zip(&after.stages) {
+        assert_eq!(a.key, b.key, "{} changed key when only where it runs changed", a.name);
+    }
+}

@@ -89,6 +89,7 @@ mod tests {
                 .iter()
                 .map(|f| InputRef::Stage { param: "from", stage: f.to_string(), accepts: vec![ArtifactKind::Model] })
                 .collect(),
+            resources: Default::default(),
         }
     }
 

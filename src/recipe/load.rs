@@ -10,7 +10,9 @@ use super::diag::{suggestion, Diagnostic, Location, SourceMap};
 use super::kind::{DynStageKind, InputRef, ParamsError};
 use super::overrides::{self, Applied};
 use super::spans::SpanIndex;
-use super::{resolve_model, DeviceClass, DeviceSpec, ModelSpec, Recipe, RecipeMeta, StageSpec, UnknownDevice};
+use super::{
+    resolve_model, DeviceClass, DeviceSpec, ModelSpec, Recipe, RecipeMeta, Resources, StageSpec, UnknownDevice,
+};
 use crate::data::spec::DatasetSpec;
 use crate::fs_error::{IoContext, IoError};
 use crate::hub::uri::HubUri;
@@ -339,6 +341,14 @@ impl Loader<'_> {
             }
         };
         if let Some(m) = &meta {
+            for e in m.resources.validate() {
+                self.error(
+                    &p(&["recipe", "resources", e.key]),
+                    false,
+                    format!("{} in [recipe.resources]", e.message),
+                    Some(e.hint),
+                );
+            }
             if !valid_name(&m.name) {
                 self.error(
                     &p(&["recipe", "name"]),
@@ -470,11 +480,15 @@ impl Loader<'_> {
             self.check_cycles(&stages);
         }
 
+        let meta = meta?;
+        for s in &mut stages {
+            s.resources = s.resources.over(&meta.resources);
+        }
         Some(Recipe {
             path: self.file.to_path_buf(),
             source_text: text.to_string(),
             overrides: overrides.to_vec(),
-            meta: meta?,
+            meta,
             model: model?,
             datasets,
             stages,
@@ -623,10 +637,19 @@ impl Loader<'_> {
         };
         let mut params = t.clone();
         params.remove("kind");
+        // Where the stage runs is the executor's business, not the stage kind's (and not its key).
+        let resources = match params.remove("resources") {
+            Some(v) => self.resources(&p(&["stages", name, "resources"]), &v).unwrap_or_default(),
+            None => Resources::default(),
+        };
         match stage.parse_params(&params) {
-            Ok(parsed) => {
-                Some(StageSpec { name: name.to_string(), kind, params: parsed.canonical, inputs: parsed.inputs })
-            }
+            Ok(parsed) => Some(StageSpec {
+                name: name.to_string(),
+                kind,
+                params: parsed.canonical,
+                inputs: parsed.inputs,
+                resources,
+            }),
             Err(ParamsError::Serde(msg)) => {
                 self.serde_error(&at, &params, &msg);
                 None
@@ -638,6 +661,17 @@ impl Loader<'_> {
                 None
             }
         }
+    }
+
+    /// Type and check a `resources` table at `at`.
+    fn resources(&mut self, at: &[String], v: &toml::Value) -> Option<Resources> {
+        let r = self.typed_section::<Resources>(at, v)?;
+        for e in r.validate() {
+            let mut path = at.to_vec();
+            path.push(e.key.to_string());
+            self.error(&path, false, format!("{} in {}", e.message, section(at)), Some(e.hint));
+        }
+        Some(r)
     }
 
     /// Path of the value that names `target` in `stages.<stage>.<param>` (a string or an array).

@@ -11,6 +11,7 @@ mod kind;
 mod load;
 mod model;
 mod overrides;
+mod resources;
 pub mod schema;
 mod spans;
 #[cfg(test)]
@@ -23,6 +24,7 @@ pub use diag::{did_you_mean, Diagnostic, Location};
 pub use kind::{DynStageKind, InputRef, InvalidParam, ParamsError, ParsedParams, RemoteSource, StageKind, StageParams};
 pub use load::{load, load_str, RecipeError};
 pub use model::{resolve_model, ModelSpecError};
+pub use resources::{ExecutorKind, ResourceError, Resources};
 
 use crate::data::spec::DatasetSpec;
 use schemars::JsonSchema;
@@ -69,6 +71,16 @@ pub struct RecipeMeta {
     /// weights and optimizer state, bf16 matmuls).
     #[serde(default)]
     pub precision: Precision,
+    /// Who runs the stale stages: `local` (default) or `slurm`; `--executor` overrides it.
+    #[serde(default)]
+    pub executor: ExecutorKind,
+    /// `[recipe.resources]`: defaults for every stage's `[stages.<name>.resources]`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub resources: Resources,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// `[recipe] precision`: the numeric policy of the training stages.
@@ -197,4 +209,7 @@ pub struct StageSpec {
     pub params: serde_json::Value,
     /// Declared inputs (DAG edges).
     pub inputs: Vec<InputRef>,
+    /// `[stages.<name>.resources]` over `[recipe.resources]` (what a cluster job asks for; not
+    /// part of the key).
+    pub resources: Resources,
 }

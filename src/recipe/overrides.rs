@@ -6,6 +6,8 @@ use std::path::Path;
 
 /// Top-level tables an override may create when the file does not have them.
 const CREATABLE_ROOTS: &[&str] = &["recipe", "model", "datasets", "stages"];
+/// Sub-tables of `[recipe]` an override may create (`--set recipe.resources.partition=gpu`).
+const CREATABLE_IN_RECIPE: &[&str] = &["resources"];
 
 /// An override that was applied: the path it set and the raw `--set` argument.
 #[derive(Clone, Debug)]
@@ -129,7 +131,10 @@ fn set(
         // Inside an existing stage or dataset table (depth >= 2) a missing sub-table such as
         // `stages.report.generation` is created: it is a param left at its default, and the kind's
         // own validation still rejects a misspelt key with a did-you-mean.
-        if (depth == 0 && CREATABLE_ROOTS.contains(&seg.as_str())) || depth >= 2 {
+        if (depth == 0 && CREATABLE_ROOTS.contains(&seg.as_str()))
+            || (depth == 1 && path[0] == "recipe" && CREATABLE_IN_RECIPE.contains(&seg.as_str()))
+            || depth >= 2
+        {
             table.insert(seg.clone(), toml::Value::Table(toml::Table::new()));
         } else {
             let here = if depth == 0 { "the recipe".to_string() } else { format!("[{}]", path[..depth].join(".")) };

@@ -6,7 +6,7 @@
 //! is stale. Regenerate with `MMRUN_BLESS=1 cargo test --lib schema`.
 
 use super::DynStageKind;
-use super::{ModelSpec, RecipeMeta};
+use super::{ModelSpec, RecipeMeta, Resources};
 use crate::data::spec::DatasetSpec;
 use schemars::generate::SchemaSettings;
 use serde_json::{json, Value};
@@ -20,6 +20,7 @@ pub fn recipe_schema(registry: &[&dyn DynStageKind]) -> Value {
     let meta = gen.subschema_for::<RecipeMeta>().to_value();
     let model = gen.subschema_for::<ModelSpec>().to_value();
     let dataset = gen.subschema_for::<DatasetSpec>().to_value();
+    let resources = gen.subschema_for::<Resources>().to_value();
 
     let mut branches = Vec::new();
     for stage in registry {
@@ -47,6 +48,11 @@ pub fn recipe_schema(registry: &[&dyn DynStageKind]) -> Value {
             let mut with_kind = serde_json::Map::new();
             with_kind.insert("kind".into(), json!({ "const": stage.kind(), "description": "Stage kind." }));
             with_kind.extend(std::mem::take(p));
+            // Every kind takes `resources` (read by the executor, not by the stage).
+            with_kind.insert(
+                "resources".into(),
+                json!({ "$ref": resources["$ref"], "description": "What a cluster job for this stage asks for; unset fields take [recipe.resources]. Not part of the stage key." }),
+            );
             *p = with_kind;
         }
         let req = obj.entry("required").or_insert_with(|| json!([]));

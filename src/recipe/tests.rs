@@ -324,3 +324,37 @@ fn loading_never_panics_on_mangled_recipes() {
         }
     }
 }
+
+#[test]
+fn stage_resources_merge_over_recipe_defaults_and_stay_out_of_params() {
+    let text = GOOD.replace(
+        "device = \"cpu\"\n",
+        "device = \"cpu\"\nexecutor = \"slurm\"\nresources = { partition = \"gpu\", time = \"1:00:00\" }\n",
+    ) + "\n[stages.base.resources]\ngpus = 2\ntime = \"30\"\n";
+    let r = load_text(&text, &["stages.sft.resources.mem=8G"]).unwrap();
+    assert_eq!(r.meta.executor, ExecutorKind::Slurm);
+    let base = r.stages.iter().find(|s| s.name == "base").unwrap();
+    assert_eq!(base.resources.sbatch_args(), ["--partition=gpu", "--gres=gpu:2", "--time=30"]);
+    assert!(base.params.get("resources").is_none(), "resources are not stage params");
+    let sft = r.stages.iter().find(|s| s.name == "sft").unwrap();
+    assert_eq!(sft.resources.sbatch_args(), ["--partition=gpu", "--mem=8G", "--time=1:00:00"]);
+}
+
+#[test]
+fn bad_resources_and_executor_point_at_the_key() {
+    let d = one_error(&(GOOD.to_string() + "\n[stages.base.resources]\ntime = \"2h\"\n"), &[]);
+    assert_eq!(d.key.as_deref(), Some("stages.base.resources.time"));
+    assert!(d.message.contains("not a Slurm time limit"), "{d}");
+    assert!(d.hint.as_deref().unwrap().contains("HH:MM:SS"), "{d}");
+    assert_eq!(pos(&d).0, GOOD.lines().count() + 3);
+
+    let d = one_error(&(GOOD.to_string() + "\n[stages.base.resources]\ngpu = 1\n"), &[]);
+    assert_eq!(d.key.as_deref(), Some("stages.base.resources.gpu"));
+    assert!(d.message.contains("did you mean 'gpus'?"), "{d}");
+
+    let d = one_error(GOOD, &["recipe.resources.mem=lots"]);
+    assert_eq!(d.key.as_deref(), Some("recipe.resources.mem"));
+
+    let d = one_error(&GOOD.replace("device = \"cpu\"\n", "device = \"cpu\"\nexecutor = \"slurn\"\n"), &[]);
+    assert!(d.message.contains("did you mean 'slurm'?"), "{d}");
+}

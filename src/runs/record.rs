@@ -49,6 +49,9 @@ pub enum StageStatus {
     Interrupted,
     /// Not run because an earlier stage failed or was interrupted.
     Skipped,
+    /// Submitted to a cluster scheduler, then cancelled before it ran (an upstream stage failed,
+    /// or Ctrl-C).
+    Cancelled,
 }
 
 impl StageStatus {
@@ -62,6 +65,7 @@ impl StageStatus {
             StageStatus::Failed => "failed",
             StageStatus::Interrupted => "interrupted",
             StageStatus::Skipped => "skipped",
+            StageStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -89,6 +93,10 @@ pub struct StageRecord {
     /// Error chain, for failed stages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The cluster job that built it (`slurm:<job id>`; its log is `slurm/<stage>.log` in the run
+    /// directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
 
 /// One dataset in the resolved lock.

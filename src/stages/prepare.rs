@@ -155,6 +155,8 @@ mod tests {
                 seed: 1,
                 device: crate::recipe::DeviceSpec::Cpu,
                 precision: Default::default(),
+                executor: Default::default(),
+                resources: Default::default(),
             },
             model: Default::default(),
             datasets: Default::default(),

@@ -151,8 +151,15 @@ mod tests {
         assert_eq!(compute_dtype(Precision::Bf16, &cpu), DType::BF16);
         assert_eq!(Precision::Auto.resolve(DeviceClass::Cuda), Precision::Bf16);
         assert_eq!(Precision::F32.resolve(DeviceClass::Cuda), Precision::F32);
-        let meta =
-            |p| RecipeMeta { name: "t".into(), description: None, seed: 1, device: DeviceSpec::Cpu, precision: p };
+        let meta = |p| RecipeMeta {
+            name: "t".into(),
+            description: None,
+            seed: 1,
+            device: DeviceSpec::Cpu,
+            precision: p,
+            executor: Default::default(),
+            resources: Default::default(),
+        };
         let cfg = crate::model::preset("tiny").unwrap();
         let m = Compute::for_recipe(&meta(Precision::Bf16)).unwrap().new_model(&cfg, 1).unwrap();
         assert_eq!(m.compute_dtype(), DType::BF16);

@@ -8,6 +8,7 @@ mod cli_load_errors;
 mod cli_pipeline;
 mod cli_resume;
 mod cli_show;
+mod cluster_slurm;
 mod common;
 mod dpo_memory;
 mod export;
