@@ -104,6 +104,51 @@ pub struct Rollout {
     pub truncated: usize,
 }
 
+/// Sampled completions of a rollout batch, before any reward: `prompts × num_generations` rows,
+/// group after group.
+#[derive(Clone, Debug)]
+pub struct Samples {
+    /// Prompt length of each row.
+    pub prompt_lens: Vec<usize>,
+    /// Completion ids of each row, including the eos when the row stopped on it.
+    pub completions: Vec<Vec<u32>>,
+    /// The decoded completions (eos excluded).
+    pub texts: Vec<String>,
+    /// Rows that hit `max_new_tokens` before an eos.
+    pub truncated: usize,
+}
+
+/// Sample `num_generations` completions for each prompt with `policy` (one batched generation).
+pub fn sample(
+    policy: &MiniMind,
+    prompts: &[&Prompt],
+    cfg: &RolloutConfig,
+    decode: &dyn Fn(&[u32]) -> String,
+    seed: u64,
+) -> anyhow::Result<Samples> {
+    let g = cfg.num_generations;
+    let rows: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.ids.clone(), g)).collect();
+    let gen_cfg = GenerationConfig { seed, ..cfg.generation.clone() };
+    let eos = *gen_cfg.stop_token_ids.first().expect("rollout config names the eos id");
+    let outs = generate(policy, &rows, &gen_cfg, None, |_, _, _| ControlFlow::Continue(()))?;
+    let mut out = Samples {
+        prompt_lens: rows.iter().map(Vec::len).collect(),
+        completions: Vec::with_capacity(rows.len()),
+        texts: Vec::with_capacity(rows.len()),
+        truncated: 0,
+    };
+    for o in outs {
+        out.texts.push(decode(&o.tokens));
+        let mut ids = o.tokens;
+        match o.finish_reason {
+            FinishReason::Stop => ids.push(eos),
+            _ => out.truncated += 1,
+        }
+        out.completions.push(ids);
+    }
+    Ok(out)
+}
+
 /// Sample `num_generations` completions for each prompt with `policy` and score them.
 pub fn rollout(
     policy: &MiniMind,
@@ -114,39 +159,44 @@ pub fn rollout(
     seed: u64,
 ) -> anyhow::Result<Rollout> {
     let g = cfg.num_generations;
-    let rows: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.ids.clone(), g)).collect();
-    let gen_cfg = GenerationConfig { seed, ..cfg.generation.clone() };
-    let eos = *gen_cfg.stop_token_ids.first().expect("rollout config names the eos id");
-    let outs = generate(policy, &rows, &gen_cfg, None, |_, _, _| ControlFlow::Continue(()))?;
-    let mut out = Rollout {
-        prompt_lens: rows.iter().map(Vec::len).collect(),
-        completions: Vec::with_capacity(rows.len()),
-        texts: Vec::with_capacity(rows.len()),
-        rewards: Vec::with_capacity(rows.len()),
-        reward_parts: Vec::with_capacity(rows.len()),
-        truncated: 0,
-    };
-    for (i, o) in outs.into_iter().enumerate() {
-        let text = decode(&o.tokens);
-        let answer = prompts[i / g].answer.as_deref();
-        let (total, parts) = rewards.score(&text, answer, i)?;
-        let mut ids = o.tokens;
-        match o.finish_reason {
-            FinishReason::Stop => ids.push(eos),
-            _ => out.truncated += 1,
-        }
-        out.completions.push(ids);
-        out.texts.push(text);
-        out.rewards.push(total as f32);
-        out.reward_parts.push(parts);
+    let s = sample(policy, prompts, cfg, decode, seed)?;
+    let (mut totals, mut reward_parts) = (Vec::with_capacity(s.texts.len()), Vec::with_capacity(s.texts.len()));
+    for (i, text) in s.texts.iter().enumerate() {
+        let (total, parts) = rewards.score(text, prompts[i / g].answer.as_deref(), i)?;
+        totals.push(total as f32);
+        reward_parts.push(parts);
     }
-    Ok(out)
+    Ok(Rollout {
+        prompt_lens: s.prompt_lens,
+        completions: s.completions,
+        texts: s.texts,
+        rewards: totals,
+        reward_parts,
+        truncated: s.truncated,
+    })
+}
+
+/// Prompt + completion rows, right-padded with `pad_id`, with labels only on completion tokens
+/// (aligned with the inputs, as the loss helpers expect): `(ids, labels)`, both `[N, T]`. Right
+/// padding keeps RoPE positions exact (the reference left-pads and ignores the offset, spec quirk
+/// 11).
+pub fn scoring_batch(rows: &[(&[u32], &[u32])], pad_id: u32, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let n = rows.len();
+    let t = rows.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(1).max(2);
+    let mut ids = Vec::with_capacity(n * t);
+    let mut labels = Vec::with_capacity(n * t);
+    for (p, c) in rows {
+        ids.extend_from_slice(p);
+        ids.extend_from_slice(c);
+        ids.extend(std::iter::repeat_n(pad_id, t - p.len() - c.len()));
+        labels.extend(std::iter::repeat_n(IGNORE, p.len()));
+        labels.extend(c.iter().map(|&x| x as i64));
+        labels.extend(std::iter::repeat_n(IGNORE, t - p.len() - c.len()));
+    }
+    Ok((Tensor::from_vec(ids, (n, t), device)?, Tensor::from_vec(labels, (n, t), device)?))
 }
 
 impl Rollout {
-    /// Prompt + completion rows, right-padded, with labels only on completion tokens (aligned with
-    /// the inputs, as the loss helpers expect). Right padding keeps RoPE positions exact (the
-    /// reference left-pads and ignores the offset, spec quirk 11).
     fn scoring_batch(
         &self,
         prompts: &[&Prompt],
@@ -154,20 +204,9 @@ impl Rollout {
         pad_id: u32,
         device: &Device,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let n = self.completions.len();
-        let t = (0..n).map(|i| self.prompt_lens[i] + self.completions[i].len()).max().unwrap_or(1).max(2);
-        let mut ids = Vec::with_capacity(n * t);
-        let mut labels = Vec::with_capacity(n * t);
-        for (i, c) in self.completions.iter().enumerate() {
-            let p = &prompts[i / g].ids;
-            ids.extend_from_slice(p);
-            ids.extend_from_slice(c);
-            ids.extend(std::iter::repeat_n(pad_id, t - p.len() - c.len()));
-            labels.extend(std::iter::repeat_n(IGNORE, p.len()));
-            labels.extend(c.iter().map(|&x| x as i64));
-            labels.extend(std::iter::repeat_n(IGNORE, t - p.len() - c.len()));
-        }
-        Ok((Tensor::from_vec(ids, (n, t), device)?, Tensor::from_vec(labels, (n, t), device)?))
+        let rows: Vec<(&[u32], &[u32])> =
+            self.completions.iter().enumerate().map(|(i, c)| (&prompts[i / g].ids[..], &c[..])).collect();
+        scoring_batch(&rows, pad_id, device)
     }
 
     /// Mean total reward.
@@ -321,7 +360,7 @@ fn step_metrics(
 
 /// The sampling seed of global micro-step `micro` (SplitMix64 of the pair, so consecutive steps
 /// get unrelated streams).
-fn step_seed(seed: u64, micro: usize) -> u64 {
+pub(crate) fn step_seed(seed: u64, micro: usize) -> u64 {
     let mut z = seed ^ (micro as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

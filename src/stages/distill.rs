@@ -27,11 +27,11 @@ use super::fit;
 use super::training::training_params;
 use super::{InputRef, InvalidParam, Stage, StageContext, StageKind, StageOutcome, StageParams};
 use crate::align::distill::{evaluate_distill, train_distill, DistillConfig};
-use crate::artifact::{Artifact, ArtifactKind};
+use crate::artifact::ArtifactKind;
 use crate::data::shards::ShardParams;
 use crate::data::spec::DataFormat;
 use crate::train::BatchSource;
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 training_params! {
     /// Parameters of a `distill` stage. Defaults follow the reference's
@@ -130,39 +130,6 @@ impl StageKind for DistillStage {
     type Params = DistillParams;
 }
 
-/// Refuse a teacher whose tokenizer differs from the student's: every token must have the same
-/// id, or the per-token KL compares unrelated ids.
-pub fn same_vocabulary(student: &Artifact, teacher: &Artifact) -> anyhow::Result<()> {
-    let vocab = |a: &Artifact| -> anyhow::Result<std::collections::HashMap<String, u32>> {
-        let p = a.tokenizer_json();
-        let tok = tokenizers::Tokenizer::from_file(&p)
-            .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", p.display()))?;
-        Ok(tok.get_vocab(true))
-    };
-    let (s, t) = (vocab(student)?, vocab(teacher)?);
-    if s == t {
-        return Ok(());
-    }
-    let mut differing: Vec<(u32, &str)> = s
-        .iter()
-        .filter(|(tok, id)| t.get(tok.as_str()) != Some(*id))
-        .map(|(tok, &id)| (id, tok.as_str()))
-        .chain(t.iter().filter(|(tok, _)| !s.contains_key(*tok)).map(|(tok, &id)| (id, tok.as_str())))
-        .collect();
-    differing.sort();
-    let tok = differing[0].1;
-    bail!(
-        "the teacher's vocabulary differs from the student's ({} vs {} tokens, {} differ; e.g. token {tok:?}: id {} for \
-         the student, {} for the teacher); distillation compares next-token distributions id by id, so use a teacher \
-         trained with the student's tokenizer",
-        s.len(),
-        t.len(),
-        differing.len(),
-        s.get(tok).map_or("none".into(), |i| i.to_string()),
-        t.get(tok).map_or("none".into(), |i| i.to_string()),
-    )
-}
-
 impl Stage for DistillStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &DistillParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
@@ -170,7 +137,9 @@ impl Stage for DistillStage {
         let opts = p.train_options(ctx);
         let from = ctx.inputs.model(&p.from, &stage)?.clone();
         let teacher_art = ctx.inputs.model(&p.teacher, &stage)?.clone();
-        same_vocabulary(&from, &teacher_art)
+        let why = "distillation compares next-token distributions id by id, so use a teacher trained with the \
+                   student's tokenizer";
+        super::training::same_vocabulary((&from, "student"), (&teacher_art, "teacher"), why)
             .with_context(|| format!("distill stage '{stage}': teacher '{}', student '{}'", p.teacher, p.from))?;
         let student = compute
             .load_model(&from.dir, true)

@@ -158,7 +158,7 @@ impl GrpoParams {
 }
 
 /// What GRPO reads: prompts with verifiable answers, or conversations (their user turns).
-const GRPO_FORMATS: &[DataFormat] =
+pub(super) const GRPO_FORMATS: &[DataFormat] =
     &[DataFormat::PromptAnswer, DataFormat::Sharegpt, DataFormat::Openai, DataFormat::Alpaca];
 
 /// The `grpo` stage kind.
@@ -186,7 +186,8 @@ impl Stage for GrpoStage {
         let Policy { model: mut policy, adapters, reference, params } =
             Policy::load(ctx, &compute, &p.from, p.reference.as_deref(), p.lora.as_ref(), seed)?;
         let max_prompt = p.max_prompt_len.min(policy.config().max_position_embeddings.saturating_sub(1));
-        let (prompts, skipped_long) = load_prompts(ctx, p, &tok, &rewards, max_prompt)?;
+        let needs_answers = rewards.names().contains(&"exact_match");
+        let (prompts, skipped_long) = load_prompts(ctx, "grpo", &p.data, &tok, needs_answers, max_prompt)?;
         let data = PromptSet::new(prompts, tok.pad);
         let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
         let generation = GenerationConfig {
@@ -266,35 +267,36 @@ impl Stage for GrpoStage {
     }
 }
 
-/// Generation prompts (chat template, assistant header) and final answers from the stage's
-/// dataset; prompts longer than `max_prompt` tokens are left out and counted.
-fn load_prompts(
+/// Generation prompts (chat template, assistant header) and final answers from dataset `data` of
+/// a `kind` stage (an RL stage: grpo, ppo); prompts longer than `max_prompt` tokens are left out
+/// and counted. `needs_answers`: a reward compares against reference answers, so the data must
+/// have them.
+pub(super) fn load_prompts(
     ctx: &StageContext<'_>,
-    p: &GrpoParams,
+    kind: &str,
+    data: &str,
     tok: &TextTokenizer,
-    rewards: &RewardSet,
+    needs_answers: bool,
     max_prompt: usize,
 ) -> anyhow::Result<(Vec<Prompt>, usize)> {
     let stage = ctx.name;
-    let ds = ctx.inputs.dataset(&p.data)?;
+    let ds = ctx.inputs.dataset(data)?;
     let has_answers = match ds.spec.format {
         DataFormat::PromptAnswer => true,
         DataFormat::Sharegpt | DataFormat::Openai | DataFormat::Alpaca => false,
         f => bail!(
-            "grpo stage '{stage}': dataset '{}' has format {f:?}; GRPO needs prompts: format = \"prompt_answer\" \
-             (with answers for exact-match rewards) or a chat format",
-            p.data
+            "{kind} stage '{stage}': dataset '{data}' has format {f:?}; it needs prompts: format = \"prompt_answer\" \
+             (with answers for exact-match rewards) or a chat format"
         ),
     };
-    if !has_answers && rewards.names().contains(&"exact_match") {
+    if !has_answers && needs_answers {
         bail!(
-            "grpo stage '{stage}': the exact_match reward needs reference answers, but dataset '{}' is a chat \
-             dataset; use format = \"prompt_answer\" or drop that reward",
-            p.data
+            "{kind} stage '{stage}': the exact_match reward needs reference answers, but dataset '{data}' is a chat \
+             dataset; use format = \"prompt_answer\" or drop that reward"
         );
     }
     let examples = crate::data::read_examples(ds, Some(ctx.run as _))
-        .with_context(|| format!("grpo stage '{stage}': reading dataset '{}'", p.data))?;
+        .with_context(|| format!("{kind} stage '{stage}': reading dataset '{data}'"))?;
     let (mut prompts, mut skipped) = (Vec::new(), 0usize);
     for ex in examples {
         let (messages, answer) = match ex {
@@ -319,9 +321,8 @@ fn load_prompts(
     }
     if prompts.is_empty() {
         bail!(
-            "grpo stage '{stage}': no usable prompts in '{}' ({skipped} longer than max_prompt_len = {max_prompt}); \
-             raise max_prompt_len or check the data",
-            p.data
+            "{kind} stage '{stage}': no usable prompts in '{data}' ({skipped} longer than max_prompt_len = \
+             {max_prompt}); raise max_prompt_len or check the data"
         );
     }
     Ok((prompts, skipped))

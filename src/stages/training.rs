@@ -311,3 +311,40 @@ impl Policy {
         Ok(Self { model, adapters, reference, params })
     }
 }
+
+/// Refuse model `theirs` when its tokenizer differs from `ours`: every token must have the same id,
+/// or a stage that hands one model's token ids to the other (distillation's teacher, PPO's reward
+/// model) compares unrelated ids. The roles name the two in the message; `why` says what breaks.
+pub(crate) fn same_vocabulary(
+    (ours, our_role): (&crate::artifact::Artifact, &str),
+    (theirs, their_role): (&crate::artifact::Artifact, &str),
+    why: &str,
+) -> anyhow::Result<()> {
+    let vocab = |a: &crate::artifact::Artifact| -> anyhow::Result<std::collections::HashMap<String, u32>> {
+        let p = a.tokenizer_json();
+        let tok = tokenizers::Tokenizer::from_file(&p)
+            .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", p.display()))?;
+        Ok(tok.get_vocab(true))
+    };
+    let (s, t) = (vocab(ours)?, vocab(theirs)?);
+    if s == t {
+        return Ok(());
+    }
+    let mut differing: Vec<(u32, &str)> = s
+        .iter()
+        .filter(|(tok, id)| t.get(tok.as_str()) != Some(*id))
+        .map(|(tok, &id)| (id, tok.as_str()))
+        .chain(t.iter().filter(|(tok, _)| !s.contains_key(*tok)).map(|(tok, &id)| (id, tok.as_str())))
+        .collect();
+    differing.sort();
+    let tok = differing[0].1;
+    anyhow::bail!(
+        "the {their_role}'s vocabulary differs from the {our_role}'s ({} vs {} tokens, {} differ; e.g. token {tok:?}: \
+         id {} for the {our_role}, {} for the {their_role}); {why}",
+        s.len(),
+        t.len(),
+        differing.len(),
+        s.get(tok).map_or("none".into(), |i| i.to_string()),
+        t.get(tok).map_or("none".into(), |i| i.to_string()),
+    )
+}

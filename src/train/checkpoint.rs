@@ -1,13 +1,15 @@
 //! Resumable checkpoints in a stage's work directory.
 //!
 //! Layout: `<work_dir>/checkpoints/step-00000042/{weights.safetensors, optimizer.safetensors,
-//! state.json}`. A checkpoint is assembled in a `.tmp-…` sibling, `state.json` is written last, every
+//! state.json}` (a loop with several optimised parts, as PPO's actor and critic, adds
+//! `<part>-weights.safetensors` and `<part>-optimizer.safetensors`). A checkpoint is assembled in a `.tmp-…` sibling, `state.json` is written last, every
 //! file is synced, then the directory is renamed into place: a `step-*` directory is complete iff its
 //! `state.json` exists. The two newest checkpoints are kept.
 
 use super::optim::AdamW;
 use anyhow::Context;
 use candle_core::{Tensor, Var};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -80,19 +82,54 @@ fn root(work_dir: &Path) -> PathBuf {
     work_dir.join("checkpoints")
 }
 
+/// One optimised set of parameters in a checkpoint: its weights and its optimiser state, stored as
+/// `<name>-weights.safetensors` and `<name>-optimizer.safetensors` (plain `weights.safetensors` and
+/// `optimizer.safetensors` for the unnamed part every single-model loop writes).
+pub struct Part<'a> {
+    /// File prefix (`""` for the main model).
+    pub name: &'a str,
+    /// The parameters, by name.
+    pub params: &'a [(String, Var)],
+    /// Their optimiser.
+    pub opt: &'a AdamW,
+}
+
+fn part_files(name: &str) -> (String, String) {
+    if name.is_empty() {
+        (WEIGHTS.to_string(), OPTIM.to_string())
+    } else {
+        (format!("{name}-{WEIGHTS}"), format!("{name}-{OPTIM}"))
+    }
+}
+
 /// Write a checkpoint of `params`, `opt` and `state` atomically; returns its directory.
 pub fn save(work_dir: &Path, params: &[(String, Var)], opt: &AdamW, state: &TrainState) -> anyhow::Result<PathBuf> {
+    save_parts(work_dir, state.step, &[Part { name: "", params, opt }], state)
+}
+
+/// Write a checkpoint of several optimised parts (PPO's actor and critic) and a loop's own `state`
+/// as step `step`, atomically; returns its directory.
+pub fn save_parts<S: Serialize>(
+    work_dir: &Path,
+    step: usize,
+    parts: &[Part<'_>],
+    state: &S,
+) -> anyhow::Result<PathBuf> {
     let root = root(work_dir);
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create checkpoint dir {}", root.display()))?;
-    let final_dir = root.join(format!("step-{:08}", state.step));
-    let tmp = root.join(format!(".tmp-step-{:08}-{}", state.step, std::process::id()));
+    let final_dir = root.join(format!("step-{step:08}"));
+    let tmp = root.join(format!(".tmp-step-{step:08}-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    let weights: HashMap<String, Tensor> = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    candle_core::safetensors::save(&weights, tmp.join(WEIGHTS)).context("writing checkpoint weights")?;
-    candle_core::safetensors::save(&opt.state_tensors()?, tmp.join(OPTIM)).context("writing optimizer state")?;
+    for p in parts {
+        let (wf, of) = part_files(p.name);
+        let weights: HashMap<String, Tensor> =
+            p.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        candle_core::safetensors::save(&weights, tmp.join(wf)).context("writing checkpoint weights")?;
+        candle_core::safetensors::save(&p.opt.state_tensors()?, tmp.join(of)).context("writing optimizer state")?;
+    }
     std::fs::write(tmp.join(STATE), serde_json::to_vec_pretty(state)?)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
@@ -138,10 +175,7 @@ fn prune(root: &Path) -> anyhow::Result<()> {
 
 /// The newest complete checkpoint in `work_dir`, if any.
 pub fn latest(work_dir: &Path) -> anyhow::Result<Option<(PathBuf, TrainState)>> {
-    let Some((_, dir)) = complete(&root(work_dir))?.pop() else { return Ok(None) };
-    let text = std::fs::read(dir.join(STATE))?;
-    let state: TrainState = serde_json::from_slice(&text)
-        .with_context(|| format!("checkpoint {} is unreadable; delete it to start over", dir.display()))?;
+    let Some((dir, state)) = latest_state::<TrainState>(work_dir)? else { return Ok(None) };
     anyhow::ensure!(
         state.format == FORMAT,
         "checkpoint {} has format {} (this mmrun writes {FORMAT}); delete it to start over",
@@ -151,22 +185,46 @@ pub fn latest(work_dir: &Path) -> anyhow::Result<Option<(PathBuf, TrainState)>> 
     Ok(Some((dir, state)))
 }
 
+/// The newest complete checkpoint in `work_dir` with its state read as a loop's own type `S`.
+pub fn latest_state<S: DeserializeOwned>(work_dir: &Path) -> anyhow::Result<Option<(PathBuf, S)>> {
+    let Some((_, dir)) = complete(&root(work_dir))?.pop() else { return Ok(None) };
+    let text = std::fs::read(dir.join(STATE))?;
+    let state: S = serde_json::from_slice(&text)
+        .with_context(|| format!("checkpoint {} is unreadable; delete it to start over", dir.display()))?;
+    Ok(Some((dir, state)))
+}
+
 /// Load the weights and optimiser state of the checkpoint in `dir` into `params` and `opt`.
 pub fn restore(dir: &Path, state: &TrainState, params: &[(String, Var)], opt: &mut AdamW) -> anyhow::Result<()> {
+    restore_part(dir, "", &state.params, params, opt, state.step as u64)
+}
+
+/// Load part `name` of the checkpoint in `dir` (see [`Part`]) into `params` and `opt`, whose
+/// optimiser has taken `steps` steps; `saved_names` are the parameter names the checkpoint's state
+/// recorded for it, checked against `params`.
+pub fn restore_part(
+    dir: &Path,
+    name: &str,
+    saved_names: &[String],
+    params: &[(String, Var)],
+    opt: &mut AdamW,
+    steps: u64,
+) -> anyhow::Result<()> {
     let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
     anyhow::ensure!(
-        names == state.params,
+        names == saved_names,
         "checkpoint {} was made for different parameters; delete it to start over",
         dir.display()
     );
+    let (wf, of) = part_files(name);
     let dev = params.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
-    let weights = candle_core::safetensors::load(dir.join(WEIGHTS), &dev).context("reading checkpoint weights")?;
+    let weights = candle_core::safetensors::load(dir.join(wf), &dev).context("reading checkpoint weights")?;
     for (name, var) in params {
         let t = weights.get(name).with_context(|| format!("checkpoint {} lacks weight '{name}'", dir.display()))?;
         var.set(&t.to_dtype(var.dtype())?).with_context(|| format!("restoring '{name}'"))?;
     }
     crate::model::ops::linear_bf16::weights_changed();
-    let st = candle_core::safetensors::load(dir.join(OPTIM), &dev).context("reading optimizer state")?;
-    opt.load_state(&st, state.step as u64)?;
+    let st = candle_core::safetensors::load(dir.join(of), &dev).context("reading optimizer state")?;
+    opt.load_state(&st, steps)?;
     Ok(())
 }

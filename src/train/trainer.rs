@@ -320,7 +320,8 @@ fn non_finite(
     TrainError::NonFinite { what, value, step: st.step + 1, micro_step: st.micro_step + 1, kept }
 }
 
-fn progress_bar(opts: &TrainOptions, total: usize, done: usize) -> indicatif::ProgressBar {
+/// The loop's progress bar (hidden unless `opts.progress` and stderr is a terminal).
+pub(crate) fn progress_bar(opts: &TrainOptions, total: usize, done: usize) -> indicatif::ProgressBar {
     if !opts.progress {
         return indicatif::ProgressBar::hidden();
     }
