@@ -1,4 +1,4 @@
-//! The loss math of LoRA/SFT, DPO, reward models, GRPO and distillation as pure candle functions.
+//! The loss math of LoRA/SFT, DPO, reward models, GRPO, PPO and distillation as pure candle functions.
 //!
 //! Everything here is composite candle (differentiable by candle's autograd on any device); inputs
 //! are plain tensors so the functions are tested on tiny hand-computed values without a model.
@@ -407,6 +407,139 @@ pub fn grpo_loss(
         ratio_mean: masked_mean(&ratio)?,
     };
     Ok(GrpoOutput { loss, metrics })
+}
+
+/// Advantages and returns of one response from [`gae`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gae {
+    /// `A_t`, one per response token.
+    pub advantages: Vec<f32>,
+    /// `A_t + V_t`: the critic's regression targets.
+    pub returns: Vec<f32>,
+}
+
+/// Generalised advantage estimation (spec §12 step 5) over one response: `rewards[t]` and
+/// `values[t]` per response token (PPO puts the scalar reward on the last token and zeros before
+/// it). Backwards from the end, with the value after the last token 0 (the episode ends there):
+/// `δ_t = r_t + γ·V_{t+1} − V_t`, `A_t = δ_t + γ·λ·A_{t+1}`, and `returns = A + V`. Computed in f64.
+pub fn gae(rewards: &[f32], values: &[f32], gamma: f64, lambda: f64) -> Gae {
+    assert_eq!(rewards.len(), values.len(), "gae: one reward and one value per token");
+    let n = values.len();
+    let (mut advantages, mut returns) = (vec![0f32; n], vec![0f32; n]);
+    let (mut next_value, mut next_adv) = (0f64, 0f64);
+    for t in (0..n).rev() {
+        let v = values[t] as f64;
+        let delta = rewards[t] as f64 + gamma * next_value - v;
+        next_adv = delta + gamma * lambda * next_adv;
+        next_value = v;
+        advantages[t] = next_adv as f32;
+        returns[t] = (next_adv + v) as f32;
+    }
+    Gae { advantages, returns }
+}
+
+/// The epsilon of PPO's advantage whitening (spec §12 step 5).
+pub const WHITEN_EPS: f64 = 1e-8;
+
+/// Whitened values `(x − mean) / sqrt(var + 1e-8)` with the population variance over all of `x`
+/// (PPO passes every response token of the rollout batch). Computed in f64.
+pub fn whiten(x: &[f32]) -> Vec<f32> {
+    if x.is_empty() {
+        return Vec::new();
+    }
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let scale = 1.0 / (var + WHITEN_EPS).sqrt();
+    x.iter().map(|&v| ((v as f64 - mean) * scale) as f32).collect()
+}
+
+/// `1 − Var(returns − values) / Var(returns)`: how much of the returns' variance the critic
+/// explains (1 perfect, 0 no better than a constant, negative worse). `None` when the returns do
+/// not vary.
+pub fn explained_variance(values: &[f32], returns: &[f32]) -> Option<f64> {
+    let var = |it: &mut dyn Iterator<Item = f64>| {
+        let v: Vec<f64> = it.collect();
+        let n = v.len().max(1) as f64;
+        let m = v.iter().sum::<f64>() / n;
+        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n
+    };
+    let vr = var(&mut returns.iter().map(|&r| r as f64));
+    if returns.is_empty() || vr == 0.0 {
+        return None;
+    }
+    let vd = var(&mut returns.iter().zip(values).map(|(&r, &v)| r as f64 - v as f64));
+    Some(1.0 - vd / vr)
+}
+
+/// Token statistics of one PPO policy-loss evaluation (masked means over response tokens).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PpoPolicyMetrics {
+    /// The clipped surrogate alone.
+    pub policy_loss: f32,
+    /// Mean k3 KL to the reference.
+    pub kl: f32,
+    /// `0.5 · mean((logp − old_logp)²)`, the early-stop criterion.
+    pub approx_kl: f32,
+    /// Fraction of tokens whose ratio is outside `1 ± clip`.
+    pub clip_fraction: f32,
+}
+
+/// `Σ x·mask / max(Σ mask, 1)`: the mean over the masked-in tokens of a `[N, T]` tensor.
+fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let count = mask.sum_all()?.clamp(1.0, f64::INFINITY)?;
+    (x * mask)?.sum_all()?.div(&count)
+}
+
+/// PPO's actor loss (spec §12 step 6) over response tokens, as token-level masked means over the
+/// minibatch: `mean(max(−A·r, −A·clip(r, 1 − clip, 1 + clip))) + kl_coef · mean(k3)` with
+/// `r = exp(logp − old_logp)` and k3 against the frozen reference. `logp` carries gradients;
+/// `old_logp`, `ref_logp` and `advantages` (whitened, per token) are constants; all are `[N, T]`.
+pub fn ppo_policy_loss(
+    logp: &Tensor,
+    old_logp: &Tensor,
+    ref_logp: &Tensor,
+    advantages: &Tensor,
+    mask: &Tensor,
+    clip: f64,
+    kl_coef: f64,
+) -> Result<(Tensor, PpoPolicyMetrics)> {
+    let mask = mask.to_dtype(DType::F32)?;
+    let adv = advantages.to_dtype(DType::F32)?.detach();
+    let log_ratio = (logp - old_logp.detach())?;
+    let ratio = log_ratio.exp()?;
+    let unclipped = (adv.neg()? * &ratio)?;
+    let clipped = (adv.neg()? * ratio.clamp(1.0 - clip, 1.0 + clip)?)?;
+    let policy = masked_mean(&unclipped.maximum(&clipped)?, &mask)?;
+    let kl = masked_mean(&k3_kl(logp, ref_logp)?, &mask)?;
+    let loss = (&policy + (&kl * kl_coef)?)?;
+    let scalar = |t: &Tensor| -> Result<f32> { t.detach().to_scalar::<f32>() };
+    let outside = (ratio.detach() - 1.0)?.abs()?.gt(clip)?.to_dtype(DType::F32)?;
+    let metrics = PpoPolicyMetrics {
+        policy_loss: scalar(&policy)?,
+        kl: scalar(&kl)?,
+        approx_kl: 0.5 * scalar(&masked_mean(&log_ratio.detach().sqr()?, &mask)?)?,
+        clip_fraction: scalar(&masked_mean(&outside, &mask)?)?,
+    };
+    Ok((loss, metrics))
+}
+
+/// PPO's critic loss (spec §12 step 6): `0.5 · mean(max((V − R)², (clip(V, V_old ± clip) − R)²))`
+/// over response tokens (token-level masked mean). `values` carries gradients; `old_values` (the
+/// critic at rollout time) and `returns` are constants; all are `[N, T]`.
+pub fn ppo_value_loss(
+    values: &Tensor,
+    old_values: &Tensor,
+    returns: &Tensor,
+    mask: &Tensor,
+    clip: f64,
+) -> Result<Tensor> {
+    let mask = mask.to_dtype(DType::F32)?;
+    let (old, ret) = (old_values.detach(), returns.detach());
+    let clipped = values.clamp(&(&old - clip)?, &(&old + clip)?)?;
+    let a = (values - &ret)?.sqr()?;
+    let b = (clipped - &ret)?.sqr()?;
+    masked_mean(&a.maximum(&b)?, &mask)? * 0.5
 }
 
 #[cfg(test)]

@@ -287,3 +287,119 @@ fn distill_loss_and_gradient_match_hand_values() {
     let none = Tensor::new(&[IGNORE, IGNORE], &DEV).unwrap();
     assert_eq!(distill_loss(s.as_tensor(), &teacher, &none, alpha, temp).unwrap().metrics.tokens, 0);
 }
+
+#[test]
+fn gae_matches_hand_computation_and_its_limits() {
+    let (v, r) = ([0.5f32, 0.2, -0.1], [0f32, 0., 1.]);
+    let g = gae(&r, &v, 0.9, 0.8);
+    // t=2: δ = 1 + 0 − (−0.1) = 1.1; t=1: δ = 0.9·(−0.1) − 0.2 = −0.29, A = δ + 0.72·1.1;
+    // t=0: δ = 0.9·0.2 − 0.5 = −0.32, A = δ + 0.72·A1. The value after the last token is 0.
+    let a1 = -0.29 + 0.72 * 1.1;
+    let a0 = -0.32 + 0.72 * a1;
+    for (got, want) in g.advantages.iter().zip([a0, a1, 1.1]) {
+        close(*got, want, 1e-6, "advantage");
+    }
+    for (got, want) in g.returns.iter().zip([a0 + 0.5, a1 + 0.2, 1.0]) {
+        close(*got, want, 1e-6, "return = A + V");
+    }
+    // γ = λ = 1: Monte-Carlo returns (the final reward everywhere), A = R − V.
+    let mc = gae(&r, &v, 1.0, 1.0);
+    assert_eq!(mc.returns, vec![1.0, 1.0, 1.0]);
+    for (got, want) in mc.advantages.iter().zip([0.5, 0.8, 1.1]) {
+        close(*got, want, 1e-6, "MC advantage");
+    }
+    // λ = 0: one-step TD errors.
+    let td = gae(&r, &v, 1.0, 0.0);
+    for (got, want) in td.advantages.iter().zip([-0.3, -0.3, 1.1]) {
+        close(*got, want, 1e-6, "TD(0) advantage");
+    }
+    assert_eq!(gae(&[], &[], 1.0, 0.95), Gae { advantages: vec![], returns: vec![] });
+}
+
+#[test]
+fn whitening_and_explained_variance_match_hand_values() {
+    // mean 3, population variance (4 + 1 + 0 + 9) / 4 = 3.5.
+    let w = whiten(&[1.0, 2.0, 3.0, 6.0]);
+    let s = (3.5f64 + WHITEN_EPS).sqrt();
+    for (got, want) in w.iter().zip([-2.0 / s, -1.0 / s, 0.0, 3.0 / s]) {
+        close(*got, want, 1e-6, "whitened");
+    }
+    // A constant input whitens to zeros, not to noise divided by eps.
+    assert!(whiten(&[0.7; 3]).iter().all(|x| x.abs() < 1e-3));
+    assert!(whiten(&[]).is_empty());
+    // Var(R) = 14/9, Var(R − V) = Var([0, 0, 1]) = 2/9 → 1 − 1/7.
+    let ev = explained_variance(&[1.0, 2.0, 3.0], &[1.0, 2.0, 4.0]).unwrap();
+    assert!((ev - 6.0 / 7.0).abs() < 1e-9, "{ev}");
+    assert_eq!(explained_variance(&[1.0, 2.0], &[1.0, 2.0]), Some(1.0));
+    assert_eq!(explained_variance(&[0.3, 0.1], &[2.0, 2.0]), None, "returns that do not vary");
+}
+
+#[test]
+fn ppo_policy_loss_value_and_gradient_match_hand_computation() {
+    let (clip, kl_coef) = (0.2f64, 0.1f64);
+    // Row 0: r = 1.3 with A = 2 (clipped at 1.2: no gradient), r = 0.9 with A = −1 (inside), then a
+    // masked token. Row 1: r = 0.7 with A = −1.5 (clipped at 0.8: no gradient).
+    let p = [[0.65f64, 0.45, 0.9], [0.35, 0.5, 0.5]];
+    let old = [[0.5f64, 0.5, 0.1], [0.5, 0.5, 0.5]];
+    let refp = [[0.5f64, 0.5, 0.2], [0.4, 0.5, 0.5]];
+    let adv = [[2.0f32, -1.0, 9.0], [-1.5, 0.0, 0.0]];
+    let mask = [[1f32, 1., 0.], [1., 0., 0.]];
+    let lnt = |x: [[f64; 3]; 2]| Tensor::new(&x.map(|r| r.map(|v| v.ln() as f32)), &DEV).unwrap();
+    let logp = Var::from_tensor(&lnt(p)).unwrap();
+    let mask_t = Tensor::new(&mask, &DEV).unwrap();
+    let (loss, m) = ppo_policy_loss(
+        logp.as_tensor(),
+        &lnt(old),
+        &lnt(refp),
+        &Tensor::new(&adv, &DEV).unwrap(),
+        &mask_t,
+        clip,
+        kl_coef,
+    )
+    .unwrap();
+    let toks = [(0, 0), (0, 1), (1, 0)];
+    let ratio = |(b, t): (usize, usize)| p[b][t] / old[b][t];
+    let pg = [-2.0 * 1.2, 1.0 * 0.9, 1.5 * 0.8]; // max(−A·r, −A·clip(r)) per token
+    let k3 = |(b, t): (usize, usize)| {
+        let d = (refp[b][t] / p[b][t]).ln();
+        d.exp() - d - 1.0
+    };
+    let policy = pg.iter().sum::<f64>() / 3.0;
+    let kl = toks.iter().map(|&i| k3(i)).sum::<f64>() / 3.0;
+    close(m.policy_loss, policy, 1e-6, "policy loss");
+    close(m.kl, kl, 1e-6, "kl");
+    close(loss.to_scalar::<f32>().unwrap(), policy + kl_coef * kl, 1e-6, "loss");
+    let approx = 0.5 * toks.iter().map(|&i| ratio(i).ln().powi(2)).sum::<f64>() / 3.0;
+    close(m.approx_kl, approx, 1e-6, "approx_kl");
+    close(m.clip_fraction, 2.0 / 3.0, 1e-6, "clip fraction: r = 1.3 and r = 0.7");
+    // d/dlogp: the clipped tokens get only the KL term, kl_coef · (1 − exp(ref − logp)) / 3; the
+    // inside token also −A·r / 3; masked tokens nothing.
+    let g = logp.as_tensor().clone();
+    let grads = loss.backward().unwrap();
+    let got = vec1(grads.get(&g).unwrap());
+    let dkl = |(b, t): (usize, usize)| kl_coef * (1.0 - refp[b][t] / p[b][t]) / 3.0;
+    close(got[0], dkl((0, 0)), 1e-6, "clipped positive-advantage token");
+    close(got[1], 0.9 / 3.0 + dkl((0, 1)), 1e-6, "unclipped token");
+    close(got[3], dkl((1, 0)), 1e-6, "clipped negative-advantage token");
+    for i in [2, 4, 5] {
+        assert_eq!(got[i], 0.0, "masked token {i} carries no gradient");
+    }
+}
+
+#[test]
+fn ppo_value_loss_value_and_gradient_match_hand_computation() {
+    // Token 0: V = 0.5 leaves [0.0, 0.4]; the clipped error (0.4 − 1)² = 0.36 beats 0.25, so it
+    // counts and carries no gradient. Token 1: inside, (1 − 0)² = 1, gradient 2(V − R).
+    // Token 2: V = 2 leaves [0.8, 1.2] but the unclipped error 4 is larger: it counts, gradient 4.
+    // Token 3 is masked.
+    let v = Var::new(&[[0.5f32, 1.0, 2.0, 0.0]], &DEV).unwrap();
+    let old = Tensor::new(&[[0.2f32, 0.9, 1.0, 5.0]], &DEV).unwrap();
+    let ret = Tensor::new(&[[1.0f32, 0.0, 0.0, 7.0]], &DEV).unwrap();
+    let mask = Tensor::new(&[[1f32, 1., 1., 0.]], &DEV).unwrap();
+    let loss = ppo_value_loss(v.as_tensor(), &old, &ret, &mask, 0.2).unwrap();
+    close(loss.to_scalar::<f32>().unwrap(), 0.5 * (0.36 + 1.0 + 4.0) / 3.0, 1e-6, "value loss");
+    let g = vec1(loss.backward().unwrap().get(v.as_tensor()).unwrap());
+    for (got, want) in g.iter().zip([0.0, 0.5 * 2.0 / 3.0, 0.5 * 4.0 / 3.0, 0.0]) {
+        close(*got, want, 1e-6, "d value loss / dV");
+    }
+}
