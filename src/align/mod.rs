@@ -1,4 +1,4 @@
-//! Alignment: LoRA training, DPO, reward models, GRPO and distillation. The loss math lives in
+//! Alignment: LoRA training, DPO, reward models, GRPO, PPO and distillation. The loss math lives in
 //! [`losses`] as pure candle functions (tested on tiny hand-computed tensors); the stages in
 //! `crate::stages` wire it to the model, the data and the shared training loop.
 
@@ -6,6 +6,7 @@ pub mod distill;
 pub mod dpo;
 pub mod grpo;
 pub mod losses;
+pub mod ppo;
 pub mod reward;
 pub mod rewards;
 pub mod sft_lora;

@@ -118,6 +118,13 @@ impl RewardModel {
         Ok((s, aux))
     }
 
+    /// The head at every position: `[B, T]` (f32) values of `ids: [B, T]`, and the MoE aux loss.
+    pub fn position_scores(&self, ids: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        let (h, aux) = self.backbone.forward_hidden(ids, None, 0, None, train)?;
+        let s = h.to_dtype(DType::F32)?.broadcast_matmul(&self.score.t()?)?.squeeze(2)?;
+        Ok((s, aux))
+    }
+
     /// Write the folder transformers loads with `AutoModelForSequenceClassification`: config
     /// (`Qwen3ForSequenceClassification`, `num_labels = 1`, this model's pad id), the weights
     /// (`model.*` and `score.weight`), and the tokenizer files of `tokenizer_dir`.
@@ -143,6 +150,44 @@ impl RewardModel {
             super::weights::copy_tokenizer_files(tdir, out_dir)?;
         }
         Ok(())
+    }
+}
+
+/// Key of the critic's value-head bias (the reference's `value_head = nn.Linear(C, 1)` has one).
+pub const VALUE_BIAS: &str = "value_head.bias";
+
+/// PPO's critic (spec §12): a backbone and a linear value head (`score.weight` plus a bias) read at
+/// every position. Built from a reward model (its backbone and head: the initial values are the
+/// reward model's scores) or from a causal LM (head drawn as a reward model's, see
+/// [`RewardModel::from_tensors`]); the bias starts at 0. The head reads the final normed hidden
+/// state once (the reference normalises it a second time, spec §18 item 13, a bug).
+pub struct Critic {
+    model: RewardModel,
+    bias: Var,
+    params: Vec<(String, Var)>,
+}
+
+impl Critic {
+    /// A critic from a trainable reward model.
+    pub fn new(model: RewardModel) -> Result<Self> {
+        if model.params().is_empty() {
+            candle_core::bail!("a critic is trained: build it from a trainable reward model");
+        }
+        let bias = Var::zeros(1, DType::F32, model.device())?;
+        let mut params = model.params().to_vec();
+        params.push((VALUE_BIAS.to_string(), bias.clone()));
+        Ok(Self { model, bias, params })
+    }
+
+    /// Trainable tensors: the backbone's, `score.weight`, then the bias.
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    /// Values `[B, T]` (f32) at every position of `ids: [B, T]`, and the MoE aux loss.
+    pub fn values(&self, ids: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        let (s, aux) = self.model.position_scores(ids, train)?;
+        Ok((s.broadcast_add(self.bias.as_tensor())?, aux))
     }
 }
 
