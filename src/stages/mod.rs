@@ -13,6 +13,7 @@ mod fit;
 pub mod grpo;
 pub mod lora;
 pub mod model;
+pub mod ppo;
 pub mod prepare;
 pub mod pretrain;
 pub mod reward_model;
@@ -55,6 +56,7 @@ pub static REGISTRY: &[&dyn DynStage] = &[
     &dpo::DpoStage,
     &reward_model::RewardModelStage,
     &grpo::GrpoStage,
+    &ppo::PpoStage,
     &distill::DistillStage,
     &eval::EvalStage,
 ];

@@ -203,3 +203,48 @@ fn a_set_value_with_a_line_break_is_an_error() {
     assert_eq!(o.code, Some(2), "stderr:\n{}", o.stderr);
     assert!(o.stderr.contains("line break"), "{}", o.stderr);
 }
+
+/// PPO values no run can use, and a missing or mistyped reward source, are refused at their key
+/// (a missing key: at the stage's table) before anything trains.
+#[test]
+fn unusable_ppo_settings_fail_at_load_time() {
+    let sb = Sandbox::new();
+    let ppo = |body: &str| {
+        format!(
+            "{}\n[stages.rl]\nkind = \"ppo\"\nfrom = \"base\"\ndata = \"chat\"\n{body}\n",
+            base().replace(
+                "[stages.base]",
+                "[stages.rm]\nkind = \"reward_model\"\nfrom = \"base\"\ndata = \"pairs\"\n\n[stages.base]"
+            )
+        )
+    };
+    let rules = "rewards = [{ kind = \"length\", max_chars = 20 }]";
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        ("ppo_no_reward", ppo(""), "[stages.rl]", "no reward source"),
+        ("ppo_clip0", ppo(&format!("{rules}\nclip = 0.0")), "clip = 0.0", "clip = 0 is out of range"),
+        (
+            "ppo_clip_neg",
+            ppo(&format!("{rules}\nvalue_clip = -0.2")),
+            "value_clip = -0.2",
+            "value_clip = -0.2 is out of range",
+        ),
+        ("ppo_gamma", ppo(&format!("{rules}\ngamma = 1.5")), "gamma = 1.5", "gamma = 1.5 is out of range"),
+        ("ppo_lam", ppo(&format!("{rules}\nlam = -0.1")), "lam = -0.1", "lam = -0.1 is out of range"),
+        ("ppo_iters0", ppo(&format!("{rules}\nppo_update_iters = 0")), "ppo_update_iters = 0", "ppo_update_iters = 0"),
+        ("ppo_mb0", ppo(&format!("{rules}\nmini_batch_size = 0")), "mini_batch_size = 0", "mini_batch_size = 0"),
+        ("ppo_kl_stop", ppo(&format!("{rules}\nearly_stop_kl = 0.0")), "early_stop_kl = 0.0", "early_stop_kl = 0"),
+        ("ppo_critic_lr", ppo(&format!("{rules}\ncritic_lr = -1.0")), "critic_lr = -1.0", "critic_lr = -1"),
+        ("ppo_temp", ppo(&format!("{rules}\ntemperature = 0.0")), "temperature = 0.0", "positive temperature"),
+        ("ppo_rm_kind", ppo("reward_model = \"base\""), "reward_model = \"base\"", "reward model"),
+        ("ppo_rm_missing", ppo("reward_model = \"nope\""), "reward_model = \"nope\"", "nope"),
+    ];
+    for (name, text, line, says) in &cases {
+        refused(&sb, name, text, line, says);
+    }
+    // Either source alone loads: rule rewards, or a reward model stage.
+    for (name, body) in [("ppo_rules", rules), ("ppo_rm", "reward_model = \"rm\"")] {
+        sb.write(&format!("{name}.toml"), &ppo(body));
+        let o = sb.run(&["plan", &format!("{name}.toml")]);
+        assert_eq!(o.code, Some(0), "{name}: stderr:\n{}", o.stderr);
+    }
+}

@@ -6,6 +6,7 @@ mod cli_chat;
 mod cli_errors;
 mod cli_load_errors;
 mod cli_pipeline;
+mod cli_ppo;
 mod cli_resume;
 mod cli_show;
 mod cluster_slurm;

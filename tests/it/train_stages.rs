@@ -385,6 +385,50 @@ fn reward_model_learns_held_out_pairs_exports_the_classifier_layout_and_resumes_
     assert_resumes_exactly(&w, "reward_model", params, "model.safetensors");
 }
 
+/// The ppo stage with a reward model (which also initialises the critic) and a rule reward: it
+/// reports held-out reward before and after and every PPO metric, and an interrupted run resumes
+/// to exactly the uninterrupted run's weights.
+#[test]
+fn ppo_with_a_reward_model_reports_held_out_reward_and_resumes_exactly() {
+    let Some(shared) = common::shared_data() else { return };
+    let mut w = world(&shared);
+    w.inputs.datasets.insert("pairs".into(), dataset(&w.root, "pairs", DataFormat::Dpo, &styled_pairs(16)));
+    let problems: Vec<String> = (0..16)
+        .map(|i| {
+            serde_json::json!({"question": format!("What is {i} plus 2?"), "answer": format!("{}", i + 2)}).to_string()
+        })
+        .collect();
+    w.inputs.datasets.insert("problems".into(), dataset(&w.root, "problems", DataFormat::PromptAnswer, &problems));
+    let base = toml::toml! { tokenizer = "tok" data = "text" max_seq_len = 32 batch_size = 4 max_steps = 4 lr = 3e-3 };
+    let (res, dir) = run_stage(&w, "pretrain", base, "work-base", "out-base", &CancelToken::new());
+    res.unwrap();
+    w.inputs.artifacts.insert("base".into(), artifact(&dir, ArtifactKind::Model, "pretrain", "base-key"));
+    let rm = toml::toml! { from = "base" data = "pairs" max_seq_len = 64 batch_size = 4 max_steps = 4 lr = 2e-3 };
+    let (res, dir) = run_stage(&w, "reward_model", rm, "work-rm", "out-rm", &CancelToken::new());
+    res.unwrap();
+    w.inputs.artifacts.insert("rm".into(), artifact(&dir, ArtifactKind::RewardModel, "reward_model", "rm-key"));
+
+    let params = toml::toml! {
+        from = "base" data = "problems" reward_model = "rm" rewards = [{ kind = "length", max_chars = 8 }]
+        max_new_tokens = 6 batch_size = 4 mini_batch_size = 2 max_steps = 6 holdout = 0.25 lr = 1e-3
+    };
+    let (res, out) = run_stage(&w, "ppo", params.clone(), "work-ppo", "out-ppo", &CancelToken::new());
+    let m = res.unwrap().metrics;
+    assert_eq!(
+        (m["prompts"].as_u64(), m["heldout_prompts"].as_u64(), m["steps"].as_u64()),
+        (Some(12), Some(4), Some(6))
+    );
+    assert!(m["heldout_before/reward"].is_number() && m["heldout/reward"].is_number(), "{m:?}");
+    assert!(out.join("model.safetensors").is_file() && out.join("tokenizer.json").is_file());
+    let lines = std::fs::read_to_string(w.root.join("run-out-ppo/metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    for k in ["reward/length", "reward/reward_model", "approx_kl", "clip_fraction", "value_loss", "explained_variance"]
+    {
+        assert!(first.get(k).is_some(), "no {k} in {first}");
+    }
+    assert_resumes_exactly(&w, "ppo", params, "model.safetensors");
+}
+
 /// The distill stage: the student comes closer to the teacher (KD on the probe examples falls), a
 /// teacher with another vocabulary is refused, and an interrupted run resumes to the same bytes.
 #[test]
