@@ -373,4 +373,4 @@ fn ext(e: impl std::fmt::Display) -> candle_core::Error {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -33,6 +33,7 @@ use crate::train::checkpoint::{self, Cadence, Part};
 use crate::train::metrics::MetricsFile;
 use crate::train::optim::{clip_coefficient, global_norm, AdamW, GradAccumulator};
 use crate::train::schedule::lr_at;
+use crate::train::trainer::{finish, progress_bar};
 use crate::train::{BatchSource, TrainError, TrainOptions, TrainSummary};
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -352,7 +353,7 @@ impl Ppo<'_> {
         };
         let mut cadence = Cadence::new(opts.save_every, opts.save_interval, Instant::now());
         let mut metrics = opts.metrics_path.as_deref().map(MetricsFile::open).transpose()?;
-        let bar = crate::train::trainer::progress_bar(opts, total_steps, st.step);
+        let bar = progress_bar(opts, total_steps, st.step);
         let started = Instant::now();
         let tokens_at_start = st.tokens;
         let mut perm: Option<(usize, Vec<usize>)> = None;
@@ -391,23 +392,8 @@ impl Ppo<'_> {
             }
         }
         bar.finish_and_clear();
-        if let Some(p) = &opts.plot_path {
-            // A missing plot must never fail a finished training run.
-            if let Err(e) = crate::train::plot::stage_png(p, &opts.stage, &st.losses, opts.metrics_path.as_deref()) {
-                tracing::warn!("could not draw the loss curve: {e:#}");
-            }
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        Ok(TrainSummary {
-            steps: st.step,
-            final_loss: st.losses.last().copied().unwrap_or(f32::NAN),
-            losses: st.losses,
-            tokens: st.tokens,
-            useful_tokens: st.useful_tokens,
-            resumed_from,
-            seconds,
-            tokens_per_s: (st.tokens - tokens_at_start) as f64 / seconds.max(1e-9),
-        })
+        let tokens = (st.tokens, st.useful_tokens);
+        Ok(finish(opts, st.step, st.losses, tokens, resumed_from, started, tokens_at_start))
     }
 
     /// Sample, score and prepare one rollout batch, then run the updates on it.

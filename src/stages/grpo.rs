@@ -85,19 +85,19 @@ training_params! {
 fn default_generations() -> usize {
     6
 }
-fn default_temperature() -> f32 {
+pub(super) fn default_temperature() -> f32 {
     0.8
 }
-fn default_top_k() -> usize {
+pub(super) fn default_top_k() -> usize {
     50
 }
-fn default_top_p() -> f32 {
+pub(super) fn default_top_p() -> f32 {
     0.85
 }
-fn default_max_new_tokens() -> usize {
+pub(super) fn default_max_new_tokens() -> usize {
     1024
 }
-fn default_max_prompt_len() -> usize {
+pub(super) fn default_max_prompt_len() -> usize {
     768
 }
 fn default_loss_type() -> PolicyLossKind {

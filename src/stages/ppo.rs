@@ -63,20 +63,21 @@ training_params! {
         /// The reward model's score is clipped to [-reward_clip, reward_clip] (reference 3).
         #[serde(default = "default_reward_clip")]
         pub reward_clip: f64,
-        /// Sampling temperature of the rollouts (reference 0.8); must be positive.
-        #[serde(default = "default_temperature")]
+        /// Sampling temperature of the rollouts (reference 0.8); must be positive. The sampling and
+        /// prompt-length defaults are grpo's.
+        #[serde(default = "super::grpo::default_temperature")]
         pub temperature: f32,
         /// Top-k filter of the rollouts (reference 50; 0 = off).
-        #[serde(default = "default_top_k")]
+        #[serde(default = "super::grpo::default_top_k")]
         pub top_k: usize,
         /// Nucleus filter of the rollouts (reference 0.85; 1 = off).
-        #[serde(default = "default_top_p")]
+        #[serde(default = "super::grpo::default_top_p")]
         pub top_p: f32,
         /// Most tokens per response (reference 1024).
-        #[serde(default = "default_max_new_tokens")]
+        #[serde(default = "super::grpo::default_max_new_tokens")]
         pub max_new_tokens: usize,
         /// Longest prompt in tokens (reference 768); longer prompts are skipped and counted.
-        #[serde(default = "default_max_prompt_len")]
+        #[serde(default = "super::grpo::default_max_prompt_len")]
         pub max_prompt_len: usize,
         /// Discount factor γ in [0, 1] (reference 1.0).
         #[serde(default = "default_gamma")]
@@ -118,21 +119,6 @@ training_params! {
 
 fn default_reward_clip() -> f64 {
     3.0
-}
-fn default_temperature() -> f32 {
-    0.8
-}
-fn default_top_k() -> usize {
-    50
-}
-fn default_top_p() -> f32 {
-    0.85
-}
-fn default_max_new_tokens() -> usize {
-    1024
-}
-fn default_max_prompt_len() -> usize {
-    768
 }
 fn default_gamma() -> f64 {
     1.0

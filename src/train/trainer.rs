@@ -287,23 +287,38 @@ where
     }
     bar.finish_and_clear();
 
+    Ok(finish(opts, st.step, st.losses, (st.tokens, st.useful_tokens), resumed_from, started, tokens_at_start))
+}
+
+/// The summary of a finished loop, after drawing its loss curve (best effort): `steps` taken in
+/// total, the loss of each, `(tokens, useful_tokens)` in total, and what this invocation started
+/// from (its resumed step, start time and token count).
+pub(crate) fn finish(
+    opts: &TrainOptions,
+    steps: usize,
+    losses: Vec<f32>,
+    (tokens, useful_tokens): (u64, u64),
+    resumed_from: Option<usize>,
+    started: Instant,
+    tokens_at_start: u64,
+) -> TrainSummary {
     if let Some(p) = &opts.plot_path {
         // A missing plot must never fail a finished training run.
-        if let Err(e) = super::plot::stage_png(p, &opts.stage, &st.losses, opts.metrics_path.as_deref()) {
+        if let Err(e) = super::plot::stage_png(p, &opts.stage, &losses, opts.metrics_path.as_deref()) {
             tracing::warn!("could not draw the loss curve: {e:#}");
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    Ok(TrainSummary {
-        steps: st.step,
-        final_loss: st.losses.last().copied().unwrap_or(f32::NAN),
-        losses: st.losses,
-        tokens: st.tokens,
-        useful_tokens: st.useful_tokens,
+    TrainSummary {
+        steps,
+        final_loss: losses.last().copied().unwrap_or(f32::NAN),
+        losses,
+        tokens,
+        useful_tokens,
         resumed_from,
         seconds,
-        tokens_per_s: (st.tokens - tokens_at_start) as f64 / seconds.max(1e-9),
-    })
+        tokens_per_s: (tokens - tokens_at_start) as f64 / seconds.max(1e-9),
+    }
 }
 
 fn non_finite(

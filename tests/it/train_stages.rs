@@ -264,6 +264,20 @@ fn bf16_precision_reaches_every_training_stage() {
     }
 }
 
+/// Add the `problems` dataset (16 prompt/answer pairs) and a briefly pretrained model `base`.
+fn add_problems_and_base(w: &mut World) {
+    let problems: Vec<String> = (0..16)
+        .map(|i| {
+            serde_json::json!({"question": format!("What is {i} plus 2?"), "answer": format!("{}", i + 2)}).to_string()
+        })
+        .collect();
+    w.inputs.datasets.insert("problems".into(), dataset(&w.root, "problems", DataFormat::PromptAnswer, &problems));
+    let base = toml::toml! { tokenizer = "tok" data = "text" max_seq_len = 32 batch_size = 4 max_steps = 4 lr = 3e-3 };
+    let (res, dir) = run_stage(w, "pretrain", base, "work-base", "out-base", &CancelToken::new());
+    res.unwrap();
+    w.inputs.artifacts.insert("base".into(), artifact(&dir, ArtifactKind::Model, "pretrain", "base-key"));
+}
+
 /// Run stage `kind` once uninterrupted and once interrupted after a few logged steps and resumed
 /// in the same work dir; the resumed artifact's `file` must equal the uninterrupted one byte for
 /// byte.
@@ -310,16 +324,7 @@ fn lora_dpo_and_grpo_stages_resume_exactly() {
         })
         .collect();
     w.inputs.datasets.insert("pairs".into(), dataset(&w.root, "pairs", DataFormat::Dpo, &pairs));
-    let problems: Vec<String> = (0..16)
-        .map(|i| {
-            serde_json::json!({"question": format!("What is {i} plus 2?"), "answer": format!("{}", i + 2)}).to_string()
-        })
-        .collect();
-    w.inputs.datasets.insert("problems".into(), dataset(&w.root, "problems", DataFormat::PromptAnswer, &problems));
-    let base = toml::toml! { tokenizer = "tok" data = "text" max_seq_len = 32 batch_size = 4 max_steps = 4 lr = 3e-3 };
-    let (res, dir) = run_stage(&w, "pretrain", base, "work-base", "out-base", &CancelToken::new());
-    res.unwrap();
-    w.inputs.artifacts.insert("base".into(), artifact(&dir, ArtifactKind::Model, "pretrain", "base-key"));
+    add_problems_and_base(&mut w);
 
     let lora = toml::toml! { from = "base" data = "chat" rank = 4 dropout = 0.1 max_seq_len = 64 batch_size = 2 max_steps = 40 lr = 1e-2 };
     assert_resumes_exactly(&w, "lora", lora, "adapter_model.safetensors");
@@ -393,16 +398,7 @@ fn ppo_with_a_reward_model_reports_held_out_reward_and_resumes_exactly() {
     let Some(shared) = common::shared_data() else { return };
     let mut w = world(&shared);
     w.inputs.datasets.insert("pairs".into(), dataset(&w.root, "pairs", DataFormat::Dpo, &styled_pairs(16)));
-    let problems: Vec<String> = (0..16)
-        .map(|i| {
-            serde_json::json!({"question": format!("What is {i} plus 2?"), "answer": format!("{}", i + 2)}).to_string()
-        })
-        .collect();
-    w.inputs.datasets.insert("problems".into(), dataset(&w.root, "problems", DataFormat::PromptAnswer, &problems));
-    let base = toml::toml! { tokenizer = "tok" data = "text" max_seq_len = 32 batch_size = 4 max_steps = 4 lr = 3e-3 };
-    let (res, dir) = run_stage(&w, "pretrain", base, "work-base", "out-base", &CancelToken::new());
-    res.unwrap();
-    w.inputs.artifacts.insert("base".into(), artifact(&dir, ArtifactKind::Model, "pretrain", "base-key"));
+    add_problems_and_base(&mut w);
     let rm = toml::toml! { from = "base" data = "pairs" max_seq_len = 64 batch_size = 4 max_steps = 4 lr = 2e-3 };
     let (res, dir) = run_stage(&w, "reward_model", rm, "work-rm", "out-rm", &CancelToken::new());
     res.unwrap();

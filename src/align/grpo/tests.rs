@@ -1,6 +1,7 @@
 //! GRPO on a tiny random model with a toy verifiable reward: rollouts are grouped and scored
 //! correctly, training raises the reward, the reference stays frozen, LoRA trains only adapters,
-//! and an interrupted run resumes bit-identically.
+//! and an interrupted run resumes bit-identically. The tiny model, prompts and reward are shared
+//! with PPO's tests.
 
 use super::*;
 use crate::align::dpo::frozen_reference;
@@ -11,7 +12,7 @@ use crate::model::ModelConfig;
 
 const EOS: u32 = 2;
 
-fn cfg() -> ModelConfig {
+pub(crate) fn cfg() -> ModelConfig {
     let mut c = ModelConfig::dense(32, 2, 4, 2);
     c.vocab_size = 12;
     c.intermediate_size = 48;
@@ -20,21 +21,21 @@ fn cfg() -> ModelConfig {
 }
 
 /// Token `k` decodes to the letter `a + k`, so a format regex can reward chosen tokens.
-fn decode(ids: &[u32]) -> String {
+pub(crate) fn decode(ids: &[u32]) -> String {
     ids.iter().map(|&k| (b'a' + k as u8) as char).collect()
 }
 
-fn prompts(n: usize) -> PromptSet {
+pub(crate) fn prompts(n: usize) -> PromptSet {
     let v = (0..n).map(|i| Prompt { ids: vec![1, 3 + (i % 5) as u32, 4 + (i % 3) as u32], answer: None }).collect();
     PromptSet::new(v, 0)
 }
 
 /// Reward: +1 when the completion starts with token 7 (`h`), which a random model rarely does.
-fn rewards() -> RewardSet {
+pub(crate) fn rewards() -> RewardSet {
     RewardSet::new(&[RewardSpec::Format { pattern: "^h".into(), weight: 1.0 }]).unwrap()
 }
 
-fn rollout_cfg() -> RolloutConfig {
+pub(crate) fn rollout_cfg() -> RolloutConfig {
     let generation = GenerationConfig {
         max_new_tokens: 4,
         temperature: 1.0,
@@ -75,7 +76,7 @@ fn grpo<'a>(
     }
 }
 
-fn flat(t: &Tensor) -> Vec<f32> {
+pub(crate) fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
 }
 

@@ -5,47 +5,13 @@
 
 use super::*;
 use crate::align::dpo::frozen_reference;
-use crate::align::rewards::RewardSpec;
-use crate::model::generate::GenerationConfig;
-use crate::model::ModelConfig;
+use crate::align::grpo::tests::{self as grpo_tests, cfg, decode, flat, prompts, rewards as rules};
 use candle_core::Device;
 
 const EOS: u32 = 2;
 
-fn cfg() -> ModelConfig {
-    let mut c = ModelConfig::dense(32, 2, 4, 2);
-    c.vocab_size = 12;
-    c.intermediate_size = 48;
-    c.max_position_embeddings = 64;
-    c
-}
-
-/// Token `k` decodes to the letter `a + k`, so a format regex can reward chosen tokens.
-fn decode(ids: &[u32]) -> String {
-    ids.iter().map(|&k| (b'a' + k as u8) as char).collect()
-}
-
-fn prompts(n: usize) -> PromptSet {
-    let v = (0..n).map(|i| Prompt { ids: vec![1, 3 + (i % 5) as u32, 4 + (i % 3) as u32], answer: None }).collect();
-    PromptSet::new(v, 0)
-}
-
-/// Reward: +1 when the completion starts with token 7 (`h`), which a random model rarely does.
-fn rules() -> RewardSet {
-    RewardSet::new(&[RewardSpec::Format { pattern: "^h".into(), weight: 1.0 }]).unwrap()
-}
-
 fn rollout_cfg() -> RolloutConfig {
-    let generation = GenerationConfig {
-        max_new_tokens: 4,
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-        repetition_penalty: 1.0,
-        stop_token_ids: vec![EOS],
-        seed: 0,
-    };
-    RolloutConfig { num_generations: 1, generation, pad_id: 0 }
+    RolloutConfig { num_generations: 1, ..grpo_tests::rollout_cfg() }
 }
 
 fn ppo_cfg() -> PpoConfig {
@@ -78,8 +44,32 @@ fn critic_of(actor: &MiniMind) -> Critic {
     Critic::new(RewardModel::from_tensors(&cfg(), named, &Device::Cpu, true, 9, 0).unwrap()).unwrap()
 }
 
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
+fn ppo<'a>(actor: &'a MiniMind, params: &'a [(String, Var)], parts: &'a Parts<'a>, cfg: PpoConfig) -> Ppo<'a> {
+    Ppo {
+        actor,
+        actor_params: params,
+        reference: &parts.reference,
+        critic: &parts.critic,
+        rewards: &parts.rewards,
+        rollout: rollout_cfg(),
+        cfg,
+        decode: &decode,
+    }
+}
+
+/// The frozen reference and the critic of an actor, and rule rewards.
+struct Parts<'a> {
+    reference: MiniMind,
+    critic: Critic,
+    rewards: Rewards<'a>,
+}
+
+fn parts<'a>(actor: &MiniMind, rules: &'a RewardSet) -> Parts<'a> {
+    Parts {
+        reference: frozen_reference(actor).unwrap(),
+        critic: critic_of(actor),
+        rewards: Rewards { rules: Some(rules), model: None },
+    }
 }
 
 fn weights(p: &[(String, Var)]) -> Vec<Vec<f32>> {
@@ -90,21 +80,11 @@ fn weights(p: &[(String, Var)]) -> Vec<Vec<f32>> {
 fn ppo_raises_the_reward_fills_every_metric_and_keeps_the_reference_frozen() {
     let dir = tempfile::tempdir().unwrap();
     let actor = MiniMind::new(&cfg(), 2, &Device::Cpu).unwrap();
-    let reference = frozen_reference(&actor).unwrap();
-    let critic = critic_of(&actor);
     let r = rules();
-    let rewards = Rewards { rules: Some(&r), model: None };
+    let p = parts(&actor, &r);
+    let (reference, critic) = (&p.reference, &p.critic);
     let params = actor.params().to_vec();
-    let ppo = Ppo {
-        actor: &actor,
-        actor_params: &params,
-        reference: &reference,
-        critic: &critic,
-        rewards: &rewards,
-        rollout: rollout_cfg(),
-        cfg: ppo_cfg(),
-        decode: &decode,
-    };
+    let ppo = ppo(&actor, &params, &p, ppo_cfg());
     let d = prompts(16);
     let all: Vec<&Prompt> = (0..16).map(|i| d.get(i)).collect();
     let before = ppo.mean_reward(&all, 8, 77).unwrap();
@@ -175,24 +155,13 @@ fn a_reward_model_term_is_its_clipped_score_of_the_finished_turn() {
 fn the_approx_kl_early_stop_applies_nothing_more() {
     let dir = tempfile::tempdir().unwrap();
     let actor = MiniMind::new(&cfg(), 4, &Device::Cpu).unwrap();
-    let reference = frozen_reference(&actor).unwrap();
-    let critic = critic_of(&actor);
     let r = rules();
-    let rewards = Rewards { rules: Some(&r), model: None };
+    let p = parts(&actor, &r);
     let params = actor.params().to_vec();
     // Minibatches of 1: the first is on-policy (ratio 1) and applied; the actor has moved by the
     // second, whose approximate KL is then far above the threshold.
     let cfg = PpoConfig { mini_batch_size: 1, update_iters: 3, early_stop_kl: 1e-9, ..ppo_cfg() };
-    let ppo = Ppo {
-        actor: &actor,
-        actor_params: &params,
-        reference: &reference,
-        critic: &critic,
-        rewards: &rewards,
-        rollout: rollout_cfg(),
-        cfg,
-        decode: &decode,
-    };
+    let ppo = ppo(&actor, &params, &p, cfg);
     let mut seen = Vec::new();
     ppo.train(&prompts(8), &opts(dir.path(), 2), &CancelToken::new(), |m| seen.push(m.clone())).unwrap();
     for m in &seen {
@@ -207,22 +176,11 @@ fn interrupted_ppo_resumes_bit_identically() {
     let r = rules();
     let run = |dir: &std::path::Path, stop_after: Option<usize>| {
         let actor = MiniMind::new(&cfg(), 6, &Device::Cpu).unwrap();
-        let reference = frozen_reference(&actor).unwrap();
-        let critic = critic_of(&actor);
-        let rewards = Rewards { rules: Some(&r), model: None };
+        let p = parts(&actor, &r);
         let params = actor.params().to_vec();
         let mut o = opts(dir, 5);
         o.batch_size = 4;
-        let ppo = Ppo {
-            actor: &actor,
-            actor_params: &params,
-            reference: &reference,
-            critic: &critic,
-            rewards: &rewards,
-            rollout: rollout_cfg(),
-            cfg: PpoConfig { mini_batch_size: 2, ..ppo_cfg() },
-            decode: &decode,
-        };
+        let ppo = ppo(&actor, &params, &p, PpoConfig { mini_batch_size: 2, ..ppo_cfg() });
         let cancel = CancelToken::new();
         let mut seen = Vec::new();
         let res = ppo.train(&d, &o, &cancel, |m| {
@@ -231,7 +189,7 @@ fn interrupted_ppo_resumes_bit_identically() {
                 cancel.cancel();
             }
         });
-        (res.map(|s| s.losses), weights(&params), weights(critic.params()), seen)
+        (res.map(|s| s.losses), weights(&params), weights(p.critic.params()), seen)
     };
     let a = tempfile::tempdir().unwrap();
     let (la, aa, ca, ma) = run(a.path(), None);
