@@ -2,8 +2,9 @@
 //! generated answers are extracted and compared by [`crate::eval::answer`]).
 
 /// The checkable final answer: the value after GSM8K's `#### ` (which must be a number; thousands
-/// commas removed), or a bare one-line answer (commas removed when it is a number). Multi-line text
-/// without `####` has no extractable answer.
+/// commas removed); in a one-line worked answer ending "The answer is N." (what `builtin:arithmetic`
+/// writes), that number; else a bare one-line answer (commas removed when it is a number).
+/// Multi-line text without `####` has no extractable answer.
 pub fn normalize_answer(answer: &str) -> Option<String> {
     if let Some(idx) = answer.rfind("####") {
         let v = answer[idx + 4..].trim();
@@ -12,6 +13,12 @@ pub fn normalize_answer(answer: &str) -> Option<String> {
     let t = answer.trim();
     if t.is_empty() || t.contains('\n') {
         return None;
+    }
+    const SAYS: &str = "The answer is ";
+    if let Some(idx) = t.rfind(SAYS) {
+        if let Some(n) = normalize_number(&t[idx + SAYS.len()..]) {
+            return Some(n);
+        }
     }
     Some(normalize_number(t).unwrap_or_else(|| t.to_string()))
 }
@@ -36,5 +43,9 @@ mod tests {
         assert_eq!(normalize_answer(" 56 ").as_deref(), Some("56"));
         assert_eq!(normalize_answer("−3").as_deref(), Some("-3"));
         assert_eq!(normalize_answer("食管克罗恩病").as_deref(), Some("食管克罗恩病"));
+        assert_eq!(normalize_answer("9 - 5 = 4. The answer is 4.").as_deref(), Some("4"));
+        assert_eq!(normalize_answer("The answer is 1,204").as_deref(), Some("1204"));
+        // Not a number after it: the whole line is the answer, as before.
+        assert_eq!(normalize_answer("The answer is yes").as_deref(), Some("The answer is yes"));
     }
 }

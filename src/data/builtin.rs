@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 
 /// Bump when generated content changes for the same parameters.
-const GENERATOR_VERSION: u32 = 1;
+const GENERATOR_VERSION: u32 = 2;
 
 /// Parameters of `builtin:arithmetic`.
 #[derive(Clone, Debug, PartialEq)]
@@ -149,7 +149,9 @@ pub fn record(pr: &Problem, format: DataFormat) -> Value {
         DataFormat::Alpaca => json!({"instruction": pr.question, "input": "", "output": pr.reply}),
         DataFormat::Dpo => json!({"conversations": [{"from": "human", "value": pr.question}],
             "chosen": pr.reply, "rejected": pr.wrong_reply}),
-        DataFormat::PromptAnswer => json!({"question": pr.question, "answer": pr.answer.to_string()}),
+        // The worked reply, as SFT trains it, so eval's answer perplexity scores what the model
+        // learned to write; its final value ("The answer is N.") is what rewards and exact match check.
+        DataFormat::PromptAnswer => json!({"question": pr.question, "answer": pr.reply}),
     }
 }
 
@@ -234,8 +236,10 @@ mod tests {
             assert!(ds.files[0].starts_with(tmp.path().join("builtin-v1")));
             let ex = read_examples(&ds, None).unwrap();
             assert_eq!(ex.len(), 50, "{fmt:?}");
-            if let Example::PromptAnswer { final_answer, .. } = &ex[0] {
-                assert!(final_answer.as_ref().unwrap().parse::<i64>().is_ok());
+            if let Example::PromptAnswer { answer, final_answer, .. } = &ex[0] {
+                let n = final_answer.as_ref().unwrap();
+                assert!(n.parse::<i64>().is_ok(), "{answer} → {n}");
+                assert!(answer.ends_with(&format!("The answer is {n}.")), "{answer}");
             }
         }
         let bad = spec(DataFormat::Text, json!({"cnt": 5}));

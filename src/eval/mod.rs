@@ -27,6 +27,11 @@ use std::ops::ControlFlow;
 pub struct EvalReport {
     /// Per evaluated model (by stage name), in the order given.
     pub models: BTreeMap<String, ModelReport>,
+    /// What each headline metric measures, in words, for the dataset it comes from
+    /// (`"perplexity" → "per token of the 'test' reference answers …"`), so a report says which
+    /// tokens a perplexity is over rather than leaving readers to guess.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub about: BTreeMap<String, String>,
 }
 
 /// The scores of a model on a dataset, or its headline scores (each from the first dataset that
@@ -177,6 +182,15 @@ pub trait PromptEncoder {
     fn decode(&self, ids: &[u32]) -> String;
     /// The id that ends an answer (`<|im_end|>`).
     fn eos_id(&self) -> u32;
+    /// `reference` as the answer to `question`, scored on the answer's tokens. This default
+    /// appends the answer's ids and the eos to the prompt; encoders for chat models override it
+    /// to render the exchange through the chat template with SFT's assistant mask, so the score is
+    /// of exactly the tokens SFT trained on.
+    fn answer_seq(&self, question: &str, reference: &str) -> anyhow::Result<ScoredSeq> {
+        let mut cont = self.encode(reference)?;
+        cont.push(self.eos_id());
+        Ok(ScoredSeq::continuation(&self.prompt_ids(question)?, &cont))
+    }
 }
 
 /// Runs the metrics of one model.
@@ -225,16 +239,10 @@ impl<M: CausalLm, E: PromptEncoder> Evaluator<'_, M, E> {
         Ok((correct as f64 / items.len().max(1) as f64, samples))
     }
 
-    /// Perplexity of the reference answers given their questions (answer + eos are scored).
+    /// Per-token perplexity of the reference answers given their questions
+    /// ([`PromptEncoder::answer_seq`]: the answer's tokens and the end of the turn are scored).
     pub fn answer_perplexity(&self, items: &[(String, String)]) -> anyhow::Result<f64> {
-        let seqs = items
-            .iter()
-            .map(|(q, a)| {
-                let mut cont = self.enc.encode(a)?;
-                cont.push(self.enc.eos_id());
-                Ok(ScoredSeq::continuation(&self.enc.prompt_ids(q)?, &cont))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let seqs = items.iter().map(|(q, a)| self.enc.answer_seq(q, a)).collect::<anyhow::Result<Vec<_>>>()?;
         self.perplexity(&seqs)
     }
 

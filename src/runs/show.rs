@@ -59,6 +59,8 @@ pub struct EvalTable {
     pub rows: Vec<(String, BTreeMap<String, f64>)>,
     /// `(prompt, model, output)` for the first few fixed prompts.
     pub generations: Vec<(String, String, String)>,
+    /// `(metric, what it measures)` from the report's `about`, for the metrics in the table.
+    pub about: Vec<(String, String)>,
 }
 
 /// A model the run produced.
@@ -159,7 +161,9 @@ fn eval_table(stage: &str, report: &std::path::Path, cache: &Cache, key: &str) -
         .flat_map(|(p, outs)| outs.into_iter().map(move |(m, o)| (p.clone(), m, o)))
         .take(SHOWN_GENERATIONS)
         .collect();
-    Some(EvalTable { stage: stage.into(), metrics, rows, generations })
+    let about =
+        metrics.iter().filter_map(|m| Some((m.clone(), v.get("about")?.get(m)?.as_str()?.to_string()))).collect();
+    Some(EvalTable { stage: stage.into(), metrics, rows, generations, about })
 }
 
 /// The report as text: stages, eval tables, generations, models with the commands to use them.
@@ -184,6 +188,9 @@ pub fn render_text(r: &RunReport) -> String {
                 .ok();
             }
             let _ = writeln!(s);
+        }
+        for (m, what) in &e.about {
+            let _ = writeln!(s, "  {m}: {what}");
         }
         if !e.generations.is_empty() {
             let _ = writeln!(s, "  generations:");

@@ -153,6 +153,10 @@ impl Stage for EvalStage {
             sets.push((name.clone(), load_eval_set(ds, params.max_samples, ctx)?));
         }
         let mut report = EvalReport::default();
+        // Headlines come from the first dataset that has each metric (`Scores::or`); so do their words.
+        for (name, set) in sets.iter().rev() {
+            report.about.extend(set.measures(name).into_iter().map(|(k, v)| (k.to_string(), v)));
+        }
         let mut metrics = serde_json::Map::new();
         for model_name in &params.models {
             if ctx.cancel.is_cancelled() {
@@ -226,6 +230,41 @@ fn load_eval_set(ds: &ResolvedDataset, max: usize, ctx: &StageContext<'_>) -> an
             ds.name
         ),
     })
+}
+
+impl EvalSet {
+    /// What each metric this set yields measures, in words (see `EvalReport::about`).
+    fn measures(&self, ds: &str) -> Vec<(&'static str, String)> {
+        match self {
+            EvalSet::Scored(ex) if matches!(ex.first(), Some(Example::Text { .. })) => vec![(
+                "perplexity",
+                format!("per token of the '{ds}' texts (BOS + text + EOS, as pretraining sees them)"),
+            )],
+            EvalSet::Scored(_) => {
+                vec![("perplexity", format!("per assistant token of the '{ds}' conversations (SFT's mask)"))]
+            }
+            EvalSet::PromptAnswer(_) => vec![
+                (
+                    "perplexity",
+                    format!(
+                        "per token of the '{ds}' reference answers after their questions: the reply and \
+                         the end of the turn, through the chat template as SFT trains them"
+                    ),
+                ),
+                (
+                    "exact_match",
+                    format!(
+                        "share of '{ds}' questions whose greedy answer has the reference's final value \
+                         (`####`, <answer>, \"the answer is\", else the last number)"
+                    ),
+                ),
+            ],
+            EvalSet::MultipleChoice(_) => vec![(
+                "mc_accuracy",
+                format!("share of '{ds}' questions whose most likely option letter is the right one"),
+            )],
+        }
+    }
 }
 
 /// Multiple-choice items when the records of a `prompt_answer` dataset carry `choices` (checked on
@@ -399,6 +438,22 @@ impl PromptEncoder for TokEncoder {
     fn eos_id(&self) -> u32 {
         self.tok.eos
     }
+
+    fn answer_seq(&self, question: &str, reference: &str) -> anyhow::Result<ScoredSeq> {
+        if !self.chat {
+            let mut cont = self.encode(reference)?;
+            cont.push(self.eos_id());
+            return Ok(ScoredSeq::continuation(&self.prompt_ids(question)?, &cont));
+        }
+        let ex = Example::Chat {
+            messages: vec![Message::new("user", question), Message::new("assistant", reference)],
+            tools: None,
+        };
+        // No length cap here: `Evaluator::max_len` keeps the tail of long sequences, as elsewhere.
+        let mut seqs = self.scored(&ex, usize::MAX)?;
+        anyhow::ensure!(seqs.len() == 1, "one exchange renders to one sequence");
+        Ok(seqs.remove(0))
+    }
 }
 
 trait RunMetric {
@@ -566,6 +621,11 @@ mod tests {
             assert!(outcome.metrics.contains_key(&format!("{m}.exact_match")));
             assert!(outcome.metrics.contains_key(&format!("{m}.perplexity")));
         }
+        // The headline perplexity comes from 'qa', the first dataset with one, and says so.
+        let about = &report["about"];
+        assert!(about["perplexity"].as_str().unwrap().contains("'qa' reference answers"), "{about}");
+        assert!(about["exact_match"].as_str().unwrap().contains("'qa'"), "{about}");
+        assert!(about["mc_accuracy"].as_str().unwrap().contains("'mc'"), "{about}");
         let flat = report["generations"].as_array().unwrap();
         assert_eq!(flat.len(), 2);
         assert_eq!(flat[1]["model"], "sft");

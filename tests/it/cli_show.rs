@@ -73,6 +73,8 @@ fn a_run_ends_with_what_it_produced_and_show_prints_it_again() {
     let sft_row = text.lines().position(|l| l.trim_start().starts_with("sft ")).unwrap();
     assert!(base_row < sft_row, "{text}");
     assert!(text.contains("What is 2 plus 3?"), "generations are shown: {text}");
+    // What the perplexity column is over, in words, under the table.
+    assert!(text.contains("perplexity: per token of the 'test' reference answers"), "{text}");
     // The models, where they are, and how to talk to them.
     assert!(text.contains(&format!("mmrun chat {id}:sft")), "{text}");
     assert!(text.contains(&format!("mmrun serve {id}:sft")), "{text}");
