@@ -248,7 +248,8 @@ impl EvalSet {
                     "perplexity",
                     format!(
                         "per token of the '{ds}' reference answers after their questions: the reply and \
-                         the end of the turn, through the chat template as SFT trains them"
+                         the end of the turn, as SFT trains them (raw-prompted base models: after the \
+                         bare question)"
                     ),
                 ),
                 (
