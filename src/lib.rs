@@ -28,6 +28,7 @@ pub mod serve;
 pub mod stages;
 #[doc(hidden)]
 pub mod testutil;
+pub mod tools;
 pub mod train;
 
 /// The mmrun version recorded in run records and locks.
