@@ -24,7 +24,7 @@
 use super::DataError;
 use crate::cache::Bucket;
 use crate::cache::Cache;
-use crate::data::spec::{DataFormat, DatasetSpec};
+use crate::data::spec::{check_count, split_is_test, DataFormat, DatasetSpec};
 use crate::durable::write_atomic;
 use crate::fs_error::IoContext;
 use rand::{Rng, SeedableRng};
@@ -33,6 +33,8 @@ use std::path::PathBuf;
 
 /// Bump when generated content changes for the same parameters.
 const GENERATOR_VERSION: u32 = 2;
+
+use super::builtin_tools::{tool_use, ToolUseParams};
 
 /// Parameters of `builtin:arithmetic`.
 #[derive(Clone, Debug, PartialEq)]
@@ -57,13 +59,7 @@ impl ArithmeticParams {
                 "count" => p.count = as_u64()? as usize,
                 "seed" => p.seed = as_u64()?,
                 "max_operand" => p.max_operand = as_u64()?.clamp(1, 999) as u32,
-                "split" => {
-                    p.test = match v.as_str() {
-                        Some("train") => false,
-                        Some("test") => true,
-                        _ => return Err("builtin parameter 'split' must be \"train\" or \"test\"".into()),
-                    }
-                }
+                "split" => p.test = split_is_test(v)?,
                 other => {
                     return Err(format!(
                         "unknown builtin parameter '{other}' for builtin:arithmetic (expected count, seed, split, max_operand)"
@@ -71,12 +67,7 @@ impl ArithmeticParams {
                 }
             }
         }
-        if p.count == 0 || p.count as u64 > crate::data::spec::MAX_BUILTIN_COUNT {
-            return Err(format!(
-                "builtin parameter 'count' must be between 1 and {}",
-                crate::data::spec::MAX_BUILTIN_COUNT
-            ));
-        }
+        check_count(p.count)?;
         Ok(p)
     }
 }
@@ -162,10 +153,27 @@ const DATA_FILE: &str = "data.jsonl";
 /// return its path.
 pub fn materialize(name: &str, generator: &str, spec: &DatasetSpec, cache: &Cache) -> Result<PathBuf, DataError> {
     let err = |msg: String| DataError::Builtin { name: name.to_string(), msg };
-    if !crate::data::spec::BUILTIN_GENERATORS.contains(&generator) {
-        return Err(err(format!("unknown builtin dataset 'builtin:{generator}' (available: builtin:arithmetic)")));
-    }
-    let params = ArithmeticParams::from_spec(spec).map_err(err)?;
+    let records: Box<dyn FnOnce() -> Vec<Value>> = match generator {
+        "arithmetic" => {
+            let params = ArithmeticParams::from_spec(spec).map_err(err)?;
+            Box::new(move || arithmetic(&params).iter().map(|pr| record(pr, spec.format)).collect())
+        }
+        "tool_use" => {
+            let params = ToolUseParams::from_spec(spec).map_err(err)?;
+            if !crate::data::spec::builtin_formats(generator).is_some_and(|f| f.contains(&spec.format)) {
+                return Err(err(format!(
+                    "builtin:tool_use cannot write format '{}'; use openai, sharegpt or prompt_answer",
+                    spec.format.as_str()
+                )));
+            }
+            Box::new(move || tool_use(&params).iter().map(|t| t.record(spec.format)).collect())
+        }
+        _ => {
+            let all: Vec<String> =
+                crate::data::spec::BUILTIN_GENERATORS.iter().map(|g| format!("builtin:{g}")).collect();
+            return Err(err(format!("unknown builtin dataset 'builtin:{generator}' (available: {})", all.join(", "))));
+        }
+    };
     let ident = json!({
         "generator": generator, "version": GENERATOR_VERSION, "format": spec.format,
         "params": spec.builtin,
@@ -173,8 +181,8 @@ pub fn materialize(name: &str, generator: &str, spec: &DatasetSpec, cache: &Cach
     let hash = blake3::hash(ident.to_string().as_bytes()).to_hex();
     let entry = cache.derived(Bucket::Builtin, &hash[..32], |dir| {
         let mut body = String::new();
-        for pr in arithmetic(&params) {
-            body.push_str(&record(&pr, spec.format).to_string());
+        for r in records() {
+            body.push_str(&r.to_string());
             body.push('\n');
         }
         let path = dir.join(DATA_FILE);

@@ -12,6 +12,7 @@
 
 pub mod answer;
 pub mod builtin;
+pub mod builtin_tools;
 pub mod chat;
 pub mod example;
 mod formats;

@@ -10,11 +10,33 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// The `builtin:<name>` generators mmrun ships.
-pub const BUILTIN_GENERATORS: &[&str] = &["arithmetic"];
+pub const BUILTIN_GENERATORS: &[&str] = &["arithmetic", "tool_use"];
+
+/// The formats a `builtin:` generator writes, when it cannot write them all.
+pub fn builtin_formats(generator: &str) -> Option<&'static [DataFormat]> {
+    (generator == "tool_use").then_some(&[DataFormat::Openai, DataFormat::Sharegpt, DataFormat::PromptAnswer])
+}
 
 /// The most records a `builtin:` dataset may ask for: they are generated in memory, and ten
 /// million short problems (about a gigabyte) is far beyond what a small model needs.
 pub const MAX_BUILTIN_COUNT: u64 = 10_000_000;
+
+/// A `builtin:` generator's `split = "train" | "test"` → whether it is the test split.
+pub fn split_is_test(v: &serde_json::Value) -> Result<bool, String> {
+    match v.as_str() {
+        Some("train") => Ok(false),
+        Some("test") => Ok(true),
+        _ => Err("builtin parameter 'split' must be \"train\" or \"test\"".into()),
+    }
+}
+
+/// A record count a `builtin:` generator can make.
+pub fn check_count(count: usize) -> Result<(), String> {
+    if count == 0 || count as u64 > MAX_BUILTIN_COUNT {
+        return Err(format!("builtin parameter 'count' must be between 1 and {}", MAX_BUILTIN_COUNT));
+    }
+    Ok(())
+}
 
 /// Record formats a dataset can be read as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

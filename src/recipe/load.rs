@@ -497,7 +497,7 @@ impl Loader<'_> {
 
     /// A `builtin:` generator that exists, asked for a number of records it can make.
     fn check_builtin(&mut self, at: &[String], spec: &DatasetSpec) {
-        use crate::data::spec::{BUILTIN_GENERATORS, MAX_BUILTIN_COUNT};
+        use crate::data::spec::{builtin_formats, BUILTIN_GENERATORS, MAX_BUILTIN_COUNT};
         let Some(gen) = spec.source.strip_prefix("builtin:") else { return };
         if !BUILTIN_GENERATORS.contains(&gen) {
             let mut path = at.to_vec();
@@ -515,6 +515,39 @@ impl Loader<'_> {
                     BUILTIN_GENERATORS.iter().map(|g| format!("builtin:{g}")).collect::<Vec<_>>().join(", ")
                 )),
             );
+        }
+        if let Some(formats) = builtin_formats(gen).filter(|f| !f.contains(&spec.format)) {
+            let mut path = at.to_vec();
+            path.push("format".into());
+            let names: Vec<&str> = formats.iter().map(|f| f.as_str()).collect();
+            self.error(
+                &path,
+                false,
+                format!("builtin:{gen} in {} cannot write format '{}'", section(at), spec.format.as_str()),
+                Some(format!("use one of: {}", names.join(", "))),
+            );
+        }
+        if let Some(tools) = spec.builtin.get("tools") {
+            let known = crate::tools::names();
+            let bad: Vec<String> = tools
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|t| !t.as_str().is_some_and(|n| known.contains(&n)))
+                .map(|t| t.to_string())
+                .collect();
+            if gen != "tool_use" || !tools.as_array().is_some_and(|a| !a.is_empty()) || !bad.is_empty() {
+                let mut path = at.to_vec();
+                path.extend(["builtin".to_string(), "tools".to_string()]);
+                let what = if gen != "tool_use" {
+                    format!("builtin:{gen} in {} takes no tools", section(at))
+                } else if bad.is_empty() {
+                    format!("builtin tools in {} must be a non-empty list of tool names", section(at))
+                } else {
+                    format!("unknown tool {} in {}", bad.join(", "), section(at))
+                };
+                self.error(&path, false, what, Some(format!("known tools: {}", known.join(", "))));
+            }
         }
         if let Some(count) = spec.builtin.get("count") {
             if count.as_u64().is_none_or(|n| n == 0 || n > MAX_BUILTIN_COUNT) {

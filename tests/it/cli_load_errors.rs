@@ -157,6 +157,18 @@ fn values_that_can_never_work_fail_at_load_time() {
             "unknown builtin dataset",
         ),
         (
+            "builtin_unknown_tool",
+            format!("{b}\n[datasets.tasks]\nsource = \"builtin:tool_use\"\nformat = \"openai\"\nbuiltin = {{ tools = [\"calculator\", \"shell\"] }}\n"),
+            "builtin = { tools = [\"calculator\", \"shell\"] }",
+            "unknown tool \"shell\" in [datasets.tasks]",
+        ),
+        (
+            "builtin_tool_format",
+            format!("{b}\n[datasets.tasks]\nsource = \"builtin:tool_use\"\nformat = \"text\"\n"),
+            "format = \"text\"",
+            "builtin:tool_use in [datasets.tasks] cannot write format 'text'",
+        ),
+        (
             "builtin_count0",
             b.replacen("builtin = { count = 300 }", "builtin = { count = 0 }", 1),
             "builtin = { count = 0 }",

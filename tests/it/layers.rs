@@ -16,7 +16,8 @@ const LAYERS: &[&[&str]] = &[
     // Leaves: no `crate::` imports at all.
     // `hub::names` checks names from the network and recipes before they become paths (`hub::uri`
     // validates a recipe's revision with it).
-    &["artifact", "cancel", "cpu", "durable", "fs_error", "progress", "testutil", "hub::names"],
+    // `tools`: the built-in tools models call, named by recipes, run by data generators and eval.
+    &["artifact", "cancel", "cpu", "durable", "fs_error", "progress", "testutil", "tools", "hub::names"],
     // The vocabulary a recipe is written in, owned by the modules that give it meaning.
     &["data::spec", "model::config", "hub::uri"],
     // TOML → `Recipe`, and the declaration-only `StageKind` trait.
