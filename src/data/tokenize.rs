@@ -180,6 +180,13 @@ impl TextTokenizer {
         self.tokenizer.decode(ids, true).map_err(|e| TokenizeError::Encode(e.to_string()))
     }
 
+    /// Decode ids keeping special tokens (`<tool_call>` is one in the reference tokenizer), minus
+    /// the padding and end-of-turn markers a generation may carry.
+    pub fn decode_with_specials(&self, ids: &[u32]) -> Result<String, TokenizeError> {
+        let ids: Vec<u32> = ids.iter().copied().filter(|&i| i != self.pad && i != self.eos).collect();
+        self.tokenizer.decode(&ids, false).map_err(|e| TokenizeError::Encode(e.to_string()))
+    }
+
     /// Pretrain sample: `[bos] + tokens + [eos]`, at most `max_len` tokens, pad ids masked.
     pub fn pretrain(&self, text: &str, max_len: usize) -> Result<Sample, TokenizeError> {
         let mut toks = self.encode(text)?;
@@ -262,6 +269,12 @@ impl TextTokenizer {
     /// Generation prompt for a user question (GRPO, eval).
     pub fn prompt(&self, messages: &[Message], open_thinking: bool) -> Result<Vec<u32>, TokenizeError> {
         let text = self.template.render(messages, None, true, open_thinking)?;
+        self.encode(&text)
+    }
+
+    /// Generation prompt for a conversation offered `tools` (tool evaluation).
+    pub fn tool_prompt(&self, messages: &[Message], tools: &[serde_json::Value]) -> Result<Vec<u32>, TokenizeError> {
+        let text = self.template.render(messages, Some(tools), true, false)?;
         self.encode(&text)
     }
 

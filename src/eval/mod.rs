@@ -15,6 +15,7 @@
 
 pub mod answer;
 pub mod score;
+pub mod toolcall;
 
 use crate::model::generate::{generate, CausalLm, GenerationConfig};
 use score::{loglik, perplexity, ScoredSeq};
@@ -47,12 +48,28 @@ pub struct Scores {
     /// Multiple-choice accuracy (0..1) on a dataset with choices.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mc_accuracy: Option<f64>,
+    /// Tool tasks whose first call names the expected tool (0..1; [`toolcall`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_selection: Option<f64>,
+    /// Tool tasks whose first call's arguments validate against the tool's schema (0..1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_args_valid: Option<f64>,
+    /// Tool tasks answered right after running the model's calls (0..1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_answer: Option<f64>,
 }
 
 impl Scores {
     /// Each score by its report name, in report order.
-    pub fn named(&self) -> [(&'static str, Option<f64>); 3] {
-        [("perplexity", self.perplexity), ("exact_match", self.exact_match), ("mc_accuracy", self.mc_accuracy)]
+    pub fn named(&self) -> [(&'static str, Option<f64>); 6] {
+        [
+            ("perplexity", self.perplexity),
+            ("exact_match", self.exact_match),
+            ("mc_accuracy", self.mc_accuracy),
+            ("tool_selection", self.tool_selection),
+            ("tool_args_valid", self.tool_args_valid),
+            ("tool_answer", self.tool_answer),
+        ]
     }
 
     /// Fill the scores this lacks from `other` (headlines come from the first dataset that has one).
@@ -61,6 +78,9 @@ impl Scores {
             perplexity: self.perplexity.or(other.perplexity),
             exact_match: self.exact_match.or(other.exact_match),
             mc_accuracy: self.mc_accuracy.or(other.mc_accuracy),
+            tool_selection: self.tool_selection.or(other.tool_selection),
+            tool_args_valid: self.tool_args_valid.or(other.tool_args_valid),
+            tool_answer: self.tool_answer.or(other.tool_answer),
         }
     }
 }
@@ -90,6 +110,9 @@ pub struct DatasetReport {
     /// A few graded exact-match samples, so reports can be compared by eye.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<GradedSample>,
+    /// A few tool-task traces (every generated turn), on a tool dataset.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_traces: Vec<toolcall::ToolTrace>,
 }
 
 /// A fixed prompt and what the model answered.
@@ -190,6 +213,16 @@ pub trait PromptEncoder {
         let mut cont = self.encode(reference)?;
         cont.push(self.eos_id());
         Ok(ScoredSeq::continuation(&self.prompt_ids(question)?, &cont))
+    }
+
+    /// Text of generated ids with special tokens kept (tool-call markers); `decode` by default.
+    fn decode_with_specials(&self, ids: &[u32]) -> String {
+        self.decode(ids)
+    }
+    /// Ids of a conversation offered `tools` (OpenAI declarations), ready for the next assistant
+    /// turn (tool evaluation).
+    fn chat_ids(&self, _messages: &[crate::data::Message], _tools: &[serde_json::Value]) -> anyhow::Result<Vec<u32>> {
+        anyhow::bail!("this prompt encoder cannot render tool conversations")
     }
 }
 

@@ -6,6 +6,9 @@
 //! * `prompt_answer`: exact-match accuracy of greedy answers (see [`crate::eval::answer`]) and the
 //!   perplexity of the reference answers; records with `choices` are scored as multiple choice
 //!   instead (schema in [`crate::eval`]);
+//! * `prompt_answer` records with `tools` and `tool_call` (what `builtin:tool_use` writes): tool
+//!   selection, argument validity and final-answer accuracy of a bounded call → run → answer loop
+//!   ([`crate::eval::toolcall`]);
 //! * chat formats (`sharegpt`, `openai`, `alpaca`): perplexity over assistant tokens, masked exactly
 //!   as in SFT.
 //!
@@ -19,8 +22,10 @@ use crate::data::spec::DataFormat;
 use crate::data::tokenize::{ChatOptions, TextTokenizer};
 use crate::data::{Example, Message, ResolvedDataset};
 use crate::eval::score::ScoredSeq;
+use crate::eval::toolcall::ToolTask;
 use crate::eval::{DatasetReport, EvalReport, Evaluator, GenerationSample, McItem, ModelReport, PromptEncoder};
 use crate::model::generate::GenerationConfig;
+use crate::tools::ToolCall;
 use anyhow::{anyhow, bail, Context};
 use candle_core::Device;
 use schemars::JsonSchema;
@@ -66,9 +71,17 @@ pub struct EvalParams {
     /// Longest scored sequence in tokens (longer ones keep their tail).
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
-    /// Graded exact-match samples kept per dataset in the report.
+    /// Graded exact-match samples (and tool-task traces) kept per dataset in the report.
     #[serde(default = "default_keep_samples")]
     pub keep_samples: usize,
+    /// Generations per tool task: a model may call tools and see their results this many times
+    /// minus one before its answer must stand.
+    #[serde(default = "default_max_turns")]
+    pub max_turns: usize,
+}
+
+fn default_max_turns() -> usize {
+    3
 }
 
 fn default_max_samples() -> usize {
@@ -116,7 +129,8 @@ impl StageParams for EvalParams {
                 "name at least one dataset, or give fixed prompts = [\"…\"]",
             )?;
         }
-        crate::stages::training::at_least("max_seq_len", self.max_seq_len, 2)
+        crate::stages::training::at_least("max_seq_len", self.max_seq_len, 2)?;
+        crate::stages::training::at_least("max_turns", self.max_turns, 1)
     }
 }
 
@@ -203,10 +217,15 @@ enum EvalSet {
     PromptAnswer(Vec<(String, String)>),
     /// Multiple-choice items.
     MultipleChoice(Vec<McItem>),
+    /// Tool tasks (`prompt_answer` records with `tools` and `tool_call`).
+    ToolUse(Vec<ToolTask>),
 }
 
 fn load_eval_set(ds: &ResolvedDataset, max: usize, ctx: &StageContext<'_>) -> anyhow::Result<EvalSet> {
     if ds.spec.format == DataFormat::PromptAnswer {
+        if let Some(tasks) = read_tool_tasks(ds, max)? {
+            return Ok(EvalSet::ToolUse(tasks));
+        }
         if let Some(items) = read_mc_items(ds, max)? {
             return Ok(EvalSet::MultipleChoice(items));
         }
@@ -275,26 +294,7 @@ fn read_mc_items(ds: &ResolvedDataset, max: usize) -> anyhow::Result<Option<Vec<
     let (qcol, ccol, acol) = (col("question"), col("choices"), col("answer"));
     let mut items = vec![];
     for file in &ds.files {
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let records: Vec<(usize, serde_json::Value)> = if text.trim_start().starts_with('[') {
-            let arr: Vec<serde_json::Value> =
-                serde_json::from_str(&text).with_context(|| format!("{}: not a JSON array", file.display()))?;
-            arr.into_iter().enumerate().map(|(i, v)| (i + 1, v)).collect()
-        } else {
-            let mut v = vec![];
-            for (i, line) in text.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match serde_json::from_str(line) {
-                    Ok(j) => v.push((i + 1, j)),
-                    // Not our concern here: the regular reader reports bad records.
-                    Err(_) if items.is_empty() && v.is_empty() => return Ok(None),
-                    Err(e) => bail!("{}:{}: invalid JSON: {e}", file.display(), i + 1),
-                }
-            }
-            v
-        };
+        let Some(records) = raw_records(file)? else { return Ok(None) };
         for (line, rec) in records {
             let Some(choices) = rec.get(&ccol) else {
                 if items.is_empty() {
@@ -323,6 +323,69 @@ fn read_mc_items(ds: &ResolvedDataset, max: usize) -> anyhow::Result<Option<Vec<
         }
     }
     Ok(if items.is_empty() { None } else { Some(items) })
+}
+
+/// The JSON records of a file with their line numbers (1-based; the index in a JSON array), or
+/// `None` when its first line is not JSON (not ours to report: the regular reader does that).
+fn raw_records(file: &std::path::Path) -> anyhow::Result<Option<Vec<(usize, serde_json::Value)>>> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    if text.trim_start().starts_with('[') {
+        let arr: Vec<serde_json::Value> =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a JSON array", file.display()))?;
+        return Ok(Some(arr.into_iter().enumerate().map(|(i, v)| (i + 1, v)).collect()));
+    }
+    let mut v = vec![];
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(j) => v.push((i + 1, j)),
+            Err(_) if v.is_empty() => return Ok(None),
+            Err(e) => bail!("{}:{}: invalid JSON: {e}", file.display(), i + 1),
+        }
+    }
+    Ok(Some(v))
+}
+
+/// Tool tasks when the records of a `prompt_answer` dataset carry `tool_call` (checked on the
+/// first record); `None` otherwise. Every named tool must be a built-in one.
+fn read_tool_tasks(ds: &ResolvedDataset, max: usize) -> anyhow::Result<Option<Vec<ToolTask>>> {
+    let col = |name: &str| ds.spec.columns.get(name).cloned().unwrap_or_else(|| name.to_string());
+    let (qcol, acol) = (col("question"), col("answer"));
+    let mut tasks = vec![];
+    for file in &ds.files {
+        let Some(records) = raw_records(file)? else { return Ok(None) };
+        for (line, rec) in records {
+            let at = || format!("{}:{line}", file.display());
+            let Some(call) = rec.get("tool_call") else {
+                if tasks.is_empty() {
+                    return Ok(None);
+                }
+                bail!("{}: record has no `tool_call` but earlier records are tool tasks", at());
+            };
+            let expected = ToolCall::from_value(call).map_err(|e| anyhow!("{}: `tool_call`: {e}", at()))?;
+            let tools = match rec.get("tools") {
+                Some(t) => crate::data::builtin_tools::parse_tool_names(t).map_err(|e| anyhow!("{}: {e}", at()))?,
+                None => vec![],
+            };
+            if !tools.contains(&expected.name.as_str()) {
+                bail!("{}: the expected tool '{}' is not among the record's `tools`", at(), expected.name);
+            }
+            let question = rec.get(&qcol).and_then(|q| q.as_str());
+            let question = question.ok_or_else(|| anyhow!("{}: tool task needs a string `{qcol}`", at()))?;
+            let answer = match rec.get(&acol) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(n @ serde_json::Value::Number(_)) => n.to_string(),
+                _ => bail!("{}: tool task needs an `{acol}`", at()),
+            };
+            tasks.push(ToolTask { question: question.to_string(), answer, tools, expected });
+            if tasks.len() >= max {
+                return Ok(Some(tasks));
+            }
+        }
+    }
+    Ok(if tasks.is_empty() { None } else { Some(tasks) })
 }
 
 fn eval_model(
@@ -375,6 +438,15 @@ fn eval_model(
             EvalSet::MultipleChoice(items) => {
                 dr.n = items.len();
                 dr.scores.mc_accuracy = Some(ev.multiple_choice(items)?);
+            }
+            EvalSet::ToolUse(tasks) => {
+                dr.n = tasks.len();
+                let (scores, mut traces) = ev.tool_use(tasks, &gen, params.max_turns)?;
+                dr.scores.tool_selection = Some(scores.selection);
+                dr.scores.tool_args_valid = Some(scores.args_valid);
+                dr.scores.tool_answer = Some(scores.answer);
+                traces.truncate(params.keep_samples);
+                dr.tool_traces = traces;
             }
         }
         mr.scores = mr.scores.or(dr.scores);
@@ -455,6 +527,14 @@ impl PromptEncoder for TokEncoder {
         anyhow::ensure!(seqs.len() == 1, "one exchange renders to one sequence");
         Ok(seqs.remove(0))
     }
+
+    fn decode_with_specials(&self, ids: &[u32]) -> String {
+        self.tok.decode_with_specials(ids).unwrap_or_default()
+    }
+
+    fn chat_ids(&self, messages: &[Message], tools: &[serde_json::Value]) -> anyhow::Result<Vec<u32>> {
+        Ok(self.tok.tool_prompt(messages, tools)?)
+    }
 }
 
 trait RunMetric {
@@ -467,7 +547,9 @@ impl RunMetric for StageContext<'_> {
         let _ = self.run.metric(
             self.name,
             serde_json::json!({"model": model, "dataset": dataset, "n": dr.n, "perplexity": dr.scores.perplexity,
-                "exact_match": dr.scores.exact_match, "mc_accuracy": dr.scores.mc_accuracy}),
+                "exact_match": dr.scores.exact_match, "mc_accuracy": dr.scores.mc_accuracy,
+                "tool_selection": dr.scores.tool_selection, "tool_args_valid": dr.scores.tool_args_valid,
+                "tool_answer": dr.scores.tool_answer}),
         );
     }
 }
@@ -600,6 +682,7 @@ mod tests {
             batch_size: 2,
             max_seq_len: 128,
             keep_samples: 1,
+            max_turns: 3,
         };
         let outcome = EvalStage.run(&mut ctx, &params).unwrap();
         let report: serde_json::Value =

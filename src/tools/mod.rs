@@ -201,6 +201,19 @@ pub fn parse_tool_calls(text: &str) -> Vec<Result<ToolCall, String>> {
     out
 }
 
+/// The tool name the first `<tool_call>` block asks for, read leniently (`"name": "…"` in the
+/// body), so a call whose arguments are broken still shows which tool was chosen.
+pub fn first_called_name(text: &str) -> Option<String> {
+    let body = &text[text.find("<tool_call>")? + "<tool_call>".len()..];
+    let body = body.split("</tool_call>").next().unwrap_or(body);
+    if let Some(Ok(call)) = parse_tool_calls(text).into_iter().next() {
+        return Some(call.name);
+    }
+    let rest = body[body.find("\"name\"")? + "\"name\"".len()..].trim_start().strip_prefix(':')?.trim_start();
+    let rest = rest.strip_prefix('"')?;
+    Some(rest[..rest.find('"')?].to_string())
+}
+
 /// The text of a model's output outside `<tool_call>` blocks (and its `<think>` block), trimmed.
 pub fn strip_tool_calls(text: &str) -> String {
     let text = text.rsplit_once("</think>").map_or(text, |(_, t)| t);
@@ -437,6 +450,10 @@ mod tests {
         assert!(calls[3].as_ref().unwrap_err().contains("not closed"));
         assert_eq!(strip_tool_calls(text), "Let me compute.");
         assert!(parse_tool_calls("The answer is 4.").is_empty());
+        assert_eq!(first_called_name(text).as_deref(), Some("calculator"));
+        let broken = "<tool_call>\n{\"name\": \"calculator\", \"arguments\": {\"expression\": \"5^^^";
+        assert_eq!(first_called_name(broken).as_deref(), Some("calculator"));
+        assert_eq!(first_called_name("{\"name\": \"calculator\"}"), None);
         let long = ToolResult::Ok(json!({"result": "9".repeat(5000)}));
         assert_eq!(long.content().chars().count(), MAX_OUTPUT_CHARS);
     }

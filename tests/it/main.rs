@@ -28,5 +28,6 @@ mod peft_golden;
 mod quickstart;
 mod recipes;
 mod serve_api;
+mod tool_use;
 mod train_stages;
 mod web_browser;
