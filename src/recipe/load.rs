@@ -536,7 +536,7 @@ impl Loader<'_> {
                 .filter(|t| !t.as_str().is_some_and(|n| known.contains(&n)))
                 .map(|t| t.to_string())
                 .collect();
-            if gen != "tool_use" || !tools.as_array().is_some_and(|a| !a.is_empty()) || !bad.is_empty() {
+            if gen != "tool_use" || tools.as_array().is_none_or(|a| a.is_empty()) || !bad.is_empty() {
                 let mut path = at.to_vec();
                 path.extend(["builtin".to_string(), "tools".to_string()]);
                 let what = if gen != "tool_use" {
