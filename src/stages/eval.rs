@@ -283,6 +283,19 @@ impl EvalSet {
                 "mc_accuracy",
                 format!("share of '{ds}' questions whose most likely option letter is the right one"),
             )],
+            EvalSet::ToolUse(_) => vec![
+                ("tool_selection", format!("share of '{ds}' tool tasks whose first call names the expected tool")),
+                (
+                    "tool_args_valid",
+                    format!("share of '{ds}' tool tasks whose first call's arguments validate against the schema"),
+                ),
+                (
+                    "tool_answer",
+                    format!(
+                        "share of '{ds}' tool tasks answered right after running the model's calls (bounded turns)"
+                    ),
+                ),
+            ],
         }
     }
 }
