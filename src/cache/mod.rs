@@ -24,11 +24,13 @@ mod gc;
 mod hash;
 mod lease;
 mod lock;
+pub mod remote;
 mod verify;
 
 pub use gc::{BucketGc, GcReport, VerifyReport};
 pub use hash::HashIndex;
 pub use lock::{KeyLock, Mode};
+pub use remote::{Pushed, Remote, RemoteError};
 pub use verify::{Damage, Depth};
 
 use crate::artifact::{layout, Artifact, ArtifactKind, FileEntry, Manifest};

@@ -152,6 +152,24 @@ pub enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Upload a run's stage artifacts to the remote cache (its recipe's `[cache] remote`, or
+    /// `--remote`): content first, each manifest last and only if the remote has none yet.
+    PushCache {
+        /// Run id (or a unique part of it) or run directory.
+        run: String,
+        /// `s3://<bucket>/<prefix>` or `file:///<path>` instead of the recipe's.
+        #[arg(long)]
+        remote: Option<String>,
+    },
+    /// Download a run's stage artifacts from the remote cache into this one, checking every
+    /// file's blake3. Exits 1 when the remote lacks some of them.
+    PullCache {
+        /// Run id (or a unique part of it) or run directory.
+        run: String,
+        /// `s3://<bucket>/<prefix>` or `file:///<path>` instead of the recipe's.
+        #[arg(long)]
+        remote: Option<String>,
+    },
     /// Build one stage of a run (what a Slurm job runs; not for direct use).
     #[command(hide = true)]
     StageJob {
@@ -180,6 +198,8 @@ const SUBCOMMANDS: &[&str] = &[
     "push",
     "gc",
     "verify",
+    "push-cache",
+    "pull-cache",
     "stage-job",
     "help",
 ];
@@ -444,6 +464,22 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", pushed.commit_url);
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::PushCache { run, remote } => {
+            let s = pipeline::push_cache(&paths, run, remote.as_deref())?;
+            eprintln!(
+                "push-cache: {} pushed, {} already there, {} not in the local cache ({})",
+                s.moved, s.already, s.missing, s.url
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::PullCache { run, remote } => {
+            let s = pipeline::pull_cache(&paths, run, remote.as_deref())?;
+            eprintln!(
+                "pull-cache: {} downloaded, {} already here, {} not on the remote ({})",
+                s.moved, s.already, s.missing, s.url
+            );
+            Ok(if s.missing == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::StageJob { run_dir, stage, key } => {
             Ok(match pipeline::run_stage_job(run_dir, stage, key, &paths.home)? {

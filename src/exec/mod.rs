@@ -83,6 +83,9 @@ pub struct Executor<'a> {
     pub datasets: &'a BTreeMap<String, ResolvedDataset>,
     /// The recipe's `hf://` inputs, resolved through its lock before planning.
     pub fetched: &'a Fetched,
+    /// The shared remote cache (`[cache] remote`), if any: pulled before a stage is built,
+    /// pushed after.
+    pub remote: Option<&'a crate::cache::Remote>,
     /// Stage kinds.
     pub registry: &'a [&'a dyn DynStage],
     /// Called after a stage's artifact is published (the planner records its fingerprint so a
@@ -111,15 +114,23 @@ impl Executor<'_> {
                 continue;
             }
             match self.build(job, &artifacts, &tag) {
-                Ok((art, built, secs)) => {
-                    if built {
-                        eprintln!("{tag}: ran in {secs:.1}s");
-                        counts.ran += 1;
-                        self.set_status(&job.name, StageStatus::Ran, secs, Some(&art), None);
-                    } else {
-                        eprintln!("{tag}: cached {} (built by another mmrun)", short(&job.key));
-                        counts.cached += 1;
-                        self.set_status(&job.name, StageStatus::Cached, 0.0, Some(&art), None);
+                Ok((art, origin, secs)) => {
+                    match origin {
+                        Origin::Built => {
+                            eprintln!("{tag}: ran in {secs:.1}s");
+                            counts.ran += 1;
+                            self.set_status(&job.name, StageStatus::Ran, secs, Some(&art), None);
+                        }
+                        Origin::OtherMmrun => {
+                            eprintln!("{tag}: cached {} (built by another mmrun)", short(&job.key));
+                            counts.cached += 1;
+                            self.set_status(&job.name, StageStatus::Cached, 0.0, Some(&art), None);
+                        }
+                        Origin::Remote(url) => {
+                            eprintln!("{tag}: cached {} (downloaded from the remote cache {url})", short(&job.key));
+                            counts.cached += 1;
+                            self.set_status(&job.name, StageStatus::Cached, secs, Some(&art), None);
+                        }
                     }
                     artifacts.insert(job.name.clone(), art);
                 }
@@ -159,13 +170,14 @@ impl Executor<'_> {
         }
     }
 
-    /// Lock, re-check, run, publish. Returns the artifact, whether we built it, and seconds.
+    /// Lock, re-check, pull from the remote, or run and publish (and push). Returns the artifact,
+    /// where it came from, and seconds.
     fn build(
         &self,
         job: &Job,
         artifacts: &BTreeMap<String, Artifact>,
         tag: &str,
-    ) -> Result<(Artifact, bool, f64), (anyhow::Error, f64)> {
+    ) -> Result<(Artifact, Origin, f64), (anyhow::Error, f64)> {
         let start = Instant::now();
         let fail = |e: anyhow::Error| (e, start.elapsed().as_secs_f64());
         let _lock = self
@@ -177,10 +189,15 @@ impl Executor<'_> {
             .map_err(|e| fail(e.into()))?;
         // Whoever held the lock may have just published this very key.
         match self.cache.lookup(&job.key, if job.verify { Depth::Content } else { Depth::Sizes }) {
-            Lookup::Found(art) => return Ok((art, false, 0.0)),
+            Lookup::Found(art) => return Ok((art, Origin::OtherMmrun, 0.0)),
             Lookup::Absent => {}
             // We hold the lock: nobody else can be replacing it.
             Lookup::Damaged(_) => self.cache.discard(Bucket::Objects, &job.key).map_err(|e| fail(e.into()))?,
+        }
+        if let Some(remote) = self.remote {
+            if let Some(art) = remote.try_pull(self.cache, &job.key) {
+                return Ok((art, Origin::Remote(remote.url().to_string()), start.elapsed().as_secs_f64()));
+            }
         }
         let stage = self.registry.iter().find(|s| s.kind() == job.kind).ok_or_else(|| {
             fail(anyhow::anyhow!("internal: stage kind '{}' of stage '{}' is not registered", job.kind, job.name))
@@ -209,7 +226,13 @@ impl Executor<'_> {
             .publish(tmp, &job.key, stage.output(), stage.kind(), outcome.metrics)
             .map_err(|e| fail(anyhow::Error::from(e).context(format!("publishing stage '{}'", job.name))))?;
         (self.on_published)(job, &art);
-        Ok((art, true, start.elapsed().as_secs_f64()))
+        let secs = start.elapsed().as_secs_f64();
+        if let Some(remote) = self.remote {
+            if remote.try_push(self.cache, &art) == Some(crate::cache::Pushed::Uploaded) {
+                eprintln!("{tag}: pushed to the remote cache {}", remote.url());
+            }
+        }
+        Ok((art, Origin::Built, secs))
     }
 
     fn inputs_for(
@@ -301,6 +324,16 @@ pub(crate) fn set_status(
     if let Err(e) = res {
         tracing::warn!("could not update the run record: {e}");
     }
+}
+
+/// Where a stage's artifact came from when it was not cached at the start.
+enum Origin {
+    /// This run built it.
+    Built,
+    /// Another mmrun published it while this one waited for the key's lock.
+    OtherMmrun,
+    /// Downloaded (and verified) from the remote cache at this URL.
+    Remote(String),
 }
 
 fn short(key: &str) -> &str {

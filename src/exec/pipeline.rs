@@ -3,7 +3,7 @@
 
 use super::slurm::SlurmExecutor;
 use super::{ExecCounts, ExecOutcome, Executor, Job};
-use crate::cache::Cache;
+use crate::cache::{Cache, Pushed, Remote};
 use crate::cancel::CancelToken;
 use crate::data::ResolvedDataset;
 use crate::hub::{Fetched, HubUri, RemoteId, RemoteInput, RemoteKind};
@@ -231,6 +231,7 @@ fn execute_here(
     cancel: &CancelToken,
     recipe: &Recipe,
     prepared: &Prepared,
+    remote: Option<&Remote>,
     jobs: &[Job],
 ) -> (ExecOutcome, ExecCounts) {
     let on_published = |job: &Job, _art: &crate::artifact::Artifact| {
@@ -247,10 +248,98 @@ fn execute_here(
         recipe,
         datasets: &prepared.datasets,
         fetched: &prepared.fetched,
+        remote,
         registry: crate::stages::REGISTRY,
         on_published: &on_published,
     };
     exec.execute(jobs)
+}
+
+/// The recipe's remote cache (`[cache] remote`), if it names one. One that cannot even be set up
+/// is a warning: the run goes on with the local cache.
+fn open_remote(recipe: &Recipe) -> Option<Remote> {
+    let url = recipe.cache.remote.as_deref()?;
+    match Remote::open(url) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("warning: {e}; continuing with the local cache only");
+            None
+        }
+    }
+}
+
+/// What `push-cache` / `pull-cache` did with a run's stage artifacts.
+#[derive(Debug, Default)]
+pub struct CacheSync {
+    /// The remote.
+    pub url: String,
+    /// Uploaded or downloaded by this call.
+    pub moved: usize,
+    /// Already at the destination.
+    pub already: usize,
+    /// Not at the source (not built locally, or not on the remote).
+    pub missing: usize,
+}
+
+/// The run `run`, this cache, and the remote: `remote` or else its recipe's `[cache] remote`.
+fn run_and_remote(paths: &Paths, run: &str, remote: Option<&str>) -> anyhow::Result<(RunRecord, Cache, Remote)> {
+    let rec = crate::runs::find_run(&paths.runs_dir, run)?.record;
+    let url = match remote {
+        Some(u) => u.to_string(),
+        None => {
+            let src = RecipeSource {
+                path: rec.recipe_path.clone().into(),
+                overrides: rec.overrides.clone(),
+                text: Some(rec.recipe_text.clone()),
+            };
+            load_recipe(&src)?.cache.remote.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the recipe of run {} has no [cache] remote; name one with --remote s3://<bucket>/<prefix> \
+                     or --remote file:///<path>",
+                    rec.id
+                )
+            })?
+        }
+    };
+    let cache = Cache::open(&paths.home).with_context(|| format!("opening the cache {}", paths.home.display()))?;
+    let remote = Remote::open(&url)?;
+    Ok((rec, cache, remote))
+}
+
+/// `mmrun push-cache <run>`: upload every stage artifact of the run that this cache holds.
+pub fn push_cache(paths: &Paths, run: &str, remote: Option<&str>) -> anyhow::Result<CacheSync> {
+    let (rec, cache, remote) = run_and_remote(paths, run, remote)?;
+    let mut out = CacheSync { url: remote.url().to_string(), ..Default::default() };
+    for st in &rec.stages {
+        let Some(art) = cache.object(&st.key) else {
+            out.missing += 1;
+            continue;
+        };
+        match remote.push(&cache, &art).with_context(|| format!("pushing stage '{}'", st.name))? {
+            Pushed::Uploaded => out.moved += 1,
+            Pushed::AlreadyThere => out.already += 1,
+        }
+    }
+    Ok(out)
+}
+
+/// `mmrun pull-cache <run>`: download every stage artifact of the run this cache lacks (each file
+/// checked against its blake3).
+pub fn pull_cache(paths: &Paths, run: &str, remote: Option<&str>) -> anyhow::Result<CacheSync> {
+    let (rec, cache, remote) = run_and_remote(paths, run, remote)?;
+    let mut out = CacheSync { url: remote.url().to_string(), ..Default::default() };
+    for st in &rec.stages {
+        if cache.object(&st.key).is_some() {
+            out.already += 1;
+            continue;
+        }
+        let _lock = cache.lock(&st.key, || eprintln!("waiting for another mmrun building stage '{}'", st.name))?;
+        match remote.pull(&cache, &st.key).with_context(|| format!("pulling stage '{}'", st.name))? {
+            Some(_) => out.moved += 1,
+            None => out.missing += 1,
+        }
+    }
+    Ok(out)
 }
 
 /// Run a recipe with its own executor: see [`run_with`].
@@ -325,7 +414,10 @@ pub fn run_with(src: &RecipeSource, paths: &Paths, opts: &RunOptions) -> anyhow:
     cancel.install_signal_handlers().context("installing the Ctrl-C handler")?;
     let jobs = jobs_for(&recipe, &prepared.plan);
     let (outcome, counts) = match opts.executor.unwrap_or(recipe.meta.executor) {
-        ExecutorKind::Local => execute_here(&cache, &sink, &cancel, &recipe, &prepared, &jobs),
+        ExecutorKind::Local => {
+            let remote = open_remote(&recipe);
+            execute_here(&cache, &sink, &cancel, &recipe, &prepared, remote.as_ref(), &jobs)
+        }
         ExecutorKind::Slurm => {
             // The job runs this very binary on the same cache, named so a node finds it.
             let exe = std::env::current_exe().context("locating the mmrun binary for the Slurm jobs")?;
@@ -462,7 +554,7 @@ pub fn run_stage_job(run_dir: &Path, stage: &str, key: &str, home: &Path) -> any
     let sink = RunSink::create(run_dir).context("opening the run directory")?;
     let cancel = CancelToken::new();
     cancel.install_signal_handlers().context("installing the signal handlers")?;
-    Ok(match execute_here(&cache, &sink, &cancel, &recipe, &prepared, &jobs).0 {
+    Ok(match execute_here(&cache, &sink, &cancel, &recipe, &prepared, open_remote(&recipe).as_ref(), &jobs).0 {
         ExecOutcome::Succeeded => StageJobEnd::Done,
         ExecOutcome::Failed { error, .. } => StageJobEnd::Failed(error),
         ExecOutcome::Interrupted { .. } => StageJobEnd::Interrupted,

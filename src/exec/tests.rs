@@ -96,6 +96,7 @@ fn recipe() -> Recipe {
         model: ModelSpec::default(),
         datasets: Default::default(),
         stages: vec![],
+        cache: Default::default(),
     }
 }
 
@@ -144,6 +145,7 @@ fn exec(env: &Env, jobs: &[Job], cancel: &CancelToken) -> (ExecOutcome, ExecCoun
         recipe: &recipe,
         datasets: &datasets,
         fetched: &Default::default(),
+        remote: None,
         registry: &registry,
         on_published: &on_pub,
     };

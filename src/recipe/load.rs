@@ -134,7 +134,7 @@ pub fn load_str(
     }
 }
 
-const TOP_LEVEL: &[&str] = &["recipe", "model", "models", "datasets", "stages"];
+const TOP_LEVEL: &[&str] = &["recipe", "model", "models", "datasets", "stages", "cache"];
 
 /// The stage kind a `[models.<name>]` table declares (its only key is the kind's `source`).
 const MODEL_INPUT_KIND: &str = "model";
@@ -318,7 +318,7 @@ impl Loader<'_> {
                     true,
                     format!("unknown top-level key '{k}'{}", suggestion(k, TOP_LEVEL.iter().copied())),
                     Some(
-                        "a recipe has the tables [recipe], [model], [models.<name>], [datasets.<name>] and [stages.<name>]"
+                        "a recipe has the tables [recipe], [model], [models.<name>], [datasets.<name>], [stages.<name>] and [cache]"
                             .into(),
                     ),
                 );
@@ -480,6 +480,10 @@ impl Loader<'_> {
             self.check_cycles(&stages);
         }
 
+        let cache = match doc.get("cache") {
+            Some(v) => self.cache_section(v)?,
+            None => super::CacheSpec::default(),
+        };
         let meta = meta?;
         for s in &mut stages {
             s.resources = s.resources.over(&meta.resources);
@@ -492,6 +496,7 @@ impl Loader<'_> {
             model: model?,
             datasets,
             stages,
+            cache,
         })
     }
 
@@ -694,6 +699,18 @@ impl Loader<'_> {
                 None
             }
         }
+    }
+
+    /// `[cache]`, with its `remote` URL checked at its value.
+    fn cache_section(&mut self, v: &toml::Value) -> Option<super::CacheSpec> {
+        let spec = self.typed_section::<super::CacheSpec>(&p(&["cache"]), v)?;
+        if let Some(url) = &spec.remote {
+            if let Err(why) = super::check_remote_url(url) {
+                self.error(&p(&["cache", "remote"]), false, format!("bad remote cache {url:?}"), Some(why));
+                return None;
+            }
+        }
+        Some(spec)
     }
 
     /// Type and check a `resources` table at `at`.

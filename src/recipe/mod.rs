@@ -4,6 +4,7 @@
 //! error names file, line, column, the offending key and a fix; stage tables are handed to their
 //! stage kind's parameter struct (`deny_unknown_fields`) and canonicalised.
 
+mod cache;
 pub mod dag;
 mod device;
 mod diag;
@@ -19,6 +20,7 @@ pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
 
+pub use cache::{check_remote_url, CacheSpec};
 pub use device::{DeviceClass, DeviceSpec, UnknownDevice};
 pub use diag::{did_you_mean, Diagnostic, Location};
 pub use kind::{DynStageKind, InputRef, InvalidParam, ParamsError, ParsedParams, RemoteSource, StageKind, StageParams};
@@ -49,6 +51,8 @@ pub struct Recipe {
     pub datasets: BTreeMap<String, DatasetSpec>,
     /// `[stages.<name>]`, in file order.
     pub stages: Vec<StageSpec>,
+    /// `[cache]`.
+    pub cache: CacheSpec,
 }
 
 /// `[recipe]`: identity and global settings.

@@ -6,7 +6,7 @@
 //! is stale. Regenerate with `MMRUN_BLESS=1 cargo test --lib schema`.
 
 use super::DynStageKind;
-use super::{ModelSpec, RecipeMeta, Resources};
+use super::{CacheSpec, ModelSpec, RecipeMeta, Resources};
 use crate::data::spec::DatasetSpec;
 use schemars::generate::SchemaSettings;
 use serde_json::{json, Value};
@@ -21,6 +21,7 @@ pub fn recipe_schema(registry: &[&dyn DynStageKind]) -> Value {
     let model = gen.subschema_for::<ModelSpec>().to_value();
     let dataset = gen.subschema_for::<DatasetSpec>().to_value();
     let resources = gen.subschema_for::<Resources>().to_value();
+    let cache = gen.subschema_for::<CacheSpec>().to_value();
 
     let mut branches = Vec::new();
     for stage in registry {
@@ -74,7 +75,7 @@ pub fn recipe_schema(registry: &[&dyn DynStageKind]) -> Value {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://github.com/mmrun/mmrun/schemas/recipe.schema.json",
         "title": "mmrun recipe",
-        "description": "A declarative mmrun training recipe: [recipe], [model], [models.<name>], [datasets.<name>], [stages.<name>].",
+        "description": "A declarative mmrun training recipe: [recipe], [model], [models.<name>], [datasets.<name>], [stages.<name>], [cache].",
         "type": "object",
         "additionalProperties": false,
         "required": ["recipe", "stages"],
@@ -96,6 +97,7 @@ pub fn recipe_schema(registry: &[&dyn DynStageKind]) -> Value {
                 "type": "object",
                 "additionalProperties": stage_schema,
             },
+            "cache": cache,
         },
         "$defs": defs,
     })

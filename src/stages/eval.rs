@@ -651,6 +651,7 @@ mod tests {
             .map(|(n, d)| (n.to_string(), d))
             .collect(),
             stages: vec![],
+            cache: Default::default(),
         };
         let mut inputs = Inputs::default();
         inputs.artifacts.insert("base".into(), model_artifact(&t.join("base"), &tok_dir, "pretrain"));

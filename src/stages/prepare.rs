@@ -161,6 +161,7 @@ mod tests {
             model: Default::default(),
             datasets: Default::default(),
             stages: vec![],
+            cache: Default::default(),
         };
         let spec = |format| DatasetSpec {
             source: "builtin:arithmetic".into(),

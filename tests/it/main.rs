@@ -27,6 +27,7 @@ mod model_bench;
 mod peft_golden;
 mod quickstart;
 mod recipes;
+mod remote_cache;
 mod serve_api;
 mod tool_use;
 mod train_stages;
