@@ -108,13 +108,16 @@ impl Remote {
                 retry_timeout: Duration::from_secs(20),
                 ..Default::default()
             };
-            let client = object_store::ClientOptions::new()
-                .with_connect_timeout(Duration::from_secs(5))
-                .with_timeout(Duration::from_secs(300));
+            // Timeouts go in key by key: `with_client_options` would replace the client options
+            // `from_env` read (AWS_ALLOW_HTTP among them), and every request to an http://
+            // endpoint would then fail to build.
+            use object_store::aws::AmazonS3ConfigKey::Client;
+            use object_store::ClientConfigKey::{ConnectTimeout, Timeout};
             let s3 = object_store::aws::AmazonS3Builder::from_env()
                 .with_url(url)
                 .with_retry(retry)
-                .with_client_options(client)
+                .with_config(Client(ConnectTimeout), "5s")
+                .with_config(Client(Timeout), "300s")
                 .build()
                 .map_err(store_err)?;
             (Arc::new(s3), prefix)
