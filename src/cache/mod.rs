@@ -25,6 +25,7 @@ mod hash;
 mod lease;
 mod lock;
 pub mod remote;
+pub mod spec;
 mod verify;
 
 pub use gc::{BucketGc, GcReport, VerifyReport};

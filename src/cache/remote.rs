@@ -98,7 +98,7 @@ impl Remote {
     /// Connect to `url` (`s3://bucket/prefix` or `file:///path`). Nothing is contacted yet.
     pub fn open(url: &str) -> Result<Remote, RemoteError> {
         let bad = |why: String| RemoteError::BadUrl { url: url.to_string(), why };
-        crate::recipe::check_remote_url(url).map_err(bad)?;
+        super::spec::check_remote_url(url).map_err(bad)?;
         let store_err = |source| RemoteError::Store { url: url.to_string(), source };
         let (store, prefix): (Arc<dyn ObjectStore>, String) = if let Some(rest) = url.strip_prefix("s3://") {
             let prefix = rest.split_once('/').map(|(_, p)| p).unwrap_or("").to_string();

@@ -4,7 +4,6 @@
 //! error names file, line, column, the offending key and a fix; stage tables are handed to their
 //! stage kind's parameter struct (`deny_unknown_fields`) and canonicalised.
 
-mod cache;
 pub mod dag;
 mod device;
 mod diag;
@@ -20,7 +19,7 @@ pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
 
-pub use cache::{check_remote_url, CacheSpec};
+pub use crate::cache::spec::{check_remote_url, CacheSpec};
 pub use device::{DeviceClass, DeviceSpec, UnknownDevice};
 pub use diag::{did_you_mean, Diagnostic, Location};
 pub use kind::{DynStageKind, InputRef, InvalidParam, ParamsError, ParsedParams, RemoteSource, StageKind, StageParams};

@@ -19,7 +19,7 @@ const LAYERS: &[&[&str]] = &[
     // `tools`: the built-in tools models call, named by recipes, run by data generators and eval.
     &["artifact", "cancel", "cpu", "durable", "fs_error", "progress", "testutil", "tools", "hub::names"],
     // The vocabulary a recipe is written in, owned by the modules that give it meaning.
-    &["data::spec", "model::config", "hub::uri"],
+    &["data::spec", "cache::spec", "model::config", "hub::uri"],
     // TOML → `Recipe`, and the declaration-only `StageKind` trait.
     &["recipe"],
     // The content-addressed store (data builds its shards and builtin data through it).

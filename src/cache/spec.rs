@@ -1,4 +1,7 @@
 //! `[cache]`: where finished stages are shared beyond this machine (not part of any key).
+//!
+//! Recipe vocabulary owned by the cache (as `data::spec` is by data): the recipe parses it,
+//! [`super::remote`] acts on it, and it imports nothing from the crate.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
