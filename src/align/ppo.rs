@@ -168,7 +168,10 @@ pub struct PpoStepMetrics {
     pub policy_loss: f32,
     /// The clipped value loss (over the minibatches applied).
     pub value_loss: f32,
-    /// `policy + kl_coef · kl + vf_coef · value`, mean over the minibatches applied.
+    /// The actor's and critic's MoE load-balancing loss (0 for dense models), mean over the
+    /// minibatches applied; part of `loss`.
+    pub aux_loss: f32,
+    /// `policy + kl_coef · kl + vf_coef · value + aux`, mean over the minibatches applied.
     pub loss: f32,
     /// How much of the returns' variance the rollout-time values explain (`None`: constant returns).
     pub explained_variance: Option<f64>,
@@ -263,6 +266,7 @@ struct Sums {
     clip_fraction: f64,
     policy_loss: f64,
     value_loss: f64,
+    aux_loss: f64,
     loss: f64,
 }
 
@@ -443,13 +447,15 @@ impl Ppo<'_> {
                 let (values, caux) = self.critic.values(&ids, true)?;
                 let (old_v, ret) = (pick(&batch.old_values)?, pick(&batch.returns)?);
                 let value = ppo_value_loss(&values, &old_v, &ret, &mask, self.cfg.clip_value)?;
-                let loss = ((policy + (&value * self.cfg.vf_coef)?)? + (aux + caux)?)?;
+                let aux = (aux + caux)?;
+                let loss = ((policy + (&value * self.cfg.vf_coef)?)? + &aux)?;
                 let loss_val = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !loss_val.is_finite() {
                     return Err(non_finite("the loss", loss_val, st, updates).into());
                 }
                 sums.applied += 1;
                 sums.value_loss += value.to_scalar::<f32>()? as f64;
+                sums.aux_loss += aux.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 sums.loss += loss_val;
                 let grads = (loss / plan.accum as f64)?.backward()?;
                 acc_a.add(self.actor_params, &grads)?;
@@ -491,6 +497,7 @@ impl Ppo<'_> {
             clip_fraction: (sums.clip_fraction / e) as f32,
             policy_loss: (sums.policy_loss / e) as f32,
             value_loss: (sums.value_loss / a) as f32,
+            aux_loss: (sums.aux_loss / a) as f32,
             loss: (sums.loss / a) as f32,
             explained_variance: ev,
             response_len: samples.completions.iter().map(|c| c.len() as f64).sum::<f64>() / n,

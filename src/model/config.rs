@@ -403,6 +403,11 @@ pub const PRESETS: &[Preset] = &[
         doc: "~0.5M dense, 64x2, 4 q / 2 kv heads: tests and the quickstart",
         build: || ModelConfig::dense(64, 2, 4, 2),
     },
+    Preset {
+        name: "tiny-moe",
+        doc: "~0.8M-A0.5M, 64x2, 4 q / 2 kv heads, 4 experts top-1: MoE tests and quickstarts",
+        build: || ModelConfig::dense(64, 2, 4, 2).with_moe(4, 1),
+    },
 ];
 
 /// Find a preset by name.

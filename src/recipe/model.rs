@@ -219,6 +219,9 @@ mod tests {
         assert_eq!(resolve_model(&yarn, None).unwrap().rope_scaling, Some(RopeScaling::reference_yarn()));
         let moe = resolve_model(&spec("minimind-3-moe"), None).unwrap();
         assert!(moe.use_moe && moe.num_experts == 4);
+        let tiny_moe = resolve_model(&spec("tiny-moe"), Some(400)).unwrap();
+        assert!(tiny_moe.use_moe && tiny_moe.num_experts == 4 && tiny_moe.router_aux_loss_coef > 0.0);
+        assert_eq!((tiny_moe.hidden_size, tiny_moe.vocab_size), (64, 400));
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod hub_push;
 mod hub_tokenizer;
 mod layers;
 mod model_bench;
+mod moe;
 mod peft_golden;
 mod quickstart;
 mod recipes;
