@@ -307,7 +307,9 @@ fn read_mc_items(ds: &ResolvedDataset, max: usize) -> anyhow::Result<Option<Vec<
     let (qcol, ccol, acol) = (col("question"), col("choices"), col("answer"));
     let mut items = vec![];
     for file in &ds.files {
-        let Some(records) = raw_records(file)? else { return Ok(None) };
+        let Some(records) = raw_records(file)? else {
+            return if items.is_empty() { Ok(None) } else { Err(not_like_earlier_files(file, "multiple choice")) };
+        };
         for (line, rec) in records {
             let Some(choices) = rec.get(&ccol) else {
                 if items.is_empty() {
@@ -336,6 +338,16 @@ fn read_mc_items(ds: &ResolvedDataset, max: usize) -> anyhow::Result<Option<Vec<
         }
     }
     Ok(if items.is_empty() { None } else { Some(items) })
+}
+
+/// A later file of a dataset whose first files were read as `what`, but which holds no JSON records:
+/// an error, because skipping it would leave its items out of the score without a word.
+fn not_like_earlier_files(file: &std::path::Path, what: &str) -> anyhow::Error {
+    anyhow!(
+        "{}:1: not JSON records, but the earlier files of this dataset are {what}; give every file \
+         the same kind of records, or split them into two datasets",
+        file.display()
+    )
 }
 
 /// The JSON records of a file with their line numbers (1-based; the index in a JSON array), or
@@ -368,7 +380,9 @@ fn read_tool_tasks(ds: &ResolvedDataset, max: usize) -> anyhow::Result<Option<Ve
     let (qcol, acol) = (col("question"), col("answer"));
     let mut tasks = vec![];
     for file in &ds.files {
-        let Some(records) = raw_records(file)? else { return Ok(None) };
+        let Some(records) = raw_records(file)? else {
+            return if tasks.is_empty() { Ok(None) } else { Err(not_like_earlier_files(file, "tool tasks")) };
+        };
         for (line, rec) in records {
             let at = || format!("{}:{line}", file.display());
             let Some(call) = rec.get("tool_call") else {
@@ -596,6 +610,33 @@ mod tests {
             metrics: Default::default(),
         };
         Artifact { dir: dir.to_path_buf(), manifest }
+    }
+
+    /// A dataset whose first file is multiple choice and whose second holds no JSON is refused,
+    /// naming the second file, instead of being scored as if it had no items at all.
+    #[test]
+    fn a_later_file_unlike_the_first_is_an_error_not_a_silent_fallback() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mc, txt) = (tmp.path().join("a.jsonl"), tmp.path().join("b.txt"));
+        std::fs::write(&mc, "{\"question\":\"Sky?\",\"choices\":[\"blue\",\"red\"],\"answer\":\"A\"}\n").unwrap();
+        std::fs::write(&txt, "plain words, no JSON\n").unwrap();
+        let ds = |files: Vec<std::path::PathBuf>| ResolvedDataset {
+            name: "mc".into(),
+            spec: crate::data::spec::DatasetSpec {
+                source: "x".into(),
+                format: DataFormat::PromptAnswer,
+                columns: Default::default(),
+                on_bad_record: Default::default(),
+                builtin: Default::default(),
+            },
+            files,
+            content_hash: "h".into(),
+        };
+        assert_eq!(read_mc_items(&ds(vec![mc.clone()]), 10).unwrap().unwrap().len(), 1);
+        assert!(read_mc_items(&ds(vec![txt.clone()]), 10).unwrap().is_none(), "a dataset of text is simply not MC");
+        let e = read_mc_items(&ds(vec![mc, txt.clone()]), 10).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}:1: not JSON records", txt.display())), "{e}");
+        assert!(e.contains("are multiple choice"), "{e}");
     }
 
     #[test]

@@ -137,6 +137,17 @@ impl StageParams for TokenizerParams {
                 "name at least one dataset, e.g. data = [\"text\"]",
             )?;
         }
+        if self.source.is_none() && self.vocab_size < MIN_VOCAB_SIZE {
+            // Caught here, at the recipe's line, rather than when the stage starts training.
+            return Err(crate::recipe::InvalidParam {
+                key: "vocab_size",
+                message: format!("vocab_size = {} cannot hold the tokenizer's fixed tokens", self.vocab_size),
+                hint: format!(
+                    "use {MIN_VOCAB_SIZE} or more ({} special + 256 byte tokens; MiniMind uses 6400)",
+                    SPECIAL_TOKENS.len()
+                ),
+            });
+        }
         crate::stages::training::at_least("vocab_size", self.vocab_size, 2)
     }
 }
@@ -261,10 +272,14 @@ pub fn training_text(ex: &Example) -> String {
 }
 
 /// A trained vocabulary holds every special token and every byte.
+const MIN_VOCAB_SIZE: usize = SPECIAL_TOKENS.len() + 256;
+
 fn check_vocab_size(vocab_size: usize) -> anyhow::Result<()> {
-    let floor = SPECIAL_TOKENS.len() + 256;
-    if vocab_size < floor {
-        bail!("vocab_size = {vocab_size} is too small: it must be at least {floor} (36 special + 256 byte tokens)");
+    if vocab_size < MIN_VOCAB_SIZE {
+        bail!(
+            "vocab_size = {vocab_size} is too small: it must be at least {MIN_VOCAB_SIZE} ({} special + 256 byte tokens)",
+            SPECIAL_TOKENS.len()
+        );
     }
     Ok(())
 }

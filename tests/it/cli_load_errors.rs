@@ -92,6 +92,12 @@ fn values_that_can_never_work_fail_at_load_time() {
         ),
         ("vocab1", b.replacen("vocab_size = 400", "vocab_size = 1", 1), "vocab_size = 1", "vocab_size = 1"),
         ("vocab0", b.replacen("vocab_size = 400", "vocab_size = 0", 1), "vocab_size = 0", "vocab_size = 0"),
+        (
+            "vocab291",
+            b.replacen("vocab_size = 400", "vocab_size = 291", 1),
+            "vocab_size = 291",
+            "use 292 or more (36 special + 256 byte tokens",
+        ),
         ("tok_nodata", b.replacen("data = [\"text\"]", "data = []", 1), "data = []", "data is empty"),
         (
             "eval_nomodels",
