@@ -152,4 +152,16 @@ pub mod layout {
     pub const ADAPTER_CONFIG: &str = "adapter_config.json";
     /// Eval report.
     pub const REPORT_JSON: &str = "report.json";
+
+    /// Whether the model folder `dir` holds a reward model: its `config.json` names a
+    /// `*ForSequenceClassification` architecture (what a `reward_model` stage writes, and what
+    /// transformers writes for `AutoModelForSequenceClassification`). Such a folder has a scalar
+    /// `score` head instead of an LM head, so it cannot generate text.
+    pub fn is_reward_model(dir: &std::path::Path) -> bool {
+        let Ok(text) = std::fs::read_to_string(dir.join(MODEL_CONFIG_JSON)) else { return false };
+        let Ok(cfg) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+        cfg["architectures"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.ends_with("ForSequenceClassification"))))
+    }
 }

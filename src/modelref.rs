@@ -80,7 +80,7 @@ pub struct ResolvedModel {
     /// (`adapter_config.json` + `adapter_model.safetensors`, with the merged model beside it when the
     /// lora stage had `merge = true`), plus tokenizer files when known.
     pub dir: PathBuf,
-    /// [`ArtifactKind::Model`] or [`ArtifactKind::Adapter`].
+    /// [`ArtifactKind::Model`], [`ArtifactKind::Adapter`] or [`ArtifactKind::RewardModel`].
     pub kind: ArtifactKind,
     /// The cache manifest, for stage and run references (metrics, producing stage kind).
     pub manifest: Option<Manifest>,
@@ -90,6 +90,19 @@ impl ResolvedModel {
     /// Whether the folder holds full model weights (a model, or an adapter with its merged model).
     pub fn has_full_model(&self) -> bool {
         has_weights(&self.dir)
+    }
+
+    /// The folder of a model that generates text (for chat, serve, GGUF and Ollama; `purpose`
+    /// says which): a reward model is refused, since it has a score head instead of an LM head.
+    pub fn text_model_dir(&self, purpose: &str) -> Result<&Path, ModelRefError> {
+        if self.kind == ArtifactKind::RewardModel {
+            return Err(ModelRefError::RewardModel {
+                reference: self.reference.clone(),
+                origin: self.origin.to_string(),
+                purpose: purpose.to_string(),
+            });
+        }
+        self.full_model_dir()
     }
 
     /// The folder of the full model, or an error that says how to get one.
@@ -138,6 +151,16 @@ pub enum ModelRefError {
         reference: String,
         /// Where it came from.
         origin: String,
+    },
+    /// A reward model where a model that generates text is needed.
+    #[error("model '{reference}' ({origin}) is a reward model (a scalar score head, no LM head), so it cannot be used to {purpose}; use the model it was trained from, or `mmrun export <model> --to hf` for its Qwen3ForSequenceClassification folder")]
+    RewardModel {
+        /// The reference.
+        reference: String,
+        /// Where it came from.
+        origin: String,
+        /// What it was asked for ("chat", "export to GGUF", …).
+        purpose: String,
     },
     /// Fetching from the Hub failed (missing, gated, checksum, disk, network).
     #[error("model '{reference}': {source}")]
@@ -220,7 +243,7 @@ impl Resolver<'_> {
         let kind = if dir.join(layout::ADAPTER_CONFIG).is_file() {
             ArtifactKind::Adapter
         } else if dir.join(layout::MODEL_CONFIG_JSON).is_file() {
-            ArtifactKind::Model
+            model_kind(dir)
         } else {
             return Err(ModelRefError::Unusable {
                 reference: reference.to_string(),
@@ -312,7 +335,7 @@ impl Resolver<'_> {
         })?;
         let dir = fetched.dir;
         let kind = if dir.join(layout::MODEL_CONFIG_JSON).is_file() {
-            ArtifactKind::Model
+            model_kind(&dir)
         } else if dir.join(layout::ADAPTER_CONFIG).is_file() {
             ArtifactKind::Adapter
         } else {
@@ -344,14 +367,24 @@ fn model_artifact(
     art: crate::artifact::Artifact,
 ) -> Result<ResolvedModel, ModelRefError> {
     let kind = art.kind();
-    if !matches!(kind, ArtifactKind::Model | ArtifactKind::Adapter) {
+    if !matches!(kind, ArtifactKind::Model | ArtifactKind::Adapter | ArtifactKind::RewardModel) {
         return Err(ModelRefError::Unusable {
             reference: reference.to_string(),
             problem: format!("{origin} produced {}, not a model", kind.describe()),
-            fix: "name a stage that produces a model (pretrain, sft, lora, dpo, grpo)".into(),
+            fix: "name a stage that produces a model (pretrain, sft, lora, dpo, grpo, ppo, distill, reward_model)"
+                .into(),
         });
     }
     Ok(ResolvedModel { reference: reference.to_string(), origin, dir: art.dir, kind, manifest: Some(art.manifest) })
+}
+
+/// A model folder's kind: a reward model when its config says so, else a causal LM.
+fn model_kind(dir: &Path) -> ArtifactKind {
+    if layout::is_reward_model(dir) {
+        ArtifactKind::RewardModel
+    } else {
+        ArtifactKind::Model
+    }
 }
 
 fn has_weights(dir: &Path) -> bool {

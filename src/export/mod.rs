@@ -95,7 +95,12 @@ pub fn export(model: &ResolvedModel, opts: &ExportOptions) -> anyhow::Result<Pat
 }
 
 fn write_into(model: &ResolvedModel, opts: &ExportOptions, name: &str, tmp: &Path) -> anyhow::Result<()> {
-    let src = if opts.adapter { model.dir.as_path() } else { model.full_model_dir()? };
+    let src = match opts.format {
+        _ if opts.adapter => model.dir.as_path(),
+        Format::Hf => model.full_model_dir()?,
+        Format::Gguf => model.text_model_dir("export to GGUF")?,
+        Format::Ollama => model.text_model_dir("export to Ollama")?,
+    };
     match opts.format {
         Format::Hf => {
             let files = if opts.adapter { ADAPTER_FILES } else { MODEL_FILES };
@@ -201,8 +206,16 @@ fn model_card(model: &ResolvedModel, opts: &ExportOptions, name: &str) -> String
     if opts.adapter {
         s += "A LoRA adapter in PEFT's layout; load it onto its base model with `peft.PeftModel.from_pretrained`.\n\n";
     } else {
-        s += "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n";
-        s += &format!("tok = AutoTokenizer.from_pretrained(\"{name}\")\nmodel = AutoModelForCausalLM.from_pretrained(\"{name}\")\n```\n\n");
+        let auto = if model.kind == crate::artifact::ArtifactKind::RewardModel {
+            s += "A reward model (`Qwen3ForSequenceClassification`, `num_labels = 1`): it scores a conversation at its last non-pad token.\n\n";
+            "AutoModelForSequenceClassification"
+        } else {
+            "AutoModelForCausalLM"
+        };
+        s += &format!("```python\nfrom transformers import {auto}, AutoTokenizer\n");
+        s += &format!(
+            "tok = AutoTokenizer.from_pretrained(\"{name}\")\nmodel = {auto}.from_pretrained(\"{name}\")\n```\n\n"
+        );
     }
     let key = match &model.origin {
         Origin::Stage { key, .. } | Origin::Run { key, .. } => Some(key.as_str()),

@@ -29,7 +29,7 @@ impl ModelRef {
     /// its stage, folder or repository.
     pub fn from_resolved(r: &crate::modelref::ResolvedModel) -> Result<Self, crate::modelref::ModelRefError> {
         use crate::modelref::Origin;
-        let dir = r.full_model_dir()?.to_path_buf();
+        let dir = r.text_model_dir("chat or serve")?.to_path_buf();
         let name = match &r.origin {
             Origin::Stage { stage, .. } | Origin::Run { stage, .. } => stage.clone(),
             Origin::Hub { repo_id, .. } => repo_id.rsplit('/').next().unwrap_or(repo_id).to_string(),

@@ -127,6 +127,40 @@ fn adapter_without_merge_is_not_a_full_model() {
 }
 
 #[test]
+fn reward_models_resolve_but_are_refused_where_text_is_generated() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A folder whose config names a sequence classifier (what a reward_model stage writes).
+    let dir = tmp.path().join("rm");
+    std::fs::create_dir(&dir).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("qwen3_tiny").join("config.json")).unwrap()).unwrap();
+    cfg["architectures"] = serde_json::json!(["Qwen3ForSequenceClassification"]);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(fixture("qwen3_tiny").join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let m = Resolver::default().resolve(dir.to_str().unwrap()).unwrap();
+    assert_eq!(m.kind, ArtifactKind::RewardModel);
+    assert_eq!(m.full_model_dir().unwrap(), dir, "the transformers export copies it as it is");
+    let e = m.text_model_dir("chat or serve").unwrap_err().to_string();
+    for part in ["is a reward model", "cannot be used to chat or serve", "--to hf", "folder "] {
+        assert!(e.contains(part), "{part} missing from: {e}");
+    }
+    assert!(!e.contains('\n'), "one line: {e}");
+
+    // A reward_model stage's artifact resolves as one too, and the refusal names the stage.
+    let cache = Cache::open(tmp.path().join("home")).unwrap();
+    publish_model(&cache, "k-rm", ArtifactKind::RewardModel);
+    let stages = BTreeMap::from([("rm".to_string(), "k-rm".to_string())]);
+    let r = Resolver { cache: Some(&cache), recipe: Some((Path::new("x.toml"), &stages)), ..Resolver::default() };
+    let m = r.resolve("rm").unwrap();
+    assert_eq!(m.kind, ArtifactKind::RewardModel);
+    let e = m.text_model_dir("export to GGUF").unwrap_err().to_string();
+    assert!(e.contains("stage 'rm'") && e.contains("export to GGUF"), "{e}");
+    // A causal LM passes.
+    let m = Resolver::default().resolve(fixture("qwen3_tiny").to_str().unwrap()).unwrap();
+    assert!(m.text_model_dir("chat").is_ok());
+}
+
+#[test]
 fn hub_model_is_fetched_at_one_commit_and_pickles_refused() {
     let hub = TestHub::start();
     let files: Vec<(String, Vec<u8>, bool)> = ["config.json", "model.safetensors", "generation_config.json"]

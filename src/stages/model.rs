@@ -127,6 +127,12 @@ impl Stage for ModelStage {
             dir
         };
         weights::refuse_pickled(&dir).with_context(|| format!("model '{}' ({src})", ctx.name))?;
+        if layout::is_reward_model(&dir) {
+            bail!(
+                "model '{}': {src} is a reward model (a *ForSequenceClassification config: a score head, no LM head), but a model stage imports a causal LM; point source at the causal LM it was trained from, or train a reward model in the recipe with a reward_model stage",
+                ctx.name
+            );
+        }
         // Imported on the CPU in f32: the artifact is the same whatever device trains on it.
         let model = weights::load_dir(&dir, &candle_core::Device::Cpu, false)
             .with_context(|| format!("model '{}': loading {src}", ctx.name))?;

@@ -255,6 +255,12 @@ fn unusable_ppo_settings_fail_at_load_time() {
         ("ppo_temp", ppo(&format!("{rules}\ntemperature = 0.0")), "temperature = 0.0", "positive temperature"),
         ("ppo_rm_kind", ppo("reward_model = \"base\""), "reward_model = \"base\"", "reward model"),
         ("ppo_rm_missing", ppo("reward_model = \"nope\""), "reward_model = \"nope\"", "nope"),
+        (
+            "ppo_actor_rm",
+            ppo(rules).replace("kind = \"ppo\"\nfrom = \"base\"", "kind = \"ppo\"\nfrom = \"rm\""),
+            "from = \"rm\"",
+            "a reward model",
+        ),
     ];
     for (name, text, line, says) in &cases {
         refused(&sb, name, text, line, says);

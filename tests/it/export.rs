@@ -278,3 +278,58 @@ fn hf_export_for_transformers() {
         candle_core::safetensors::save(&map, out.join("golden.safetensors")).unwrap();
     }
 }
+
+/// A reward model exports as the transformers classifier folder it is, and is refused, in one line
+/// naming it and the fix, wherever text would have to be generated: GGUF, Ollama, chat, serve, and
+/// as a `[models]` source for a stage that trains a causal LM.
+#[test]
+fn reward_models_export_to_hf_and_are_refused_where_text_is_generated() {
+    use crate::common::{Sandbox, SMALL_RECIPE};
+    let sb = Sandbox::new();
+    let recipe = format!(
+        "{SMALL_RECIPE}\n[datasets.pairs]\nsource = \"builtin:arithmetic\"\nformat = \"dpo\"\nbuiltin = {{ count = 16, seed = 4 }}\n\n\
+         [stages.base]\nkind = \"pretrain\"\ntokenizer = \"tok\"\ndata = \"text\"\nmax_seq_len = 32\nbatch_size = 4\nmax_steps = 2\n\n\
+         [stages.rm]\nkind = \"reward_model\"\nfrom = \"base\"\ndata = \"pairs\"\nmax_seq_len = 64\nbatch_size = 4\nmax_steps = 2\n"
+    );
+    sb.write("r.toml", &recipe);
+    sb.run_ok(&["r.toml"]);
+    let run = sb.last_run()["id"].as_str().unwrap().to_string();
+
+    sb.run_ok(&["export", "rm", "--recipe", "r.toml", "--to", "hf", "rm_hf"]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sb.root().join("rm_hf/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "Qwen3ForSequenceClassification", "{cfg:#}");
+    let tensors = weights::load_tensors(&sb.root().join("rm_hf/model.safetensors"), &Device::Cpu).unwrap();
+    assert!(tensors.contains_key("score.weight") && !tensors.contains_key("lm_head.weight"));
+    let card = std::fs::read_to_string(sb.root().join("rm_hf/README.md")).unwrap();
+    assert!(card.contains("AutoModelForSequenceClassification"), "{card}");
+
+    let refused = |args: &[&str], names: &str, purpose: &str| {
+        let o = sb.run(args);
+        assert_eq!(o.code, Some(1), "{args:?} should fail:\n{}", o.stderr);
+        let line = o.stderr.lines().find(|l| l.contains("is a reward model")).unwrap_or_else(|| panic!("{}", o.stderr));
+        for part in [names, purpose, "use the model it was trained from", "--to hf"] {
+            assert!(line.contains(part), "{args:?}: {part:?} missing from: {line}");
+        }
+    };
+    refused(&["export", "rm", "--recipe", "r.toml", "--to", "gguf", "g"], "stage 'rm'", "export to GGUF");
+    refused(&["export", "rm", "--recipe", "r.toml", "--to", "ollama", "o"], "stage 'rm'", "export to Ollama");
+    refused(&["export", "rm_hf", "--to", "gguf", "g"], "folder rm_hf", "export to GGUF");
+    assert!(!sb.root().join("g").exists() && !sb.root().join("o").exists(), "nothing is left behind");
+    let rm = format!("{run}:rm");
+    refused(&["chat", &rm, "-p", "What is 1 plus 1?"], &format!("stage 'rm' of run {run}"), "chat or serve");
+    refused(&["serve", &rm], "stage 'rm'", "chat or serve");
+
+    // A released reward model is not a causal LM to fine-tune.
+    sb.write(
+        "import.toml",
+        &format!("{SMALL_RECIPE}\n[models.ext]\nsource = \"rm_hf\"\n\n[stages.tune]\nkind = \"sft\"\nfrom = \"ext\"\ndata = \"chat\"\nmax_steps = 1\n"),
+    );
+    let o = sb.run(&["import.toml"]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("model 'ext': rm_hf is a reward model") && o.stderr.contains("point source at the causal LM"),
+        "{}",
+        o.stderr
+    );
+}
