@@ -27,6 +27,7 @@ mod model_bench;
 mod moe;
 mod peft_golden;
 mod quickstart;
+mod quickstart_rl;
 mod recipes;
 mod remote_cache;
 mod serve_api;
