@@ -11,6 +11,7 @@ pub mod cancel;
 pub mod cli;
 pub mod cpu;
 pub mod data;
+pub mod dist;
 pub mod durable;
 pub mod eval;
 pub mod exec;

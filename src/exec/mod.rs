@@ -10,6 +10,7 @@
 //! [`DynStage`]s through their object-safe interface.
 
 pub mod pipeline;
+pub mod ranks;
 pub mod slurm;
 
 use crate::artifact::Artifact;
@@ -207,6 +208,13 @@ impl Executor<'_> {
         eprintln!("{tag}: running");
         let tmp = self.cache.tmp_dir().map_err(|e| fail(e.into()))?;
         let work_dir = self.cache.work_dir(&job.key).map_err(|e| fail(e.into()))?;
+        let ranks = stage.ranks(&job.params);
+        let (rank, workers) = if ranks.world_size > 1 {
+            let (r, w) = ranks::start(self, job, &ranks).map_err(fail)?;
+            (Some(r), Some(w))
+        } else {
+            (None, None)
+        };
         let mut ctx = StageContext {
             name: &job.name,
             key: &job.key,
@@ -217,10 +225,13 @@ impl Executor<'_> {
             cache: self.cache,
             run: self.run,
             cancel: self.cancel,
+            rank,
         };
-        let outcome = stage
-            .run(&mut ctx, &job.params)
-            .map_err(|e| fail(e.context(format!("stage '{}' ({})", job.name, job.kind))))?;
+        let outcome = stage.run(&mut ctx, &job.params);
+        if let Some(w) = workers {
+            w.finish(outcome.as_ref().map_or_else(|e| e.chain().any(|c| c.is::<Interrupted>()), |_| true));
+        }
+        let outcome = outcome.map_err(|e| fail(e.context(format!("stage '{}' ({})", job.name, job.kind))))?;
         let art = self
             .cache
             .publish(tmp, &job.key, stage.output(), stage.kind(), outcome.metrics)
@@ -235,7 +246,7 @@ impl Executor<'_> {
         Ok((art, Origin::Built, secs))
     }
 
-    fn inputs_for(
+    pub(crate) fn inputs_for(
         &self,
         job: &Job,
         stage: &dyn DynStage,

@@ -550,10 +550,35 @@ pub fn run_stage_job(run_dir: &Path, stage: &str, key: &str, home: &Path) -> any
             }
         }
     }
-    let jobs: Vec<Job> = all.into_iter().filter(|j| needed.contains(&j.name)).collect();
-    let sink = RunSink::create(run_dir).context("opening the run directory")?;
     let cancel = CancelToken::new();
     cancel.install_signal_handlers().context("installing the signal handlers")?;
+    if let Some(env) = crate::dist::RankEnv::from_env().map_err(anyhow::Error::msg)?.filter(|e| e.rank > 0) {
+        // Another rank of a data-parallel stage: its records (metrics, rejects) are rank 0's to
+        // write, so it reports into a scratch record.
+        let scratch = tempfile::tempdir().context("creating a scratch run record")?;
+        let sink = RunSink::create(scratch.path()).context("creating a scratch run record")?;
+        let job = all.iter().find(|j| j.name == stage).expect("planned above");
+        let keys: BTreeMap<String, String> =
+            prepared.plan.stages.iter().map(|s| (s.name.clone(), s.key.clone())).collect();
+        let exec = Executor {
+            cache: &cache,
+            run: &sink,
+            cancel: &cancel,
+            recipe: &recipe,
+            datasets: &prepared.datasets,
+            fetched: &prepared.fetched,
+            remote: None,
+            registry: crate::stages::REGISTRY,
+            on_published: &|_, _| {},
+        };
+        return Ok(match super::ranks::run_worker(&exec, job, &keys, &env) {
+            Ok(()) => StageJobEnd::Done,
+            Err(e) if e.chain().any(|c| c.is::<crate::cancel::Interrupted>()) => StageJobEnd::Interrupted,
+            Err(e) => StageJobEnd::Failed(e),
+        });
+    }
+    let jobs: Vec<Job> = all.into_iter().filter(|j| needed.contains(&j.name)).collect();
+    let sink = RunSink::create(run_dir).context("opening the run directory")?;
     Ok(match execute_here(&cache, &sink, &cancel, &recipe, &prepared, open_remote(&recipe).as_ref(), &jobs).0 {
         ExecOutcome::Succeeded => StageJobEnd::Done,
         ExecOutcome::Failed { error, .. } => StageJobEnd::Failed(error),

@@ -157,6 +157,29 @@ pub trait DynStageKind: Send + Sync {
     ) -> Vec<(&'static str, std::path::PathBuf)>;
     /// See [`StageParams::remote_sources`], for canonical params.
     fn remote_sources(&self, canonical: &serde_json::Value) -> Vec<RemoteSource>;
+    /// The data-parallel ranks a stage asks for, from its canonical params' `world_size` and
+    /// `devices` (declared by every training stage's shared params; a kind without them runs as
+    /// one rank).
+    fn ranks(&self, canonical: &serde_json::Value) -> Ranks {
+        let devices: Vec<super::DeviceSpec> =
+            canonical.get("devices").and_then(|d| serde_json::from_value(d.clone()).ok()).unwrap_or_default();
+        let world_size = canonical
+            .get("world_size")
+            .and_then(serde_json::Value::as_u64)
+            .map(|n| n as usize)
+            .unwrap_or(devices.len())
+            .max(1);
+        Ranks { world_size, devices }
+    }
+}
+
+/// How many processes train a stage together, and on which devices ([`DynStageKind::ranks`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ranks {
+    /// The number of ranks (1: no data parallelism).
+    pub world_size: usize,
+    /// `devices[rank]`, when the stage lists them.
+    pub devices: Vec<super::DeviceSpec>,
 }
 
 impl<S: StageKind> DynStageKind for S {

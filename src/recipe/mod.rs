@@ -22,7 +22,9 @@ mod tests;
 pub use crate::cache::spec::{check_remote_url, CacheSpec};
 pub use device::{DeviceClass, DeviceSpec, UnknownDevice};
 pub use diag::{did_you_mean, Diagnostic, Location};
-pub use kind::{DynStageKind, InputRef, InvalidParam, ParamsError, ParsedParams, RemoteSource, StageKind, StageParams};
+pub use kind::{
+    DynStageKind, InputRef, InvalidParam, ParamsError, ParsedParams, Ranks, RemoteSource, StageKind, StageParams,
+};
 pub use load::{load, load_str, RecipeError};
 pub use model::{resolve_model, ModelSpecError};
 pub use resources::{ExecutorKind, ResourceError, Resources};

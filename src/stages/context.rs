@@ -71,6 +71,43 @@ pub struct StageContext<'a> {
     pub run: &'a RunSink,
     /// Raised on Ctrl-C: save a checkpoint and return [`crate::cancel::Interrupted`].
     pub cancel: &'a CancelToken,
+    /// This process's place among the ranks of a data-parallel stage (`world_size` > 1).
+    pub rank: Option<Rank>,
+}
+
+/// One rank of a data-parallel stage: the collective joining it to the others, and its device.
+#[derive(Clone, Debug)]
+pub struct Rank {
+    /// Connected to every other rank.
+    pub collective: std::sync::Arc<dyn crate::dist::Collective>,
+    /// The stage's `devices[rank]`, if it lists devices.
+    pub device: Option<crate::recipe::DeviceSpec>,
+}
+
+impl StageContext<'_> {
+    /// Where and in which precision this stage trains: the recipe's `device` and `precision`, or
+    /// on rank `r` of a data-parallel stage its listed device (else the `r`-th GPU after the
+    /// recipe's, see [`crate::train::device::for_rank`]).
+    pub fn compute(&self) -> anyhow::Result<crate::train::device::Compute> {
+        use crate::train::device::{for_rank, resolve_class, Compute};
+        let meta = &self.recipe.meta;
+        let Some(rank) = &self.rank else { return Ok(Compute::for_recipe(meta)?) };
+        let device = match rank.device {
+            Some(d) => {
+                if resolve_class(d) != resolve_class(meta.device) {
+                    anyhow::bail!(
+                        "stage '{}' lists device {d} but [recipe] device = \"{}\" is another kind of device (and \
+                         the stage keys were computed for it); set [recipe] device to match `devices`",
+                        self.name,
+                        meta.device
+                    );
+                }
+                d
+            }
+            None => for_rank(meta.device, rank.collective.rank()),
+        };
+        Ok(Compute::new(device, meta.precision)?)
+    }
 }
 
 /// What a successful stage reports besides its files.

@@ -133,7 +133,7 @@ impl StageKind for DistillStage {
 impl Stage for DistillStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &DistillParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
-        let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
+        let compute = ctx.compute()?;
         let opts = p.train_options(ctx);
         let from = ctx.inputs.model(&p.from, &stage)?.clone();
         let teacher_art = ctx.inputs.model(&p.teacher, &stage)?.clone();

@@ -79,7 +79,7 @@ impl Stage for DpoStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &DpoParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
         // Device and precision policy; every model below is built through it.
-        let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
+        let compute = ctx.compute()?;
         let seed = p.seed_or(ctx.recipe.meta.seed);
         let from = ctx.inputs.model(&p.from, &stage)?;
         let sp = ShardParams { max_seq_len: p.max_seq_len, seed, ..ShardParams::default() };

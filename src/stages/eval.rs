@@ -726,6 +726,7 @@ mod tests {
             cache: &cache,
             run: &run,
             cancel: &cancel,
+            rank: None,
         };
         let params = EvalParams {
             models: vec!["base".into(), "sft".into()],

@@ -177,7 +177,7 @@ impl Stage for GrpoStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &GrpoParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
         let rewards = RewardSet::new(&p.rewards).map_err(|e| anyhow::anyhow!("grpo stage '{stage}': {e}"))?;
-        let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
+        let compute = ctx.compute()?;
         let seed = p.seed_or(ctx.recipe.meta.seed);
         let from = ctx.inputs.model(&p.from, &stage)?;
         let tok = TextTokenizer::from_artifact(from)

@@ -85,7 +85,7 @@ impl StageKind for LoraStage {
 impl Stage for LoraStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &LoraStageParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
-        let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
+        let compute = ctx.compute()?;
         let seed = p.seed_or(ctx.recipe.meta.seed);
         let from = ctx.inputs.artifact(&p.from)?;
         let sp = ShardParams { max_seq_len: p.max_seq_len, seed, ..ShardParams::default() };

@@ -22,7 +22,7 @@ pub mod tokenizer;
 mod training;
 
 pub use crate::recipe::{DynStageKind, InputRef, InvalidParam, ParamsError, ParsedParams, StageKind, StageParams};
-pub use context::{Inputs, StageContext, StageOutcome};
+pub use context::{Inputs, Rank, StageContext, StageOutcome};
 
 /// A stage kind that can run: its declaration ([`StageKind`]) plus `run`.
 pub trait Stage: StageKind {

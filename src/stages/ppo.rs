@@ -166,6 +166,7 @@ impl StageParams for PpoParams {
     fn validate(&self) -> Result<(), InvalidParam> {
         use super::training::{at_least, in_range, positive_lr};
         self.validate_training()?;
+        super::training::single_rank("ppo", self.world_size, &self.devices)?;
         let bad = |key, message: String, hint: &str| Err(InvalidParam { key, message, hint: hint.into() });
         if self.rewards.is_empty() && self.reward_model.is_none() {
             return bad(
@@ -257,7 +258,7 @@ impl Stage for PpoStage {
             .then(|| RewardSet::new(&p.rewards))
             .transpose()
             .map_err(|e| anyhow::anyhow!("ppo stage '{stage}': {e}"))?;
-        let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
+        let compute = ctx.compute()?;
         let seed = p.seed_or(ctx.recipe.meta.seed);
         let from = ctx.inputs.model(&p.from, &stage)?;
         let tok = TextTokenizer::from_artifact(from)

@@ -190,6 +190,7 @@ mod tests {
             cache: &cache,
             run: &run,
             cancel: &cancel,
+            rank: None,
         };
         let p = TokenizerParamsForTest::params();
         let out = crate::stages::tokenizer::TokenizerStage.run(&mut ctx, &p).unwrap();
@@ -232,6 +233,7 @@ mod tests {
             cache: &cache,
             run: &run,
             cancel: &cancelled,
+            rank: None,
         };
         let e = PrepareStage.run(&mut ctx, &pp).unwrap_err();
         assert!(e.downcast_ref::<crate::cancel::Interrupted>().is_some(), "{e:#}");

@@ -90,7 +90,7 @@ impl StageKind for PretrainStage {
 
 impl Stage for PretrainStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &PretrainParams) -> anyhow::Result<StageOutcome> {
-        let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
+        let compute = ctx.compute()?;
         let tok_stage = match (&p.tokenizer, &p.from) {
             (Some(t), _) => t.clone(),
             (None, Some(f)) => f.clone(),

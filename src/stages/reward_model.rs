@@ -104,7 +104,7 @@ impl StageKind for RewardModelStage {
 impl Stage for RewardModelStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &RewardModelParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
-        let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
+        let compute = ctx.compute()?;
         let seed = p.seed_or(ctx.recipe.meta.seed);
         let ds = ctx.inputs.dataset(&p.data)?;
         if ds.spec.format != DataFormat::Dpo {

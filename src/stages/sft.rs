@@ -76,7 +76,7 @@ impl StageKind for SftStage {
 
 impl Stage for SftStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &SftParams) -> anyhow::Result<StageOutcome> {
-        let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
+        let compute = ctx.compute()?;
         let opts = p.train_options(ctx);
         let base = ctx.inputs.artifact(&p.from)?.clone();
         let tok = match &p.tokenizer {

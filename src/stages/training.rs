@@ -7,7 +7,8 @@
 
 /// Declare a training stage's parameter struct: the fields written inside, then the fields every
 /// trainer shares (`lr`, `batch_size`, `epochs`, `max_steps`, `accumulation_steps`, `grad_clip`,
-/// `warmup_steps`, `weight_decay`, `seed`, `save_every`, `save_every_secs`, `log_every`) with this stage's defaults,
+/// `warmup_steps`, `weight_decay`, `seed`, `save_every`, `save_every_secs`, `log_every`, and the
+/// data-parallel `world_size` and `devices`) with this stage's defaults,
 /// plus `seed_or()` and `train_options()`. It defines `default_lr`, `default_batch_size`,
 /// `default_epochs`, `default_save_every` and `default_log_every` in the calling module.
 macro_rules! training_params {
@@ -24,7 +25,7 @@ macro_rules! training_params {
             /// Peak learning rate (cosine decay to 10 % of it, spec §8).
             #[serde(default = "default_lr")]
             pub lr: f64,
-            /// Examples (rows, pairs or prompts) per micro-batch.
+            /// Examples (rows, pairs or prompts) per micro-batch, on each rank when `world_size` > 1.
             #[serde(default = "default_batch_size")]
             pub batch_size: usize,
             /// Passes over the data (ignored when `max_steps` is set).
@@ -60,6 +61,15 @@ macro_rules! training_params {
             /// Progress refresh every N steps (cosmetic; metrics are logged every step).
             #[serde(default = "default_log_every")]
             pub log_every: usize,
+            /// Data-parallel ranks: mmrun starts one process per rank, each trains on its slice of
+            /// every batch, and gradients are summed before each step. `batch_size` is per rank, so
+            /// the global batch is `world_size × batch_size`. Default: one rank per entry of
+            /// `devices`, else 1.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub world_size: Option<usize>,
+            /// One device per rank (`["cuda:0", "cuda:1"]`), instead of the recipe's `device`.
+            #[serde(default, skip_serializing_if = "Vec::is_empty")]
+            pub devices: Vec<crate::recipe::DeviceSpec>,
         }
 
         fn default_lr() -> f64 {
@@ -93,6 +103,7 @@ macro_rules! training_params {
                 if let Some(n) = self.max_steps {
                     crate::stages::training::at_least("max_steps", n, 1)?;
                 }
+                crate::stages::training::ranks(self.world_size, &self.devices)?;
                 crate::stages::training::save_every_secs(self.save_every_secs)
             }
 
@@ -115,6 +126,9 @@ macro_rules! training_params {
                 o.metrics_path = Some(ctx.run.dir().join(crate::runs::files::METRICS));
                 o.plot_path = Some(ctx.run.dir().join(format!("{}-loss.png", ctx.name)));
                 o.progress = crate::progress::enabled();
+                if let Some(r) = &ctx.rank {
+                    o.collective = r.collective.clone();
+                }
                 o
             }
         }
@@ -126,6 +140,66 @@ pub(crate) use training_params;
 /// The cosmetic params of every training stage: checkpoint cadence and progress output never
 /// change the trained weights (resuming is exact either way).
 pub(crate) const COSMETIC: &[&str] = &["save_every", "save_every_secs", "log_every"];
+
+/// `world_size` and `devices` agree, and each device is named once (two ranks on one GPU would
+/// only slow each other down; CPU ranks may share the CPU).
+pub(crate) fn ranks(
+    world_size: Option<usize>,
+    devices: &[crate::recipe::DeviceSpec],
+) -> Result<(), crate::recipe::InvalidParam> {
+    use crate::recipe::DeviceSpec;
+    if let Some(n) = world_size {
+        at_least("world_size", n, 1)?;
+        if !devices.is_empty() && devices.len() != n {
+            return Err(crate::recipe::InvalidParam {
+                key: "world_size",
+                message: format!("world_size = {n} but `devices` lists {} devices", devices.len()),
+                hint: "give one device per rank, or drop world_size (it defaults to the number of devices)".into(),
+            });
+        }
+    }
+    for (i, d) in devices.iter().enumerate() {
+        if *d == DeviceSpec::Auto {
+            return Err(crate::recipe::InvalidParam {
+                key: "devices",
+                message: "`auto` does not say which device a rank gets".into(),
+                hint: "list devices explicitly, e.g. devices = [\"cuda:0\", \"cuda:1\"]".into(),
+            });
+        }
+        if matches!(d, DeviceSpec::Cuda(_)) && devices[..i].contains(d) {
+            return Err(crate::recipe::InvalidParam {
+                key: "devices",
+                message: format!("{d} is listed twice"),
+                hint: "give each rank its own GPU".into(),
+            });
+        }
+    }
+    if let Some(d) = devices.iter().find(|d| matches!(d, DeviceSpec::Cuda(_))).filter(|_| !cfg!(feature = "cuda")) {
+        return Err(crate::recipe::InvalidParam {
+            key: "devices",
+            message: format!("device '{d}' needs CUDA, but this mmrun was built without it"),
+            hint: "list \"cpu\" devices, or build mmrun with `--features cuda`".into(),
+        });
+    }
+    Ok(())
+}
+
+/// For stages whose loop does not run data parallel (PPO's own loop): `world_size` and `devices`
+/// are refused when the recipe loads rather than ignored.
+pub(crate) fn single_rank(
+    kind: &str,
+    world_size: Option<usize>,
+    devices: &[crate::recipe::DeviceSpec],
+) -> Result<(), crate::recipe::InvalidParam> {
+    if world_size.unwrap_or(1) > 1 || devices.len() > 1 {
+        return Err(crate::recipe::InvalidParam {
+            key: if devices.len() > 1 { "devices" } else { "world_size" },
+            message: format!("{kind} stages do not train data parallel yet"),
+            hint: "remove world_size/devices from this stage (pretrain, sft, lora, dpo, grpo, distill and reward_model accept them)".into(),
+        });
+    }
+    Ok(())
+}
 
 /// Default of `save_every_secs`: a crash loses at most five minutes of training, and a
 /// checkpoint (a few seconds for the largest models mmrun trains) stays a small share of that.

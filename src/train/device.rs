@@ -79,6 +79,18 @@ pub fn compute_dtype(precision: Precision, device: &Device) -> DType {
     }
 }
 
+/// The device of rank `rank` of a data-parallel stage that lists no `devices`: one GPU per rank
+/// from the recipe's (`cuda:N` → `cuda:N+rank`, `auto` → `cuda:rank` when this build has CUDA,
+/// as torchrun's `LOCAL_RANK`), or the CPU, which CPU ranks share.
+pub fn for_rank(spec: DeviceSpec, rank: usize) -> DeviceSpec {
+    match spec {
+        DeviceSpec::Cpu => DeviceSpec::Cpu,
+        DeviceSpec::Cuda(n) => DeviceSpec::Cuda(n + rank),
+        DeviceSpec::Auto if candle_core::utils::cuda_is_available() => DeviceSpec::Cuda(rank),
+        DeviceSpec::Auto => DeviceSpec::Cpu,
+    }
+}
+
 /// Where and in which precision a training stage computes, from its recipe's `[recipe]` table.
 ///
 /// Every stage that trains a model (pretrain, SFT, LoRA, DPO, …) builds and loads its models
@@ -95,8 +107,13 @@ pub struct Compute {
 impl Compute {
     /// Resolve `[recipe] device` and `precision`.
     pub fn for_recipe(meta: &RecipeMeta) -> Result<Self, DeviceError> {
-        let device = select(meta.device)?;
-        let dtype = compute_dtype(meta.precision, &device);
+        Self::new(meta.device, meta.precision)
+    }
+
+    /// Resolve a device and a precision.
+    pub fn new(spec: DeviceSpec, precision: Precision) -> Result<Self, DeviceError> {
+        let device = select(spec)?;
+        let dtype = compute_dtype(precision, &device);
         if dtype != DType::F32 {
             tracing::info!(
                 "training in {dtype:?} mixed precision on {} (f32 weights and optimizer state)",

@@ -13,6 +13,7 @@ pub mod device;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub(crate) mod parallel;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;

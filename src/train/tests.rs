@@ -416,3 +416,140 @@ fn zero_save_interval_checkpoints_after_every_step_but_the_last() {
     run(&o, &toy_data(false), 8);
     assert!(!dir.path().join("checkpoints").exists(), "neither by count nor by time");
 }
+
+/// Train on `world` ranks at once: threads, each with its own replica (initialised from
+/// `seed + rank`, so only the start-of-run broadcast makes them equal) and a real TCP connection
+/// to rank 0 over loopback, as between processes. `loss_hook(rank, call)` runs before each
+/// micro-batch's loss (to interrupt or fail a rank). Returns each rank's weights and result.
+type RankResult = (Vec<u32>, anyhow::Result<super::TrainSummary>);
+fn run_ranks(
+    world: usize,
+    o: &TrainOptions,
+    data: &PaddedRows,
+    seed: u64,
+    loss_hook: impl Fn(usize, usize, &CancelToken) -> candle_core::Result<()> + Sync,
+) -> Vec<RankResult> {
+    use crate::dist::{Listener, TcpCollective};
+    use std::sync::Arc;
+    let timeout = std::time::Duration::from_secs(120);
+    let listener = Listener::bind("127.0.0.1:0", "toy").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut listener = Some(listener);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..world)
+            .map(|rank| {
+                let (addr, o, hook, l) = (&addr, o.clone(), &loss_hook, listener.take());
+                s.spawn(move || {
+                    let c = match l {
+                        Some(l) => l.accept(world, timeout).unwrap(),
+                        None => TcpCollective::connect(addr, "toy", rank, world, timeout).unwrap(),
+                    };
+                    let mut o = o;
+                    o.collective = Arc::new(c);
+                    let p = toy_params(seed + rank as u64);
+                    let cancel = CancelToken::new();
+                    let calls = Cell::new(0);
+                    let r = train(&p, data, &o, &cancel, |b| {
+                        calls.set(calls.get() + 1);
+                        hook(rank, calls.get(), &cancel)?;
+                        toy_loss(&p, b)
+                    });
+                    (bits(&p), r)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn assert_close(a: &[u32], b: &[u32]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (f32::from_bits(*x), f32::from_bits(*y));
+        assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
+    }
+}
+
+#[test]
+fn ranks_of_batch_b_train_like_one_rank_of_world_times_b() {
+    // Every row has as many loss tokens, so the mean of rank means is the global mean.
+    let data = toy_data(true);
+    for (world, accum) in [(2, 1), (3, 2)] {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut one = opts(d1.path());
+        one.grad_clip = 0.5; // clipping acts on the reduced gradient
+        one.accumulation_steps = accum;
+        one.batch_size = 3 * world; // 24 rows: with 3 ranks the last batch (6 rows) leaves rank 2 none
+        let (reference, rs) = run(&one, &data, 4);
+        let mut dp = one.clone();
+        dp.work_dir = d2.path().to_path_buf();
+        dp.batch_size = 3;
+        dp.metrics_path = Some(d2.path().join("metrics.jsonl"));
+        let ranks = run_ranks(world, &dp, &data, 4, |_, _, _| Ok(()));
+        for (w, r) in &ranks {
+            let s = r.as_ref().unwrap();
+            assert_eq!(s.steps, rs.steps);
+            assert_eq!(s.tokens, rs.tokens, "token counts are summed over ranks");
+            for (a, b) in s.losses.iter().zip(&rs.losses) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+            // The replicas never drift apart: every rank applies the same summed gradient.
+            assert_eq!(w, &ranks[0].0);
+        }
+        assert_close(&ranks[0].0, &bits(&reference));
+        // Only rank 0 writes metrics.
+        let lines = std::fs::read_to_string(d2.path().join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), rs.steps);
+    }
+}
+
+#[test]
+fn interrupted_data_parallel_run_resumes_bit_identical() {
+    let data = toy_data(false);
+    let full_dir = tempfile::tempdir().unwrap();
+    let mut o = opts(full_dir.path());
+    o.batch_size = 2;
+    o.save_every = 100;
+    let full = run_ranks(2, &o, &data, 6, |_, _, _| Ok(()));
+    let steps = full[0].1.as_ref().unwrap().steps;
+
+    let dir = tempfile::tempdir().unwrap();
+    o.work_dir = dir.path().to_path_buf();
+    // Ctrl-C reaches rank 1 alone, during its 8th micro-batch: both ranks finish that step, rank 0
+    // checkpoints, and both stop.
+    let cut = run_ranks(2, &o, &data, 6, |rank, call, cancel| {
+        if rank == 1 && call == 8 {
+            cancel.cancel();
+        }
+        Ok(())
+    });
+    for (_, r) in &cut {
+        let e = r.as_ref().unwrap_err();
+        assert!(e.downcast_ref::<Interrupted>().is_some(), "{e:#}");
+    }
+    assert!(dir.path().join("checkpoints/step-00000008/state.json").is_file());
+    let resumed = run_ranks(2, &o, &data, 6, |_, _, _| Ok(()));
+    for (w, r) in &resumed {
+        assert_eq!(r.as_ref().unwrap().resumed_from, Some(8));
+        assert_eq!(r.as_ref().unwrap().steps, steps);
+        assert_eq!(w, &full[0].0);
+    }
+}
+
+#[test]
+fn a_rank_that_fails_is_named_by_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.batch_size = 2;
+    let ranks = run_ranks(3, &o, &toy_data(false), 1, |rank, call, _| {
+        if rank == 2 && call == 3 {
+            candle_core::bail!("out of memory");
+        }
+        Ok(())
+    });
+    assert!(format!("{:#}", ranks[2].1.as_ref().unwrap_err()).contains("out of memory"));
+    let e = format!("{:#}", ranks[0].1.as_ref().unwrap_err());
+    assert!(e.contains("rank 2 closed its connection: it died or stopped"), "{e}");
+    // Rank 1 learns it from rank 0 going away; nobody hangs.
+    assert!(format!("{:#}", ranks[1].1.as_ref().unwrap_err()).contains("rank 0 closed its connection"));
+}

@@ -5,16 +5,24 @@
 //! `accumulation_steps`, global-norm clipping, then in-place AdamW at the schedule's learning rate.
 //! Checkpoints are taken at step boundaries only, so a checkpoint never holds half-accumulated
 //! gradients and resuming replays exactly the same arithmetic.
+//!
+//! With several ranks (`TrainOptions::collective`), each trains on its slice of every global
+//! micro-batch and the gradients are summed once per optimiser step before clipping (see
+//! [`super::parallel`]); every rank then takes the same step. Only rank 0 writes checkpoints,
+//! metrics and the loss curve.
 
 use super::batch::{epoch_permutation, Batch, BatchSource};
 use super::checkpoint::{self, TrainState};
 use super::metrics::MetricsFile;
 use super::optim::{clip_coefficient, global_norm, AdamW, AdamWConfig, GradAccumulator};
+use super::parallel::{self, StepStats};
 use super::schedule::lr_at;
 use crate::cancel::{CancelToken, Interrupted};
+use crate::dist::Collective;
 use anyhow::Context;
 use candle_core::{DType, Tensor, Var};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Hyper-parameters and I/O of one training run.
@@ -32,7 +40,7 @@ pub struct TrainOptions {
     pub grad_clip: f64,
     /// Micro-batches per optimiser step.
     pub accumulation_steps: usize,
-    /// Rows per micro-batch.
+    /// Rows per micro-batch on each rank (a global micro-batch has `world_size` times as many).
     pub batch_size: usize,
     /// Passes over the data (ignored when `max_steps` is set).
     pub epochs: usize,
@@ -55,6 +63,8 @@ pub struct TrainOptions {
     pub plot_path: Option<PathBuf>,
     /// Show a progress bar (it also hides itself when stderr is not a terminal).
     pub progress: bool,
+    /// The ranks training together ([`crate::dist::Single`]: this process alone).
+    pub collective: Arc<dyn Collective>,
 }
 
 impl TrainOptions {
@@ -78,6 +88,7 @@ impl TrainOptions {
             metrics_path: None,
             plot_path: None,
             progress: false,
+            collective: Arc::new(crate::dist::Single),
         }
     }
 }
@@ -169,9 +180,12 @@ where
     if n == 0 {
         return Err(TrainError::Empty.into());
     }
+    let dist = opts.collective.as_ref();
+    let (rank, world) = (dist.rank(), dist.world_size());
+    let lead = rank == 0;
     let bs = opts.batch_size.max(1);
     let accum = opts.accumulation_steps.max(1);
-    let iters = n.div_ceil(bs);
+    let iters = n.div_ceil(bs * world);
     let (total_steps, total_micro) = match opts.max_steps {
         Some(s) => (s, s * accum),
         None => (opts.epochs * iters.div_ceil(accum), opts.epochs * iters),
@@ -197,21 +211,28 @@ where
         resumed_from = Some(saved.step);
         st = saved;
     }
+    if world > 1 {
+        parallel::sync_start(dist, params, st.step)?;
+    }
     let mut last_ckpt = resumed_from;
     let mut cadence = checkpoint::Cadence::new(opts.save_every, opts.save_interval, Instant::now());
 
-    let mut metrics = opts.metrics_path.as_deref().map(MetricsFile::open).transpose()?;
-    let bar = progress_bar(opts, total_steps, st.step);
+    let mut metrics = opts.metrics_path.as_deref().filter(|_| lead).map(MetricsFile::open).transpose()?;
+    let bar = if lead { progress_bar(opts, total_steps, st.step) } else { indicatif::ProgressBar::hidden() };
+    // Several ranks stop together, after the step in which any of them was cancelled.
+    let mut stop = false;
     let mut acc = GradAccumulator::new(params.len());
     let mut perm: Option<(usize, Vec<usize>)> = None;
     let started = Instant::now();
     let tokens_at_start = st.tokens;
 
     while st.step < total_steps {
-        if cancel.is_cancelled() {
-            let dir = checkpoint::save(&opts.work_dir, params, &opt, &st)?;
-            bar.abandon_with_message(format!("interrupted; checkpoint at step {}", st.step));
-            tracing::info!(stage = %opts.stage, step = st.step, "checkpoint saved to {}", dir.display());
+        if stop || (world == 1 && cancel.is_cancelled()) {
+            if lead {
+                let dir = checkpoint::save(&opts.work_dir, params, &opt, &st)?;
+                bar.abandon_with_message(format!("interrupted; checkpoint at step {}", st.step));
+                tracing::info!(stage = %opts.stage, step = st.step, "checkpoint saved to {}", dir.display());
+            }
             return Err(Interrupted.into());
         }
         if st.batch_in_epoch >= iters {
@@ -228,32 +249,68 @@ where
         let (mut loss_sum, mut aux_sum, mut tokens, mut useful) = (0f64, 0f64, 0usize, 0usize);
         acc.clear();
         for _ in 0..cycle {
-            let lo = st.batch_in_epoch * bs;
-            let batch = data.batch(&order[lo..(lo + bs).min(n)])?;
-            let out = loss_fn(&batch).with_context(|| format!("forward pass at step {}", st.step + 1))?;
-            let loss_val = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !loss_val.is_finite() {
-                return Err(non_finite("the loss", loss_val, &st, last_ckpt, &opts.work_dir).into());
+            let (lo, hi, global_rows) = parallel::rank_rows(st.batch_in_epoch * bs * world, n, bs, rank, world);
+            st.micro_step += 1;
+            st.batch_in_epoch += 1;
+            if lo == hi {
+                continue; // a short last batch left this rank nothing
             }
-            let scaled = if accum > 1 { (&out.loss / accum as f64)? } else { out.loss.clone() };
+            let batch = data.batch(&order[lo..hi])?;
+            let out = loss_fn(&batch).with_context(|| format!("forward pass at step {}", st.step + 1))?;
+            let mut loss_val = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let mut aux_val = out.aux.as_ref().map(|a| a.to_dtype(DType::F64)?.to_scalar::<f64>()).transpose()?;
+            let scaled = if world > 1 {
+                // Checked after the exchange, so every rank stops at the same step.
+                let share = (hi - lo) as f64 / global_rows as f64;
+                loss_val *= share;
+                aux_val = aux_val.map(|a| a * share);
+                (&out.loss * (share / accum as f64))?
+            } else {
+                if !loss_val.is_finite() {
+                    st.micro_step -= 1;
+                    return Err(non_finite("the loss", loss_val, &st, last_ckpt, &opts.work_dir).into());
+                }
+                if accum > 1 {
+                    (&out.loss / accum as f64)?
+                } else {
+                    out.loss.clone()
+                }
+            };
             let grads = scaled.backward()?;
             acc.add(params, &grads)?;
             drop(grads);
-            if let Some(a) = &out.aux {
-                aux_sum += a.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            }
+            aux_sum += aux_val.unwrap_or(0.0);
             loss_sum += loss_val;
             tokens += batch.tokens();
             useful += batch.useful_tokens();
-            st.micro_step += 1;
-            st.batch_in_epoch += 1;
         }
-        let norm = global_norm(acc.grads())?;
+        let reduced;
+        let grads = if world > 1 {
+            let local = StepStats {
+                loss: loss_sum,
+                aux: aux_sum,
+                tokens: tokens as u64,
+                useful: useful as u64,
+                cancelled: cancel.is_cancelled(),
+            };
+            let (g, s) = parallel::all_reduce_step(dist, params, acc.grads(), local)?;
+            (loss_sum, aux_sum, tokens, useful, stop) =
+                (s.loss, s.aux, s.tokens as usize, s.useful as usize, s.cancelled);
+            if !loss_sum.is_finite() {
+                st.micro_step -= cycle;
+                return Err(non_finite("the loss", loss_sum, &st, last_ckpt, &opts.work_dir).into());
+            }
+            reduced = g;
+            &reduced[..]
+        } else {
+            acc.grads()
+        };
+        let norm = global_norm(grads)?;
         if !norm.is_finite() {
             return Err(non_finite("the gradient norm", norm, &st, last_ckpt, &opts.work_dir).into());
         }
         let lr = lr_at(st.micro_step, total_micro, opts.lr, opts.warmup_steps);
-        opt.step(acc.grads(), lr, clip_coefficient(norm, opts.grad_clip))?;
+        opt.step(grads, lr, clip_coefficient(norm, opts.grad_clip))?;
         acc.clear();
         st.step += 1;
         st.tokens += tokens as u64;
@@ -279,7 +336,7 @@ where
             tracing::debug!(stage = %opts.stage, step = st.step, loss, lr, grad_norm = norm, tokens_per_s = tps);
         }
         // The last step is followed by publishing, which makes a checkpoint pointless.
-        if st.step < total_steps && cadence.due(st.step, Instant::now()) {
+        if lead && st.step < total_steps && cadence.due(st.step, Instant::now()) {
             checkpoint::save(&opts.work_dir, params, &opt, &st)?;
             cadence.saved(Instant::now());
             last_ckpt = Some(st.step);
@@ -302,7 +359,7 @@ pub(crate) fn finish(
     started: Instant,
     tokens_at_start: u64,
 ) -> TrainSummary {
-    if let Some(p) = &opts.plot_path {
+    if let Some(p) = opts.plot_path.as_ref().filter(|_| opts.collective.rank() == 0) {
         // A missing plot must never fail a finished training run.
         if let Err(e) = super::plot::stage_png(p, &opts.stage, &losses, opts.metrics_path.as_deref()) {
             tracing::warn!("could not draw the loss curve: {e:#}");

@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     // `hub::names` checks names from the network and recipes before they become paths (`hub::uri`
     // validates a recipe's revision with it).
     // `tools`: the built-in tools models call, named by recipes, run by data generators and eval.
-    &["artifact", "cancel", "cpu", "durable", "fs_error", "progress", "testutil", "tools", "hub::names"],
+    &["artifact", "cancel", "cpu", "dist", "durable", "fs_error", "progress", "testutil", "tools", "hub::names"],
     // The vocabulary a recipe is written in, owned by the modules that give it meaning.
     &["data::spec", "cache::spec", "model::config", "hub::uri"],
     // TOML → `Recipe`, and the declaration-only `StageKind` trait.

@@ -11,6 +11,7 @@ mod cli_resume;
 mod cli_show;
 mod cluster_slurm;
 mod common;
+mod data_parallel;
 mod dpo_memory;
 mod export;
 mod golden_logits;

@@ -127,6 +127,7 @@ fn run_stage(
         cache: &w.cache,
         run: &run,
         cancel,
+        rank: None,
     };
     (stage.run(&mut ctx, &canonical), out_dir)
 }
