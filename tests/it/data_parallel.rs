@@ -272,3 +272,39 @@ fn impossible_ranks_are_refused_when_the_recipe_loads() {
         assert!(o.stderr.contains("device 'cuda:0' needs CUDA, but this mmrun was built without it"), "{}", o.stderr);
     }
 }
+
+/// Ctrl-C reaches rank 0 alone: the flag travels with the next exchange, every rank stops after
+/// the same step, rank 0 checkpoints, mmrun exits 130 with no rank left behind, and the same
+/// command resumes.
+#[test]
+fn ctrl_c_stops_every_rank_after_the_same_step_and_the_stage_resumes() {
+    let sb = sandbox(150, 2, "save_every_secs = 0");
+    let mut child = sb
+        .command(&["r.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = || sb.runs().read_dir().ok()?.next()?.ok().map(|e| e.path().join("ranks/base.rank1.log"));
+    let mut p1 = None;
+    wait_for("rank 1 started", &mut child, || {
+        p1 = log().and_then(|l| pid_in_log(&l));
+        p1.is_some()
+    });
+    let run = only_run(&sb);
+    wait_for("two training steps", &mut child, || {
+        std::fs::read_to_string(run.join("metrics.jsonl")).is_ok_and(|m| m.matches("\"stage\":\"base\"").count() >= 2)
+    });
+    assert!(std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(!alive(p1.unwrap()), "rank 1 is still running");
+    let rank1 = std::fs::read_to_string(run.join("ranks/base.rank1.log")).unwrap();
+    assert!(!rank1.contains("closed its connection"), "rank 1 stopped with the others, not by losing them: {rank1}");
+    let again = sb.run_ok(&["r.toml"]);
+    assert!(again.stderr.contains("2 data-parallel ranks"), "{}", again.stderr);
+    let base = &sb.last_run()["stages"]["base"];
+    assert!(base["metrics"]["resumed_from"].as_u64().unwrap() >= 2, "{base}");
+    assert_eq!(base["metrics"]["steps"], 150);
+}
