@@ -23,7 +23,7 @@
 //! | `recipe.seed`                                | init, data order and sampling depend on it; conservatively in every stage                 |
 //! | resolved `[model]` config (stages that *build* a model: output is a model and no input is one) | architecture; downstream stages get it through that stage's key; `vocab_size` only when set explicitly (else the tokenizer input decides it) |
 //! | device class `cpu` / `cuda` (stages producing models, adapters, reward models, eval reports) | numerics differ by class; the executor resolves `[recipe] device` to it once (`auto` may probe for a GPU), the planner never touches hardware |
-//! | resolved `precision` when it is `bf16` (stages producing models, adapters and reward models) | bf16 mixed precision trains different weights than f32; `auto` enters as what it resolves to (`bf16` on CUDA and on AMD Zen 4/5 CPUs, else `f32`) |
+//! | resolved `precision` when it is `bf16` (stages producing models, adapters and reward models) | bf16 mixed precision trains different weights than f32; `auto` enters as what it resolves to (`bf16` on CUDA, on AMX CPUs and on AMD Zen 4/5, else `f32`) |
 //! | a training stage's `world_size` and `devices` (when set) | `batch_size` is per rank, so the number of ranks changes the global batch; `devices` enters as written (it sets the number of ranks) |
 //! | [`KEY_FORMAT`]                               | lets a new mmrun invalidate keys whose recipe changed meaning                             |
 //!

@@ -71,8 +71,8 @@ pub struct RecipeMeta {
     /// `auto` (CUDA if built with it and present, else CPU), `cpu`, or `cuda:N`.
     #[serde(default)]
     pub device: DeviceSpec,
-    /// Training numerics: `auto` (bf16 mixed precision on CUDA and on CPUs with a fast bf16 dot
-    /// product, AMD Zen 4/5; f32 on other CPUs), `f32`, or `bf16` (mixed precision: f32 master
+    /// Training numerics: `auto` (bf16 mixed precision on CUDA and on CPUs with fast bf16 matmuls,
+    /// Intel's with AMX and AMD Zen 4/5; f32 on other CPUs), `f32`, or `bf16` (mixed precision: f32 master
     /// weights and optimizer state, bf16 matmuls).
     #[serde(default)]
     pub precision: Precision,
@@ -92,21 +92,21 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
 ///
 /// `bf16` is *mixed* precision: weights, gradients and AdamW moments stay f32; the matmuls of the
 /// linear layers and the head take bf16 operands and accumulate in f32 (on the CPU through
-/// `model::ops::gemm`, natively on AMD Zen 4/5; on CUDA the activations between matmuls
+/// `model::ops::gemm`, natively with AMX or on AMD Zen 4/5; on CUDA the activations between matmuls
 /// are bf16 too); RMSNorm statistics, RoPE, softmax, the cross-entropy and the MoE router run in
 /// f32. Saved weights are f32 either way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// bf16 on CUDA and on CPUs whose avx512_bf16 dot product outruns f32 FMAs, AMD Zen 4/5 (the
-    /// loss curve tracks f32: `train::tests::bf16_training_tracks_the_f32_loss_curve`); f32 on
-    /// other CPUs, Intel's included (their `VDPBF16PS` runs at half the f32 FMA rate).
+    /// bf16 on CUDA and on CPUs where bf16 matmuls outrun f32 ones: AMX (Intel Sapphire Rapids
+    /// and later) or an avx512_bf16 dot product at the FMA rate (AMD Zen 4/5) (the loss curve
+    /// tracks f32: `train::tests::bf16_training_tracks_the_f32_loss_curve`); f32 on other CPUs.
     #[default]
     Auto,
     /// f32 everywhere.
     F32,
-    /// bf16 mixed precision, on any device (on CPUs other than Zen 4/5 it runs the f32 kernels on
-    /// bf16-rounded operands: the same numbers, no faster).
+    /// bf16 mixed precision, on any device (on CPUs without AMX or a fast avx512_bf16 it runs the
+    /// f32 kernels on bf16-rounded operands: the same numbers, no faster).
     Bf16,
 }
 
@@ -116,7 +116,9 @@ impl Precision {
     /// avx512_bf16 and one without key `auto` differently, as they compute differently).
     pub fn resolve(self, device_class: DeviceClass) -> Precision {
         match self {
-            Precision::Auto if device_class == DeviceClass::Cuda || crate::cpu::bf16_dot_is_fast() => Precision::Bf16,
+            Precision::Auto if device_class == DeviceClass::Cuda || crate::cpu::bf16_matmul_is_fast() => {
+                Precision::Bf16
+            }
             Precision::Auto => Precision::F32,
             p => p,
         }

@@ -25,7 +25,7 @@ pub struct BenchArgs {
     /// `auto`, `cpu` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Compute dtype, as `[recipe] precision`: `auto` (bf16 on CUDA and on AMD Zen 4/5 CPUs,
+    /// Compute dtype, as `[recipe] precision`: `auto` (bf16 on CUDA, AMX and AMD Zen 4/5 CPUs,
     /// else f32), `f32`, or
     /// `bf16` (mixed precision: f32 weights and AdamW state, bf16 matmuls).
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16"])]
@@ -257,6 +257,7 @@ fn bf16_gemm_name(device: &Device) -> &'static str {
     use crate::model::ops::gemm::Backend;
     match (device.is_cpu(), Backend::detect()) {
         (false, _) => "device",
+        (true, Backend::Amx) => "amx",
         (true, Backend::Avx512Bf16) => "avx512_bf16",
         (true, Backend::Fallback) => "f32 fallback",
     }

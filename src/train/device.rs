@@ -71,7 +71,7 @@ pub fn class(device: &Device) -> DeviceClass {
 }
 
 /// The compute dtype of a precision on `device`: `auto` is bf16 on CUDA and on CPUs with
-/// a fast bf16 dot product (AMD Zen 4/5), f32 elsewhere (by [`Precision::resolve`], the rule the stage keys use too).
+/// fast bf16 matmuls (AMX, AMD Zen 4/5), f32 elsewhere (by [`Precision::resolve`], the rule the stage keys use too).
 pub fn compute_dtype(precision: Precision, device: &Device) -> DType {
     match precision.resolve(class(device)) {
         Precision::Bf16 => DType::BF16,
@@ -162,7 +162,7 @@ mod tests {
     #[test]
     fn precision_resolves_by_device_class() {
         let cpu = Device::Cpu;
-        let auto_cpu = if crate::cpu::bf16_dot_is_fast() { DType::BF16 } else { DType::F32 };
+        let auto_cpu = if crate::cpu::bf16_matmul_is_fast() { DType::BF16 } else { DType::F32 };
         assert_eq!(compute_dtype(Precision::Auto, &cpu), auto_cpu);
         assert_eq!(compute_dtype(Precision::F32, &cpu), DType::F32);
         assert_eq!(compute_dtype(Precision::Bf16, &cpu), DType::BF16);

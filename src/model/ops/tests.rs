@@ -115,6 +115,9 @@ use super::gemm::{self as bg, Backend, Elems, MatRef, Packed};
 /// machines that have it).
 fn backends() -> Vec<Backend> {
     let mut v = vec![Backend::Fallback];
+    if bg::has_amx_bf16() {
+        v.push(Backend::Amx);
+    }
     if bg::has_avx512_bf16() {
         v.push(Backend::Avx512Bf16);
     } else {
