@@ -181,19 +181,55 @@ pub fn rollout(
 /// padding keeps RoPE positions exact (the reference left-pads and ignores the offset, spec quirk
 /// 11).
 pub fn scoring_batch(rows: &[(&[u32], &[u32])], pad_id: u32, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let joined: Vec<(Vec<u32>, Vec<bool>)> = rows
+        .iter()
+        .map(|(p, c)| {
+            let trained = std::iter::repeat_n(false, p.len()).chain(std::iter::repeat_n(true, c.len())).collect();
+            ([*p, *c].concat(), trained)
+        })
+        .collect();
+    let rows: Vec<(&[u32], &[bool])> = joined.iter().map(|(i, m)| (&i[..], &m[..])).collect();
+    labelled_batch(&rows, pad_id, device)
+}
+
+/// Token rows with a per-token "carries loss" flag, right-padded with `pad_id`: `(ids, labels)`,
+/// both `[N, T]`, labels aligned with the inputs ([`IGNORE`] where the flag is off and on padding).
+pub fn labelled_batch(
+    rows: &[(&[u32], &[bool])],
+    pad_id: u32,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let n = rows.len();
-    let t = rows.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(1).max(2);
+    let t = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(1).max(2);
     let mut ids = Vec::with_capacity(n * t);
     let mut labels = Vec::with_capacity(n * t);
-    for (p, c) in rows {
-        ids.extend_from_slice(p);
-        ids.extend_from_slice(c);
-        ids.extend(std::iter::repeat_n(pad_id, t - p.len() - c.len()));
-        labels.extend(std::iter::repeat_n(IGNORE, p.len()));
-        labels.extend(c.iter().map(|&x| x as i64));
-        labels.extend(std::iter::repeat_n(IGNORE, t - p.len() - c.len()));
+    for (row, trained) in rows {
+        debug_assert_eq!(row.len(), trained.len(), "one flag per token");
+        ids.extend_from_slice(row);
+        ids.extend(std::iter::repeat_n(pad_id, t - row.len()));
+        labels.extend(row.iter().zip(*trained).map(|(&x, &on)| if on { x as i64 } else { IGNORE }));
+        labels.extend(std::iter::repeat_n(IGNORE, t - row.len()));
     }
     Ok((Tensor::from_vec(ids, (n, t), device)?, Tensor::from_vec(labels, (n, t), device)?))
+}
+
+/// The GRPO/CISPO objective of one scored batch (`ids`, aligned `labels` from [`labelled_batch`]),
+/// one advantage per row: the policy's log-probs (with gradient) against the frozen reference's.
+/// Returns the loss, the MoE aux loss of the policy forward and the loss metrics.
+pub(crate) fn policy_loss(
+    policy: &MiniMind,
+    reference: &MiniMind,
+    ids: &Tensor,
+    labels: &Tensor,
+    advantages: &[f32],
+    cfg: &GrpoLossConfig,
+) -> candle_core::Result<(Tensor, Tensor, super::losses::GrpoLossMetrics)> {
+    let (h, aux) = policy.forward_hidden(ids, None, 0, None, true)?;
+    let (logp, mask) = masked_token_logprobs(&policy.logits(&h)?, labels)?;
+    let (ref_logp, _) = masked_token_logprobs(&reference.forward_logits(ids, None)?, labels)?;
+    let adv = Tensor::from_slice(advantages, advantages.len(), policy.device())?;
+    let out = grpo_loss(&logp, None, &ref_logp.detach(), &adv, &mask, cfg)?;
+    Ok((out.loss, aux, out.metrics))
 }
 
 impl Rollout {
@@ -297,14 +333,10 @@ impl Grpo<'_> {
             }
             let adv = group_advantages(&ro.rewards, g, ADVANTAGE_EPS).map_err(ext)?;
             let (ids, labels) = ro.scoring_batch(&prompts, g, self.rollout.pad_id, &device)?;
-            let (h, aux) = self.policy.forward_hidden(&ids, None, 0, None, true)?;
-            let (logp, mask) = masked_token_logprobs(&self.policy.logits(&h)?, &labels)?;
-            let (ref_logp, _) = masked_token_logprobs(&self.reference.forward_logits(&ids, None)?, &labels)?;
-            let adv_t = Tensor::from_slice(&adv.advantages, adv.advantages.len(), &device)?;
-            let out = grpo_loss(&logp, None, &ref_logp.detach(), &adv_t, &mask, &self.loss)?;
-            on_metrics(micro, &step_metrics(&ro, &adv, self.rewards, &out.metrics));
+            let (loss, aux, lm) = policy_loss(self.policy, self.reference, &ids, &labels, &adv.advantages, &self.loss)?;
+            on_metrics(micro, &step_metrics(&ro, &adv, self.rewards, &lm));
             micro += 1;
-            Ok(LossOutput { loss: (out.loss + &aux)?, aux: Some(aux) })
+            Ok(LossOutput { loss: (loss + &aux)?, aux: Some(aux) })
         })
     }
 
@@ -368,7 +400,7 @@ pub(crate) fn step_seed(seed: u64, micro: usize) -> u64 {
 }
 
 /// Carry a non-candle error through the loss closure's `candle_core::Result`.
-fn ext(e: impl std::fmt::Display) -> candle_core::Error {
+pub(crate) fn ext(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 

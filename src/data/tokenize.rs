@@ -278,6 +278,25 @@ impl TextTokenizer {
         self.encode(&text)
     }
 
+    /// The ids that follow an assistant turn's `<|im_end|>` when tool `results` come back: the rest
+    /// of the turn end, the `tool` turns and the next generation prompt, as the template renders
+    /// them. Tokenised on their own, so a multi-turn loop appends them to the ids the model
+    /// generated instead of re-tokenising the whole conversation (whose earlier turns may
+    /// tokenise differently from what the model produced). The text starts right after a special
+    /// token, so it tokenises as it would inside the full rendering.
+    pub fn tool_results(&self, results: &[String]) -> Result<Vec<u32>, TokenizeError> {
+        let mut msgs = vec![Message::new("user", ""), Message::new("assistant", "")];
+        let before = self.template.render(&msgs, None, false, false)?;
+        msgs.extend(results.iter().map(|r| Message::new("tool", r.clone())));
+        let after = self.template.render(&msgs, None, true, false)?;
+        const END: &str = "<|im_end|>";
+        let cut = before.rfind(END).map(|i| i + END.len());
+        let delta = cut.filter(|&c| after.starts_with(&before[..c])).map(|c| &after[c..]).ok_or_else(|| {
+            TokenizeError::Encode("the chat template does not render tool results after the assistant turn".into())
+        })?;
+        self.encode(delta)
+    }
+
     /// One untruncated scoring sequence for an example with its loss targets (eval perplexity):
     /// chat → assistant spans; preference → the chosen conversation; prompt/answer → the answer as
     /// an assistant turn; text → the pretrain layout. Default (deterministic) chat options.
@@ -362,6 +381,27 @@ mod tests {
         assert_eq!(t.assistant_start, vec![1, 1388, 570, 811, 234]);
         assert_eq!(t.turn_end, vec![2, 234]);
         assert_eq!((t.bos, t.eos, t.pad), (1, 2, 0));
+    }
+
+    #[test]
+    fn tool_results_continue_the_generated_turn_as_the_full_rendering_does() {
+        let Some(t) = tok() else { return };
+        let tools = [serde_json::json!({"type": "function", "function": {"name": "calculator"}})];
+        let user = [Message::new("user", "What is 2+3?")];
+        let prompt = t.tool_prompt(&user, &tools).unwrap();
+        // The model's turn (here the canonical tokens of a call) ends with the eos it generated.
+        let call = "<tool_call>\n{\"name\": \"calculator\", \"arguments\": {\"expression\": \"2+3\"}}\n</tool_call>";
+        let mut ids = prompt.clone();
+        ids.extend(t.encode(call).unwrap());
+        ids.push(t.eos);
+        let results = ["{\"result\": \"5\"}".to_string(), "{\"error\": \"x\"}".to_string()];
+        ids.extend(t.tool_results(&results).unwrap());
+        let mut conv = user.to_vec();
+        conv.push(Message::new("assistant", call));
+        conv.extend(results.iter().map(|r| Message::new("tool", r.clone())));
+        let full = t.tool_prompt(&conv, &tools).unwrap();
+        assert_eq!(t.decode_with_specials(&ids).unwrap(), t.decode_with_specials(&full).unwrap());
+        assert_eq!(ids, full, "appending the delta gives the ids of the whole rendering");
     }
 
     #[test]

@@ -224,6 +224,12 @@ pub trait PromptEncoder {
     fn chat_ids(&self, _messages: &[crate::data::Message], _tools: &[serde_json::Value]) -> anyhow::Result<Vec<u32>> {
         anyhow::bail!("this prompt encoder cannot render tool conversations")
     }
+    /// Ids that follow a generated assistant turn (after its eos) when tool `results` come back:
+    /// the `tool` turns and the next generation prompt (see
+    /// [`crate::data::tokenize::TextTokenizer::tool_results`]).
+    fn tool_results_ids(&self, _results: &[String]) -> anyhow::Result<Vec<u32>> {
+        anyhow::bail!("this prompt encoder cannot render tool results")
+    }
 }
 
 /// Runs the metrics of one model.

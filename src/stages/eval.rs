@@ -375,7 +375,7 @@ fn raw_records(file: &std::path::Path) -> anyhow::Result<Option<Vec<(usize, serd
 
 /// Tool tasks when the records of a `prompt_answer` dataset carry `tool_call` (checked on the
 /// first record); `None` otherwise. Every named tool must be a built-in one.
-fn read_tool_tasks(ds: &ResolvedDataset, max: usize) -> anyhow::Result<Option<Vec<ToolTask>>> {
+pub(super) fn read_tool_tasks(ds: &ResolvedDataset, max: usize) -> anyhow::Result<Option<Vec<ToolTask>>> {
     let col = |name: &str| ds.spec.columns.get(name).cloned().unwrap_or_else(|| name.to_string());
     let (qcol, acol) = (col("question"), col("answer"));
     let mut tasks = vec![];
@@ -494,12 +494,17 @@ fn eval_model(
 
 /// Prompt encoding with the model's own tokenizer files (the data layer's tokenizer, so prompts
 /// and masks are exactly what training produced).
-struct TokEncoder {
+pub(super) struct TokEncoder {
     tok: TextTokenizer,
     chat: bool,
 }
 
 impl TokEncoder {
+    /// A chat model's encoder (RL stages that run the tool loop).
+    pub(super) fn chat(tok: TextTokenizer) -> Self {
+        Self { tok, chat: true }
+    }
+
     fn load(art: &Artifact, style: PromptStyle) -> anyhow::Result<Self> {
         let tok = TextTokenizer::from_dir(&art.dir)
             .with_context(|| format!("loading the tokenizer of model artifact {}", art.dir.display()))?;
@@ -561,6 +566,10 @@ impl PromptEncoder for TokEncoder {
 
     fn chat_ids(&self, messages: &[Message], tools: &[serde_json::Value]) -> anyhow::Result<Vec<u32>> {
         Ok(self.tok.tool_prompt(messages, tools)?)
+    }
+
+    fn tool_results_ids(&self, results: &[String]) -> anyhow::Result<Vec<u32>> {
+        Ok(self.tok.tool_results(results)?)
     }
 }
 

@@ -119,41 +119,69 @@ impl StageParams for GrpoParams {
 
     fn validate(&self) -> Result<(), InvalidParam> {
         self.validate_training()?;
-        super::training::in_range("top_p", self.top_p as f64, |p| p > 0.0 && p <= 1.0, "use a top_p in (0, 1]")?;
-        super::training::in_range("beta", self.beta, |b| b >= 0.0, "use beta >= 0 (0 turns the KL term off)")?;
-        let bad = |key, message: String, hint: &str| Err(InvalidParam { key, message, hint: hint.into() });
         if let Err(e) = RewardSet::new(&self.rewards) {
-            return bad("rewards", e.to_string(), "e.g. rewards = [{ kind = \"exact_match\" }]");
+            let hint = "e.g. rewards = [{ kind = \"exact_match\" }]".into();
+            return Err(InvalidParam { key: "rewards", message: e.to_string(), hint });
         }
-        if self.num_generations < 2 {
-            let m = format!(
-                "num_generations = {} leaves one completion per group, so every advantage is 0",
-                self.num_generations
-            );
-            return bad("num_generations", m, "use 2 or more (the reference samples 6)");
-        }
-        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            let m =
-                format!("temperature = {} makes every completion of a prompt identical (no signal)", self.temperature);
-            return bad("temperature", m, "sample with a positive temperature, e.g. 0.8");
-        }
-        if self.max_new_tokens == 0 {
-            return bad("max_new_tokens", "max_new_tokens = 0 generates nothing".into(), "use at least 1");
-        }
-        if !(self.beta >= 0.0 && self.beta.is_finite()) {
-            return bad("beta", format!("beta = {} is not a KL coefficient", self.beta), "use a number >= 0, e.g. 0.1");
-        }
-        Ok(())
+        validate_sampling(self.num_generations, self.temperature, self.top_p, self.max_new_tokens, self.beta)
     }
+}
+
+/// The checks every sampled-group RL stage (grpo, agent) makes of its group and sampling params.
+pub(super) fn validate_sampling(
+    num_generations: usize,
+    temperature: f32,
+    top_p: f32,
+    max_new_tokens: usize,
+    beta: f64,
+) -> Result<(), InvalidParam> {
+    super::training::in_range("top_p", top_p as f64, |p| p > 0.0 && p <= 1.0, "use a top_p in (0, 1]")?;
+    super::training::in_range("beta", beta, |b| b >= 0.0, "use beta >= 0 (0 turns the KL term off)")?;
+    let bad = |key, message: String, hint: &str| Err(InvalidParam { key, message, hint: hint.into() });
+    if num_generations < 2 {
+        let m = format!("num_generations = {num_generations} leaves one sample per group, so every advantage is 0");
+        return bad("num_generations", m, "use 2 or more (the reference samples 4 to 6)");
+    }
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        let m = format!("temperature = {temperature} makes every sample of a group identical (no signal)");
+        return bad("temperature", m, "sample with a positive temperature, e.g. 0.8");
+    }
+    if max_new_tokens == 0 {
+        return bad("max_new_tokens", "max_new_tokens = 0 generates nothing".into(), "use at least 1");
+    }
+    if !(beta >= 0.0 && beta.is_finite()) {
+        return bad("beta", format!("beta = {beta} is not a KL coefficient"), "use a number >= 0, e.g. 0.1");
+    }
+    Ok(())
+}
+
+/// The objective's settings; `clip_high` defaults by surrogate (GRPO 0.2, CISPO 5.0).
+pub(super) fn loss_config(kind: PolicyLossKind, clip_low: f64, clip_high: Option<f64>, beta: f64) -> GrpoLossConfig {
+    let clip_high = clip_high.unwrap_or(match kind {
+        PolicyLossKind::Grpo => 0.2,
+        PolicyLossKind::Cispo => 5.0,
+    });
+    GrpoLossConfig { kind, clip_low, clip_high, beta }
+}
+
+/// One `metrics.jsonl` point of an RL micro-step: the step's metrics with `micro_step` and each
+/// reward term flattened to `reward/<name>`.
+pub(super) fn metric_point(i: usize, m: &impl serde::Serialize) -> serde_json::Value {
+    let mut point = serde_json::to_value(m).expect("metrics serialise");
+    if let Some(o) = point.as_object_mut() {
+        o.insert("micro_step".into(), (i + 1).into());
+        if let Some(serde_json::Value::Object(parts)) = o.remove("rewards") {
+            for (k, v) in parts {
+                o.insert(format!("reward/{k}"), v);
+            }
+        }
+    }
+    point
 }
 
 impl GrpoParams {
     fn loss_config(&self) -> GrpoLossConfig {
-        let clip_high = self.clip_high.unwrap_or(match self.loss_type {
-            PolicyLossKind::Grpo => 0.2,
-            PolicyLossKind::Cispo => 5.0,
-        });
-        GrpoLossConfig { kind: self.loss_type, clip_low: self.clip_low, clip_high, beta: self.beta }
+        loss_config(self.loss_type, self.clip_low, self.clip_high, self.beta)
     }
 }
 
@@ -224,17 +252,8 @@ impl Stage for GrpoStage {
             zero_std += m.zero_std_groups;
             groups += m.groups;
             steps += 1;
-            let mut point = serde_json::to_value(m).expect("metrics serialise");
-            if let Some(o) = point.as_object_mut() {
-                o.insert("micro_step".into(), (i + 1).into());
-                if let Some(serde_json::Value::Object(parts)) = o.remove("rewards") {
-                    for (k, v) in parts {
-                        o.insert(format!("reward/{k}"), v);
-                    }
-                }
-            }
             // Metrics are best effort: a full disk must not kill a training run.
-            let _ = run.metric(&stage, point);
+            let _ = run.metric(&stage, metric_point(i, m));
         })?;
         if zero_std > 0 {
             tracing::info!(

@@ -5,6 +5,7 @@
 //! edges all come from that declaration. This module adds how each kind runs ([`Stage`]), and
 //! [`REGISTRY`] lists every kind once. The executor only sees the object-safe [`DynStage`].
 
+pub mod agent;
 mod context;
 pub mod distill;
 pub mod dpo;
@@ -57,6 +58,7 @@ pub static REGISTRY: &[&dyn DynStage] = &[
     &reward_model::RewardModelStage,
     &grpo::GrpoStage,
     &ppo::PpoStage,
+    &agent::AgentStage,
     &distill::DistillStage,
     &eval::EvalStage,
 ];

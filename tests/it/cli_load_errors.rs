@@ -272,3 +272,45 @@ fn unusable_ppo_settings_fail_at_load_time() {
         assert_eq!(o.code, Some(0), "{name}: stderr:\n{}", o.stderr);
     }
 }
+
+#[test]
+fn unusable_agent_settings_fail_at_load_time() {
+    let sb = Sandbox::new();
+    let agent = |body: &str| {
+        format!(
+            "{}\n[datasets.tasks]\nsource = \"builtin:tool_use\"\nformat = \"prompt_answer\"\nbuiltin = {{ count = 8 }}\n\n\
+             [stages.rl]\nkind = \"agent\"\nfrom = \"base\"\ndata = \"tasks\"\n{body}\n",
+            base()
+        )
+    };
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        ("agent_turns0", agent("max_turns = 0"), "max_turns = 0", "max_turns"),
+        ("agent_group1", agent("num_generations = 1"), "num_generations = 1", "one sample per group"),
+        (
+            "agent_tool",
+            agent("tools = [\"calculator\", \"shell\"]"),
+            "tools = [\"calculator\", \"shell\"]",
+            "unknown tool 'shell'",
+        ),
+        ("agent_no_tools", agent("tools = []"), "tools = []", "offers no tool"),
+        ("agent_temp", agent("temperature = 0.0"), "temperature = 0.0", "positive temperature"),
+        ("agent_tokens0", agent("max_new_tokens = 0"), "max_new_tokens = 0", "generates nothing"),
+        ("agent_beta", agent("beta = -1.0"), "beta = -1.0", "beta"),
+        (
+            "agent_chat",
+            agent("").replace("data = \"tasks\"", "data = \"chat\""),
+            "data = \"chat\"",
+            "agent stage reads",
+        ),
+        ("agent_heldout", agent("heldout = \"nope\""), "heldout = \"nope\"", "nope"),
+    ];
+    for (name, text, line, says) in &cases {
+        refused(&sb, name, text, line, says);
+    }
+    sb.write(
+        "agent_ok.toml",
+        &agent("tools = [\"calculator\", \"convert_units\", \"element_lookup\"]\nheldout = \"tasks\""),
+    );
+    let o = sb.run(&["plan", "agent_ok.toml"]);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+}

@@ -1,6 +1,7 @@
 //! Tool use end to end through the CLI: a tiny model is SFT-trained on `builtin:tool_use`
-//! conversations and the eval stage reports tool selection, argument validity and final-answer
-//! accuracy on held-out tool tasks, for the untrained and the trained model.
+//! conversations, then trained by the `agent` stage on tool tasks (multi-turn episodes with the
+//! calculator), and the eval stage reports tool selection, argument validity and final-answer
+//! accuracy on held-out tool tasks for the untrained, the SFT and the agent model.
 
 use crate::common::{self, Sandbox};
 
@@ -50,9 +51,27 @@ batch_size = 8
 max_steps = 100
 lr = 3e-3
 
+[datasets.train_tasks]
+source = "builtin:tool_use"
+format = "prompt_answer"
+builtin = {{ count = 16, tools = ["calculator"] }}
+
+[stages.agent]
+kind = "agent"
+from = "sft"
+data = "train_tasks"
+heldout = "tasks"
+tools = ["calculator"]
+max_turns = 2
+num_generations = 4
+max_new_tokens = 40
+batch_size = 2
+max_steps = 3
+lr = 1e-4
+
 [stages.report]
 kind = "eval"
-models = ["base", "sft"]
+models = ["base", "sft", "agent"]
 data = ["tasks"]
 generation = {{ max_new_tokens = 40 }}
 max_turns = 2
@@ -62,7 +81,7 @@ max_turns = 2
 }
 
 #[test]
-fn sft_on_builtin_tool_calls_then_eval_reports_the_three_tool_metrics() {
+fn sft_then_agent_on_builtin_tool_tasks_and_eval_reports_the_three_tool_metrics() {
     let Some(shared) = common::shared_data() else { return };
     let sb = Sandbox::new();
     sb.write("tooly.toml", &recipe(&shared.join("minimind_tokenizer")));
@@ -88,6 +107,22 @@ fn sft_on_builtin_tool_calls_then_eval_reports_the_three_tool_metrics() {
     for (m, v) in &seen {
         println!("  {m:<5} {v:?}");
     }
+    // The agent stage ran its episodes and measured the held-out tasks before and after.
+    let m = &run["stages"]["agent"]["metrics"];
+    assert_eq!((m["steps"].as_u64(), m["tasks"].as_u64(), m["heldout_tasks"].as_u64()), (Some(3), Some(16), Some(8)));
+    for k in ["heldout_before/tool_selection", "heldout/tool_selection", "heldout/tool_answer", "reward_mean"] {
+        assert!(m[k].as_f64().is_some_and(f64::is_finite), "{k} in {m:#}");
+    }
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["stage"] == "agent" && v.get("reward_mean").is_some())
+        .collect();
+    assert_eq!(lines.len(), 3, "one line per rollout step");
+    for k in ["reward_mean", "reward/calls", "reward/answer", "tool_success", "turns", "kl", "response_len"] {
+        assert!(lines[0].get(k).is_some(), "no {k} in {}", lines[0]);
+    }
+    assert!(lines.iter().all(|v| v["reward_mean"].as_f64().unwrap().abs() <= 3.0));
     let (base, sft) = (&seen["base"], &seen["sft"]);
     // An untrained model does not emit the call format; SFT teaches it.
     assert_eq!(base[0], 0.0, "{seen:?}");
