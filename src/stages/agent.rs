@@ -147,6 +147,8 @@ impl StageParams for AgentParams {
 
     fn validate(&self) -> Result<(), InvalidParam> {
         self.validate_training()?;
+        // Episodes are sampled per process; splitting a batch's groups across ranks is untested.
+        super::training::single_rank("agent", self.world_size, &self.devices)?;
         super::grpo::validate_sampling(
             self.num_generations,
             self.temperature,
@@ -224,7 +226,7 @@ fn tool_tasks(
 impl Stage for AgentStage {
     fn run(&self, ctx: &mut StageContext<'_>, p: &AgentParams) -> anyhow::Result<StageOutcome> {
         let stage = ctx.name.to_string();
-        let compute = crate::train::device::Compute::for_recipe(&ctx.recipe.meta)?;
+        let compute = ctx.compute()?;
         let seed = p.seed_or(ctx.recipe.meta.seed);
         let from = ctx.inputs.model(&p.from, &stage)?;
         let tok = TextTokenizer::from_artifact(from)
