@@ -389,26 +389,53 @@ fn gemm_fallback(a: MatRef, b: &[f32], n: usize, c: &mut [f32], ldc: usize, accu
     }
 }
 
-fn gemm_panels(a: MatRef, b: &[u32], n: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
-    let (m, k) = (a.rows, a.cols);
-    let (kp, np) = (k.div_ceil(2), panels(n));
+/// The rows `m0..m0 + rows` of C and the B panels `j0..j1` one task of a panel GEMM owns.
+#[derive(Clone, Copy)]
+struct Task {
+    m0: usize,
+    rows: usize,
+    j0: usize,
+    j1: usize,
+}
+
+/// Run `body` in parallel on the tasks of `C (M × N) (+)= A · B` over `kp` K pairs: `mc`-row
+/// blocks of C, split along N too when there are too few rows to feed every thread (the weight
+/// gradient of a small layer, decoding). An empty K only zeroes C (unless accumulating).
+#[allow(clippy::too_many_arguments)]
+fn par_tasks(
+    m: usize,
+    n: usize,
+    kp: usize,
+    mc: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    body: impl Fn(Task, CPtr) + Send + Sync,
+) {
     if kp == 0 {
         if !accumulate {
             c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
         }
         return;
     }
-    // Tasks: MC-row blocks of C, split along N too when there are too few rows to feed every
-    // thread (the weight gradient of a small layer, decoding).
-    let mblocks = m.div_ceil(MC);
+    let np = panels(n);
+    let mblocks = m.div_ceil(mc);
     let groups = (2 * rayon::current_num_threads()).div_ceil(mblocks).clamp(1, np);
     let per_group = np.div_ceil(groups);
     let groups = np.div_ceil(per_group);
     let cp = CPtr(c.as_mut_ptr());
     (0..mblocks * groups).into_par_iter().for_each(|task| {
         let (mb, g) = (task / groups, task % groups);
-        let (m0, rows) = (mb * MC, MC.min(m - mb * MC));
+        let (m0, rows) = (mb * mc, mc.min(m - mb * mc));
         let (j0, j1) = (g * per_group, ((g + 1) * per_group).min(np));
+        body(Task { m0, rows, j0, j1 }, cp)
+    });
+}
+
+fn gemm_panels(a: MatRef, b: &[u32], n: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+    let (m, k) = (a.rows, a.cols);
+    let (kp, np) = (k.div_ceil(2), panels(n));
+    par_tasks(m, n, kp, MC, c, ldc, accumulate, |Task { m0, rows, j0, j1 }, cp| {
         let mut abuf = vec![0u32; rows.div_ceil(MR) * MR * KCP];
         for kb in 0..kp.div_ceil(KCP) {
             let p0 = kb * KCP;
@@ -444,21 +471,7 @@ const MC_AMX: usize = 64;
 fn gemm_amx(a: MatRef, b: &[u32], n: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
     let (m, k) = (a.rows, a.cols);
     let (kp, np) = (k.div_ceil(2), panels(n));
-    if kp == 0 {
-        if !accumulate {
-            c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
-        }
-        return;
-    }
-    let mblocks = m.div_ceil(MC_AMX);
-    let groups = (2 * rayon::current_num_threads()).div_ceil(mblocks).clamp(1, np);
-    let per_group = np.div_ceil(groups);
-    let groups = np.div_ceil(per_group);
-    let cp = CPtr(c.as_mut_ptr());
-    (0..mblocks * groups).into_par_iter().for_each(|task| {
-        let (mb, g) = (task / groups, task % groups);
-        let (m0, rows) = (mb * MC_AMX, MC_AMX.min(m - mb * MC_AMX));
-        let (j0, j1) = (g * per_group, ((g + 1) * per_group).min(np));
+    par_tasks(m, n, kp, MC_AMX, c, ldc, accumulate, |Task { m0, rows, j0, j1 }, cp| {
         let tiles = rows.div_ceil(amx::M);
         // A block: `tiles × 32` rows of `KCP` pairs (a whole number of 16-pair tiles).
         let mut abuf = vec![0u32; tiles * amx::M * KCP];
