@@ -230,6 +230,49 @@ fn sigint_while_training_a_tokenizer_stops_the_stage_then_a_rerun_trains_it() {
     assert_objects_complete(&sb.home());
 }
 
+/// The cache key of stage `name` in the plan of `r.toml`.
+fn stage_key(sb: &Sandbox, name: &str) -> String {
+    let plan = sb.plan(&["r.toml"]);
+    plan["stages"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["key"].as_str().unwrap().to_string()
+}
+
+/// Run `r.toml` and SIGKILL it once the stage with cache key `key` has written a complete
+/// checkpoint (it must checkpoint after every step: `save_every_secs = 0`). Returns the newest
+/// checkpoint's step, which survives the kill.
+fn sigkill_after_first_checkpoint(sb: &Sandbox, key: &str) -> usize {
+    let ckpts = sb.home().join("work-v1").join(key).join("checkpoints");
+    let complete = || -> Vec<usize> {
+        let mut v: Vec<usize> = std::fs::read_dir(&ckpts)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().join("state.json").is_file())
+                    .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let mut child = sb
+        .command(&["r.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while complete().is_empty() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("mmrun finished ({status}) before the stage wrote a checkpoint");
+        }
+        assert!(Instant::now() < deadline, "no checkpoint after 240 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!sb.home().join("objects-v1").join(key).exists(), "the killed stage must not be published");
+    *complete().last().expect("the checkpoint survives the kill")
+}
+
 /// A LoRA stage with the time-based checkpoint interval at 0 (after every step), killed with
 /// SIGKILL once a checkpoint exists: the rerun continues from the newest checkpoint.
 #[test]
@@ -278,42 +321,8 @@ max_steps = 60
 save_every_secs = 0
 "#,
     );
-    let plan = sb.plan(&["r.toml"]);
-    let key = plan["stages"].as_array().unwrap().iter().find(|s| s["name"] == "adapt").unwrap()["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let ckpts = sb.home().join("work-v1").join(&key).join("checkpoints");
-    let complete = || -> Vec<usize> {
-        let mut v: Vec<usize> = std::fs::read_dir(&ckpts)
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.path().join("state.json").is_file())
-                    .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    };
-    let mut child = sb
-        .command(&["r.toml"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(240);
-    while complete().is_empty() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("mmrun finished ({status}) before the LoRA stage wrote a checkpoint");
-        }
-        assert!(Instant::now() < deadline, "no checkpoint after 240 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    assert!(!sb.home().join("objects-v1").join(&key).exists(), "the killed stage must not be published");
-    let newest = *complete().last().expect("the checkpoint survives the kill");
+    let key = stage_key(&sb, "adapt");
+    let newest = sigkill_after_first_checkpoint(&sb, &key);
 
     let o = sb.run_ok(&["r.toml"]);
     assert!(o.stderr.contains("resuming"), "{}", o.stderr);
@@ -324,4 +333,74 @@ save_every_secs = 0
     assert_eq!(rec["stages"]["adapt"]["metrics"]["steps"], 60);
     assert!(!sb.home().join("work-v1").join(&key).exists(), "checkpoints are removed once published");
     assert_objects_complete(&sb.home());
+}
+
+/// An agent stage (multi-turn tool episodes sampled during training) killed with SIGKILL after a
+/// checkpoint, then run again: it continues from the checkpoint and ends with exactly the weights
+/// of an uninterrupted run (the episodes are re-sampled identically), byte for byte.
+#[test]
+fn sigkill_during_agent_then_rerun_gives_the_uninterrupted_weights() {
+    const RECIPE: &str = r#"[recipe]
+name = "agentkill"
+seed = 3
+
+[model]
+preset = "tiny"
+
+[datasets.text]
+source = "builtin:arithmetic"
+format = "text"
+builtin = { count = 200 }
+
+[datasets.tasks]
+source = "builtin:tool_use"
+format = "prompt_answer"
+builtin = { count = 16, tools = ["calculator"] }
+
+[stages.tok]
+kind = "tokenizer"
+data = ["text"]
+vocab_size = 400
+
+[stages.base]
+kind = "pretrain"
+tokenizer = "tok"
+data = "text"
+max_seq_len = 32
+batch_size = 4
+max_steps = 2
+
+[stages.agent]
+kind = "agent"
+from = "base"
+data = "tasks"
+max_turns = 2
+num_generations = 2
+max_new_tokens = 8
+batch_size = 1
+max_steps = 8
+lr = 1e-3
+save_every_secs = 0
+"#;
+    let (killed, whole) = (Sandbox::new(), Sandbox::new());
+    killed.write("r.toml", RECIPE);
+    whole.write("r.toml", RECIPE);
+    let key = stage_key(&killed, "agent");
+    let newest = sigkill_after_first_checkpoint(&killed, &key);
+    assert!(newest < 8, "killed mid-stage");
+
+    let o = killed.run_ok(&["r.toml"]);
+    assert!(o.stderr.contains("resuming"), "{}", o.stderr);
+    let rec = killed.last_run();
+    assert_eq!(rec["stages"]["base"]["status"], "cached");
+    assert_eq!(rec["stages"]["agent"]["status"], "ran");
+    assert_eq!(rec["stages"]["agent"]["metrics"]["resumed_from"], newest, "continues from the newest checkpoint");
+    assert_eq!(rec["stages"]["agent"]["metrics"]["steps"], 8);
+
+    whole.run_ok(&["r.toml"]);
+    assert_eq!(whole.last_run()["stages"]["agent"]["key"], key.as_str(), "the same stage");
+    let weights =
+        |sb: &Sandbox| std::fs::read(sb.home().join("objects-v1").join(&key).join("model.safetensors")).unwrap();
+    assert!(weights(&killed) == weights(&whole), "the resumed agent's weights differ from an uninterrupted run's");
+    assert_objects_complete(&killed.home());
 }
