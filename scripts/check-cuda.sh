@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Type-check mmrun's CUDA build (`cargo check --features cuda`) on a machine with no GPU and no
-# system CUDA toolkit.
+# Type-check mmrun's CUDA build (`cargo check --features nccl`, i.e. CUDA plus the NCCL collective)
+# on a machine with no GPU and no system CUDA toolkit.
 #
 # candle-kernels' build script compiles its .cu kernels with nvcc even for `cargo check`, so nvcc
 # must exist; NVIDIA ships it (and the headers it needs) as PyPI wheels. This script puts them in
@@ -45,9 +45,11 @@ if [[ -z "$nvcc" ]]; then
 fi
 
 cuda_home="$(dirname "$(dirname "$nvcc")")"
-export PATH="$(dirname "$nvcc"):$PATH"
+nvcc_bin="$(dirname "$nvcc")"
+export PATH="$nvcc_bin:$PATH"
 export CUDA_HOME="$cuda_home" CUDA_PATH="$cuda_home"
 echo "check-cuda: $("$nvcc" --version | tail -n 1) at $nvcc; CUDARC_CUDA_VERSION=$CUDARC_CUDA_VERSION CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP" >&2
 
 cd "$repo"
-exec cargo check --features cuda "$@"
+# `nccl` includes `cuda`: one check covers both (libnccl is only needed to link, not to check).
+exec cargo check --features nccl "$@"

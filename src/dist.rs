@@ -11,6 +11,11 @@
 //! Nothing here waits forever: every receive has a timeout, and an error names the rank that did
 //! not answer and where its log is.
 
+#[cfg(feature = "nccl")]
+mod nccl;
+#[cfg(feature = "nccl")]
+pub use nccl::NcclCollective;
+
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -104,6 +109,22 @@ pub enum DistError {
         /// The socket error.
         source: std::io::Error,
     },
+    /// Moving a buffer between this rank's device and the host (or reshaping it) failed.
+    #[error("rank {rank}: copying a buffer for the exchange: {source}")]
+    Tensor {
+        /// This rank.
+        rank: usize,
+        /// candle's error.
+        source: candle_core::Error,
+    },
+    /// NCCL failed, or its collective did not finish in time (a rank died or hung inside it).
+    #[error("rank {rank}: NCCL {what}")]
+    Nccl {
+        /// The rank that saw it.
+        rank: usize,
+        /// What failed, and what to do.
+        what: String,
+    },
 }
 
 fn log_hint(log: &Option<PathBuf>) -> String {
@@ -129,6 +150,13 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
     fn barrier(&self) -> Result<(), DistError> {
         self.all_reduce_sum(&mut [])
     }
+    /// [`Self::all_reduce_sum`] of a tensor (any shape, any dtype; the sum is taken in f32), with
+    /// the result on the tensor's device. The default copies it to the host and back around
+    /// [`Self::all_reduce_sum`]; a collective that reduces on the device (NCCL) overrides it, so
+    /// gradients on a GPU never leave it.
+    fn all_reduce_sum_tensor(&self, t: &candle_core::Tensor) -> Result<candle_core::Tensor, DistError> {
+        all_reduce_through_host(self, t)
+    }
     /// [`Self::all_reduce_sum`] divided by the world size.
     fn all_reduce_mean(&self, buf: &mut [f32]) -> Result<(), DistError> {
         self.all_reduce_sum(buf)?;
@@ -136,6 +164,37 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
         buf.iter_mut().for_each(|x| *x /= n);
         Ok(())
     }
+}
+
+/// [`Collective::all_reduce_sum_tensor`] by a copy to the host, [`Collective::all_reduce_sum`]
+/// and a copy back.
+fn all_reduce_through_host<C: Collective + ?Sized>(
+    c: &C,
+    t: &candle_core::Tensor,
+) -> Result<candle_core::Tensor, DistError> {
+    let tensor = |source| DistError::Tensor { rank: c.rank(), source };
+    let mut host =
+        t.to_dtype(candle_core::DType::F32).and_then(|f| f.flatten_all()?.to_vec1::<f32>()).map_err(tensor)?;
+    c.all_reduce_sum(&mut host)?;
+    candle_core::Tensor::from_vec(host, t.shape(), t.device()).map_err(tensor)
+}
+
+/// The collective for ranks that `tcp` joined: [`NcclCollective`] when every rank computes on a
+/// CUDA device (`cuda`) and this build has the `nccl` feature, else `tcp` itself (on CUDA without
+/// NCCL, gradients then go through the host, with a warning). Every rank must pass the same
+/// `cuda`: NCCL's set-up is itself an exchange.
+pub fn for_devices(tcp: TcpCollective, cuda: bool) -> Result<std::sync::Arc<dyn Collective>, DistError> {
+    #[cfg(feature = "nccl")]
+    if cuda {
+        return Ok(std::sync::Arc::new(NcclCollective::new(tcp)?));
+    }
+    if cuda && tcp.rank == 0 {
+        tracing::warn!(
+            "this mmrun was built without the `nccl` feature: the ranks' gradients are summed through the host \
+             over TCP (correct, but slower than NCCL; build with `--features nccl` for multi-GPU training)"
+        );
+    }
+    Ok(std::sync::Arc::new(tcp))
 }
 
 /// The one-rank collective: every operation is the identity.
@@ -632,6 +691,26 @@ mod tests {
         assert!(e.to_string().contains("only 2 of 3 ranks joined") && e.to_string().contains("missing: 2"), "{e}");
         // The joined rank learns that rank 0 gave up instead of waiting.
         assert_eq!((&joined).read(&mut [0u8; 1]).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_rank_that_exited_before_joining_ends_the_wait_by_name() {
+        // With the full default timeout: only the check can end this wait.
+        let l = Listener::bind("127.0.0.1:0", "job").unwrap();
+        let e = l
+            .accept_with(2, DEFAULT_TIMEOUT, || Err(DistError::Died { rank: 1, log: Some("r/base.rank1.log".into()) }))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "rank 1 closed its connection: it died or stopped; see its log r/base.rank1.log");
+    }
+
+    #[test]
+    fn a_tensor_all_reduce_sums_through_the_host_by_default() {
+        let out = on_all(ranks(2, DEFAULT_TIMEOUT), |c| {
+            let t =
+                candle_core::Tensor::new(&[[1f32, 2.0], [3.0, c.rank() as f32]], &candle_core::Device::Cpu).unwrap();
+            c.all_reduce_sum_tensor(&t).unwrap().to_vec2::<f32>().unwrap()
+        });
+        assert!(out.iter().all(|t| *t == vec![vec![2.0, 4.0], vec![6.0, 1.0]]), "{out:?}");
     }
 
     #[test]

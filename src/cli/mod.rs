@@ -531,7 +531,9 @@ fn finish(end: RunEnd, paths: &Paths) -> anyhow::Result<ExitCode> {
         RunEnd::Failed { run_dir, error } => {
             eprintln!("error: {error:#}");
             eprintln!("run record: {}", run_dir.display());
-            ExitCode::from(1)
+            // A recipe the machine cannot run (GPUs it lacks) is a usage error, as at load time.
+            let usage = matches!(error.downcast_ref(), Some(crate::recipe::RecipeError::Invalid(_)));
+            ExitCode::from(if usage { 2 } else { 1 })
         }
         RunEnd::Interrupted { run_dir } => {
             eprintln!(

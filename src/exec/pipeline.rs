@@ -162,6 +162,29 @@ fn prepare(recipe: &Recipe, cache: &Cache) -> anyhow::Result<Prepared> {
     Ok(Prepared { fetched, datasets, plan })
 }
 
+/// [`ranks::check_gpus`] for every stage of `plan` that will run, with this machine's GPUs.
+fn check_gpus(recipe: &Recipe, plan: &Plan) -> anyhow::Result<()> {
+    let gpus = std::sync::OnceLock::new();
+    for p in plan.stages.iter().filter(|p| p.status != crate::plan::Status::Cached) {
+        let (Some(spec), Some(kind)) = (
+            recipe.stages.iter().find(|s| s.name == p.name),
+            crate::stages::REGISTRY.iter().find(|k| k.kind() == p.kind),
+        ) else {
+            continue;
+        };
+        let ranks = kind.ranks(&spec.params);
+        if ranks.world_size > 1 || !ranks.devices.is_empty() {
+            super::ranks::check_gpus(
+                recipe,
+                &p.name,
+                &ranks,
+                *gpus.get_or_init(crate::train::device::cuda_device_count),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// `mmrun plan` as JSON: `{"stages":[{"name","kind","key","status","reasons"}]}`.
 pub fn plan_json(plan: &Plan) -> serde_json::Value {
     plan.to_json()
@@ -365,7 +388,14 @@ pub fn run_with(src: &RecipeSource, paths: &Paths, opts: &RunOptions) -> anyhow:
         ..Default::default()
     };
     let sink = RunSink::start(&paths.runs_dir, record).context("creating the run record")?;
-    let prepared = match prepare(&recipe, &cache) {
+    let executor = opts.executor.unwrap_or(recipe.meta.executor);
+    // Here, every stage's ranks run on this machine: refuse GPUs it lacks before anything runs
+    // (a Slurm job checks on its node instead).
+    let checked = prepare(&recipe, &cache).and_then(|p| match executor {
+        ExecutorKind::Local => check_gpus(&recipe, &p.plan).map(|()| p),
+        ExecutorKind::Slurm => Ok(p),
+    });
+    let prepared = match checked {
         Ok(p) => p,
         Err(error) => {
             let finished = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).ok();
@@ -413,7 +443,7 @@ pub fn run_with(src: &RecipeSource, paths: &Paths, opts: &RunOptions) -> anyhow:
     let cancel = CancelToken::new();
     cancel.install_signal_handlers().context("installing the Ctrl-C handler")?;
     let jobs = jobs_for(&recipe, &prepared.plan);
-    let (outcome, counts) = match opts.executor.unwrap_or(recipe.meta.executor) {
+    let (outcome, counts) = match executor {
         ExecutorKind::Local => {
             let remote = open_remote(&recipe);
             execute_here(&cache, &sink, &cancel, &recipe, &prepared, remote.as_ref(), &jobs)

@@ -178,6 +178,40 @@ fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
+/// Where `path` is: the override that set it, its value (or key) span, or its nearest ancestor.
+fn locate(applied: &[Applied], spans: &SpanIndex, sm: &SourceMap<'_>, path: &[String], prefer_key: bool) -> Location {
+    if let Some(a) = applied.iter().rev().find(|a| path.starts_with(&a.path)) {
+        return Location::Override(a.raw.clone());
+    }
+    match spans.get(path) {
+        Some(e) => sm.locate(if prefer_key { e.key.clone() } else { e.value.clone() }),
+        None => match spans.nearest(path) {
+            Some(e) => sm.locate(e.key.clone()),
+            None => Location::WholeFile,
+        },
+    }
+}
+
+impl Recipe {
+    /// A diagnostic about the value at `path` (`["stages", "base", "devices", "2"]`) of this
+    /// loaded recipe, pointed at as the loader points (the `--set` that wrote it, else its place in
+    /// the file): for problems found after loading, against the machine the recipe runs on.
+    pub fn diagnostic_at(&self, path: &[&str], message: String, hint: String) -> Diagnostic {
+        let path = p(path);
+        let sm = SourceMap { text: &self.source_text };
+        let spans = toml::de::DeTable::parse(&self.source_text).map(|t| SpanIndex::build(&t)).unwrap_or_default();
+        let mut doc: toml::Table = self.source_text.parse().unwrap_or_default();
+        let applied = overrides::apply(&self.path, &mut doc, &self.overrides).unwrap_or_default();
+        Diagnostic {
+            file: self.path.clone(),
+            location: locate(&applied, &spans, &sm, &path, false),
+            key: Some(dotted(&path)),
+            message,
+            hint: Some(hint),
+        }
+    }
+}
+
 /// All `` `quoted` `` words in a serde message after `from`.
 fn backticked(s: &str) -> Vec<&str> {
     s.split('`').skip(1).step_by(2).collect()
@@ -186,16 +220,7 @@ fn backticked(s: &str) -> Vec<&str> {
 impl Loader<'_> {
     /// Where `path` is: the override that set it, its value (or key) span, or its nearest ancestor.
     fn locate(&self, path: &[String], prefer_key: bool) -> Location {
-        if let Some(a) = self.applied.iter().rev().find(|a| path.starts_with(&a.path)) {
-            return Location::Override(a.raw.clone());
-        }
-        match self.spans.get(path) {
-            Some(e) => self.sm.locate(if prefer_key { e.key.clone() } else { e.value.clone() }),
-            None => match self.spans.nearest(path) {
-                Some(e) => self.sm.locate(e.key.clone()),
-                None => Location::WholeFile,
-            },
-        }
+        locate(&self.applied, &self.spans, &self.sm, path, prefer_key)
     }
 
     fn error(&mut self, path: &[String], prefer_key: bool, message: String, hint: Option<String>) {

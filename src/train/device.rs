@@ -45,6 +45,19 @@ fn auto_has_cuda() -> bool {
     *PROBE.get_or_init(|| candle_core::utils::cuda_is_available() && Device::new_cuda(0).is_ok())
 }
 
+/// How many CUDA devices this process sees: 0 on a build without the `cuda` feature or when the
+/// driver cannot be loaded.
+pub fn cuda_device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::cuda::cudarc::driver::CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}
+
 fn open_cuda(spec: DeviceSpec, ordinal: usize) -> Result<Device, DeviceError> {
     if !candle_core::utils::cuda_is_available() {
         return Err(DeviceError::NoCuda(spec));
@@ -81,12 +94,12 @@ pub fn compute_dtype(precision: Precision, device: &Device) -> DType {
 
 /// The device of rank `rank` of a data-parallel stage that lists no `devices`: one GPU per rank
 /// from the recipe's (`cuda:N` → `cuda:N+rank`, `auto` → `cuda:rank` when this build has CUDA,
-/// as torchrun's `LOCAL_RANK`), or the CPU, which CPU ranks share.
+/// as torchrun's `LOCAL_RANK`, when `auto` means CUDA here), or the CPU, which CPU ranks share.
 pub fn for_rank(spec: DeviceSpec, rank: usize) -> DeviceSpec {
     match spec {
         DeviceSpec::Cpu => DeviceSpec::Cpu,
         DeviceSpec::Cuda(n) => DeviceSpec::Cuda(n + rank),
-        DeviceSpec::Auto if candle_core::utils::cuda_is_available() => DeviceSpec::Cuda(rank),
+        DeviceSpec::Auto if auto_has_cuda() => DeviceSpec::Cuda(rank),
         DeviceSpec::Auto => DeviceSpec::Cpu,
     }
 }

@@ -12,7 +12,7 @@
 //! rank that gets no rows contributes zeros.
 
 use crate::dist::{Collective, DistError};
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 /// The rows `[lo, hi)` of `order` that `rank` trains on in the global micro-batch starting at
 /// row `start`, and the size of that global micro-batch.
@@ -41,7 +41,6 @@ pub(crate) struct StepStats {
 
 /// Integers travel as 16-bit pieces, so their sums stay exact in f32 for any world size below 256.
 const PIECES: usize = 4;
-const STATS: usize = 3 + 2 * PIECES;
 
 fn push_u64(buf: &mut Vec<f32>, v: u64) {
     buf.extend((0..PIECES).map(|i| ((v >> (16 * i)) & 0xffff) as f32));
@@ -53,39 +52,44 @@ fn read_u64(s: &[f32]) -> u64 {
 
 /// Sum `grads` (one per param, `None` where a param got none) and `stats` over every rank in one
 /// call. A param keeps `None` only if no rank had a gradient for it.
+///
+/// Everything travels as one flat f32 tensor on the params' device, so a collective that
+/// reduces on the device (NCCL) keeps the gradients there; only the few statistics come back to
+/// the host.
 pub(crate) fn all_reduce_step(
     dist: &dyn Collective,
     params: &[(String, Var)],
     grads: &[Option<Tensor>],
     stats: StepStats,
 ) -> anyhow::Result<(Vec<Option<Tensor>>, StepStats)> {
-    let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
-    let total: usize = sizes.iter().sum();
-    let mut buf = Vec::with_capacity(total + params.len() + STATS);
+    let device = params.first().map_or(Device::Cpu, |(_, v)| v.device().clone());
+    let mut parts = Vec::with_capacity(params.len() + 1);
     for ((_, v), g) in params.iter().zip(grads) {
-        match g {
-            Some(g) => buf.extend(g.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-            None => buf.extend(std::iter::repeat_n(0f32, v.elem_count())),
-        }
+        parts.push(match g {
+            Some(g) => g.to_dtype(DType::F32)?.flatten_all()?,
+            None => Tensor::zeros(v.elem_count(), DType::F32, v.device())?,
+        });
     }
-    buf.extend(grads.iter().map(|g| if g.is_some() { 1f32 } else { 0f32 }));
-    buf.extend([stats.loss as f32, stats.aux as f32, if stats.cancelled { 1.0 } else { 0.0 }]);
-    push_u64(&mut buf, stats.tokens);
-    push_u64(&mut buf, stats.useful);
-    dist.all_reduce_sum(&mut buf).map_err(dist_error)?;
+    let mut tail: Vec<f32> = grads.iter().map(|g| if g.is_some() { 1f32 } else { 0f32 }).collect();
+    tail.extend([stats.loss as f32, stats.aux as f32, if stats.cancelled { 1.0 } else { 0.0 }]);
+    push_u64(&mut tail, stats.tokens);
+    push_u64(&mut tail, stats.useful);
+    let tail_len = tail.len();
+    parts.push(Tensor::from_vec(tail, tail_len, &device)?);
+    let summed = dist.all_reduce_sum_tensor(&Tensor::cat(&parts, 0)?).map_err(dist_error)?;
 
-    let (flat, rest) = buf.split_at(total);
-    let (present, s) = rest.split_at(params.len());
+    let total = summed.elem_count() - tail_len;
+    let tail = summed.narrow(0, total, tail_len)?.to_vec1::<f32>()?;
+    let (present, s) = tail.split_at(params.len());
     let mut out = Vec::with_capacity(params.len());
     let mut off = 0;
-    for (((_, v), n), p) in params.iter().zip(&sizes).zip(present) {
-        let g = if *p > 0.0 {
-            let t = Tensor::from_slice(&flat[off..off + n], v.shape(), v.device())?;
-            Some(t.to_dtype(v.dtype())?)
+    for ((_, v), p) in params.iter().zip(present) {
+        let n = v.elem_count();
+        out.push(if *p > 0.0 {
+            Some(summed.narrow(0, off, n)?.reshape(v.shape())?.to_dtype(v.dtype())?)
         } else {
             None
-        };
-        out.push(g);
+        });
         off += n;
     }
     let stats = StepStats {
@@ -114,7 +118,7 @@ pub(crate) fn sync_start(dist: &dyn Collective, params: &[(String, Var)], step: 
     }
     let mut flat = Vec::new();
     for (_, v) in params {
-        flat.extend(v.as_tensor().to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        flat.extend(v.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
     }
     dist.broadcast(&mut flat).map_err(dist_error)?;
     if dist.rank() != 0 {
