@@ -13,7 +13,7 @@
 use super::losses::{group_advantages, grpo_loss, masked_token_logprobs, GrpoLossConfig};
 use super::rewards::RewardSet;
 use crate::cancel::CancelToken;
-use crate::model::generate::{generate, FinishReason, GenerationConfig};
+use crate::model::generate::{generate_at, FinishReason, GenerationConfig};
 use crate::model::lora::LoraAdapters;
 use crate::model::MiniMind;
 use crate::train::batch::IGNORE;
@@ -119,9 +119,14 @@ pub struct Samples {
 }
 
 /// Sample `num_generations` completions for each prompt with `policy` (one batched generation).
+///
+/// `first_prompt` is the position of `prompts[0]` in the global micro-batch (on rank `r` of a
+/// data-parallel stage, the prompts of ranks `0..r` come first): each completion samples the
+/// stream of its global row, so the ranks together sample what one rank with every prompt would.
 pub fn sample(
     policy: &MiniMind,
     prompts: &[&Prompt],
+    first_prompt: usize,
     cfg: &RolloutConfig,
     decode: &dyn Fn(&[u32]) -> String,
     seed: u64,
@@ -130,7 +135,7 @@ pub fn sample(
     let rows: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.ids.clone(), g)).collect();
     let gen_cfg = GenerationConfig { seed, ..cfg.generation.clone() };
     let eos = *gen_cfg.stop_token_ids.first().expect("rollout config names the eos id");
-    let outs = generate(policy, &rows, &gen_cfg, None, |_, _, _| ControlFlow::Continue(()))?;
+    let outs = generate_at(policy, &rows, first_prompt * g, &gen_cfg, None, |_, _, _| ControlFlow::Continue(()))?;
     let mut out = Samples {
         prompt_lens: rows.iter().map(Vec::len).collect(),
         completions: Vec::with_capacity(rows.len()),
@@ -150,16 +155,18 @@ pub fn sample(
 }
 
 /// Sample `num_generations` completions for each prompt with `policy` and score them.
+/// `first_prompt` as for [`sample`].
 pub fn rollout(
     policy: &MiniMind,
     prompts: &[&Prompt],
+    first_prompt: usize,
     cfg: &RolloutConfig,
     rewards: &RewardSet,
     decode: &dyn Fn(&[u32]) -> String,
     seed: u64,
 ) -> anyhow::Result<Rollout> {
     let g = cfg.num_generations;
-    let s = sample(policy, prompts, cfg, decode, seed)?;
+    let s = sample(policy, prompts, first_prompt, cfg, decode, seed)?;
     let (mut totals, mut reward_parts) = (Vec::with_capacity(s.texts.len()), Vec::with_capacity(s.texts.len()));
     for (i, text) in s.texts.iter().enumerate() {
         let (total, parts) = rewards.score(text, prompts[i / g].answer.as_deref(), i)?;
@@ -322,11 +329,15 @@ impl Grpo<'_> {
         let device = self.policy.device().clone();
         let mut micro = crate::train::checkpoint::latest(&opts.work_dir)?.map(|(_, s)| s.micro_step).unwrap_or(0);
         let g = self.rollout.num_generations;
+        // This rank's prompts follow those of the lower ranks in each global micro-batch (a rank
+        // that has rows has a full share before it; see `train::parallel::rank_rows`).
+        let first_prompt = opts.collective.rank() * opts.batch_size.max(1);
         train(self.params, data, opts, cancel, |b: &Batch| {
             let prompts: Vec<&Prompt> = b.indices.iter().map(|&i| data.get(i)).collect();
             let seed = step_seed(opts.seed, micro);
             self.set_training(false);
-            let ro = rollout(self.policy, &prompts, &self.rollout, self.rewards, self.decode, seed).map_err(ext)?;
+            let ro = rollout(self.policy, &prompts, first_prompt, &self.rollout, self.rewards, self.decode, seed)
+                .map_err(ext)?;
             self.set_training(true);
             if let Some(a) = self.adapters {
                 a.reseed_dropout(seed);
@@ -352,7 +363,7 @@ impl Grpo<'_> {
         self.set_training(false);
         let (mut sum, mut n) = (0f64, 0usize);
         for (k, chunk) in prompts.chunks(batch.max(1)).enumerate() {
-            let ro = rollout(self.policy, chunk, &self.rollout, self.rewards, self.decode, step_seed(seed, k))?;
+            let ro = rollout(self.policy, chunk, 0, &self.rollout, self.rewards, self.decode, step_seed(seed, k))?;
             sum += ro.rewards.iter().map(|&r| r as f64).sum::<f64>();
             n += ro.rewards.len();
         }

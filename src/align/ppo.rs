@@ -410,7 +410,7 @@ impl Ppo<'_> {
         actor_opt: &mut AdamW,
         critic_opt: &mut AdamW,
     ) -> anyhow::Result<PpoStepMetrics> {
-        let samples = sample(self.actor, prompts, &self.rollout, self.decode, step_seed(opts.seed, st.step))?;
+        let samples = sample(self.actor, prompts, 0, &self.rollout, self.decode, step_seed(opts.seed, st.step))?;
         let (rewards, parts) = self.rewards.score(prompts, &samples)?;
         let (batch, ev) = self.prepare(prompts, &samples, &rewards)?;
         let (b, t) = batch.ids.dims2()?;
@@ -598,7 +598,7 @@ impl Ppo<'_> {
     pub fn mean_reward(&self, prompts: &[&Prompt], batch: usize, seed: u64) -> anyhow::Result<f64> {
         let (mut sum, mut n) = (0f64, 0usize);
         for (k, chunk) in prompts.chunks(batch.max(1)).enumerate() {
-            let s = sample(self.actor, chunk, &self.rollout, self.decode, step_seed(seed, k))?;
+            let s = sample(self.actor, chunk, 0, &self.rollout, self.decode, step_seed(seed, k))?;
             let (r, _) = self.rewards.score(chunk, &s)?;
             sum += r.iter().map(|&x| x as f64).sum::<f64>();
             n += r.len();

@@ -173,6 +173,19 @@ pub fn generate<M: CausalLm>(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
     decode: Option<Decoder<'_>>,
+    on_token: impl FnMut(usize, u32, &str) -> ControlFlow<()>,
+) -> Result<Vec<Generation>, GenerateError> {
+    generate_at(model, prompts, 0, cfg, decode, on_token)
+}
+
+/// [`generate`] for rows `first_row..` of a larger batch: row `i` samples the stream of row
+/// `first_row + i`, so a batch split over data-parallel ranks samples what it would in one piece.
+pub fn generate_at<M: CausalLm>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    first_row: usize,
+    cfg: &GenerationConfig,
+    decode: Option<Decoder<'_>>,
     mut on_token: impl FnMut(usize, u32, &str) -> ControlFlow<()>,
 ) -> Result<Vec<Generation>, GenerateError> {
     let max_pos = model.max_positions();
@@ -196,7 +209,7 @@ pub fn generate<M: CausalLm>(
     for (len, rows) in groups {
         let budget = cfg.max_new_tokens.min(max_pos - len);
         let mut samplers: Vec<Sampler> =
-            rows.iter().map(|&r| Sampler::new(cfg.sampling(), row_seed(cfg.seed, r))).collect();
+            rows.iter().map(|&r| Sampler::new(cfg.sampling(), row_seed(cfg.seed, first_row + r))).collect();
         let mut seen: Vec<Vec<u32>> = rows.iter().map(|&r| prompts[r].clone()).collect();
         let mut out: Vec<Vec<u32>> = vec![vec![]; rows.len()];
         let mut texts: Vec<String> = vec![String::new(); rows.len()];

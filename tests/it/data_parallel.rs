@@ -226,6 +226,72 @@ max_steps = 3
     assert_close(&a, &b);
 }
 
+/// GRPO samples its rollouts inside the loop: each completion draws from the stream of its row in
+/// the global micro-batch (rank 1's rows follow rank 0's), and the objective is a mean over
+/// completions, so 2 ranks × 2 prompts sample and train what 1 rank × 4 prompts does.
+#[test]
+fn grpo_on_two_ranks_samples_and_trains_like_one_rank_with_the_global_batch() {
+    let sb = Sandbox::new();
+    sb.write(
+        "r.toml",
+        r#"[recipe]
+name = "dp-grpo"
+seed = 11
+device = "cpu"
+precision = "f32"
+
+[model]
+preset = "tiny"
+
+[datasets.text]
+source = "builtin:arithmetic"
+format = "text"
+builtin = { count = 100, seed = 1, max_operand = 12 }
+
+[datasets.problems]
+source = "builtin:arithmetic"
+format = "prompt_answer"
+builtin = { count = 16, seed = 5, max_operand = 12 }
+
+[stages.tok]
+kind = "tokenizer"
+data = ["text"]
+vocab_size = 300
+
+[stages.base]
+kind = "pretrain"
+tokenizer = "tok"
+data = "text"
+max_seq_len = 32
+batch_size = 8
+max_steps = 2
+lr = 2e-3
+
+[stages.rl]
+kind = "grpo"
+from = "base"
+data = "problems"
+rewards = [{ kind = "exact_match" }, { kind = "length", max_chars = 12 }]
+num_generations = 2
+max_new_tokens = 6
+batch_size = 2
+world_size = 2
+max_steps = 2
+lr = 1e-3
+"#,
+    );
+    let out = sb.run_ok(&["r.toml"]);
+    assert!(out.stderr.contains("2 data-parallel ranks"), "{}", out.stderr);
+    let single_args = ["r.toml", "--set", "stages.rl.world_size=1", "--set", "stages.rl.batch_size=4"];
+    sb.run_ok(&single_args);
+    let (a, b) =
+        (weights(&sb.home(), &key(&sb, &["r.toml"], "rl")), weights(&sb.home(), &key(&sb, &single_args, "rl")));
+    assert_close(&a, &b);
+    // The run changed the weights (a zero update would make any comparison pass).
+    let base = weights(&sb.home(), &key(&sb, &["r.toml"], "base"));
+    assert!(a.iter().zip(&base).any(|((_, x), (_, y))| x.iter().zip(y).any(|(p, q)| (p - q).abs() > 1e-4)));
+}
+
 /// Equal to float tolerance (bitwise equality is not promised: the sums are ordered differently).
 fn assert_close(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) {
     assert_eq!(a.len(), b.len());

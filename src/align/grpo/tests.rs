@@ -95,7 +95,7 @@ fn rollouts_are_grouped_per_prompt_scored_and_end_with_eos_when_stopped() {
     let policy = MiniMind::new(&cfg(), 1, &Device::Cpu).unwrap();
     let d = prompts(3);
     let ps: Vec<&Prompt> = (0..3).map(|i| d.get(i)).collect();
-    let ro = rollout(&policy, &ps, &rollout_cfg(), &rewards(), &decode, 9).unwrap();
+    let ro = rollout(&policy, &ps, 0, &rollout_cfg(), &rewards(), &decode, 9).unwrap();
     assert_eq!(ro.completions.len(), 18, "3 prompts x 6 generations");
     assert_eq!(ro.prompt_lens, vec![3; 18]);
     let mut stopped = 0;
@@ -110,7 +110,7 @@ fn rollouts_are_grouped_per_prompt_scored_and_end_with_eos_when_stopped() {
     assert_eq!(stopped + ro.truncated, 18);
     // Within a group the samples differ (distinct RNG streams per row).
     assert!(ro.completions[..6].windows(2).any(|w| w[0] != w[1]));
-    let again = rollout(&policy, &ps, &rollout_cfg(), &rewards(), &decode, 9).unwrap();
+    let again = rollout(&policy, &ps, 0, &rollout_cfg(), &rewards(), &decode, 9).unwrap();
     assert_eq!(ro.completions, again.completions, "same seed, same rollout");
 }
 
@@ -201,7 +201,7 @@ fn a_group_with_equal_rewards_is_reported_and_carries_no_advantage() {
     let ps: Vec<&Prompt> = (0..2).map(|i| d.get(i)).collect();
     // A reward every completion earns: every group has zero std.
     let all = RewardSet::new(&[RewardSpec::Format { pattern: ".*".into(), weight: 1.0 }]).unwrap();
-    let ro = rollout(&policy, &ps, &rollout_cfg(), &all, &decode, 1).unwrap();
+    let ro = rollout(&policy, &ps, 0, &rollout_cfg(), &all, &decode, 1).unwrap();
     let adv = group_advantages(&ro.rewards, 6, ADVANTAGE_EPS).unwrap();
     assert_eq!(adv.zero_std_groups, 2);
     assert!(adv.advantages.iter().all(|&a| a == 0.0));

@@ -130,7 +130,7 @@ fn a_reward_model_term_is_its_clipped_score_of_the_finished_turn() {
     assert_eq!(rewards.names(), vec!["format", MODEL_TERM]);
     let d = prompts(4);
     let ps: Vec<&Prompt> = (0..4).map(|i| d.get(i)).collect();
-    let s = sample(&actor, &ps, &rollout_cfg(), &decode, 11).unwrap();
+    let s = sample(&actor, &ps, 0, &rollout_cfg(), &decode, 11).unwrap();
     let (totals, parts) = rewards.score(&ps, &s).unwrap();
     let unclipped = Rewards { rules: None, model: Some(ModelReward { model: &rm, clip: 1e9, turn_end, pad_id: 0 }) };
     let (raw, _) = unclipped.score(&ps, &s).unwrap();
