@@ -171,7 +171,7 @@ impl BatchSource for TaskSet {
             input_ids.extend(std::iter::repeat_n(self.pad_id, seq_len - self.prompts[i].len()));
         }
         let labels = vec![IGNORE; input_ids.len()];
-        Ok(Batch { batch_size: indices.len(), seq_len, input_ids, labels, indices: indices.to_vec() })
+        Ok(Batch { batch_size: indices.len(), seq_len, input_ids, labels, indices: indices.to_vec(), docs: None })
     }
 }
 

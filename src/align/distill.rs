@@ -30,10 +30,12 @@ fn batch_loss(
     let device = student.device();
     let ids = b.input_tensor(device)?;
     let targets = shift_labels(&b.label_tensor(device)?)?;
-    let (h, aux) = student.forward_hidden(&ids, None, 0, None, train)?;
+    let docs = b.doc_positions()?;
+    let (h, aux) = student.forward_hidden_packed(&ids, docs.as_ref(), train)?;
     let v = student.config().vocab_size;
     let s = student.logits(&h)?.reshape((b.batch_size * b.seq_len, v))?;
-    let t = teacher.forward_logits(&ids, None)?.detach().reshape((b.batch_size * b.seq_len, v))?;
+    let (th, _) = teacher.forward_hidden_packed(&ids, docs.as_ref(), false)?;
+    let t = teacher.logits(&th)?.detach().reshape((b.batch_size * b.seq_len, v))?;
     Ok((distill_loss(&s, &t, &targets, cfg.alpha, cfg.temperature)?, aux))
 }
 

@@ -2,13 +2,13 @@
 //! forward batch (chosen rows first), sequence scores are summed answer-token log-probs, the
 //! reference is frozen, and TRL-style metrics are reported per micro-batch.
 
-use super::losses::{dpo_loss, sequence_logprobs, DpoMetrics};
+use super::losses::{dpo_loss, packed_sequence_logprobs, sequence_logprobs, DpoMetrics};
 use crate::cancel::CancelToken;
 use crate::data::shards::TokenShards;
 use crate::data::tokenize::Sample;
 use crate::model::lora::LoraAdapters;
 use crate::model::MiniMind;
-use crate::train::batch::IGNORE;
+use crate::train::batch::Row;
 use crate::train::trainer::LossOutput;
 use crate::train::{train, Batch, BatchSource, TrainOptions, TrainSummary};
 use candle_core::{Tensor, Var};
@@ -22,6 +22,8 @@ use candle_core::{Tensor, Var};
 pub struct PairRows {
     pairs: Pairs,
     pad_id: u32,
+    /// Pack each batch's sequences into rows of this many tokens.
+    pack_to: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -44,7 +46,7 @@ pub struct SkippedPairs {
 impl PairRows {
     /// Pairs of (chosen, rejected) samples, right-padded with `pad_id` in batches.
     pub fn new(pairs: Vec<(Sample, Sample)>, pad_id: u32) -> Self {
-        Self { pairs: Pairs::Owned(pairs), pad_id }
+        Self { pairs: Pairs::Owned(pairs), pad_id, pack_to: None }
     }
 
     /// The usable pairs of DPO shards, streamed from them; pairs whose answer was truncated away or
@@ -63,7 +65,15 @@ impl PairRows {
             }
         }
         let pad_id = shards.meta().pad_id;
-        (Self { pairs: Pairs::Shards { shards: Box::new(shards), usable }, pad_id }, skipped)
+        (Self { pairs: Pairs::Shards { shards: Box::new(shards), usable }, pad_id, pack_to: None }, skipped)
+    }
+
+    /// Pack the sequences of each batch (chosen ones, then rejected ones, in order) greedily into
+    /// rows of `seq_len` tokens, each scored on its own ([`sequence_scores`]). Batches still hold
+    /// `batch_size` pairs, so training is the unpacked one with fewer pad tokens.
+    pub fn packed(mut self, seq_len: usize) -> Self {
+        self.pack_to = Some(seq_len);
+        self
     }
 
     /// The id padding rows carry.
@@ -94,23 +104,43 @@ impl BatchSource for PairRows {
         }
     }
 
-    /// `2k` rows: the `k` chosen sequences, then the `k` rejected ones in the same order, padded to
-    /// the longest of them (padding is causal-masked and label-ignored, so it changes nothing).
+    /// The `k` chosen sequences, then the `k` rejected ones in the same order: one per row (`2k`
+    /// rows), or packed in that order ([`PairRows::packed`]); padded to the longest row (padding is
+    /// masked and label-ignored, so it changes nothing).
     fn batch(&self, indices: &[usize]) -> anyhow::Result<Batch> {
         let pairs: Vec<_> = indices.iter().map(|&i| self.pair(i)).collect();
-        let rows: Vec<&Sample> = pairs.iter().map(|p| &p.0).chain(pairs.iter().map(|p| &p.1)).collect();
-        let seq_len = rows.iter().map(|s| s.ids.len()).max().unwrap_or(0).max(1);
-        let mut input_ids = Vec::with_capacity(rows.len() * seq_len);
-        let mut labels = Vec::with_capacity(rows.len() * seq_len);
-        for s in rows {
-            let l = s.labels();
-            input_ids.extend_from_slice(&s.ids);
-            labels.extend_from_slice(&l);
-            input_ids.extend(std::iter::repeat_n(self.pad_id, seq_len - s.ids.len()));
-            labels.extend(std::iter::repeat_n(IGNORE, seq_len - s.ids.len()));
-        }
-        Ok(Batch { batch_size: 2 * indices.len(), seq_len, input_ids, labels, indices: indices.to_vec() })
+        let seqs: Vec<&Sample> = pairs.iter().map(|p| &p.0).chain(pairs.iter().map(|p| &p.1)).collect();
+        let order: Vec<usize> = (0..seqs.len()).collect();
+        let groups = match self.pack_to {
+            Some(n) => crate::data::shards::pack_by(&order, n, |i| seqs[i].ids.len()).rows,
+            None => order.iter().map(|&i| vec![i]).collect(),
+        };
+        let rows: Vec<Row> = groups
+            .iter()
+            .map(|g| {
+                let mut row = Row::default();
+                g.iter().for_each(|&i| row.push_doc(&seqs[i].ids, &seqs[i].labels(), usize::MAX));
+                row
+            })
+            .collect();
+        let seq_len = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0).max(1);
+        Batch::from_rows(&rows, seq_len, self.pad_id, indices)
     }
+}
+
+/// The summed answer log-probs of every sequence of a [`PairRows`] batch (chosen ones, then
+/// rejected ones), `[2k]`, from the logits of its rows.
+pub fn sequence_scores(logits: &Tensor, labels: &Tensor, b: &Batch) -> candle_core::Result<Tensor> {
+    match &b.docs {
+        Some(docs) => packed_sequence_logprobs(logits, labels, docs),
+        None => sequence_logprobs(logits, labels),
+    }
+}
+
+/// The logits of a batch's rows, each packed document on its own.
+fn batch_logits(m: &MiniMind, ids: &Tensor, b: &Batch, train: bool) -> candle_core::Result<(Tensor, Tensor)> {
+    let (h, aux) = m.forward_hidden_packed(ids, b.doc_positions()?.as_ref(), train)?;
+    Ok((m.logits(&h)?, aux))
 }
 
 /// A frozen reference built from the policy's current weights: deep copies for full fine-tuning
@@ -158,10 +188,10 @@ pub fn train_dpo(
             // Masks depend only on the batch content and position: resumed runs are identical.
             a.reseed_dropout(b.seed(opts.seed));
         }
-        let (h, aux) = policy.forward_hidden(&ids, None, 0, None, true)?;
-        let lp = sequence_logprobs(&policy.logits(&h)?, &labels)?;
-        let ref_lp = sequence_logprobs(&reference.forward_logits(&ids, None)?, &labels)?.detach();
-        let k = b.batch_size / 2;
+        let (logits, aux) = batch_logits(policy, &ids, b, true)?;
+        let lp = sequence_scores(&logits, &labels, b)?;
+        let ref_lp = sequence_scores(&batch_logits(reference, &ids, b, false)?.0, &labels, b)?.detach();
+        let k = b.indices.len();
         let out = dpo_loss(
             &lp.narrow(0, 0, k)?,
             &lp.narrow(0, k, k)?,
@@ -202,7 +232,7 @@ pub fn evaluate_dpo(
         let labels = b.label_tensor(dev)?;
         let k = idx.len();
         let host = |m: &MiniMind| -> anyhow::Result<Vec<f32>> {
-            Ok(sequence_logprobs(&m.forward_logits(&ids, None)?, &labels)?.detach().to_vec1()?)
+            Ok(sequence_scores(&batch_logits(m, &ids, &b, false)?.0, &labels, &b)?.detach().to_vec1()?)
         };
         let (lp, rl) = (host(policy)?, host(reference)?);
         pc.extend_from_slice(&lp[..k]);

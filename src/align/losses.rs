@@ -85,6 +85,28 @@ pub fn sequence_logprobs(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     lp.sum(1)
 }
 
+/// [`sequence_logprobs`] of every document of packed rows, `[n_docs]` in row-major order:
+/// `docs[r]` are the token counts of row r's documents. A position's log-prob (of the next label)
+/// counts for its own document: after a document's last token comes the next document's first,
+/// which packing leaves unlabelled (`train::batch::Row::push_doc`).
+pub fn packed_sequence_logprobs(logits: &Tensor, labels: &Tensor, docs: &[Vec<usize>]) -> Result<Tensor> {
+    let (lp, _) = masked_token_logprobs(logits, labels)?;
+    let (b, t) = lp.dims2()?;
+    let n: usize = docs.iter().map(Vec::len).sum();
+    // A one-hot [documents, positions] matrix: the segment sums as one differentiable matmul.
+    let mut seg = vec![0f32; n * b * t];
+    let mut d = 0;
+    for (r, row) in docs.iter().enumerate() {
+        let mut at = r * t;
+        for &len in row {
+            seg[d * b * t + at..d * b * t + at + len].iter_mut().for_each(|x| *x = 1.0);
+            (at, d) = (at + len, d + 1);
+        }
+    }
+    let seg = Tensor::from_vec(seg, (n, b * t), lp.device())?.to_dtype(lp.dtype())?;
+    seg.matmul(&lp.reshape((b * t, 1))?)?.squeeze(1)
+}
+
 /// `log(sigmoid(x))`, stable for large |x|: `-(relu(-x) + log(1 + exp(-|x|)))`.
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     let sp = (x.neg()?.relu()? + x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?;

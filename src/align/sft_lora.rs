@@ -26,7 +26,9 @@ pub fn train_lora(
     adapters.set_training(true);
     let r = train(&params, data, opts, cancel, |b: &Batch| {
         adapters.reseed_dropout(b.seed(opts.seed));
-        let (loss, aux) = model.forward_train(&b.input_tensor(&device)?, &b.label_tensor(&device)?)?;
+        let docs = b.doc_positions()?;
+        let (loss, aux) =
+            model.forward_train_packed(&b.input_tensor(&device)?, &b.label_tensor(&device)?, docs.as_ref())?;
         Ok(LossOutput { loss: (loss + &aux)?, aux: Some(aux) })
     });
     adapters.set_training(false);

@@ -582,8 +582,8 @@ pub fn pad_batch(samples: &[Sample], seq_len: usize, pad_id: u32) -> Batch {
 
 /// Packing of short documents: rows of whole sequences (in the given order) whose total length
 /// fits `seq_len`, filled greedily. Documents are not split (each was truncated to `max_seq_len`
-/// at tokenisation), and attention is not masked across document boundaries (as GPT-style
-/// packing does).
+/// at tokenisation). The trainer keeps them apart: attention and RoPE positions per document,
+/// and no label across a boundary (`train::batch`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Packing {
     /// Sequence indices per row.
@@ -596,10 +596,16 @@ pub struct Packing {
 
 /// Pack `order` (sequence indices, e.g. a shuffled epoch) into rows of `seq_len`.
 pub fn pack(shards: &TokenShards, order: &[usize], seq_len: usize) -> Packing {
+    pack_by(order, seq_len, |i| shards.sequence_len(i))
+}
+
+/// Pack `order` (indices of documents whose token counts `len_of` gives) into rows of `seq_len`;
+/// a document longer than a row gets a row of its own (cut to `seq_len`).
+pub fn pack_by(order: &[usize], seq_len: usize, len_of: impl Fn(usize) -> usize) -> Packing {
     let mut rows: Vec<Vec<usize>> = Vec::new();
     let (mut cur, mut used, mut real) = (Vec::new(), 0usize, 0usize);
     for &i in order {
-        let len = shards.sequence_len(i).min(seq_len);
+        let len = len_of(i).min(seq_len);
         if used + len > seq_len && !cur.is_empty() {
             rows.push(std::mem::take(&mut cur));
             used = 0;

@@ -8,6 +8,7 @@
 
 use super::linear::Linear;
 use super::ops;
+use super::packed::DocPositions;
 use super::rope::RopeTables;
 use super::vb::Vb;
 use super::{KvCache, ModelConfig};
@@ -23,6 +24,8 @@ pub(crate) struct Ctx<'a> {
     pub start_pos: usize,
     /// `[B, P+T]`, 1 = real token.
     pub key_mask: Option<&'a Tensor>,
+    /// Packed rows: per-document positions and attention (no cache then).
+    pub docs: Option<&'a DocPositions>,
     /// Compute dtype of the matmuls.
     pub dtype: DType,
     /// Training mode (the MoE aux loss is computed only then).
@@ -173,14 +176,18 @@ impl Attention {
         let v = self.v.forward(hn)?.reshape((b, t, kh, d))?;
         // q/k norms and RoPE in f32: the rotation of bf16 values by bf16 tables loses the
         // position signal at long range.
-        let q = ops::rope(&ops::rms_norm(&q, &self.q_norm, eps)?, ctx.rope, ctx.start_pos)?.to_dtype(ctx.dtype)?;
-        let k = ops::rope(&ops::rms_norm(&k, &self.k_norm, eps)?, ctx.rope, ctx.start_pos)?.to_dtype(ctx.dtype)?;
+        let at = match ctx.docs {
+            Some(d) => ops::Positions::Docs(d),
+            None => ops::Positions::From(ctx.start_pos),
+        };
+        let q = ops::rope(&ops::rms_norm(&q, &self.q_norm, eps)?, ctx.rope, at)?.to_dtype(ctx.dtype)?;
+        let k = ops::rope(&ops::rms_norm(&k, &self.k_norm, eps)?, ctx.rope, at)?.to_dtype(ctx.dtype)?;
         let (k, v) = match cache {
             Some(cache) => cache.append(self.layer, &k, &v)?,
             None => (k, v),
         };
         // The attention softmax itself runs in f32 inside `ops::attention` for every dtype.
-        let o = ops::attention(&q, &k, &v, ctx.key_mask)?.reshape((b * t, h * d))?;
+        let o = ops::attention(&q, &k, &v, ctx.key_mask, ctx.docs)?.reshape((b * t, h * d))?;
         self.o.forward(&o)
     }
 }

@@ -11,6 +11,7 @@ mod layers;
 pub mod linear;
 pub mod lora;
 pub mod ops;
+pub mod packed;
 pub mod reward;
 pub mod rope;
 pub mod sampling;
@@ -19,6 +20,7 @@ pub mod weights;
 
 pub use config::{preset, ModelConfig};
 pub use kv_cache::KvCache;
+pub use packed::DocPositions;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use layers::{Block, Ctx};
@@ -265,14 +267,38 @@ impl MiniMind {
     pub fn forward_hidden(
         &self,
         input_ids: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         start_pos: usize,
         key_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<(Tensor, Tensor)> {
+        self.forward_inner(input_ids, cache, start_pos, key_mask, None, train)
+    }
+
+    /// [`Self::forward_hidden`] of a full pass over rows that may pack several documents: with
+    /// `docs`, every document is computed as if alone in its row (its own RoPE positions from 0,
+    /// attention only within it). `None` is the plain causal pass.
+    pub fn forward_hidden_packed(
+        &self,
+        input_ids: &Tensor,
+        docs: Option<&DocPositions>,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        self.forward_inner(input_ids, None, 0, None, docs, train)
+    }
+
+    fn forward_inner(
+        &self,
+        input_ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        start_pos: usize,
+        key_mask: Option<&Tensor>,
+        docs: Option<&DocPositions>,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, t) = input_ids.dims2()?;
         let dtype = self.activation_dtype();
-        let ctx = Ctx { cfg: &self.cfg, rope: &self.rope, start_pos, key_mask, dtype, train, b, t };
+        let ctx = Ctx { cfg: &self.cfg, rope: &self.rope, start_pos, key_mask, docs, dtype, train, b, t };
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
         let mut x = self.embed.index_select(&ids, 0)?; // [N, C]
         let mut aux = Tensor::zeros((), DType::F32, &self.device)?;
@@ -319,8 +345,20 @@ impl MiniMind {
     /// non-ignored targets; the caller adds `aux_loss` (summed MoE load-balancing loss, 0 for
     /// dense) to it.
     pub fn forward_train(&self, input_ids: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.forward_train_packed(input_ids, labels, None)
+    }
+
+    /// [`Self::forward_train`] on rows that may pack several documents (see
+    /// [`Self::forward_hidden_packed`]). The labels must already ignore the first token of each
+    /// document after the first (it is not predicted from the previous document).
+    pub fn forward_train_packed(
+        &self,
+        input_ids: &Tensor,
+        labels: &Tensor,
+        docs: Option<&DocPositions>,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, t) = input_ids.dims2()?;
-        let (h, aux) = self.forward_hidden(input_ids, None, 0, None, true)?;
+        let (h, aux) = self.forward_hidden_packed(input_ids, docs, true)?;
         let logits = self.logits(&h.reshape((b * t, self.cfg.hidden_size))?)?;
         let shifted = shift_labels(labels)?;
         let loss = ops::cross_entropy(&logits, &shifted)?;

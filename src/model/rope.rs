@@ -61,22 +61,28 @@ impl RopeTables {
 
     /// Full-width `[len, D]` cos and sin tensors for positions `start..start+len` (composite path).
     pub fn full_tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        if start + len > self.max_pos {
+        let pos: Vec<u32> = (start as u32..(start + len) as u32).collect();
+        self.tables_at(&pos, device)
+    }
+
+    /// Full-width `[n, D]` cos and sin tensors for the positions `pos` (composite path).
+    pub fn tables_at(&self, pos: &[u32], device: &Device) -> Result<(Tensor, Tensor)> {
+        if let Some(&p) = pos.iter().find(|&&p| p as usize >= self.max_pos) {
             candle_core::bail!(
                 "position {} exceeds max_position_embeddings {}; raise it in the model config",
-                start + len,
+                p as usize + 1,
                 self.max_pos
             );
         }
         let h = self.half;
         let mk = |src: &[f32]| -> Result<Tensor> {
-            let mut v = Vec::with_capacity(len * 2 * h);
-            for t in start..start + len {
-                let row = &src[t * h..(t + 1) * h];
+            let mut v = Vec::with_capacity(pos.len() * 2 * h);
+            for &t in pos {
+                let row = &src[t as usize * h..(t as usize + 1) * h];
                 v.extend_from_slice(row);
                 v.extend_from_slice(row);
             }
-            Tensor::from_vec(v, (len, 2 * h), device)
+            Tensor::from_vec(v, (pos.len(), 2 * h), device)
         };
         Ok((mk(&self.cos)?, mk(&self.sin)?))
     }

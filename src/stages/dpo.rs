@@ -36,6 +36,12 @@ training_params! {
         /// Longest tokenised conversation (longer ones are truncated).
         #[serde(default = "default_max_len")]
         pub max_seq_len: usize,
+        /// Pack the chosen and rejected sequences of each batch into rows of up to `max_seq_len`
+        /// tokens (fewer pad tokens). Each sequence keeps its own attention and positions and is
+        /// scored on its own, and a batch still holds `batch_size` pairs, so the training is
+        /// exactly the unpacked one.
+        #[serde(default = "crate::stages::training::yes")]
+        pub packing: bool,
         /// Train LoRA adapters instead of all weights (merged into the output model).
         #[serde(default)]
         pub lora: Option<LoraParams>,
@@ -84,7 +90,10 @@ impl Stage for DpoStage {
         let from = ctx.inputs.model(&p.from, &stage)?;
         let sp = ShardParams { max_seq_len: p.max_seq_len, seed, ..ShardParams::default() };
         let shards = super::fit::tokenize(ctx, &p.data, from, &sp)?;
-        let (data, skipped) = PairRows::from_shards(shards);
+        let (mut data, skipped) = PairRows::from_shards(shards);
+        if p.packing {
+            data = data.packed(p.max_seq_len);
+        }
         if data.len() == 0 {
             bail!(
                 "dpo stage '{stage}': no usable pairs in '{}' ({} lost their answer to max_seq_len = {}, \

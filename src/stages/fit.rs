@@ -59,7 +59,7 @@ pub fn fit_and_export(
     let summary: TrainSummary = train(model.params(), source, opts, ctx.cancel, |b| {
         let ids = b.input_tensor(&device)?;
         let labels = b.label_tensor(&device)?;
-        let (ce, aux) = model.forward_train(&ids, &labels)?;
+        let (ce, aux) = model.forward_train_packed(&ids, &labels, b.doc_positions()?.as_ref())?;
         Ok(LossOutput { loss: (ce + &aux)?, aux: Some(aux) })
     })?;
     crate::model::weights::export(model, Some(tokenizer_dir), ctx.out_dir)

@@ -40,6 +40,13 @@ training_params! {
         /// Longest tokenised conversation (reference 340).
         #[serde(default = "default_max_len")]
         pub max_seq_len: usize,
+        /// Pack several short conversations into each row of up to `max_seq_len` tokens (far
+        /// fewer pad tokens). Each keeps its own causal attention and RoPE positions, as if alone
+        /// in its row, and its first token is not predicted from the previous one, so every
+        /// conversation's loss and gradient are exactly the unpacked ones; what changes is that a
+        /// row (the unit of `batch_size` and of an epoch's steps) holds several conversations.
+        #[serde(default = "crate::stages::training::yes")]
+        pub packing: bool,
     }
     defaults { lr: 1e-4, batch_size: 32, epochs: 10, save_every: 0, log_every: 10 }
 }
@@ -103,7 +110,10 @@ impl Stage for LoraStage {
             bail!("lora stage '{stage}': no trainable rows in '{}' ({no_loss} have no answer tokens within max_seq_len = {})", p.data, p.max_seq_len);
         }
         let n_rows = rows.len();
-        let data = PaddedRows::new(rows, shards.meta().pad_id, None);
+        let mut data = PaddedRows::new(rows, shards.meta().pad_id, None);
+        if p.packing {
+            data = data.packed(p.max_seq_len, seed);
+        }
 
         let mut model = compute
             .load_model(&from.dir, false)

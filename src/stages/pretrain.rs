@@ -25,8 +25,10 @@ training_params! {
         /// Longest sequence in tokens (BOS + text + EOS; longer texts are truncated).
         #[serde(default = "default_max_seq_len")]
         pub max_seq_len: usize,
-        /// Pack several short documents into each row (fewer pad tokens; attention is not masked
-        /// between packed documents).
+        /// Pack several short documents into each row (fewer pad tokens). Each document keeps its
+        /// own causal attention and RoPE positions and is not predicted from the one before, as
+        /// in sft. Off by default: the reference pretrains one document per padded row, and
+        /// staying with that keeps loss curves and step counts comparable with it.
         #[serde(default)]
         pub packing: bool,
         /// Pad every row to `max_seq_len` like the reference, instead of to the batch's longest row.

@@ -29,6 +29,13 @@ training_params! {
         /// Probability of removing an empty `<think>` block (reference 0.8).
         #[serde(default)]
         pub drop_empty_think_ratio: f64,
+        /// Pack several short conversations into each row of up to `max_seq_len` tokens (far
+        /// fewer pad tokens). Each keeps its own causal attention and RoPE positions, as if alone
+        /// in its row, and its first token is not predicted from the previous one, so every
+        /// conversation's loss and gradient are exactly the unpacked ones; what changes is that a
+        /// row (the unit of `batch_size` and of an epoch's steps) holds several conversations.
+        #[serde(default = "crate::stages::training::yes")]
+        pub packing: bool,
         /// Pad every row to `max_seq_len` like the reference, instead of to the batch's longest row.
         #[serde(default)]
         pub pad_to_max: bool,
@@ -101,7 +108,7 @@ impl Stage for SftStage {
             seed: opts.seed,
             ..ShardParams::default()
         };
-        let source = fit::shard_source(ctx, &p.data, &tok, &shard, false, p.pad_to_max, opts.seed)?;
+        let source = fit::shard_source(ctx, &p.data, &tok, &shard, p.packing, p.pad_to_max, opts.seed)?;
         fit::fit_and_export(ctx, &model, &source, &opts, &tok.dir)
     }
 }

@@ -295,6 +295,11 @@ pub(crate) fn one() -> usize {
     1
 }
 
+/// Default of `packing` where it is on (sft, lora, distill).
+pub(crate) fn yes() -> bool {
+    true
+}
+
 /// Default of `grad_clip` (the reference's).
 pub(crate) fn default_grad_clip() -> f64 {
     1.0

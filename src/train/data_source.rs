@@ -1,8 +1,8 @@
 //! Batches from the data layer's tokenised shards: one sequence per row (right-padded), or
 //! several short documents packed into each row.
 
-use super::batch::{Batch, BatchSource};
-use crate::data::shards::{pack, pad_batch, TokenShards};
+use super::batch::{Batch, BatchSource, Row};
+use crate::data::shards::{pack, TokenShards};
 
 /// A [`BatchSource`] over memory-mapped [`TokenShards`].
 pub struct ShardSource {
@@ -17,11 +17,13 @@ pub struct ShardSource {
 impl ShardSource {
     /// Rows of at most `seq_len` tokens. With `packing`, documents are packed greedily in an order
     /// drawn from `seed` (fixed for the whole run, so resuming sees the same rows); the loop then
-    /// shuffles rows per epoch. Without `pad_to_max`, each batch is padded only to its longest row.
+    /// shuffles rows per epoch, and batches carry the documents of each row (per-document
+    /// attention and positions, no label across a boundary). Without `pad_to_max`, each batch is
+    /// padded only to its longest row.
     pub fn new(shards: TokenShards, seq_len: usize, packing: bool, pad_to_max: bool, seed: u64) -> Self {
         let n = shards.num_sequences();
         let rows = if packing {
-            let order = super::batch::epoch_permutation(seed ^ 0x7061_636b, 0, n);
+            let order = super::batch::packing_order(seed, n);
             pack(&shards, &order, seq_len).rows
         } else {
             (0..n).map(|i| vec![i]).collect()
@@ -42,29 +44,19 @@ impl BatchSource for ShardSource {
     }
 
     fn batch(&self, indices: &[usize]) -> anyhow::Result<Batch> {
-        let samples: Vec<_> = indices
+        let rows: Vec<Row> = indices
             .iter()
             .map(|&i| {
-                let row = &self.rows[i];
-                if row.len() == 1 {
-                    let mut s = self.shards.sequence(row[0]);
-                    s.ids.truncate(self.seq_len);
-                    s.mask.truncate(self.seq_len);
-                    s
-                } else {
-                    self.shards.packed(row, self.seq_len)
+                let mut row = Row::default();
+                for &j in &self.rows[i] {
+                    let s = self.shards.sequence(j);
+                    row.push_doc(&s.ids, &s.labels(), self.seq_len);
                 }
+                row
             })
             .collect();
-        let longest = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        let longest = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
         let t = if self.pad_to_max { self.seq_len } else { longest.clamp(2, self.seq_len.max(2)) };
-        let b = pad_batch(&samples, t, self.pad_id);
-        Ok(Batch {
-            batch_size: b.rows,
-            seq_len: b.seq_len,
-            input_ids: b.input_ids,
-            labels: b.labels,
-            indices: indices.to_vec(),
-        })
+        Batch::from_rows(&rows, t.max(longest), self.pad_id, indices)
     }
 }

@@ -4,6 +4,7 @@
 use super::*;
 use crate::model::lora::{LoraConfig, Targets};
 use crate::model::ModelConfig;
+use crate::train::batch::IGNORE;
 use candle_core::Device;
 
 fn cfg() -> ModelConfig {
@@ -42,6 +43,46 @@ fn opts(dir: &std::path::Path, lr: f64, steps: usize) -> TrainOptions {
 
 fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Packing a batch's sequences changes only its rows: every sequence's score, the DPO loss and
+/// every parameter gradient equal the unpacked batch's (to 1e-5), on the fused and the composite
+/// path, with fewer rows.
+#[test]
+fn packed_pair_batches_score_and_train_like_unpacked_ones() {
+    let m = MiniMind::new(&cfg(), 4, &Device::Cpu).unwrap();
+    let (plain, packed) = (pairs(5), pairs(5).packed(24));
+    let idx = [3, 0, 4, 1];
+    for fused in [true, false] {
+        let go = |d: &PairRows| {
+            let b = d.batch(&idx).unwrap();
+            let (ids, labels) = (b.input_tensor(&Device::Cpu).unwrap(), b.label_tensor(&Device::Cpu).unwrap());
+            let lp = sequence_scores(&batch_logits(&m, &ids, &b, true).unwrap().0, &labels, &b).unwrap();
+            let k = b.indices.len();
+            // A fixed reference (the detached scores with the sides swapped), so the loss is away
+            // from log 2 and every score gets a gradient.
+            let r = lp.detach();
+            let side = |t: &Tensor, at: usize| t.narrow(0, at, k).unwrap();
+            let out = dpo_loss(&side(&lp, 0), &side(&lp, k), &side(&r, k), &side(&r, 0), 0.1).unwrap();
+            let g = out.loss.backward().unwrap();
+            (b.batch_size, flat(&lp), out.loss.to_scalar::<f32>().unwrap(), g)
+        };
+        let run = |d: &PairRows| if fused { go(d) } else { crate::model::ops::with_composite(|| go(d)) };
+        let (rows_u, lp_u, loss_u, g_u) = run(&plain);
+        let (rows_p, lp_p, loss_p, g_p) = run(&packed);
+        assert_eq!(rows_u, 8);
+        assert!(rows_p < 4, "fused={fused}: {rows_p} packed rows");
+        for (a, b) in lp_p.iter().zip(&lp_u) {
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "fused={fused}: scores {lp_p:?} vs {lp_u:?}");
+        }
+        assert!((loss_p - loss_u).abs() <= 1e-5 * loss_u, "fused={fused}: loss {loss_p} vs {loss_u}");
+        for (name, var) in m.params() {
+            let (a, b) = (g_p.get(var.as_tensor()).unwrap(), g_u.get(var.as_tensor()).unwrap());
+            let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+            let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+            assert!(num <= 1e-5 * den, "fused={fused} {name}: gradient rel err {}", num / den);
+        }
+    }
 }
 
 #[test]

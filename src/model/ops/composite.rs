@@ -1,7 +1,9 @@
 //! Composite (plain candle) forms of the model ops: differentiable by candle's autograd on every
 //! device and dtype. They are the reference the fused kernels are tested against.
 
+use super::super::packed::DocPositions;
 use super::super::rope::RopeTables;
+use super::Positions;
 use candle_core::{DType, Result, Tensor, D};
 
 /// RMSNorm over the last dim, computed in f32 and cast back (spec §3.1).
@@ -14,11 +16,14 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// NeoX RoPE on `[B, T, heads, D]`.
-pub fn rope(x: &Tensor, tables: &RopeTables, start: usize) -> Result<Tensor> {
-    let (_b, t, _h, d) = x.dims4()?;
-    let (cos, sin) = tables.full_tables(start, t, x.device())?;
-    let cos = cos.to_dtype(x.dtype())?.reshape((1, t, 1, d))?;
-    let sin = sin.to_dtype(x.dtype())?.reshape((1, t, 1, d))?;
+pub fn rope(x: &Tensor, tables: &RopeTables, at: Positions) -> Result<Tensor> {
+    let (b, t, _h, d) = x.dims4()?;
+    let ((cos, sin), rows) = match at {
+        Positions::From(start) => (tables.full_tables(start, t, x.device())?, 1),
+        Positions::Docs(p) => (tables.tables_at(p.positions(), x.device())?, b),
+    };
+    let cos = cos.to_dtype(x.dtype())?.reshape((rows, t, 1, d))?;
+    let sin = sin.to_dtype(x.dtype())?.reshape((rows, t, 1, d))?;
     let x1 = x.narrow(3, 0, d / 2)?;
     let x2 = x.narrow(3, d / 2, d / 2)?;
     let rot = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
@@ -35,8 +40,15 @@ fn repeat_kv_t(x: &Tensor, rep: usize) -> Result<Tensor> {
     x.unsqueeze(2)?.expand((b, k, rep, t, d))?.reshape((b, k * rep, t, d))
 }
 
-/// Causal GQA attention with an optional key-padding mask; see [`super::attention`].
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
+/// Causal GQA attention with an optional key-padding mask and per-document masking of packed
+/// rows; see [`super::attention`].
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_mask: Option<&Tensor>,
+    docs: Option<&DocPositions>,
+) -> Result<Tensor> {
     let (b, tq, h, d) = q.dims4()?;
     let (_, tk, kh, _) = k.dims4()?;
     let rep = h / kh;
@@ -45,7 +57,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>) 
     let vt = repeat_kv_t(v, rep)?;
     let scale = 1.0 / (d as f64).sqrt();
     let scores = (qt.matmul(&kt.t()?.contiguous()?)? * scale)?; // [B, H, Tq, Tk]
-    let mut scores = scores.broadcast_add(&super::causal_mask(tq, tk, q.device())?.to_dtype(scores.dtype())?)?;
+    let mask = match docs {
+        // Block-diagonal causal, `[B, 1, T, T]`.
+        Some(d) => d.additive_mask(q.device())?,
+        None => super::causal_mask(tq, tk, q.device())?,
+    };
+    let mut scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
     if let Some(m) = key_mask {
         // (1 - mask) * -1e9 per key, like the reference's slow path.
         let add = ((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * -1e9)?).to_dtype(scores.dtype())?;

@@ -132,13 +132,16 @@ impl CustomOp2 for RmsNorm {
 
 // ---------------------------------------------------------------- RoPE
 
-/// NeoX RoPE on contiguous `[B, T, heads, D]` for positions `start..start+T`; `inverse` rotates
-/// by −θ, which is exactly the backward pass (so the backward is itself this op).
+/// NeoX RoPE on contiguous `[B, T, heads, D]` for positions `start..start+T`, or per token from
+/// `pos` (packed documents); `inverse` rotates by −θ, which is exactly the backward pass (so the
+/// backward is itself this op).
 pub struct Rope {
     /// Tables.
     pub tables: RopeTables,
-    /// First position.
+    /// First position (without `pos`).
     pub start: usize,
+    /// `[B * T]` per-token positions, overriding `start`.
+    pub pos: Option<Arc<Vec<u32>>>,
     /// Rotate by −θ.
     pub inverse: bool,
 }
@@ -159,10 +162,14 @@ impl CustomOp1 for Rope {
         if half != self.tables.half {
             bail!("rope: head dim {d} does not match the tables ({})", 2 * self.tables.half);
         }
-        if self.start + t > self.tables.max_pos {
+        let last = match &self.pos {
+            Some(p) if p.len() != dims[0] * t => bail!("rope: {} positions for {dims:?}", p.len()),
+            Some(p) => p.iter().map(|&x| x as usize + 1).max().unwrap_or(0),
+            None => self.start + t,
+        };
+        if last > self.tables.max_pos {
             bail!(
-                "rope: position {} exceeds max_position_embeddings {}; raise it in the model config",
-                self.start + t,
+                "rope: position {last} exceeds max_position_embeddings {}; raise it in the model config",
                 self.tables.max_pos
             );
         }
@@ -170,7 +177,10 @@ impl CustomOp1 for Rope {
         let mut y = vec![0f32; x.len()];
         let row = h * d;
         y.par_chunks_mut(row).zip(x.par_chunks(row)).enumerate().for_each(|(bt, (yr, xr))| {
-            let pos = self.start + bt % t;
+            let pos = match &self.pos {
+                Some(p) => p[bt] as usize,
+                None => self.start + bt % t,
+            };
             let cos = &self.tables.cos[pos * half..(pos + 1) * half];
             let sin = &self.tables.sin[pos * half..(pos + 1) * half];
             for (yh, xh) in yr.chunks_exact_mut(d).zip(xr.chunks_exact(d)) {
@@ -187,7 +197,8 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
-        let inv = Rope { tables: self.tables.clone(), start: self.start, inverse: !self.inverse };
+        let inv =
+            Rope { tables: self.tables.clone(), start: self.start, pos: self.pos.clone(), inverse: !self.inverse };
         Ok(Some(gy.contiguous()?.apply_op1(inv)?))
     }
 }
@@ -320,12 +331,16 @@ impl CustomOp2 for CrossEntropy {
 /// Causal GQA attention on contiguous `q [B, Tq, H, D]`, `k, v [B, Tk, K, D]`; query `i` sees keys
 /// `j <= i + Tk - Tq` that the optional key mask keeps. Query heads are grouped per kv head so K/V
 /// are never repeated; the backward recomputes the probabilities (nothing T×T is kept alive).
+/// With `docs` (packed rows), query `i` sees only keys `i - pos[i] ..= i`, its own document.
 pub struct Attention {
     /// `[B * Tk]`, true = keep.
     pub key_mask: Option<Arc<Vec<bool>>>,
+    /// `[B * T]` positions within packed documents (requires `Tq = Tk`).
+    pub docs: Option<Arc<Vec<u32>>>,
 }
 
-/// Query rows per block: the causal structure lets block r skip keys after its last query.
+/// Query rows per block: the causal structure lets block r skip keys after its last query, and
+/// with packed documents, the keys before the document of its first query.
 const QBLOCK: usize = 64;
 
 struct Dims {
@@ -387,8 +402,9 @@ unsafe fn mm(
 }
 
 impl Attention {
-    /// Softmax probabilities for query rows `i0..i1` of (batch b, head h) into `p` (`[rows, kmax]`,
-    /// row-major), computed from `q`/`k` with masking; returns kmax (visible key count bound).
+    /// Softmax probabilities for query rows `i0..i1` of (batch b, head h) into `p` (`[rows, kw]`,
+    /// row-major) over keys `kmin..kmin + kw`, computed from `q`/`k` with masking; returns
+    /// `(kmin, kw)`, the key window no query of the block sees past.
     #[allow(clippy::too_many_arguments)]
     unsafe fn probs(
         &self,
@@ -400,28 +416,33 @@ impl Attention {
         i0: usize,
         i1: usize,
         p: &mut Vec<f32>,
-    ) -> usize {
+    ) -> (usize, usize) {
         let (d, hd, kd) = (dm.d, dm.h * dm.d, dm.kh * dm.d);
         let g = h / (dm.h / dm.kh);
+        let docs = self.docs.as_deref().map(|x| &x[b * dm.tq..(b + 1) * dm.tq]);
+        // Document starts only grow along a row, so the first query's bounds the block's.
+        let kmin = docs.map_or(0, |x| i0 - x[i0] as usize);
         let kmax = (i1 + dm.off()).min(dm.tk);
-        let rows = i1 - i0;
+        let (rows, kw) = (i1 - i0, kmax - kmin);
         p.clear();
-        p.resize(rows * kmax, 0.0);
+        p.resize(rows * kw, 0.0);
         let qp = q.as_ptr().add(b * dm.tq * hd + i0 * hd + h * d);
-        let kp = k.as_ptr().add(b * dm.tk * kd + g * d);
+        let kp = k.as_ptr().add(b * dm.tk * kd + kmin * kd + g * d);
         // S = Q K^T: rhs (d, j) = K[j, d] → row stride 1, col stride kd.
-        mm(rows, kmax, d, p.as_mut_ptr(), kmax, false, qp, hd as isize, 1, kp, 1, kd as isize, 1.0);
+        mm(rows, kw, d, p.as_mut_ptr(), kw, false, qp, hd as isize, 1, kp, 1, kd as isize, 1.0);
         let scale = 1.0 / (d as f32).sqrt();
         let mask = self.key_mask.as_deref().map(|m| &m[b * dm.tk..(b + 1) * dm.tk]);
         for r in 0..rows {
             let i = i0 + r;
+            // Visible keys `lo..lim` (absolute), stored at `j - kmin`.
             let lim = (i + dm.off() + 1).min(kmax);
-            let row = &mut p[r * kmax..(r + 1) * kmax];
+            let lo = docs.map_or(0, |x| i - x[i] as usize);
+            let row = &mut p[r * kw..(r + 1) * kw];
             let mut mx = f32::NEG_INFINITY;
-            for j in 0..lim {
+            for j in lo..lim {
                 if mask.is_none_or(|m| m[j]) {
-                    row[j] *= scale;
-                    mx = mx.max(row[j]);
+                    row[j - kmin] *= scale;
+                    mx = mx.max(row[j - kmin]);
                 }
             }
             if mx == f32::NEG_INFINITY {
@@ -429,16 +450,17 @@ impl Attention {
                 continue;
             }
             let mut sum = 0f32;
-            for j in 0..kmax {
-                let keep = j < lim && mask.is_none_or(|m| m[j]);
-                let e = if keep { (row[j] - mx).exp() } else { 0.0 };
-                row[j] = e;
+            for (jj, x) in row.iter_mut().enumerate() {
+                let j = jj + kmin;
+                let keep = j >= lo && j < lim && mask.is_none_or(|m| m[j]);
+                let e = if keep { (*x - mx).exp() } else { 0.0 };
+                *x = e;
                 sum += e;
             }
             let inv = 1.0 / sum;
             row.iter_mut().for_each(|x| *x *= inv);
         }
-        kmax
+        (kmin, kw)
     }
 }
 
@@ -449,6 +471,18 @@ fn attn_dims(lq: &Layout, lk: &Layout, lv: &Layout) -> Result<Dims> {
         bail!("attention: bad shapes q {:?} k {:?} v {:?}", lq.dims(), lk.dims(), lv.dims());
     }
     Ok(Dims { b, tq, tk, h, kh, d })
+}
+
+impl Attention {
+    fn dims(&self, lq: &Layout, lk: &Layout, lv: &Layout) -> Result<Dims> {
+        let dm = attn_dims(lq, lk, lv)?;
+        if let Some(p) = &self.docs {
+            if dm.tq != dm.tk || p.len() != dm.b * dm.tq {
+                bail!("attention: {} document positions for q {:?} and k {:?}", p.len(), lq.dims(), lk.dims());
+            }
+        }
+        Ok(dm)
+    }
 }
 
 impl CustomOp3 for Attention {
@@ -465,7 +499,7 @@ impl CustomOp3 for Attention {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dm = attn_dims(lq, lk, lv)?;
+        let dm = self.dims(lq, lk, lv)?;
         let q = f32_slice(sq, lq, "attention")?;
         let k = f32_slice(sk, lk, "attention")?;
         let v = f32_slice(sv, lv, "attention")?;
@@ -479,10 +513,10 @@ impl CustomOp3 for Attention {
             while i0 < dm.tq {
                 let i1 = (i0 + QBLOCK).min(dm.tq);
                 unsafe {
-                    let kmax = self.probs(&dm, q, k, b, h, i0, i1, p);
-                    let vp = v.as_ptr().add(b * dm.tk * kd + g * d);
+                    let (kmin, kw) = self.probs(&dm, q, k, b, h, i0, i1, p);
+                    let vp = v.as_ptr().add(b * dm.tk * kd + kmin * kd + g * d);
                     let dst = op.get().add(b * dm.tq * hd + i0 * hd + h * d);
-                    mm(i1 - i0, d, kmax, dst, hd, false, p.as_ptr(), kmax as isize, 1, vp, kd as isize, 1, 1.0);
+                    mm(i1 - i0, d, kw, dst, hd, false, p.as_ptr(), kw as isize, 1, vp, kd as isize, 1, 1.0);
                 }
                 i0 = i1;
             }
@@ -498,7 +532,7 @@ impl CustomOp3 for Attention {
         _o: &Tensor,
         go: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dm = attn_dims(q.layout(), k.layout(), v.layout())?;
+        let dm = self.dims(q.layout(), k.layout(), v.layout())?;
         let (dq, dk, dv) = with_f32(q, |q| {
             with_f32(k, |k| {
                 with_f32(v, |v| {
@@ -516,28 +550,28 @@ impl CustomOp3 for Attention {
                             || (Vec::new(), Vec::new()),
                             |(p, dp), bg| {
                                 let (b, g) = (bg / dm.kh, bg % dm.kh);
-                                let kp = unsafe { k.as_ptr().add(b * dm.tk * kd + g * d) };
-                                let vp = unsafe { v.as_ptr().add(b * dm.tk * kd + g * d) };
-                                let dkg = unsafe { dkp.get().add(b * dm.tk * kd + g * d) };
-                                let dvg = unsafe { dvp.get().add(b * dm.tk * kd + g * d) };
                                 for h in g * rep..(g + 1) * rep {
                                     let mut i0 = 0;
                                     while i0 < dm.tq {
                                         let i1 = (i0 + QBLOCK).min(dm.tq);
                                         let rows = i1 - i0;
                                         unsafe {
-                                            let kmax = self.probs(&dm, q, k, b, h, i0, i1, p);
+                                            let (kmin, kw) = self.probs(&dm, q, k, b, h, i0, i1, p);
+                                            // The block's key window `kmin..kmin + kw`.
+                                            let at = b * dm.tk * kd + kmin * kd + g * d;
+                                            let (kp, vp) = (k.as_ptr().add(at), v.as_ptr().add(at));
+                                            let (dkg, dvg) = (dkp.get().add(at), dvp.get().add(at));
                                             let qoff = b * dm.tq * hd + i0 * hd + h * d;
                                             let gop = go.as_ptr().add(qoff);
                                             // dP = dO V^T.
                                             dp.clear();
-                                            dp.resize(rows * kmax, 0.0);
+                                            dp.resize(rows * kw, 0.0);
                                             mm(
                                                 rows,
-                                                kmax,
+                                                kw,
                                                 d,
                                                 dp.as_mut_ptr(),
-                                                kmax,
+                                                kw,
                                                 false,
                                                 gop,
                                                 hd as isize,
@@ -549,8 +583,8 @@ impl CustomOp3 for Attention {
                                             );
                                             // dS = P * (dP - rowsum(P * dP)) * scale.
                                             for r in 0..rows {
-                                                let pr = &p[r * kmax..(r + 1) * kmax];
-                                                let dr = &mut dp[r * kmax..(r + 1) * kmax];
+                                                let pr = &p[r * kw..(r + 1) * kw];
+                                                let dr = &mut dp[r * kw..(r + 1) * kw];
                                                 let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
                                                 for (x, &pp) in dr.iter_mut().zip(pr) {
                                                     *x = pp * (*x - dot) * scale;
@@ -560,12 +594,12 @@ impl CustomOp3 for Attention {
                                             mm(
                                                 rows,
                                                 d,
-                                                kmax,
+                                                kw,
                                                 dqp.get().add(qoff),
                                                 hd,
                                                 false,
                                                 dp.as_ptr(),
-                                                kmax as isize,
+                                                kw as isize,
                                                 1,
                                                 kp,
                                                 kd as isize,
@@ -575,7 +609,7 @@ impl CustomOp3 for Attention {
                                             // dK += dS^T Q; dV += P^T dO.
                                             let qp = q.as_ptr().add(qoff);
                                             mm(
-                                                kmax,
+                                                kw,
                                                 d,
                                                 rows,
                                                 dkg,
@@ -583,14 +617,14 @@ impl CustomOp3 for Attention {
                                                 true,
                                                 dp.as_ptr(),
                                                 1,
-                                                kmax as isize,
+                                                kw as isize,
                                                 qp,
                                                 hd as isize,
                                                 1,
                                                 1.0,
                                             );
                                             mm(
-                                                kmax,
+                                                kw,
                                                 d,
                                                 rows,
                                                 dvg,
@@ -598,7 +632,7 @@ impl CustomOp3 for Attention {
                                                 true,
                                                 p.as_ptr(),
                                                 1,
-                                                kmax as isize,
+                                                kw as isize,
                                                 gop,
                                                 hd as isize,
                                                 1,

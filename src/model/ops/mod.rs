@@ -3,6 +3,7 @@
 //! backward (candle-nn's fast ops have no backward and silently cut gradients; see the shared
 //! candle-notes). [`use_fused`] picks the fused form when it applies.
 
+use super::packed::DocPositions;
 use super::rope::RopeTables;
 use candle_core::{DType, Device, Result, Tensor, D};
 
@@ -42,18 +43,49 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     composite::rms_norm(x, w, eps)
 }
 
-/// RoPE on `x: [B, T, heads, D]` for positions `start..start+T` (spec §3.2).
-pub fn rope(x: &Tensor, tables: &RopeTables, start: usize) -> Result<Tensor> {
+/// Where the RoPE positions of a `[B, T]` input come from.
+#[derive(Clone, Copy, Debug)]
+pub enum Positions<'a> {
+    /// `start..start+T` in every row (`start` = positions already cached; 0 for a full pass).
+    From(usize),
+    /// Per-token positions of packed documents (restarting at 0 for each document).
+    Docs(&'a DocPositions),
+}
+
+/// RoPE on `x: [B, T, heads, D]` at positions `at` (spec §3.2).
+pub fn rope(x: &Tensor, tables: &RopeTables, at: Positions) -> Result<Tensor> {
     if use_fused(x) {
-        return x.contiguous()?.apply_op1(fused::Rope { tables: tables.clone(), start, inverse: false });
+        let (start, pos) = match at {
+            Positions::From(s) => (s, None),
+            Positions::Docs(d) => (0, Some(d.positions().clone())),
+        };
+        return x.contiguous()?.apply_op1(fused::Rope { tables: tables.clone(), start, pos, inverse: false });
     }
-    composite::rope(x, tables, start)
+    composite::rope(x, tables, at)
 }
 
 /// Causal GQA attention. `q: [B, Tq, H, D]`, `k, v: [B, Tk, K, D]` with `Tk >= Tq`; query `i` sees
 /// keys `j <= i + (Tk - Tq)` (cached positions are always visible). `key_mask: [B, Tk]` (1 = keep,
-/// 0 = padding) is optional. Returns `[B, Tq, H, D]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
+/// 0 = padding) is optional. With `docs` (packed rows; `Tq = Tk`), query `i` sees only the keys of
+/// its own document. Returns `[B, Tq, H, D]`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_mask: Option<&Tensor>,
+    docs: Option<&DocPositions>,
+) -> Result<Tensor> {
+    if let Some(d) = docs {
+        let (b, tq) = (q.dim(0)?, q.dim(1)?);
+        if d.dims() != (b, tq) || k.dim(1)? != tq {
+            candle_core::bail!(
+                "attention: document positions {:?} do not match q {:?} / k {:?} (packed rows need Tq = Tk)",
+                d.dims(),
+                q.dims(),
+                k.dims()
+            );
+        }
+    }
     if use_fused(q) && k.dtype() == DType::F32 && v.dtype() == DType::F32 {
         let key_mask = match key_mask {
             None => None,
@@ -62,9 +94,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&Tensor>) 
                 Some(std::sync::Arc::new(m.into_iter().map(|x| x != 0.0).collect()))
             }
         };
-        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, fused::Attention { key_mask });
+        let docs = docs.map(|d| d.positions().clone());
+        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, fused::Attention { key_mask, docs });
     }
-    composite::attention(q, k, v, key_mask)
+    composite::attention(q, k, v, key_mask, docs)
 }
 
 /// `silu(gate) * up`.

@@ -57,7 +57,16 @@ fn rope_matches_composite() {
         cfg.rope_scaling = scaling;
         let tables = crate::model::rope::RopeTables::new(&cfg);
         let x = randn(&[2, 7, 3, 16], 3, 1.0);
-        check("rope", &[x], 1e-5, |t| rope(&t[0], &tables, 5).unwrap());
+        check("rope", &[x], 1e-5, |t| rope(&t[0], &tables, Positions::From(5)).unwrap());
+        // Packed rows: per-token positions restart at 0 for each document.
+        let docs = DocPositions::from_lengths(&[vec![3, 4], vec![2, 1, 2]], 7).unwrap();
+        let x = randn(&[2, 7, 3, 16], 4, 1.0);
+        check("rope+docs", &[x.clone()], 1e-5, |t| rope(&t[0], &tables, Positions::Docs(&docs)).unwrap());
+        // Each document rotated as if alone in its row.
+        let second = |t: &Tensor| t.narrow(0, 0, 1).unwrap().narrow(1, 3, 4).unwrap();
+        let packed = rope(&x, &tables, Positions::Docs(&docs)).unwrap();
+        let alone = rope(&second(&x), &tables, Positions::From(0)).unwrap();
+        assert_eq!(rel_err(&second(&packed), &alone), 0.0);
     }
 }
 
@@ -76,7 +85,7 @@ fn attention_matches_composite() {
         let q = randn(&[2, tq, 6, 8], 6, 1.0);
         let k = randn(&[2, tk, 2, 8], 7, 1.0);
         let v = randn(&[2, tk, 2, 8], 8, 1.0);
-        check("attention", &[q, k, v], 1e-5, |t| attention(&t[0], &t[1], &t[2], None).unwrap());
+        check("attention", &[q, k, v], 1e-5, |t| attention(&t[0], &t[1], &t[2], None, None).unwrap());
     }
 }
 
@@ -89,7 +98,39 @@ fn attention_with_key_mask_matches_composite() {
     // Padded query rows 0-1 of batch 1 see no keys: the composite path (additive -1e9) and the
     // fused path (zeros) differ there by design, so compare the real rows only.
     let real = |t: Tensor| t.narrow(1, 2, 4).unwrap();
-    check("attention+mask", &[q, k, v], 1e-5, |t| real(attention(&t[0], &t[1], &t[2], Some(&mask)).unwrap()));
+    check("attention+mask", &[q, k, v], 1e-5, |t| real(attention(&t[0], &t[1], &t[2], Some(&mask), None).unwrap()));
+}
+
+/// Packed rows: the block-diagonal causal mask, with documents that span query blocks and start
+/// inside one (the fused kernel skips the keys before the block's first document).
+#[test]
+fn attention_with_packed_documents_matches_composite_and_separate_documents() {
+    let lens = [vec![30, 70, 45, 5], vec![150], vec![1, 64, 64, 21]];
+    let docs = DocPositions::from_lengths(&lens, 150).unwrap();
+    let q = randn(&[3, 150, 6, 8], 14, 1.0);
+    let k = randn(&[3, 150, 2, 8], 15, 1.0);
+    let v = randn(&[3, 150, 2, 8], 16, 1.0);
+    check("attention+docs", &[q.clone(), k.clone(), v.clone()], 1e-5, |t| {
+        attention(&t[0], &t[1], &t[2], None, Some(&docs)).unwrap()
+    });
+    for fused in [true, false] {
+        let run = |f: &dyn Fn() -> Tensor| if fused { f() } else { with_composite(f) };
+        let packed = run(&|| attention(&q, &k, &v, None, Some(&docs)).unwrap());
+        for (r, row) in lens.iter().enumerate() {
+            let mut at = 0;
+            for &n in row {
+                let part = |x: &Tensor| x.narrow(0, r, 1).unwrap().narrow(1, at, n).unwrap();
+                let alone = run(&|| attention(&part(&q), &part(&k), &part(&v), None, None).unwrap());
+                let e = rel_err(&part(&packed), &alone);
+                assert!(e < 1e-6, "fused={fused} row {r} document at {at}: rel err {e}");
+                at += n;
+            }
+        }
+    }
+    // A mask that ignored documents would differ: the check above can fail.
+    assert!(
+        rel_err(&attention(&q, &k, &v, None, None).unwrap(), &attention(&q, &k, &v, None, Some(&docs)).unwrap()) > 0.1
+    );
 }
 
 #[test]
