@@ -102,9 +102,9 @@ mod tests {
         assert!(!d.visible(1, 4, 3), "padding is its own document");
         let m: Vec<Vec<f32>> =
             d.additive_mask(&Device::Cpu).unwrap().get(0).unwrap().get(0).unwrap().to_vec2().unwrap();
-        for i in 0..6 {
-            for j in 0..6 {
-                assert_eq!(m[i][j] == 0.0, d.visible(0, i, j), "({i}, {j})");
+        for (i, row) in m.iter().enumerate() {
+            for (j, &x) in row.iter().enumerate() {
+                assert_eq!(x == 0.0, d.visible(0, i, j), "({i}, {j})");
             }
         }
         assert!(DocPositions::new(vec![0, 2], 1, 2).is_err());

@@ -61,7 +61,7 @@ fn rope_matches_composite() {
         // Packed rows: per-token positions restart at 0 for each document.
         let docs = DocPositions::from_lengths(&[vec![3, 4], vec![2, 1, 2]], 7).unwrap();
         let x = randn(&[2, 7, 3, 16], 4, 1.0);
-        check("rope+docs", &[x.clone()], 1e-5, |t| rope(&t[0], &tables, Positions::Docs(&docs)).unwrap());
+        check("rope+docs", std::slice::from_ref(&x), 1e-5, |t| rope(&t[0], &tables, Positions::Docs(&docs)).unwrap());
         // Each document rotated as if alone in its row.
         let second = |t: &Tensor| t.narrow(0, 0, 1).unwrap().narrow(1, 3, 4).unwrap();
         let packed = rope(&x, &tables, Positions::Docs(&docs)).unwrap();
