@@ -160,6 +160,9 @@ pub struct ChunkMeta {
     pub trained_tokens: u64,
     /// Examples dropped because truncation left nothing to train on.
     pub dropped_no_loss: usize,
+    /// Conversations kept but cut at `max_seq_len`: their later turns are not trained.
+    #[serde(default)]
+    pub truncated: usize,
 }
 
 /// `shards.json`.
@@ -284,6 +287,7 @@ pub fn build(
         totals.tokens += c.tokens;
         totals.trained_tokens += c.trained_tokens;
         totals.dropped_no_loss += c.dropped_no_loss;
+        totals.truncated += c.truncated;
     }
     if totals.samples == 0 {
         return Err(DataError::Empty {
@@ -324,20 +328,29 @@ fn write_chunk(
     wide: bool,
 ) -> Result<ChunkMeta, ShardError> {
     let opts = params.chat();
-    let samples: Vec<Result<Vec<Sample>, TokenizeError>> = examples
+    let samples: Vec<Result<(Vec<Sample>, bool), TokenizeError>> = examples
         .par_iter()
         .enumerate()
-        .map(|(i, ex)| tok.example(ex, params.max_seq_len, &opts, (first_index + i) as u64))
+        .map(|(i, ex)| {
+            let index = (first_index + i) as u64;
+            let s = tok.example(ex, params.max_seq_len, &opts, index)?;
+            // Only a conversation that reached the limit may have been cut: tokenise it uncut to know.
+            let cut = kind == SampleKind::Sft
+                && s.iter().any(|x| x.ids.len() >= params.max_seq_len)
+                && tok.example(ex, usize::MAX, &opts, index)?.iter().any(|x| x.ids.len() > params.max_seq_len);
+            Ok((s, cut))
+        })
         .collect();
     let mut meta = ChunkMeta { examples_read: examples.len(), ..Default::default() };
     let (mut ids, mut mask, mut idx) = (Vec::new(), Vec::new(), vec![0u64]);
     for s in samples {
-        let s = s?;
+        let (s, cut) = s?;
         // Never emit a chat/DPO sample with nothing to train on (e.g. a prompt longer than max_seq_len).
         if kind != SampleKind::Prompt && s.iter().any(|x| x.trained() == 0) {
             meta.dropped_no_loss += 1;
             continue;
         }
+        meta.truncated += usize::from(cut);
         meta.samples += 1;
         for seq in s {
             meta.sequences += 1;
@@ -885,6 +898,7 @@ mod tests {
             build(&ds, &tok, &ShardParams::default(), &tmp.path().join("huge"), &CancelToken::new(), &|_| {}).unwrap();
         assert_eq!(m.totals.samples, 2);
         assert!(m.totals.tokens <= 1024);
+        assert_eq!(m.totals.truncated, 1, "the cut is counted");
     }
 
     /// A valid two-chunk shard set written by hand (no tokenizer needed): `(ids, mask)` per sequence.

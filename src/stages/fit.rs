@@ -43,6 +43,19 @@ pub fn shard_source(
         "dataset '{data}' has no usable examples after tokenisation (stage '{}'); check its format and content",
         ctx.name
     );
+    let t = &shards.meta().totals;
+    if t.truncated > 0 {
+        // A cut conversation silently loses its later turns (e.g. a tool call's arguments, the
+        // tool result and the answer behind a long tools header), so say it loudly.
+        tracing::warn!(
+            stage = ctx.name,
+            "{} of {} conversations in '{data}' are longer than max_seq_len = {} and were cut: their later \
+             turns are not trained; raise max_seq_len",
+            t.truncated,
+            t.samples,
+            shard.max_seq_len
+        );
+    }
     Ok(ShardSource::new(shards, shard.max_seq_len, packing, pad_to_max, seed))
 }
 

@@ -124,6 +124,7 @@ impl Stage for PrepareStage {
         metrics.insert("skipped_bad_records".into(), json!(meta.read.skipped_bad));
         metrics.insert("skipped_empty_records".into(), json!(meta.read.skipped_empty));
         metrics.insert("dropped_no_loss".into(), json!(t.dropped_no_loss));
+        metrics.insert("truncated".into(), json!(t.truncated));
         metrics.insert("seconds".into(), json!(secs));
         metrics.insert("tokens_per_s".into(), json!(t.tokens as f64 / secs.max(1e-9)));
         Ok(StageOutcome { metrics })
