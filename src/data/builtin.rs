@@ -11,10 +11,23 @@
 //! | `openai` | the same as `role`/`content` messages |
 //! | `alpaca` | `instruction` = question, `output` = the reply |
 //! | `dpo` | chosen = correct reply, rejected = the same reply with a wrong result |
-//! | `prompt_answer` | `{"question", "answer": "19"}` |
+//! | `prompt_answer` | `{"question", "answer": "12 + 7 = 19. The answer is 19."}` |
 //!
 //! Parameters (`[datasets.x] builtin = { … }`): `count` (default 1000), `seed` (default 1),
-//! `split` (`"train"` | `"test"`, default train), `max_operand` (default 50, at most 999).
+//! `split` (`"train"` | `"test"`, default train), `max_operand` (default 50, at most 999),
+//! `solution` (how the reply works the problem out, default `"equation"`):
+//!
+//! | `solution` | reply |
+//! |---|---|
+//! | `"equation"` | `12 + 3 = 15. The answer is 15.` |
+//! | `"counting"` | `12 + 3: 1:13 2:14 3:15. The answer is 15.` (`max_operand` at most 20) |
+//!
+//! Why counting: the test split holds out whole problems, so a model must *compute* `9 - 5` it
+//! never saw. Written as one equation, that is recalling a fact it was never shown: a 0.5M-parameter
+//! model interpolates between neighbouring facts and lands one off (held-out exact match stalls near
+//! 0.5 whatever the steps or width). Counting on (or down) one step at a time needs only the
+//! successor of a number and a step counter to compare with the second operand, both seen in every
+//! training problem, so the same model reaches ≈ 1.0 on problems it never saw.
 //!
 //! Splits never overlap, whatever the seeds: a problem `(a, op, b)` belongs to the test split iff
 //! a hash of it (independent of the seed) falls in the test bucket (1 in 8). Within a split,
@@ -47,12 +60,27 @@ pub struct ArithmeticParams {
     pub test: bool,
     /// Largest operand.
     pub max_operand: u32,
+    /// How replies work the problem out.
+    pub solution: Solution,
 }
+
+/// How a `builtin:arithmetic` reply works its problem out (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Solution {
+    /// `12 + 3 = 15.`: the result in one step.
+    Equation,
+    /// `12 + 3: 1:13 2:14 3:15.`: one counted step per unit of the second operand.
+    Counting,
+}
+
+/// The largest operand `solution = "counting"` accepts: a reply writes one step per unit.
+const MAX_COUNTING_OPERAND: u32 = 20;
 
 impl ArithmeticParams {
     /// Parse `builtin = { … }` from a dataset declaration.
     pub fn from_spec(spec: &DatasetSpec) -> Result<Self, String> {
-        let mut p = ArithmeticParams { count: 1000, seed: 1, test: false, max_operand: 50 };
+        let mut p =
+            ArithmeticParams { count: 1000, seed: 1, test: false, max_operand: 50, solution: Solution::Equation };
         for (k, v) in &spec.builtin {
             let as_u64 = || v.as_u64().ok_or_else(|| format!("builtin parameter '{k}' must be a non-negative integer"));
             match k.as_str() {
@@ -60,12 +88,25 @@ impl ArithmeticParams {
                 "seed" => p.seed = as_u64()?,
                 "max_operand" => p.max_operand = as_u64()?.clamp(1, 999) as u32,
                 "split" => p.test = split_is_test(v)?,
+                "solution" => {
+                    p.solution = match v.as_str() {
+                        Some("equation") => Solution::Equation,
+                        Some("counting") => Solution::Counting,
+                        _ => return Err(format!("builtin parameter 'solution' must be \"equation\" or \"counting\", not {v}")),
+                    }
+                }
                 other => {
                     return Err(format!(
-                        "unknown builtin parameter '{other}' for builtin:arithmetic (expected count, seed, split, max_operand)"
+                        "unknown builtin parameter '{other}' for builtin:arithmetic (expected count, seed, split, max_operand, solution)"
                     ))
                 }
             }
+        }
+        if p.solution == Solution::Counting && p.max_operand > MAX_COUNTING_OPERAND {
+            return Err(format!(
+                "solution = \"counting\" writes one step per unit of the second operand, so max_operand must be at most {MAX_COUNTING_OPERAND} (it is {}); lower max_operand or use solution = \"equation\"",
+                p.max_operand
+            ));
         }
         check_count(p.count)?;
         Ok(p)
@@ -122,11 +163,26 @@ pub fn arithmetic(p: &ArithmeticParams) -> Vec<Problem> {
         if wrong < 0 {
             wrong = answer + rng.random_range(1..=9);
         }
-        let reply = format!("{a} {op} {b} = {answer}. The answer is {answer}.");
-        let wrong_reply = format!("{a} {op} {b} = {wrong}. The answer is {wrong}.");
+        let work = |result: i64| match p.solution {
+            Solution::Equation => format!("{a} {op} {b} = {result}."),
+            Solution::Counting => format!("{a} {op} {b}: {}.", counting_steps(a, op, b)),
+        };
+        // A counted rejected reply keeps the (right) steps and gets the final value wrong, so a
+        // preference pair teaches that the answer is where the counting ended.
+        let reply = format!("{} The answer is {answer}.", work(answer));
+        let wrong_reply = format!("{} The answer is {wrong}.", work(wrong));
         out.push(Problem { question, reply, wrong_reply, answer });
     }
     out
+}
+
+/// `1:13 2:14 3:15` for `12 + 3` (counting down for `-`), `0 steps` when `b` is 0.
+fn counting_steps(a: u32, op: char, b: u32) -> String {
+    if b == 0 {
+        return "0 steps".to_string();
+    }
+    let step = |i: u32| if op == '+' { a + i } else { a - i };
+    (1..=b).map(|i| format!("{i}:{}", step(i))).collect::<Vec<_>>().join(" ")
 }
 
 /// The JSON record of a problem in `format`.
@@ -210,8 +266,8 @@ mod tests {
 
     #[test]
     fn deterministic_and_splits_disjoint() {
-        let tr = ArithmeticParams { count: 3000, seed: 1, test: false, max_operand: 50 };
-        let te = ArithmeticParams { count: 300, seed: 1, test: true, max_operand: 50 };
+        let tr = ArithmeticParams { count: 3000, seed: 1, test: false, max_operand: 50, solution: Solution::Equation };
+        let te = ArithmeticParams { count: 300, seed: 1, test: true, ..tr.clone() };
         assert_eq!(arithmetic(&tr), arithmetic(&tr));
         let train: HashSet<String> = arithmetic(&tr).into_iter().map(|p| p.reply).collect();
         let test: Vec<Problem> = arithmetic(&te);
@@ -223,6 +279,34 @@ mod tests {
         }
         let other_seed = ArithmeticParams { seed: 2, ..tr.clone() };
         assert_ne!(arithmetic(&other_seed), arithmetic(&tr));
+    }
+
+    #[test]
+    fn counting_replies_count_each_step_and_refuse_long_counts() {
+        let p = ArithmeticParams { count: 400, seed: 1, test: false, max_operand: 12, solution: Solution::Counting };
+        let equation = arithmetic(&ArithmeticParams { solution: Solution::Equation, ..p.clone() });
+        let counting = arithmetic(&p);
+        for (e, c) in equation.iter().zip(&counting) {
+            // Same problems, answers and wrong answers: only the worked reply differs.
+            assert_eq!((&e.question, e.answer), (&c.question, c.answer));
+            let (a, op, b) = {
+                let w: Vec<&str> = e.reply.split(' ').collect();
+                (w[0].parse::<i64>().unwrap(), w[1], w[2].parse::<i64>().unwrap())
+            };
+            let steps: Vec<String> =
+                (1..=b).map(|i| format!("{i}:{}", if op == "+" { a + i } else { a - i })).collect();
+            let body = if b == 0 { "0 steps".to_string() } else { steps.join(" ") };
+            assert_eq!(c.reply, format!("{a} {op} {b}: {body}. The answer is {}.", c.answer));
+            assert!(c.wrong_reply.starts_with(&format!("{a} {op} {b}: {body}. The answer is ")));
+            assert_ne!(c.reply, c.wrong_reply);
+        }
+        assert_eq!(counting_steps(12, '+', 3), "1:13 2:14 3:15");
+        assert_eq!(counting_steps(5, '-', 2), "1:4 2:3");
+        let long = spec(DataFormat::Text, json!({"solution": "counting", "max_operand": 50}));
+        let e = ArithmeticParams::from_spec(&long).unwrap_err();
+        assert!(e.contains("max_operand must be at most 20") && e.contains("solution = \"equation\""), "{e}");
+        let typo = spec(DataFormat::Text, json!({"solution": "steps"}));
+        assert!(ArithmeticParams::from_spec(&typo).unwrap_err().contains("\"equation\" or \"counting\""));
     }
 
     #[test]

@@ -430,7 +430,13 @@ mod tests {
 
     #[test]
     fn trains_reference_layout() {
-        let p = crate::data::builtin::ArithmeticParams { count: 400, seed: 1, test: false, max_operand: 50 };
+        let p = crate::data::builtin::ArithmeticParams {
+            count: 400,
+            seed: 1,
+            test: false,
+            max_operand: 50,
+            solution: crate::data::builtin::Solution::Equation,
+        };
         let texts: Vec<String> = crate::data::builtin::arithmetic(&p)
             .iter()
             .map(|pr| format!("{}\n{}", pr.question, pr.reply))
