@@ -94,6 +94,16 @@ impl std::fmt::Debug for Remote {
     }
 }
 
+/// object_store's HTTP client (reqwest) is built without a bundled crypto provider (see
+/// Cargo.toml: aws-lc-rs is a large C build), so install ring's as the process default before the
+/// first client is built. Harmless when one is already installed.
+fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 impl Remote {
     /// Connect to `url` (`s3://bucket/prefix` or `file:///path`). Nothing is contacted yet.
     pub fn open(url: &str) -> Result<Remote, RemoteError> {
@@ -101,6 +111,7 @@ impl Remote {
         super::spec::check_remote_url(url).map_err(bad)?;
         let store_err = |source| RemoteError::Store { url: url.to_string(), source };
         let (store, prefix): (Arc<dyn ObjectStore>, String) = if let Some(rest) = url.strip_prefix("s3://") {
+            install_tls_provider();
             let prefix = rest.split_once('/').map(|(_, p)| p).unwrap_or("").to_string();
             // A remote that does not answer must not hold the run up: few retries, short timeouts.
             let retry = object_store::RetryConfig {

@@ -61,7 +61,14 @@ fn serve(extra: &[&str]) -> Server {
     Server { child, base, _dir: dir }
 }
 
+/// The OpenAI client's reqwest is built without a bundled TLS crypto provider (as mmrun's own, see
+/// Cargo.toml): install ring's once per test process before building one.
+fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn client(s: &Server) -> Client<OpenAIConfig> {
+    install_tls_provider();
     Client::with_config(OpenAIConfig::new().with_api_base(format!("{}/v1", s.base)).with_api_key("unused"))
 }
 
@@ -365,6 +372,7 @@ async fn api_key_and_a_full_queue() {
     assert!(agent().get(format!("{}/health", s.base)).call().unwrap().status() == 200, "health needs no key");
 
     // One request decoding (batch of 1), one waiting in the queue of 1: the next gets 503.
+    install_tls_provider();
     let c = Client::with_config(OpenAIConfig::new().with_api_base(format!("{}/v1", s.base)).with_api_key("sekret"));
     let long =
         |p: &str| json!({"model": "noise", "messages": user(p), "max_tokens": 1000, "temperature": 0, "stream": true});
