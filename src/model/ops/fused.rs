@@ -5,6 +5,7 @@ use super::super::rope::RopeTables;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
+use super::vmath;
 use std::sync::Arc;
 
 /// The contiguous f32 slice behind a storage/layout pair.
@@ -208,10 +209,6 @@ impl CustomOp1 for Rope {
 /// `silu(gate) * up`, backward for both inputs in one pass.
 pub struct SwiGlu;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "mmrun-swiglu"
@@ -224,11 +221,10 @@ impl CustomOp2 for SwiGlu {
             bail!("swiglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
         }
         let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(8192).zip(g.par_chunks(8192)).zip(u.par_chunks(8192)).for_each(|((y, g), u)| {
-            for i in 0..y.len() {
-                y[i] = g[i] * sigmoid(g[i]) * u[i];
-            }
-        });
+        y.par_chunks_mut(8192)
+            .zip(g.par_chunks(8192))
+            .zip(u.par_chunks(8192))
+            .for_each(|((y, g), u)| vmath::swiglu(y, g, u));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -241,14 +237,7 @@ impl CustomOp2 for SwiGlu {
                     dg.par_chunks_mut(8192)
                         .zip(du.par_chunks_mut(8192))
                         .zip(g.par_chunks(8192).zip(u.par_chunks(8192)).zip(gy.par_chunks(8192)))
-                        .for_each(|((dg, du), ((g, u), gy))| {
-                            for i in 0..dg.len() {
-                                let s = sigmoid(g[i]);
-                                let silu = g[i] * s;
-                                du[i] = gy[i] * silu;
-                                dg[i] = gy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                            }
-                        });
+                        .for_each(|((dg, du), ((g, u), gy))| vmath::swiglu_backward(dg, du, g, u, gy));
                     Ok((dg, du))
                 })
             })
@@ -272,11 +261,6 @@ fn labels_i64(s: &CpuStorage, l: &Layout) -> Result<Vec<i64>> {
     })
 }
 
-fn row_lse(r: &[f32]) -> f32 {
-    let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    m + r.iter().map(|&x| (x - m).exp()).sum::<f32>().ln()
-}
-
 impl CustomOp2 for CrossEntropy {
     fn name(&self) -> &'static str {
         "mmrun-cross-entropy"
@@ -293,7 +277,7 @@ impl CustomOp2 for CrossEntropy {
             .par_chunks(v)
             .zip(labels.par_iter())
             .filter(|(_, &lab)| lab >= 0)
-            .map(|(r, &lab)| ((row_lse(r) - r[lab as usize]) as f64, 1usize))
+            .map(|(r, &lab)| ((vmath::log_sum_exp(r) - r[lab as usize]) as f64, 1usize))
             .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
         if labels.iter().any(|&l| l >= v as i64) {
             bail!("cross_entropy: a label is >= vocab size {v}");
@@ -314,10 +298,7 @@ impl CustomOp2 for CrossEntropy {
                 if lab < 0 {
                     return;
                 }
-                let lse = row_lse(r);
-                for (di, &xi) in d.iter_mut().zip(r) {
-                    *di = (xi - lse).exp() * scale;
-                }
+                vmath::exp_shift_scale(d, r, vmath::log_sum_exp(r), scale);
                 d[lab as usize] -= scale;
             });
             Ok(dx)
@@ -438,27 +419,17 @@ impl Attention {
             let lim = (i + dm.off() + 1).min(kmax);
             let lo = docs.map_or(0, |x| i - x[i] as usize);
             let row = &mut p[r * kw..(r + 1) * kw];
-            let mut mx = f32::NEG_INFINITY;
-            for j in lo..lim {
-                if mask.is_none_or(|m| m[j]) {
-                    row[j - kmin] *= scale;
-                    mx = mx.max(row[j - kmin]);
+            // Keys the query does not see get −∞, which the softmax turns into 0.
+            row[..lo - kmin].fill(f32::NEG_INFINITY);
+            row[lim - kmin..].fill(f32::NEG_INFINITY);
+            if let Some(m) = mask {
+                for j in lo..lim {
+                    if !m[j] {
+                        row[j - kmin] = f32::NEG_INFINITY;
+                    }
                 }
             }
-            if mx == f32::NEG_INFINITY {
-                row.iter_mut().for_each(|x| *x = 0.0);
-                continue;
-            }
-            let mut sum = 0f32;
-            for (jj, x) in row.iter_mut().enumerate() {
-                let j = jj + kmin;
-                let keep = j >= lo && j < lim && mask.is_none_or(|m| m[j]);
-                let e = if keep { (*x - mx).exp() } else { 0.0 };
-                *x = e;
-                sum += e;
-            }
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|x| *x *= inv);
+            vmath::softmax_scaled(row, scale);
         }
         (kmin, kw)
     }
