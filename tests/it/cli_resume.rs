@@ -273,15 +273,12 @@ fn sigkill_after_first_checkpoint(sb: &Sandbox, key: &str) -> usize {
     *complete().last().expect("the checkpoint survives the kill")
 }
 
-/// A LoRA stage with the time-based checkpoint interval at 0 (after every step), killed with
-/// SIGKILL once a checkpoint exists: the rerun continues from the newest checkpoint.
-#[test]
-fn sigkill_during_lora_then_rerun_resumes_from_its_last_checkpoint() {
-    let sb = Sandbox::new();
-    sb.write(
-        "r.toml",
+/// A recipe with a 2-step tiny `base` on arithmetic text (its tokenizer `tok`), then `rest`: the
+/// datasets and the stage the SIGKILL tests interrupt.
+fn killable_recipe(name: &str, rest: &str) -> String {
+    format!(
         r#"[recipe]
-name = "lorakill"
+name = "{name}"
 seed = 3
 
 [model]
@@ -290,12 +287,7 @@ preset = "tiny"
 [datasets.text]
 source = "builtin:arithmetic"
 format = "text"
-builtin = { count = 200 }
-
-[datasets.chat]
-source = "builtin:arithmetic"
-format = "sharegpt"
-builtin = { count = 200, seed = 2 }
+builtin = {{ count = 200 }}
 
 [stages.tok]
 kind = "tokenizer"
@@ -310,6 +302,24 @@ max_seq_len = 32
 batch_size = 4
 max_steps = 2
 
+{rest}"#
+    )
+}
+
+/// A LoRA stage with the time-based checkpoint interval at 0 (after every step), killed with
+/// SIGKILL once a checkpoint exists: the rerun continues from the newest checkpoint.
+#[test]
+fn sigkill_during_lora_then_rerun_resumes_from_its_last_checkpoint() {
+    let sb = Sandbox::new();
+    sb.write(
+        "r.toml",
+        &killable_recipe(
+            "lorakill",
+            r#"[datasets.chat]
+source = "builtin:arithmetic"
+format = "sharegpt"
+builtin = { count = 200, seed = 2 }
+
 [stages.adapt]
 kind = "lora"
 from = "base"
@@ -320,6 +330,7 @@ batch_size = 2
 max_steps = 60
 save_every_secs = 0
 "#,
+        ),
     );
     let key = stage_key(&sb, "adapt");
     let newest = sigkill_after_first_checkpoint(&sb, &key);
@@ -340,35 +351,12 @@ save_every_secs = 0
 /// of an uninterrupted run (the episodes are re-sampled identically), byte for byte.
 #[test]
 fn sigkill_during_agent_then_rerun_gives_the_uninterrupted_weights() {
-    const RECIPE: &str = r#"[recipe]
-name = "agentkill"
-seed = 3
-
-[model]
-preset = "tiny"
-
-[datasets.text]
-source = "builtin:arithmetic"
-format = "text"
-builtin = { count = 200 }
-
-[datasets.tasks]
+    let recipe = killable_recipe(
+        "agentkill",
+        r#"[datasets.tasks]
 source = "builtin:tool_use"
 format = "prompt_answer"
 builtin = { count = 16, tools = ["calculator"] }
-
-[stages.tok]
-kind = "tokenizer"
-data = ["text"]
-vocab_size = 400
-
-[stages.base]
-kind = "pretrain"
-tokenizer = "tok"
-data = "text"
-max_seq_len = 32
-batch_size = 4
-max_steps = 2
 
 [stages.agent]
 kind = "agent"
@@ -381,10 +369,11 @@ batch_size = 1
 max_steps = 8
 lr = 1e-3
 save_every_secs = 0
-"#;
+"#,
+    );
     let (killed, whole) = (Sandbox::new(), Sandbox::new());
-    killed.write("r.toml", RECIPE);
-    whole.write("r.toml", RECIPE);
+    killed.write("r.toml", &recipe);
+    whole.write("r.toml", &recipe);
     let key = stage_key(&killed, "agent");
     let newest = sigkill_after_first_checkpoint(&killed, &key);
     assert!(newest < 8, "killed mid-stage");

@@ -170,73 +170,13 @@ fn a_killed_rank_fails_the_run_by_name_stops_the_others_and_the_same_command_res
     assert_eq!(base["metrics"]["steps"], 150);
 }
 
-/// A preference stage shares the loop: DPO's loss is a mean over pairs, so 2 ranks × 4 pairs
-/// train what 1 rank × 8 pairs does.
-#[test]
-fn dpo_on_two_ranks_matches_one_rank_with_the_global_batch() {
-    let sb = Sandbox::new();
-    sb.write(
-        "r.toml",
+/// A recipe on the arithmetic data: tokenizer and a 2-step pretrain `base`, then `rest` (the
+/// stage under test and its dataset). f32, so the comparisons below are as tight on every CPU.
+fn arith_recipe(name: &str, seed: u64, rest: &str) -> String {
+    format!(
         r#"[recipe]
-name = "dp-dpo"
-seed = 3
-device = "cpu"
-
-[model]
-preset = "tiny"
-
-[datasets.text]
-source = "builtin:arithmetic"
-format = "text"
-builtin = { count = 100, seed = 1, max_operand = 12 }
-
-[datasets.pairs]
-source = "builtin:arithmetic"
-format = "dpo"
-builtin = { count = 24, seed = 4, max_operand = 12 }
-
-[stages.tok]
-kind = "tokenizer"
-data = ["text"]
-vocab_size = 300
-
-[stages.base]
-kind = "pretrain"
-tokenizer = "tok"
-data = "text"
-max_seq_len = 32
-batch_size = 8
-max_steps = 1
-
-[stages.dpo]
-kind = "dpo"
-from = "base"
-data = "pairs"
-max_seq_len = 48
-batch_size = 4
-world_size = 2
-max_steps = 3
-"#,
-    );
-    sb.run_ok(&["r.toml"]);
-    let single_args = ["r.toml", "--set", "stages.dpo.world_size=1", "--set", "stages.dpo.batch_size=8"];
-    sb.run_ok(&single_args);
-    let (a, b) =
-        (weights(&sb.home(), &key(&sb, &["r.toml"], "dpo")), weights(&sb.home(), &key(&sb, &single_args, "dpo")));
-    assert_close(&a, &b);
-}
-
-/// GRPO samples its rollouts inside the loop: each completion draws from the stream of its row in
-/// the global micro-batch (rank 1's rows follow rank 0's), and the objective is a mean over
-/// completions, so 2 ranks × 2 prompts sample and train what 1 rank × 4 prompts does.
-#[test]
-fn grpo_on_two_ranks_samples_and_trains_like_one_rank_with_the_global_batch() {
-    let sb = Sandbox::new();
-    sb.write(
-        "r.toml",
-        r#"[recipe]
-name = "dp-grpo"
-seed = 11
+name = "{name}"
+seed = {seed}
 device = "cpu"
 precision = "f32"
 
@@ -246,12 +186,7 @@ preset = "tiny"
 [datasets.text]
 source = "builtin:arithmetic"
 format = "text"
-builtin = { count = 100, seed = 1, max_operand = 12 }
-
-[datasets.problems]
-source = "builtin:arithmetic"
-format = "prompt_answer"
-builtin = { count = 16, seed = 5, max_operand = 12 }
+builtin = {{ count = 100, seed = 1, max_operand = 12 }}
 
 [stages.tok]
 kind = "tokenizer"
@@ -266,6 +201,62 @@ max_seq_len = 32
 batch_size = 8
 max_steps = 2
 lr = 2e-3
+{rest}"#
+    )
+}
+
+/// Run `r.toml` (whose `stage` has `world_size = 2`), then the same with one rank and
+/// `global_batch`, and assert both trained the same weights, and that they moved from `base`'s
+/// (a zero update would make any comparison pass).
+fn two_ranks_train_like_one(sb: &Sandbox, stage: &str, global_batch: usize) {
+    let out = sb.run_ok(&["r.toml"]);
+    assert!(out.stderr.contains("2 data-parallel ranks"), "{}", out.stderr);
+    let (ws, bs) = (format!("stages.{stage}.world_size=1"), format!("stages.{stage}.batch_size={global_batch}"));
+    let single_args = ["r.toml", "--set", &ws, "--set", &bs];
+    sb.run_ok(&single_args);
+    let (a, b) =
+        (weights(&sb.home(), &key(sb, &["r.toml"], stage)), weights(&sb.home(), &key(sb, &single_args, stage)));
+    assert_close(&a, &b);
+    let base = weights(&sb.home(), &key(sb, &["r.toml"], "base"));
+    assert!(a.iter().zip(&base).any(|((_, x), (_, y))| x.iter().zip(y).any(|(p, q)| (p - q).abs() > 1e-4)));
+}
+
+/// A preference stage shares the loop: DPO's loss is a mean over pairs, so 2 ranks × 4 pairs
+/// train what 1 rank × 8 pairs does.
+#[test]
+fn dpo_on_two_ranks_matches_one_rank_with_the_global_batch() {
+    let sb = Sandbox::new();
+    let rest = r#"
+[datasets.pairs]
+source = "builtin:arithmetic"
+format = "dpo"
+builtin = { count = 24, seed = 4, max_operand = 12 }
+
+[stages.dpo]
+kind = "dpo"
+from = "base"
+data = "pairs"
+max_seq_len = 48
+batch_size = 4
+world_size = 2
+max_steps = 3
+lr = 1e-3
+"#;
+    sb.write("r.toml", &arith_recipe("dp-dpo", 3, rest));
+    two_ranks_train_like_one(&sb, "dpo", 8);
+}
+
+/// GRPO samples its rollouts inside the loop: each completion draws from the stream of its row in
+/// the global micro-batch (rank 1's rows follow rank 0's), and the objective is a mean over
+/// completions, so 2 ranks × 2 prompts sample and train what 1 rank × 4 prompts does.
+#[test]
+fn grpo_on_two_ranks_samples_and_trains_like_one_rank_with_the_global_batch() {
+    let sb = Sandbox::new();
+    let rest = r#"
+[datasets.problems]
+source = "builtin:arithmetic"
+format = "prompt_answer"
+builtin = { count = 16, seed = 5, max_operand = 12 }
 
 [stages.rl]
 kind = "grpo"
@@ -278,28 +269,29 @@ batch_size = 2
 world_size = 2
 max_steps = 2
 lr = 1e-3
-"#,
-    );
-    let out = sb.run_ok(&["r.toml"]);
-    assert!(out.stderr.contains("2 data-parallel ranks"), "{}", out.stderr);
-    let single_args = ["r.toml", "--set", "stages.rl.world_size=1", "--set", "stages.rl.batch_size=4"];
-    sb.run_ok(&single_args);
-    let (a, b) =
-        (weights(&sb.home(), &key(&sb, &["r.toml"], "rl")), weights(&sb.home(), &key(&sb, &single_args, "rl")));
-    assert_close(&a, &b);
-    // The run changed the weights (a zero update would make any comparison pass).
-    let base = weights(&sb.home(), &key(&sb, &["r.toml"], "base"));
-    assert!(a.iter().zip(&base).any(|((_, x), (_, y))| x.iter().zip(y).any(|(p, q)| (p - q).abs() > 1e-4)));
+"#;
+    sb.write("r.toml", &arith_recipe("dp-grpo", 11, rest));
+    two_ranks_train_like_one(&sb, "rl", 4);
 }
 
 /// Equal to float tolerance (bitwise equality is not promised: the sums are ordered differently).
+/// AdamW divides by the gradient's own scale, so a weight whose true gradient is near zero moves
+/// by up to ±lr on rounding noise alone: at most 1 in 10 000 weights may differ by more, and none
+/// by more than 1e-3. A data-parallel mistake (a rank's gradient lost, or not averaged) moves most
+/// weights, so it still fails.
 fn assert_close(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) {
     assert_eq!(a.len(), b.len());
+    let (mut off, mut total) = (Vec::new(), 0usize);
     for ((n, x), (_, y)) in a.iter().zip(b) {
+        total += x.len();
         for (p, q) in x.iter().zip(y) {
-            assert!((p - q).abs() <= 1e-5 * (1.0 + p.abs()), "{n}: {p} vs {q}");
+            assert!((p - q).abs() <= 1e-3, "{n}: {p} vs {q}");
+            if (p - q).abs() > 1e-5 * (1.0 + p.abs()) {
+                off.push(format!("{n}: {p} vs {q}"));
+            }
         }
     }
+    assert!(off.len() * 10_000 <= total, "{} of {total} weights differ: {:?}", off.len(), &off[..off.len().min(10)]);
 }
 
 /// Values that can never run are refused when the recipe loads, at their line.

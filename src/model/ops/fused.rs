@@ -2,10 +2,10 @@
 //! Callers ([`super`]) make inputs contiguous first, so kernels index plain row-major slices.
 
 use super::super::rope::RopeTables;
+use super::vmath;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
-use super::vmath;
 use std::sync::Arc;
 
 /// The contiguous f32 slice behind a storage/layout pair.

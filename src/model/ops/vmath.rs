@@ -36,7 +36,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     let e = y * f32::from_bits(((n + 127) as u32) << 23);
     if x < -87.336_54 {
@@ -254,9 +254,7 @@ mod tests {
 
     /// A row with odd length (not a multiple of the lanes), −∞ entries and a wide range.
     fn row(n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { ((i * 37 % 101) as f32 - 50.0) * 0.37 })
-            .collect()
+        (0..n).map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { ((i * 37 % 101) as f32 - 50.0) * 0.37 }).collect()
     }
 
     #[test]
