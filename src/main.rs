@@ -14,5 +14,15 @@ fn main() -> std::process::ExitCode {
     // thread exists yet. (It overrides a `MIMALLOC_PURGE_DELAY` from the environment.)
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     debug_assert_eq!(unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }, -1);
+    // candle runs element-wise ops of 64K+ elements on its own barrier pool, whose caller
+    // spin-waits (unbounded) for the pool's threads. When the cores are shared (rayon's workers,
+    // a second mmrun, parallel tests, a compiler) a descheduled pool thread leaves the caller
+    // spinning through whole time slices: the 256x4 pretrain took 445 s with the pool and 218 s
+    // without it on the same loaded 2-core machine. One pool thread (the caller alone) never waits;
+    // `CANDLE_NUM_THREADS` still overrides.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
     mmrun::cli::main()
 }
