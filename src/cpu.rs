@@ -9,6 +9,13 @@ pub fn has_avx512_bf16() -> bool {
     *HAS.get_or_init(detect_avx512_bf16)
 }
 
+/// True on x86-64 CPUs with avx512f (the decoding kernels' bf16 → f32 widening path where
+/// avx512_bf16 is absent, e.g. Skylake-X and Ice Lake servers).
+pub fn has_avx512f() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(detect_avx512f)
+}
+
 /// True on x86-64 CPUs with AMX tiles and AMX-BF16 (Intel Sapphire Rapids and later) that the OS
 /// lets this process use (Linux grants the tile state on request, once per process), plus
 /// avx512_bf16 for packing the operands. `MMRUN_NO_AMX=1` answers false.
@@ -43,6 +50,16 @@ fn detect_avx512_bf16() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect_avx512_bf16() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx512f() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx512f() -> bool {
     false
 }
 

@@ -121,6 +121,12 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Element `(r, c)` as bf16 bits (f32 values rounded to nearest even).
+    #[inline]
+    pub fn bf16_bits(&self, r: usize, c: usize) -> u16 {
+        self.bits(r, c)
+    }
+
     /// The K pair `(r, 2p), (r, 2p + 1)` along columns, zero past the last column.
     #[inline]
     fn pair_along_cols(&self, r: usize, p: usize) -> u32 {

@@ -9,6 +9,7 @@
 //! (the optimizer step, a checkpoint restore, a LoRA merge into a trainable base) calls it.
 
 use super::gemm::{self, Backend, Elems, MatRef, Packed};
+use super::skinny;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,32 +23,53 @@ pub fn weights_changed() {
     EPOCH.fetch_add(1, Ordering::AcqRel);
 }
 
-/// A `[out, in]` f32 weight packed for the bf16 GEMM in both orientations it is used in.
+/// A `[out, in]` f32 weight prepared for the bf16 kernels, each form built at its first use: the
+/// GEMM's packings for training and prefill, and bf16 rows for decoding (`super::skinny`; a
+/// model that only decodes never packs for the GEMM).
 #[derive(Debug)]
 pub struct PackedWeight {
-    /// `Wᵀ` (K = in, N = out): the forward's right operand.
-    fwd: Packed,
-    /// `W` (K = out, N = in): the input gradient's right operand, packed at the first backward
-    /// (frozen models never need it).
+    /// `Wᵀ` (K = in, N = out): the forward's right operand for more than [`skinny::MAX_M`] rows.
+    fwd: OnceLock<Packed>,
+    /// `W` (K = out, N = in): the input gradient's right operand (frozen models never need it).
     bwd: OnceLock<Packed>,
+    /// `W` as bf16 rows: the forward's weight for up to [`skinny::MAX_M`] rows (decoding).
+    rows: OnceLock<skinny::Bf16Rows>,
     /// The f32 weight the packings come from.
     weight: Tensor,
     backend: Backend,
 }
 
 impl PackedWeight {
-    /// Pack `w` (`[out, in]`, f32, CPU) for `backend`.
+    /// Prepare `w` (`[out, in]`, f32, CPU) for `backend`; nothing is packed yet.
     pub fn new(w: &Tensor, backend: Backend) -> Result<Self> {
-        let fwd = with_matrix(w, |m| Ok(Packed::new(m.t(), backend)))?;
-        Ok(Self { fwd, bwd: OnceLock::new(), weight: w.clone(), backend })
+        if w.rank() != 2 || w.dtype() != DType::F32 || !w.device().is_cpu() {
+            bail!("bf16 linear: the weight must be a 2-D f32 CPU tensor, got {:?} {:?}", w.shape(), w.dtype());
+        }
+        Ok(Self { fwd: OnceLock::new(), bwd: OnceLock::new(), rows: OnceLock::new(), weight: w.clone(), backend })
+    }
+
+    fn fwd(&self) -> Result<&Packed> {
+        self.packed(&self.fwd, true)
     }
 
     fn bwd(&self) -> Result<&Packed> {
-        if let Some(p) = self.bwd.get() {
+        self.packed(&self.bwd, false)
+    }
+
+    fn packed<'a>(&self, slot: &'a OnceLock<Packed>, transposed: bool) -> Result<&'a Packed> {
+        if let Some(p) = slot.get() {
             return Ok(p);
         }
-        let p = with_matrix(&self.weight, |m| Ok(Packed::new(m, self.backend)))?;
-        Ok(self.bwd.get_or_init(|| p))
+        let p = with_matrix(&self.weight, |m| Ok(Packed::new(if transposed { m.t() } else { m }, self.backend)))?;
+        Ok(slot.get_or_init(|| p))
+    }
+
+    fn rows(&self) -> Result<&skinny::Bf16Rows> {
+        if let Some(r) = self.rows.get() {
+            return Ok(r);
+        }
+        let r = with_matrix(&self.weight, |m| Ok(skinny::Bf16Rows::new(m)))?;
+        Ok(self.rows.get_or_init(|| r))
     }
 }
 
@@ -120,11 +142,17 @@ impl CustomOp2 for LinearBf16 {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, _s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = matrix(s1, l1, "bf16 linear")?;
         let (out, inp) = l2.shape().dims2()?;
-        if x.cols() != inp || self.w.fwd.n() != out {
+        if x.cols() != inp || self.w.weight.dims() != [out, inp] {
             bail!("bf16 linear: x is {}x{}, weight {out}x{inp}", x.rows(), x.cols());
         }
         let mut y = vec![0f32; x.rows() * out];
-        gemm::gemm(x, &self.w.fwd, &mut y, out, false);
+        // A decode step (a few rows) streams the weight's bf16 rows; more rows amortise the GEMM's
+        // packing and tiles.
+        if x.rows() <= skinny::MAX_M {
+            skinny::matmul(x, self.w.rows()?, &mut y, out, skinny::Kernel::detect());
+        } else {
+            gemm::gemm(x, self.w.fwd()?, &mut y, out, false);
+        }
         Ok((CpuStorage::F32(y), Shape::from((x.rows(), out))))
     }
 

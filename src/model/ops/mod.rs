@@ -11,6 +11,7 @@ pub mod composite;
 pub mod fused;
 pub mod gemm;
 pub mod linear_bf16;
+pub mod skinny;
 pub mod vmath;
 
 /// True when the fused CPU kernels can run on this tensor (f32 on the CPU) and are not disabled

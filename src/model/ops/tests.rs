@@ -271,55 +271,58 @@ fn bf16_gemm_takes_bf16_inputs_and_backends_agree() {
 #[test]
 fn bf16_linear_gradients_match_reference() {
     use super::linear_bf16::{linear, WeightCache};
-    let (n, inp, out) = (37, 70, 45);
-    let x = randn(&[n, inp], 11, 1.0);
-    let w = randn(&[out, inp], 12, 0.5);
-    let r = randn(&[n, out], 13, 1.0);
-    let round = |t: &Tensor| -> Vec<f64> {
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(|v| bg::to_bf16_f32(v) as f64).collect()
-    };
-    let (xr, wr, rr) = (round(&x), round(&w), round(&r));
-    let mut want_y = vec![0f64; n * out];
-    let mut want_dx = vec![0f64; n * inp];
-    let mut want_dw = vec![0f64; out * inp];
-    for i in 0..n {
-        for o in 0..out {
-            for j in 0..inp {
-                want_y[i * out + o] += xr[i * inp + j] * wr[o * inp + j];
-                want_dx[i * inp + j] += rr[i * out + o] * wr[o * inp + j];
-                want_dw[o * inp + j] += rr[i * out + o] * xr[i * inp + j];
+    // 37 rows take the GEMM; 5 (a decode step) the skinny kernel forward.
+    for n in [37, 5] {
+        let (inp, out) = (70, 45);
+        let x = randn(&[n, inp], 11, 1.0);
+        let w = randn(&[out, inp], 12, 0.5);
+        let r = randn(&[n, out], 13, 1.0);
+        let round = |t: &Tensor| -> Vec<f64> {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(|v| bg::to_bf16_f32(v) as f64).collect()
+        };
+        let (xr, wr, rr) = (round(&x), round(&w), round(&r));
+        let mut want_y = vec![0f64; n * out];
+        let mut want_dx = vec![0f64; n * inp];
+        let mut want_dw = vec![0f64; out * inp];
+        for i in 0..n {
+            for o in 0..out {
+                for j in 0..inp {
+                    want_y[i * out + o] += xr[i * inp + j] * wr[o * inp + j];
+                    want_dx[i * inp + j] += rr[i * out + o] * wr[o * inp + j];
+                    want_dw[o * inp + j] += rr[i * out + o] * xr[i * inp + j];
+                }
             }
         }
+        let close = |got: &Tensor, want: &[f64], what: &str| {
+            let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let scale = want.iter().map(|v| v.abs()).fold(0f64, f64::max);
+            let d = g.iter().zip(want).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
+            assert!(d < 1e-5 * scale, "{what}: max diff {d} (scale {scale})");
+        };
+        let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+        let cache = WeightCache::default();
+        let y = linear(xv.as_tensor(), wv.as_tensor(), &cache).unwrap();
+        close(&y, &want_y, &format!("y ({n} rows)"));
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (dx, dw) = (g.get(xv.as_tensor()).unwrap(), g.get(wv.as_tensor()).unwrap());
+        close(dx, &want_dx, "dx");
+        close(dw, &want_dw, "dw");
+
+        // candle's autograd in f32, unrounded: bf16-level agreement.
+        let (xc, wc) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+        let yc = xc.as_tensor().matmul(&wc.as_tensor().t().unwrap()).unwrap();
+        let gc = (&yc * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(rel_err(&y, &yc) < 1e-2, "y {}", rel_err(&y, &yc));
+        assert!(rel_err(dx, gc.get(xc.as_tensor()).unwrap()) < 1e-2);
+        assert!(rel_err(dw, gc.get(wc.as_tensor()).unwrap()) < 1e-2);
+
+        // A frozen weight (a plain tensor): only the input gets a gradient.
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = linear(xv.as_tensor(), &w, &cache).unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        close(g.get(xv.as_tensor()).unwrap(), &want_dx, "dx with a frozen weight");
+        assert!(g.get(&w).is_none());
     }
-    let close = |got: &Tensor, want: &[f64], what: &str| {
-        let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let scale = want.iter().map(|v| v.abs()).fold(0f64, f64::max);
-        let d = g.iter().zip(want).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
-        assert!(d < 1e-5 * scale, "{what}: max diff {d} (scale {scale})");
-    };
-    let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
-    let cache = WeightCache::default();
-    let y = linear(xv.as_tensor(), wv.as_tensor(), &cache).unwrap();
-    close(&y, &want_y, "y");
-    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let (dx, dw) = (g.get(xv.as_tensor()).unwrap(), g.get(wv.as_tensor()).unwrap());
-    close(dx, &want_dx, "dx");
-    close(dw, &want_dw, "dw");
-
-    // candle's autograd in f32, unrounded: bf16-level agreement.
-    let (xc, wc) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
-    let yc = xc.as_tensor().matmul(&wc.as_tensor().t().unwrap()).unwrap();
-    let gc = (&yc * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    assert!(rel_err(&y, &yc) < 1e-2, "y {}", rel_err(&y, &yc));
-    assert!(rel_err(dx, gc.get(xc.as_tensor()).unwrap()) < 1e-2);
-    assert!(rel_err(dw, gc.get(wc.as_tensor()).unwrap()) < 1e-2);
-
-    // A frozen weight (a plain tensor): only the input gets a gradient.
-    let xv = Var::from_tensor(&x).unwrap();
-    let y = linear(xv.as_tensor(), &w, &cache).unwrap();
-    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    close(g.get(xv.as_tensor()).unwrap(), &want_dx, "dx with a frozen weight");
-    assert!(g.get(&w).is_none());
 }
 
 /// A weight is packed once and reused until `weights_changed` (an optimizer step) or another
