@@ -1,13 +1,19 @@
 //! Per-layer key/value cache for incremental decoding. Keys are stored after q/k-norm and RoPE,
 //! before GQA repetition, as `[B, P, K, D]` (spec §3.3 step 4).
+//!
+//! A cache may store its keys and values in a dtype of its own ([`KvCache::with_dtype`]): a bf16
+//! model on the CPU keeps f32 activations but a bf16 cache, half the bytes every decode step
+//! reads (`ops::attention` reads it directly, in f32 arithmetic).
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// Growable per-layer K/V buffers. Appending writes in place into a preallocated buffer (doubling
 /// when full), so a decode step costs O(new tokens), not O(cached length).
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
+    /// What keys and values are stored as (`None`: as they come).
+    dtype: Option<DType>,
 }
 
 #[derive(Debug, Clone)]
@@ -31,9 +37,20 @@ impl LayerCache {
 }
 
 impl KvCache {
-    /// An empty cache for `num_layers` layers.
+    /// An empty cache for `num_layers` layers, storing keys and values in the dtype they come in.
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers] }
+        Self { layers: vec![None; num_layers], dtype: None }
+    }
+
+    /// An empty cache for `num_layers` layers that stores keys and values as `dtype` (converted
+    /// on [`Self::append`], which then hands out `dtype` views).
+    pub fn with_dtype(num_layers: usize, dtype: DType) -> Self {
+        Self { layers: vec![None; num_layers], dtype: Some(dtype) }
+    }
+
+    /// The dtype keys and values are stored as, when the cache converts them.
+    pub fn dtype(&self) -> Option<DType> {
+        self.dtype
     }
 
     /// Number of cached positions (0 when empty).
@@ -54,8 +71,12 @@ impl KvCache {
     }
 
     /// Append `k`, `v` (`[B, T, K, D]`) to layer `layer` and return views of the whole cached
-    /// `[B, P+T, K, D]` keys and values.
+    /// `[B, P+T, K, D]` keys and values (in the cache's dtype).
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.dtype {
+            Some(dt) => (k.to_dtype(dt)?, v.to_dtype(dt)?),
+            None => (k.clone(), v.clone()),
+        };
         let (b, t, kh, d) = k.dims4()?;
         let slot = &mut self.layers[layer];
         match slot {
@@ -105,8 +126,14 @@ impl KvCache {
     /// (`key_mask` of `forward_step_masked`). RoPE is relative, so a row's own positions only
     /// have to be consistent with each other, which padding at the front keeps.
     pub fn append_rows(&mut self, other: &KvCache) -> Result<()> {
-        if self.layers.len() != other.layers.len() {
-            candle_core::bail!("append_rows: caches of {} and {} layers", self.layers.len(), other.layers.len());
+        if self.layers.len() != other.layers.len() || self.dtype != other.dtype {
+            candle_core::bail!(
+                "append_rows: caches of {} layers ({:?}) and {} layers ({:?})",
+                self.layers.len(),
+                self.dtype,
+                other.layers.len(),
+                other.dtype
+            );
         }
         for (mine, theirs) in self.layers.iter_mut().zip(&other.layers) {
             let Some(t) = theirs else { continue };

@@ -438,9 +438,15 @@ impl MiniMind {
         Ok(())
     }
 
-    /// A fresh KV cache sized for this model.
+    /// A fresh KV cache sized for this model: bf16 for a bf16 model on the CPU (half the bytes a
+    /// decode step reads; the attention reads it in place, in f32 arithmetic), else storing what
+    /// the layers produce.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.cfg.num_hidden_layers)
+        if self.cpu_bf16_head.is_some() {
+            KvCache::with_dtype(self.cfg.num_hidden_layers, DType::BF16)
+        } else {
+            KvCache::new(self.cfg.num_hidden_layers)
+        }
     }
 }
 

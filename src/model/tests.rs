@@ -454,3 +454,112 @@ fn packed_documents_train_exactly_like_separate_rows() {
         assert!((lx - lu).abs() > 1e-3, "fused={fused}: cross-document attention went unnoticed");
     }
 }
+
+/// bf16 decoding on the CPU: the cache stores bf16 (half the bytes), and token-by-token steps over
+/// it give the logits of the full forward in the same precision, and stay close to f32 decoding.
+/// Tolerances, relative to the largest logit: 2 % between bf16 paths (the cache rounds keys and
+/// values to bf16, which the full forward does not; both round every matmul operand the same
+/// way), 5 % between bf16 and f32 (as the full forward's test). A wrong position, head mapping or
+/// cache row is off by the logits' own size.
+#[test]
+fn bf16_decoding_step_by_step_matches_the_full_forward_and_f32() {
+    for (moe, tied) in [(false, true), (false, false), (true, true)] {
+        let mut cfg = tiny(moe);
+        cfg.tie_word_embeddings = tied;
+        let t = MiniMind::new(&cfg, 4, &Device::Cpu).unwrap().named_tensors().into_iter().collect::<HashMap<_, _>>();
+        // Larger weights than N(0, 0.02), so attention is far from uniform and logits far from 0.
+        let t: HashMap<_, _> = t
+            .into_iter()
+            .map(|(n, w)| {
+                let w = if n.contains("norm") { w } else { (w * 12.0).unwrap() };
+                (n, w)
+            })
+            .collect();
+        let f32m = MiniMind::from_tensors(&cfg, t.clone(), &Device::Cpu, false).unwrap();
+        let mut bf = MiniMind::from_tensors(&cfg, t, &Device::Cpu, false).unwrap();
+        bf.prepare_for_decoding().unwrap();
+        bf.set_compute_dtype(DType::BF16).unwrap();
+        let x = ids(2, 24, cfg.vocab_size, 6);
+        let full = bf.forward_logits(&x, None).unwrap();
+        let (mut cb, mut cf) = (bf.new_cache(), f32m.new_cache());
+        assert_eq!((cb.dtype(), cf.dtype()), (Some(DType::BF16), None));
+        // An 18-token prompt (the GEMM, and attention over the cache converted to f32), single
+        // tokens (the skinny matmul and the bf16 decode attention), and two tokens at once.
+        let mut pos = 0;
+        for n in [18, 1, 1, 1, 2, 1] {
+            let chunk = x.narrow(1, pos, n).unwrap();
+            let lb = bf.forward_step(&chunk, &mut cb, pos).unwrap();
+            let lf = f32m.forward_step(&chunk, &mut cf, pos).unwrap();
+            pos += n;
+            let want = full.narrow(1, pos - 1, 1).unwrap().squeeze(1).unwrap();
+            let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(scale > 1.0, "logits too small to test anything: {scale}");
+            let d = max_abs_diff(&lb, &want);
+            assert!(d < 0.02 * scale, "moe={moe} tied={tied} pos {pos}: step vs full forward {d} (scale {scale})");
+            let d = max_abs_diff(&lb, &lf);
+            assert!(d > 0.0, "bf16 decoding equals f32 bit for bit: the bf16 path did not run");
+            assert!(d < 0.05 * scale, "moe={moe} tied={tied} pos {pos}: bf16 vs f32 decoding {d} (scale {scale})");
+        }
+        assert_eq!(cb.len(), 24);
+    }
+}
+
+/// The batching engine's cache operations on a bf16 cache: dropping rows, joining a shorter
+/// sequence (padded at the front and masked) and trimming the padding give exactly the logits of
+/// the sequences decoded on their own.
+#[test]
+fn bf16_cache_rows_can_be_selected_joined_and_trimmed() {
+    let cfg = tiny(false);
+    let t = MiniMind::new(&cfg, 8, &Device::Cpu).unwrap().named_tensors().into_iter().collect::<HashMap<_, _>>();
+    let mut m = MiniMind::from_tensors(&cfg, t, &Device::Cpu, false).unwrap();
+    m.set_compute_dtype(DType::BF16).unwrap();
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let d = max_abs_diff(a, b);
+        assert!(d <= 1e-6 * scale, "{what}: {d} (scale {scale})");
+    };
+    let step = |ids: &[u32], cache: &mut KvCache, pos: usize, mask: Option<&Tensor>| {
+        let x = Tensor::from_vec(ids.to_vec(), (ids.len(), 1), &Device::Cpu).unwrap();
+        m.forward_step_masked(&x, cache, pos, mask).unwrap()
+    };
+    let x = ids(3, 7, cfg.vocab_size, 2);
+    // select_rows: rows 2 and 0 of a batch of three decode as the batch of just those two.
+    let mut c3 = m.new_cache();
+    m.forward_step(&x, &mut c3, 0).unwrap();
+    c3.select_rows(&[2, 0]).unwrap();
+    let got = step(&[5, 9], &mut c3, 7, None);
+    let mut c2 = m.new_cache();
+    m.forward_step(
+        &Tensor::cat(&[x.get(2).unwrap(), x.get(0).unwrap()], 0).unwrap().reshape((2, 7)).unwrap(),
+        &mut c2,
+        0,
+    )
+    .unwrap();
+    close(&got, &step(&[5, 9], &mut c2, 7, None), "select_rows");
+    assert_eq!(c3.dtype(), Some(DType::BF16));
+
+    // append_rows: a 4-token sequence prefilled at positions 3..7 joins a 7-token one.
+    let long = x.get(0).unwrap().unsqueeze(0).unwrap();
+    let short = x.get(1).unwrap().narrow(0, 0, 4).unwrap().unsqueeze(0).unwrap();
+    let mut group = m.new_cache();
+    m.forward_step(&long, &mut group, 0).unwrap();
+    let mut newcomer = m.new_cache();
+    m.forward_step(&short, &mut newcomer, 3).unwrap();
+    let mut alone = newcomer.clone();
+    group.append_rows(&newcomer).unwrap();
+    assert_eq!(group.len(), 7);
+    let mask: Vec<f32> = [vec![1.0; 8], [vec![0.0; 3], vec![1.0; 5]].concat()].concat();
+    let mask = Tensor::from_vec(mask, (2, 8), &Device::Cpu).unwrap();
+    let joined = step(&[11, 12], &mut group, 7, Some(&mask));
+    let short_alone = step(&[12], &mut alone, 7, None);
+    close(&joined.get(1).unwrap(), &short_alone.get(0).unwrap(), "append_rows");
+
+    // trim_front: keep the newcomer alone; its 3 padding positions go, and it decodes on.
+    group.select_rows(&[1]).unwrap();
+    group.trim_front(3).unwrap();
+    assert_eq!((group.len(), group.dtype()), (5, Some(DType::BF16)));
+    close(&step(&[13], &mut group, 8, None), &step(&[13], &mut alone, 8, None), "trim_front");
+    let mut f32_cache = KvCache::new(cfg.num_hidden_layers);
+    m.forward_step(&short, &mut f32_cache, 0).unwrap();
+    assert!(group.append_rows(&f32_cache).is_err(), "caches of different dtypes do not mix");
+}

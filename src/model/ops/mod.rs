@@ -8,6 +8,7 @@ use super::rope::RopeTables;
 use candle_core::{DType, Device, Result, Tensor, D};
 
 pub mod composite;
+pub mod decode;
 pub mod fused;
 pub mod gemm;
 pub mod linear_bf16;
@@ -69,7 +70,8 @@ pub fn rope(x: &Tensor, tables: &RopeTables, at: Positions) -> Result<Tensor> {
 /// Causal GQA attention. `q: [B, Tq, H, D]`, `k, v: [B, Tk, K, D]` with `Tk >= Tq`; query `i` sees
 /// keys `j <= i + (Tk - Tq)` (cached positions are always visible). `key_mask: [B, Tk]` (1 = keep,
 /// 0 = padding) is optional. With `docs` (packed rows; `Tq = Tk`), query `i` sees only the keys of
-/// its own document. Returns `[B, Tq, H, D]`.
+/// its own document. `k`, `v` may be bf16 under f32 `q` (a bf16 KV cache; [`decode`] reads it in
+/// place for short `Tq`). Returns `[B, Tq, H, D]`.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -88,14 +90,28 @@ pub fn attention(
             );
         }
     }
+    let mask_bits = |m: Option<&Tensor>| -> Result<Option<std::sync::Arc<Vec<bool>>>> {
+        let Some(m) = m else { return Ok(None) };
+        let m: Vec<f32> = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        Ok(Some(std::sync::Arc::new(m.into_iter().map(|x| x != 0.0).collect())))
+    };
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        // A bf16 cache under f32 queries (bf16 decoding on the CPU): a decode step reads it in
+        // place; a long prefill converts it once (O(cache)) for the GEMM-based kernel (O(T·cache)).
+        let decode_step = q.device().is_cpu()
+            && q.dtype() == DType::F32
+            && k.dtype() == DType::BF16
+            && v.dtype() == DType::BF16
+            && docs.is_none()
+            && q.dim(1)? <= decode::MAX_TQ;
+        if decode_step {
+            let op = decode::DecodeAttention { key_mask: mask_bits(key_mask)? };
+            return q.contiguous()?.apply_op3(k, v, op);
+        }
+        return attention(q, &k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?, key_mask, docs);
+    }
     if use_fused(q) && k.dtype() == DType::F32 && v.dtype() == DType::F32 {
-        let key_mask = match key_mask {
-            None => None,
-            Some(m) => {
-                let m: Vec<f32> = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                Some(std::sync::Arc::new(m.into_iter().map(|x| x != 0.0).collect()))
-            }
-        };
+        let key_mask = mask_bits(key_mask)?;
         let docs = docs.map(|d| d.positions().clone());
         return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, fused::Attention { key_mask, docs });
     }
