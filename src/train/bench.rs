@@ -3,7 +3,8 @@
 //! Trains the shape the PyTorch baseline was measured at (hidden 512, 8 layers, 8 q / 4 kv heads,
 //! intermediate 1664, vocab 6400, seq 512, batch 8) for a few steps with the real training step
 //! (forward, backward, global-norm clip, in-place AdamW), times greedy KV-cache generation at
-//! batch 1, and measures the device's f32 and bf16 matmul peaks so that MFU is relative to what
+//! batch 1 in f32 and in bf16 (on the CPU: bf16 weight rows and a bf16 KV cache), and measures
+//! the device's f32 and bf16 matmul peaks so that MFU is relative to what
 //! this machine can actually do in the precision the step ran in. `--dtype bf16` runs the same
 //! step in bf16 mixed precision (on the CPU: the bf16 GEMM of `model::ops::gemm`, `VDPBF16PS` on
 //! CPUs where it is fast, the f32 kernels on bf16-rounded operands elsewhere).
@@ -173,7 +174,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Run the benchmark and return the result object:
 /// `{"device","threads","dtype","config","train_tokens_per_s","gen_tokens_per_s","peak_rss_mb",
-/// "matmul_peak_gflops","mfu", …}`.
+/// "matmul_peak_gflops","mfu", …}`; generation is measured in both precisions
+/// (`gen_tokens_per_s_f32`, `gen_tokens_per_s_bf16`), `gen_tokens_per_s` is the run's dtype's.
 pub fn run(args: BenchArgs) -> anyhow::Result<serde_json::Value> {
     let spec: crate::recipe::DeviceSpec =
         args.device.parse().map_err(|e| anyhow::anyhow!("{e} in --device: {}", crate::recipe::UnknownDevice::HINT))?;
@@ -224,7 +226,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<serde_json::Value> {
     let step_s = median(step_times);
     let train_tps = (args.batch * args.seq) as f64 / step_s;
 
-    let gen_tps = if args.gen_tokens > 0 { Some(generation_tokens_per_s(&model, &args, &mut rng)?) } else { None };
+    // Generation in both precisions, on a frozen copy laid out as `chat` and `serve` load models.
+    let (gen_f32, gen_bf16) = if args.gen_tokens > 0 {
+        let weights = model.named_tensors().into_iter().collect();
+        let mut frozen = MiniMind::from_tensors(&cfg, weights, &device, false)?;
+        frozen.prepare_for_decoding()?;
+        let vocab = cfg.vocab_size as u32;
+        let prompt: Vec<u32> = (0..args.prompt_len.max(1)).map(|_| rng.random_range(0..vocab)).collect();
+        let mut tps = |dt: DType| -> anyhow::Result<f64> {
+            frozen.set_compute_dtype(dt)?;
+            // Untimed warm-up: the one-time weight layouts (bf16 rows, GEMM panels) are load cost.
+            generation_tokens_per_s(&frozen, &prompt, 2)?;
+            generation_tokens_per_s(&frozen, &prompt, args.gen_tokens)
+        };
+        (Some(tps(DType::F32)?), Some(tps(DType::BF16)?))
+    } else {
+        (None, None)
+    };
+    let gen_tps = if dtype == DType::BF16 { gen_bf16 } else { gen_f32 };
 
     let flops = train_flops_per_token(&cfg, args.seq);
     // MFU against the peak of the precision the step ran in.
@@ -243,6 +262,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<serde_json::Value> {
         "train_step_s": step_s,
         "train_flops_per_token": flops,
         "gen_tokens_per_s": gen_tps,
+        "gen_tokens_per_s_f32": gen_f32,
+        "gen_tokens_per_s_bf16": gen_bf16,
         "peak_rss_mb": peak_rss_mb(),
         "matmul_peak_gflops": peak_f32,
         "matmul_peak_gflops_bf16": peak_bf16,
@@ -263,37 +284,36 @@ fn bf16_gemm_name(device: &Device) -> &'static str {
     }
 }
 
-/// Greedy decoding at batch 1 with the KV cache: prompt prefill plus `gen_tokens` steps; new
+/// Greedy decoding at batch 1 with the KV cache: `prompt` prefilled, then `tokens` steps; new
 /// tokens per second over the whole call (what the baseline's `generate` timing measures).
-fn generation_tokens_per_s(model: &MiniMind, args: &BenchArgs, rng: &mut impl Rng) -> anyhow::Result<f64> {
+fn generation_tokens_per_s(model: &MiniMind, prompt: &[u32], tokens: usize) -> anyhow::Result<f64> {
     let device = model.device().clone();
-    let vocab = model.config().vocab_size as u32;
-    let prompt: Vec<u32> = (0..args.prompt_len.max(1)).map(|_| rng.random_range(0..vocab)).collect();
     let t = Instant::now();
     let mut cache = model.new_cache();
-    let mut input = Tensor::from_vec(prompt.clone(), (1, prompt.len()), &device)?;
+    let mut input = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &device)?;
     let mut pos = 0;
-    for _ in 0..args.gen_tokens {
+    for _ in 0..tokens {
         let logits = model.forward_step(&input, &mut cache, pos)?;
         pos += input.dim(1)?;
         let next = logits.argmax(candle_core::D::Minus1)?.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?[0];
         input = Tensor::from_vec(vec![next], (1, 1), &device)?;
     }
-    Ok(args.gen_tokens as f64 / t.elapsed().as_secs_f64())
+    Ok(tokens as f64 / t.elapsed().as_secs_f64())
 }
 
 /// A human-readable rendering of [`run`]'s result (for `mmrun bench` without `--json`).
 pub fn render_text(v: &serde_json::Value) -> String {
     let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
     format!(
-        "device {} ({} threads, {})\nconfig {}\ntrain      {} tokens/s ({} s/step)\ngenerate   {} tokens/s (batch 1, greedy, KV cache)\nmatmul     {} GFLOP/s peak f32, {} GFLOP/s bf16 ({})\nMFU        {:.1} % (of the {} peak)\npeak RSS   {} MiB\n",
+        "device {} ({} threads, {})\nconfig {}\ntrain      {} tokens/s ({} s/step)\ngenerate   {} tokens/s f32, {} bf16 (batch 1, greedy, KV cache)\nmatmul     {} GFLOP/s peak f32, {} GFLOP/s bf16 ({})\nMFU        {:.1} % (of the {} peak)\npeak RSS   {} MiB\n",
         v["device"].as_str().unwrap_or("?"),
         v["threads"],
         v["dtype"].as_str().unwrap_or("?"),
         v["config"],
         f("train_tokens_per_s"),
         v["train_step_s"].as_f64().map(|x| format!("{x:.3}")).unwrap_or_default(),
-        f("gen_tokens_per_s"),
+        f("gen_tokens_per_s_f32"),
+        f("gen_tokens_per_s_bf16"),
         f("matmul_peak_gflops"),
         f("matmul_peak_gflops_bf16"),
         v["bf16_gemm"].as_str().unwrap_or("?"),
@@ -344,6 +364,8 @@ mod tests {
                 "config",
                 "train_tokens_per_s",
                 "gen_tokens_per_s",
+                "gen_tokens_per_s_f32",
+                "gen_tokens_per_s_bf16",
                 "peak_rss_mb",
                 "matmul_peak_gflops",
                 "matmul_peak_gflops_bf16",
@@ -354,6 +376,7 @@ mod tests {
             }
             assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0);
             assert_eq!(v["dtype"], dtype);
+            assert_eq!(v["gen_tokens_per_s"], v[format!("gen_tokens_per_s_{dtype}")], "the run's dtype's figure");
             // MFU is relative to the peak of the precision the step ran in.
             let peak =
                 v[if dtype == "bf16" { "matmul_peak_gflops_bf16" } else { "matmul_peak_gflops" }].as_f64().unwrap();
