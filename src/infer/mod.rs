@@ -11,6 +11,7 @@ pub mod testmodels;
 
 use crate::data::read::Message;
 use crate::data::tokenize::TextTokenizer;
+use crate::recipe::Precision;
 use anyhow::Context;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,14 +57,35 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Load a model folder on the CPU (generation runs in f32, like eval).
+    /// Load a model folder on the CPU to generate in f32 (like eval).
     pub fn load(r: &ModelRef) -> anyhow::Result<Self> {
-        let mut model = crate::model::weights::load_dir(&r.dir, &candle_core::Device::Cpu, false)
+        Self::load_in(r, Precision::F32)
+    }
+
+    /// Load a model folder on the CPU to generate in `precision` (`auto` as a recipe resolves it
+    /// on this CPU). bf16 decodes from bf16 weight rows with a bf16 KV cache, about twice the f32
+    /// speed where decoding is bound by memory; the logits differ from f32 by bf16 rounding.
+    pub fn load_in(r: &ModelRef, precision: Precision) -> anyhow::Result<Self> {
+        let cpu = candle_core::Device::Cpu;
+        let mut model = crate::model::weights::load_dir(&r.dir, &cpu, false)
             .with_context(|| format!("loading model '{}' from {}", r.name, r.dir.display()))?;
-        model.prepare_for_decoding()?;
+        match crate::train::device::compute_dtype(precision, &cpu) {
+            candle_core::DType::F32 => model.prepare_for_decoding()?,
+            dtype => model.set_compute_dtype(dtype)?,
+        }
         let tok = TextTokenizer::from_dir(&r.dir)
             .with_context(|| format!("loading the tokenizer of '{}' from {}", r.name, r.dir.display()))?;
         Ok(Self { name: r.name.clone(), dir: r.dir.clone(), model, tok: Arc::new(tok) })
+    }
+}
+
+/// `--precision` of `chat` and `serve`: `f32`, `bf16` or `auto`.
+pub fn parse_precision(s: &str) -> Result<Precision, String> {
+    match s {
+        "f32" => Ok(Precision::F32),
+        "bf16" => Ok(Precision::Bf16),
+        "auto" => Ok(Precision::Auto),
+        other => Err(format!("unknown precision '{other}': use f32, bf16 or auto")),
     }
 }
 

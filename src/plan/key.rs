@@ -35,7 +35,7 @@
 //! | dataset `source` string                      | the content hash covers what was read                                                     |
 //! | device index (`cuda:0` vs `cuda:1`), `auto` vs the class it resolves to | same hardware class, same result                              |
 //! | `precision` when it resolves to `f32`, and `auto` vs what it resolves to | f32 is what every key meant before `precision` existed, so an absent field means f32 and those caches stay valid |
-//! | `precision` of eval stages               | generation and scoring always run in f32; the models they read carry their precision in their keys |
+//! | `precision` of eval stages               | eval runs in f32 unless its own `precision` param (which keys like any param) says bf16; the models it reads carry their precision in their keys |
 //! | tokenizer / dataset stages' device class     | they do not run numerics that depend on it                                               |
 //! | recipe name, description, `--set` overrides as such, file path, mmrun version | only their *effect* on the values above matters                |
 //! | wall clock, host name, run directory         | not inputs of the computation                                                             |

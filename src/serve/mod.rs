@@ -56,6 +56,11 @@ pub struct ServeArgs {
     /// Most sequences decoded together per model.
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
+    /// Compute precision of generation: `f32`, `bf16` (bf16 weights and KV cache, f32
+    /// accumulation: about twice as fast on CPUs with avx512) or `auto` (bf16 where a recipe's
+    /// `precision = "auto"` trains in bf16 on this CPU).
+    #[arg(long, default_value = "f32", value_parser = crate::infer::parse_precision)]
+    pub precision: crate::recipe::Precision,
 }
 
 /// What every handler shares.
@@ -102,7 +107,7 @@ pub fn run(args: ServeArgs, models: &[crate::infer::ModelRef], runs: RunsDir) ->
         if loaded.iter().any(|l: &crate::infer::LoadedModel| l.name == r.name) {
             anyhow::bail!("two models are named '{}'; serve them from separate processes or folders", r.name);
         }
-        loaded.push(crate::infer::LoadedModel::load(r)?);
+        loaded.push(crate::infer::LoadedModel::load_in(r, args.precision)?);
     }
     let (engine, models, _worker) =
         crate::infer::start(loaded, EngineLimits { queue: args.queue, max_batch: args.max_batch })?;

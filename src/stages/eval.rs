@@ -78,6 +78,22 @@ pub struct EvalParams {
     /// minus one before its answer must stand.
     #[serde(default = "default_max_turns")]
     pub max_turns: usize,
+    /// Compute precision of scoring and generation: `f32` (unset: f32 whatever the recipe's
+    /// `precision`, so scores compare across runs and machines) or `bf16` (bf16 weights and KV
+    /// cache, f32 accumulation: faster decoding; scores differ from f32's by bf16 rounding).
+    #[serde(default)]
+    pub precision: Option<EvalPrecision>,
+}
+
+/// The precision of an eval stage (explicit: `auto` would score differently per machine under
+/// one key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalPrecision {
+    /// f32 everywhere.
+    F32,
+    /// bf16 matmul operands and KV cache, f32 accumulation, softmax and logits.
+    Bf16,
 }
 
 fn default_max_turns() -> usize {
@@ -424,8 +440,11 @@ fn eval_model(
     sets: &[(String, EvalSet)],
     device: &Device,
 ) -> anyhow::Result<ModelReport> {
-    let model = crate::model::weights::load_dir(&art.dir, device, false)
+    let mut model = crate::model::weights::load_dir(&art.dir, device, false)
         .with_context(|| format!("loading model '{name}' from {}", art.dir.display()))?;
+    if params.precision == Some(EvalPrecision::Bf16) {
+        model.set_compute_dtype(candle_core::DType::BF16)?;
+    }
     let style = match params.prompt_style {
         PromptStyle::Auto if art.manifest.stage_kind == "pretrain" => PromptStyle::Raw,
         PromptStyle::Auto => PromptStyle::Chat,
@@ -748,6 +767,7 @@ mod tests {
             max_seq_len: 128,
             keep_samples: 1,
             max_turns: 3,
+            precision: None,
         };
         let outcome = EvalStage.run(&mut ctx, &params).unwrap();
         let report: serde_json::Value =
@@ -781,5 +801,14 @@ mod tests {
         // Every (model, dataset) pair was logged to the run's metrics.
         let lines = std::fs::read_to_string(run.dir().join("metrics.jsonl")).unwrap();
         assert_eq!(lines.lines().count(), 8);
+
+        // `precision = "bf16"` scores in bf16: within bf16 rounding of f32's perplexity, not equal.
+        let bf16 = EvalParams { precision: Some(EvalPrecision::Bf16), ..params };
+        let bf = EvalStage.run(&mut ctx, &bf16).unwrap();
+        for m in ["base", "sft"] {
+            let key = format!("{m}.perplexity");
+            let (a, b) = (outcome.metrics[&key].as_f64().unwrap(), bf.metrics[&key].as_f64().unwrap());
+            assert!(a != b && (b / a - 1.0).abs() < 0.02, "{m}: bf16 perplexity {b} vs f32 {a}");
+        }
     }
 }
