@@ -216,13 +216,19 @@ pub fn materialize(name: &str, generator: &str, spec: &DatasetSpec, cache: &Cach
         }
         "tool_use" => {
             let params = ToolUseParams::from_spec(spec).map_err(err)?;
-            if !crate::data::spec::builtin_formats(generator).is_some_and(|f| f.contains(&spec.format)) {
+            let formats = crate::data::spec::builtin_formats(generator).unwrap_or_default();
+            if !formats.contains(&spec.format) {
+                let names: Vec<&str> = formats.iter().map(|f| f.as_str()).collect();
                 return Err(err(format!(
-                    "builtin:tool_use cannot write format '{}'; use openai, sharegpt or prompt_answer",
-                    spec.format.as_str()
+                    "builtin:tool_use cannot write format '{}'; use {}",
+                    spec.format.as_str(),
+                    names.join(", ")
                 )));
             }
-            Box::new(move || tool_use(&params).iter().map(|t| t.record(spec.format)).collect())
+            Box::new(move || {
+                let template = crate::data::chat::ChatTemplate::reference();
+                tool_use(&params).iter().map(|t| t.record(spec.format, &template)).collect()
+            })
         }
         _ => {
             let all: Vec<String> =

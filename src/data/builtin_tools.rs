@@ -8,12 +8,24 @@
 //! | `openai` | user → assistant with `tool_calls` → `tool` result → assistant final answer, plus `tools` (the offered declarations) |
 //! | `sharegpt` | the same as human → function_call → observation → gpt (the glaive layout) |
 //! | `prompt_answer` | `{"question", "answer", "tools": [names], "tool_call": {"name", "arguments"}}`: what eval's tool metrics read |
+//! | `text` | `{"text": …}`: the `openai` conversation rendered with the reference chat template, tools header included |
 //!
-//! Parameters: `count` (default 1000), `seed` (default 1), `split` (`"train"` | `"test"`), and
-//! `tools` (the tools offered and used, default all). Splits are disjoint by the expected call: a
-//! task is a test task iff a seed-independent hash of its call falls in the test bucket (1 in 8).
+//! Parameters: `count` (default 1000), `seed` (default 1), `split` (`"train"` | `"test"`),
+//! `tools` (the tools offered and used, default all) and `max_digits` (1 to 15: the most digits of
+//! a calculator operand; powers keep their result within twice that). Splits are disjoint by the
+//! expected call: a task is a test task iff a seed-independent hash of its call falls in the test
+//! bucket (1 in 8).
+//!
+//! Why `max_digits` and `text`: by default the calculator's operands run to 15 digits, which a
+//! ~0.5M-parameter model does not copy from the question into its call nor from the tool's result
+//! into its answer (its held-out answer accuracy stays 0). With `max_digits = 2` the numbers are a
+//! few tokens long and the same model learns to copy them. `text` is what a tokenizer should be
+//! trained on: a BPE that has seen the tools header and the call syntax writes them in a fraction
+//! of the tokens, so whole conversations fit short sequences.
 
+use crate::data::chat::ChatTemplate;
 use crate::data::spec::{DataFormat, DatasetSpec};
+use crate::data::Message;
 use crate::tools::{ToolCall, ToolResult};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -29,12 +41,17 @@ pub struct ToolUseParams {
     pub test: bool,
     /// Tools offered in every task (and drawn from for the task's call).
     pub tools: Vec<&'static str>,
+    /// Most digits of a calculator operand (`None`: the default ranges, up to 15).
+    pub max_digits: Option<u32>,
 }
+
+/// The longest calculator operand the default ranges draw, and so the largest `max_digits`.
+const MAX_DIGITS: u64 = 15;
 
 impl ToolUseParams {
     /// Parse `builtin = { … }` from a dataset declaration.
     pub fn from_spec(spec: &DatasetSpec) -> Result<Self, String> {
-        let mut p = ToolUseParams { count: 1000, seed: 1, test: false, tools: crate::tools::names() };
+        let mut p = ToolUseParams { count: 1000, seed: 1, test: false, tools: crate::tools::names(), max_digits: None };
         for (k, v) in &spec.builtin {
             let as_u64 = || v.as_u64().ok_or_else(|| format!("builtin parameter '{k}' must be a non-negative integer"));
             match k.as_str() {
@@ -42,9 +59,13 @@ impl ToolUseParams {
                 "seed" => p.seed = as_u64()?,
                 "split" => p.test = crate::data::spec::split_is_test(v)?,
                 "tools" => p.tools = parse_tool_names(v)?,
+                "max_digits" => match as_u64()? {
+                    d @ 1..=MAX_DIGITS => p.max_digits = Some(d as u32),
+                    d => return Err(format!("builtin parameter 'max_digits' must be from 1 to {MAX_DIGITS}, not {d}")),
+                },
                 other => {
                     return Err(format!(
-                        "unknown builtin parameter '{other}' for builtin:tool_use (expected count, seed, split, tools)"
+                        "unknown builtin parameter '{other}' for builtin:tool_use (expected count, seed, split, tools, max_digits)"
                     ))
                 }
             }
@@ -89,7 +110,7 @@ pub fn is_test_call(call: &ToolCall) -> bool {
     blake3::hash(call.to_value().to_string().as_bytes()).as_bytes()[0].is_multiple_of(8)
 }
 
-fn digits(rng: &mut impl Rng, lo: u32, hi: u32) -> u64 {
+fn digits(rng: &mut impl Rng, (lo, hi): (u32, u32)) -> u64 {
     let n = rng.random_range(lo..=hi);
     rng.random_range(10u64.pow(n - 1)..10u64.pow(n))
 }
@@ -97,22 +118,35 @@ fn digits(rng: &mut impl Rng, lo: u32, hi: u32) -> u64 {
 /// A question, the call that answers it, and how the reply states the result.
 type Draft = (String, ToolCall, Box<dyn Fn(&str) -> String>);
 
-fn calculator(rng: &mut impl Rng) -> Draft {
+/// Operands of up to 15 digits, or of at most `max_digits` (and a power's result of at most twice
+/// that). Without `max_digits` the draws are those of the first generator version.
+fn calculator(rng: &mut impl Rng, max_digits: Option<u32>) -> Draft {
+    let cap = |lo: u32, hi: u32| max_digits.map_or((lo, hi), |d| (lo.min(d), hi.min(d)));
     let (q, expr) = match rng.random_range(0..4) {
         0 => {
-            let (a, b) = (digits(rng, 3, 6), digits(rng, 3, 6));
+            let (a, b) = (digits(rng, cap(3, 6)), digits(rng, cap(3, 6)));
             (format!("What is {a} times {b}?"), format!("{a} * {b}"))
         }
         1 => {
-            let (a, b) = (digits(rng, 9, 15), digits(rng, 9, 15));
+            let (a, b) = (digits(rng, cap(9, 15)), digits(rng, cap(9, 15)));
             (format!("What is {a} plus {b}?"), format!("{a} + {b}"))
         }
         2 => {
-            let (a, b) = (digits(rng, 9, 15), digits(rng, 6, 12));
+            let (a, b) = (digits(rng, cap(9, 15)), digits(rng, cap(6, 12)));
             (format!("Compute {a} - {b}."), format!("{a} - {b}"))
         }
         _ => {
-            let (b, e) = (rng.random_range(2..=9), rng.random_range(12..=30));
+            // i32 draws, as the first generator version made them.
+            let b: i32 = rng.random_range(2..=9);
+            let e: i32 = match max_digits {
+                // Up to the largest exponent whose power has at most 2 × max_digits digits.
+                Some(d) => {
+                    let fits = |e: i32| f64::from(b).powi(e) < 10f64.powi(2 * d as i32);
+                    let top = (2..=30).take_while(|&e| fits(e)).last().unwrap_or(2);
+                    rng.random_range(2..=top)
+                }
+                None => rng.random_range(12..=30),
+            };
             (format!("What is {b} to the power of {e}?"), format!("{b}^{e}"))
         }
     };
@@ -182,7 +216,7 @@ pub fn tool_use(p: &ToolUseParams) -> Vec<ToolTask> {
     while out.len() < p.count {
         let tool = p.tools[rng.random_range(0..p.tools.len())];
         let (question, call, reply) = match tool {
-            "calculator" => calculator(&mut rng),
+            "calculator" => calculator(&mut rng, p.max_digits),
             "convert_units" => convert(&mut rng),
             _ => lookup(&mut rng),
         };
@@ -208,11 +242,26 @@ pub fn tool_use(p: &ToolUseParams) -> Vec<ToolTask> {
 }
 
 impl ToolTask {
-    /// The JSON record in `format` (one of `spec::builtin_formats("tool_use")`).
-    pub fn record(&self, format: DataFormat) -> Value {
+    /// The JSON record in `format` (one of `spec::builtin_formats("tool_use")`); `text` is the
+    /// conversation rendered with `template`.
+    pub fn record(&self, format: DataFormat, template: &ChatTemplate) -> Value {
         let decls: Vec<Value> =
             self.tools.iter().filter_map(|t| crate::tools::get(t)).map(|t| t.declaration()).collect();
         match format {
+            DataFormat::Text => {
+                let mut call = Message::new("assistant", "");
+                call.tool_calls = Some(vec![self.call.to_value()]);
+                let messages = [
+                    Message::new("user", self.question.as_str()),
+                    call,
+                    Message::new("tool", self.result.as_str()),
+                    Message::new("assistant", self.reply.as_str()),
+                ];
+                let text = template
+                    .render(&messages, Some(&decls[..]), false, false)
+                    .expect("the reference template renders every generated conversation");
+                json!({ "text": text })
+            }
             DataFormat::Sharegpt => json!({"conversations": [
                 {"from": "human", "value": self.question},
                 {"from": "function_call", "value": self.call.to_value().to_string()},
@@ -236,7 +285,7 @@ mod tests {
 
     #[test]
     fn deterministic_verified_and_splits_disjoint() {
-        let tr = ToolUseParams { count: 2000, seed: 1, test: false, tools: crate::tools::names() };
+        let tr = ToolUseParams { count: 2000, seed: 1, test: false, tools: crate::tools::names(), max_digits: None };
         let te = ToolUseParams { count: 200, test: true, ..tr.clone() };
         let train = tool_use(&tr);
         assert_eq!(train, tool_use(&tr));
@@ -258,7 +307,14 @@ mod tests {
 
     #[test]
     fn records_read_back_with_their_tool_turns() {
-        let t = &tool_use(&ToolUseParams { count: 1, seed: 5, test: false, tools: crate::tools::names() })[0];
+        let t = &tool_use(&ToolUseParams {
+            count: 1,
+            seed: 5,
+            test: false,
+            tools: crate::tools::names(),
+            max_digits: None,
+        })[0];
+        let template = ChatTemplate::reference();
         let spec = |format| DatasetSpec {
             source: "builtin:tool_use".into(),
             format,
@@ -267,16 +323,54 @@ mod tests {
             builtin: Default::default(),
         };
         for format in [DataFormat::Openai, DataFormat::Sharegpt] {
-            let ex = crate::data::formats::convert(&t.record(format), &spec(format)).unwrap();
+            let ex = crate::data::formats::convert(&t.record(format, &template), &spec(format)).unwrap();
             let crate::data::Example::Chat { messages, tools } = ex else { panic!() };
             let roles: Vec<&str> = messages.iter().map(|m| m.role.as_str()).collect();
             assert_eq!(roles, ["user", "assistant", "tool", "assistant"], "{format:?}");
             assert_eq!(ToolCall::from_value(&messages[1].tool_calls.as_ref().unwrap()[0]).unwrap(), t.call);
             assert_eq!(tools.unwrap().len(), 3);
         }
-        let r = t.record(DataFormat::PromptAnswer);
+        let r = t.record(DataFormat::PromptAnswer, &template);
         assert_eq!(r["tool_call"], t.call.to_value());
         assert_eq!(r["answer"], t.answer.as_str());
+        // `text` is exactly what SFT renders from the `openai` record: header, call, result, reply.
+        let crate::data::Example::Chat { messages, tools } =
+            crate::data::formats::convert(&t.record(DataFormat::Openai, &template), &spec(DataFormat::Openai)).unwrap()
+        else {
+            panic!()
+        };
+        let rendered = template.render(&messages, tools.as_deref(), false, false).unwrap();
+        let text = t.record(DataFormat::Text, &template);
+        assert_eq!(text["text"], rendered.as_str());
+        for part in ["# Tools", "<tool_call>", "<tool_response>", t.reply.as_str()] {
+            assert!(rendered.contains(part), "{part} not in {rendered}");
+        }
+    }
+
+    #[test]
+    fn max_digits_bounds_the_calculator_numbers() {
+        let p = ToolUseParams { count: 400, seed: 7, test: false, tools: vec!["calculator"], max_digits: Some(2) };
+        let tasks = tool_use(&p);
+        let ops: HashSet<&str> = tasks
+            .iter()
+            .filter_map(|t| {
+                ["*", "+", "-", "^"].into_iter().find(|o| t.call.arguments["expression"].as_str().unwrap().contains(o))
+            })
+            .collect();
+        assert_eq!(ops.len(), 4, "every operation is drawn");
+        for t in &tasks {
+            let expr = t.call.arguments["expression"].as_str().unwrap();
+            let numbers: Vec<&str> = expr.split(|c: char| !c.is_ascii_digit()).filter(|n| !n.is_empty()).collect();
+            assert!(numbers.iter().all(|n| n.len() <= 2), "{expr}");
+            // Results stay within twice the operand digits (a sign aside), so they can be copied.
+            assert!(t.answer.trim_start_matches('-').len() <= 4, "{expr} = {}", t.answer);
+            assert!(t.reply.ends_with(&format!("The answer is {}.", t.answer)));
+        }
+        // Held out by the call as before, and the default ranges are untouched.
+        let test = tool_use(&ToolUseParams { test: true, count: 50, ..p.clone() });
+        assert!(test.iter().all(|t| is_test_call(&t.call)));
+        let wide = tool_use(&ToolUseParams { max_digits: None, ..p });
+        assert!(wide.iter().any(|t| t.answer.len() > 8));
     }
 
     #[test]
@@ -295,5 +389,10 @@ mod tests {
             .unwrap_err()
             .contains("unknown builtin parameter"));
         assert!(ToolUseParams::from_spec(&spec(json!({"split": "dev"}))).is_err());
+        for bad in [0, 16] {
+            let e = ToolUseParams::from_spec(&spec(json!({"max_digits": bad}))).unwrap_err();
+            assert!(e.contains("'max_digits' must be from 1 to 15"), "{e}");
+        }
+        assert_eq!(ToolUseParams::from_spec(&spec(json!({"max_digits": 3}))).unwrap().max_digits, Some(3));
     }
 }

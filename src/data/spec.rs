@@ -14,7 +14,12 @@ pub const BUILTIN_GENERATORS: &[&str] = &["arithmetic", "tool_use"];
 
 /// The formats a `builtin:` generator writes, when it cannot write them all.
 pub fn builtin_formats(generator: &str) -> Option<&'static [DataFormat]> {
-    (generator == "tool_use").then_some(&[DataFormat::Openai, DataFormat::Sharegpt, DataFormat::PromptAnswer])
+    (generator == "tool_use").then_some(&[
+        DataFormat::Openai,
+        DataFormat::Sharegpt,
+        DataFormat::PromptAnswer,
+        DataFormat::Text,
+    ])
 }
 
 /// The most records a `builtin:` dataset may ask for: they are generated in memory, and ten

@@ -170,9 +170,9 @@ fn values_that_can_never_work_fail_at_load_time() {
         ),
         (
             "builtin_tool_format",
-            format!("{b}\n[datasets.tasks]\nsource = \"builtin:tool_use\"\nformat = \"text\"\n"),
-            "format = \"text\"",
-            "builtin:tool_use in [datasets.tasks] cannot write format 'text'",
+            format!("{b}\n[datasets.tasks]\nsource = \"builtin:tool_use\"\nformat = \"alpaca\"\n"),
+            "format = \"alpaca\"",
+            "builtin:tool_use in [datasets.tasks] cannot write format 'alpaca'",
         ),
         (
             "builtin_count0",
