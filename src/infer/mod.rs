@@ -63,8 +63,8 @@ impl LoadedModel {
     }
 
     /// Load a model folder on the CPU to generate in `precision` (`auto` as a recipe resolves it
-    /// on this CPU). bf16 decodes from bf16 weight rows with a bf16 KV cache, about twice the f32
-    /// speed where decoding is bound by memory; the logits differ from f32 by bf16 rounding.
+    /// on this CPU). bf16 decodes from bf16 weight rows with a bf16 KV cache, faster where decoding
+    /// is bound by reading weights; the logits differ from f32 by bf16 rounding.
     pub fn load_in(r: &ModelRef, precision: Precision) -> anyhow::Result<Self> {
         let cpu = candle_core::Device::Cpu;
         let mut model = crate::model::weights::load_dir(&r.dir, &cpu, false)

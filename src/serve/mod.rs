@@ -57,8 +57,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
     /// Compute precision of generation: `f32`, `bf16` (bf16 weights and KV cache, f32
-    /// accumulation: about twice as fast on CPUs with avx512) or `auto` (bf16 where a recipe's
-    /// `precision = "auto"` trains in bf16 on this CPU).
+    /// accumulation: faster, as decoding is bound by reading weights) or `auto` (bf16 where a
+    /// recipe's `precision = "auto"` trains in bf16 on this CPU).
     #[arg(long, default_value = "f32", value_parser = crate::infer::parse_precision)]
     pub precision: crate::recipe::Precision,
 }
