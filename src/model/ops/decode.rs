@@ -7,6 +7,7 @@
 //! Forward only: decoding needs no gradient, and a backward through it is an error, not a
 //! silently cut graph.
 
+use super::SyncPtr;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape};
 use half::bf16;
@@ -155,19 +156,6 @@ unsafe fn head_avx512(
     head(dm, q, k, v, mask, b, h, out, scores)
 }
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes its own (b, h) block.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 impl CustomOp3 for DecodeAttention {
     fn name(&self) -> &'static str {
         "mmrun-decode-attention"
@@ -200,7 +188,7 @@ impl CustomOp3 for DecodeAttention {
         }
         let dm = Dims { tq, tk, h, kh, d };
         let mut out = vec![0f32; b * tq * h * d];
-        let op = OutPtr(out.as_mut_ptr());
+        let op = SyncPtr(out.as_mut_ptr());
         let avx512 = crate::cpu::has_avx512f();
         let task = |bh: usize, scores: &mut Vec<f32>| {
             let (bi, hi) = (bh / h, bh % h);

@@ -3,6 +3,7 @@
 
 use super::super::rope::RopeTables;
 use super::vmath;
+use super::SyncPtr;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -27,19 +28,6 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     match &*s {
         Storage::Cpu(c) => f(f32_slice(c, l, "fused op backward")?),
         _ => bail!("fused op backward: tensor is not on the CPU"),
-    }
-}
-
-/// A raw pointer that rayon tasks may share because each task writes a disjoint region.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-
-impl SyncPtr {
-    /// The pointer; a method (not `.0`) so closures capture the whole `Send` wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -25,6 +25,7 @@
 //! f32 and the `gemm` crate multiplies the rounded values in f32: the same numbers up to summation
 //! order, at f32 speed. [`Backend::detect`] picks one at run time, so the binary stays portable.
 
+use super::SyncPtr;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -313,18 +314,6 @@ fn pack_a(a: &MatRef, m0: usize, rows: usize, p0: usize, bp: usize, out: &mut [u
     }
 }
 
-/// A raw pointer into C that rayon tasks share: each task writes a disjoint block.
-#[derive(Clone, Copy)]
-struct CPtr(*mut f32);
-unsafe impl Send for CPtr {}
-unsafe impl Sync for CPtr {}
-
-impl CPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `C = A · B` (or `C += A · B` with `accumulate`), C row-major `M × N` with row stride `ldc`,
 /// operands rounded to bf16 and products summed in f32. `b` must have been packed for the
 /// backend this CPU supports (as [`Backend::detect`] says) or for [`Backend::Fallback`].
@@ -416,7 +405,7 @@ fn par_tasks(
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
-    body: impl Fn(Task, CPtr) + Send + Sync,
+    body: impl Fn(Task, SyncPtr) + Send + Sync,
 ) {
     if kp == 0 {
         if !accumulate {
@@ -429,7 +418,7 @@ fn par_tasks(
     let groups = (2 * rayon::current_num_threads()).div_ceil(mblocks).clamp(1, np);
     let per_group = np.div_ceil(groups);
     let groups = np.div_ceil(per_group);
-    let cp = CPtr(c.as_mut_ptr());
+    let cp = SyncPtr(c.as_mut_ptr());
     (0..mblocks * groups).into_par_iter().for_each(|task| {
         let (mb, g) = (task / groups, task % groups);
         let (m0, rows) = (mb * mc, mc.min(m - mb * mc));

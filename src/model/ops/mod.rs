@@ -15,6 +15,20 @@ pub mod linear_bf16;
 pub mod skinny;
 pub mod vmath;
 
+/// A raw pointer that rayon tasks may share because each task writes a disjoint region.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+// SAFETY: the kernels that build one hand each task its own region of the buffer.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// The pointer; a method (not `.0`) so closures capture the whole `Sync` wrapper.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// True when the fused CPU kernels can run on this tensor (f32 on the CPU) and are not disabled
 /// through `MMRUN_NO_FUSED=1` (handy to compare speed and numerics with the composite path).
 pub fn use_fused(x: &Tensor) -> bool {

@@ -14,6 +14,7 @@
 //! compiler vectorises elsewhere. Rows of W are split across threads (rayon).
 
 use super::gemm::MatRef;
+use super::SyncPtr;
 use rayon::prelude::*;
 
 /// The most rows of X this path is for; more go to the GEMM of `super::gemm`.
@@ -133,7 +134,7 @@ pub fn matmul(x: MatRef, w: &Bf16Rows, y: &mut [f32], ldy: usize, kernel: Kernel
     }
     let xf: Vec<f32> =
         if kernel == Kernel::Dpbf16 { vec![] } else { xb.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect() };
-    let yp = YPtr(y.as_mut_ptr());
+    let yp = SyncPtr(y.as_mut_ptr());
     let rows = |n0: usize, n1: usize| {
         // SAFETY: columns n0..n1 of Y's m rows are this task's alone and lie inside `y` (checked
         // above); the CPU has the kernel's features (checked above).
@@ -153,19 +154,6 @@ pub fn matmul(x: MatRef, w: &Bf16Rows, y: &mut [f32], ldy: usize, kernel: Kernel
         rows(0, n);
     } else {
         (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| rows(t * per_task, ((t + 1) * per_task).min(n)));
-    }
-}
-
-#[derive(Clone, Copy)]
-struct YPtr(*mut f32);
-// SAFETY: tasks write disjoint columns of Y.
-unsafe impl Send for YPtr {}
-unsafe impl Sync for YPtr {}
-
-impl YPtr {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
