@@ -56,15 +56,11 @@ impl CustomOp2 for RmsNorm {
         if l1.dims().last() != Some(&n) {
             bail!("rms_norm: last dim {:?} != weight len {n}", l1.dims());
         }
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::output_buffer(x.len());
         let chunk = rows_per_task(x.len() / n, n) * n;
         y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(yc, xc)| {
             for (yr, xr) in yc.chunks_exact_mut(n).zip(xc.chunks_exact(n)) {
-                let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
-                let r = 1.0 / (ms + self.eps).sqrt();
-                for ((o, &xi), &wi) in yr.iter_mut().zip(xr).zip(w) {
-                    *o = xi * r * wi;
-                }
+                vmath::rms_norm_row(yr, xr, w, self.eps);
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -75,7 +71,7 @@ impl CustomOp2 for RmsNorm {
         let (dx, dw) = with_f32(x, |x| {
             with_f32(w, |w| {
                 with_f32(gy, |gy| {
-                    let mut dx = vec![0f32; x.len()];
+                    let mut dx = super::output_buffer(x.len());
                     let chunk = rows_per_task(x.len() / n, n) * n;
                     let dw = dx
                         .par_chunks_mut(chunk)
@@ -86,19 +82,7 @@ impl CustomOp2 for RmsNorm {
                             for ((dxr, xr), gr) in
                                 dxc.chunks_exact_mut(n).zip(xc.chunks_exact(n)).zip(gc.chunks_exact(n))
                             {
-                                let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
-                                let r = 1.0 / (ms + self.eps).sqrt();
-                                // dxhat = g * w; dx = r * (dxhat - xhat * mean(dxhat * xhat)).
-                                let mut dot = 0f32;
-                                for i in 0..n {
-                                    let xh = xr[i] * r;
-                                    dot += gr[i] * w[i] * xh;
-                                    dw[i] += gr[i] * xh;
-                                }
-                                let mean = dot / n as f32;
-                                for i in 0..n {
-                                    dxr[i] = r * (gr[i] * w[i] - xr[i] * r * mean);
-                                }
+                                vmath::rms_norm_backward_row(dxr, &mut dw, xr, w, gr, self.eps);
                             }
                             dw
                         })
@@ -163,7 +147,7 @@ impl CustomOp1 for Rope {
             );
         }
         let sign = if self.inverse { -1.0f32 } else { 1.0 };
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::output_buffer(x.len());
         let row = h * d;
         y.par_chunks_mut(row).zip(x.par_chunks(row)).enumerate().for_each(|(bt, (yr, xr))| {
             let pos = match &self.pos {
@@ -208,7 +192,7 @@ impl CustomOp2 for SwiGlu {
         if l1.shape() != l2.shape() {
             bail!("swiglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
         }
-        let mut y = vec![0f32; g.len()];
+        let mut y = super::output_buffer(g.len());
         y.par_chunks_mut(8192)
             .zip(g.par_chunks(8192))
             .zip(u.par_chunks(8192))
@@ -220,8 +204,8 @@ impl CustomOp2 for SwiGlu {
         let (dg, du) = with_f32(g, |g| {
             with_f32(u, |u| {
                 with_f32(gy, |gy| {
-                    let mut dg = vec![0f32; g.len()];
-                    let mut du = vec![0f32; g.len()];
+                    let mut dg = super::output_buffer(g.len());
+                    let mut du = super::output_buffer(g.len());
                     dg.par_chunks_mut(8192)
                         .zip(du.par_chunks_mut(8192))
                         .zip(g.par_chunks(8192).zip(u.par_chunks(8192)).zip(gy.par_chunks(8192)))
@@ -281,9 +265,10 @@ impl CustomOp2 for CrossEntropy {
         let count = labels.iter().filter(|&&l| l >= 0).count().max(1);
         let scale = g / count as f32;
         let dx = with_f32(x, |x| {
-            let mut dx = vec![0f32; n * v];
+            let mut dx = super::output_buffer(n * v);
             dx.par_chunks_mut(v).zip(x.par_chunks(v)).zip(labels.par_iter()).for_each(|((d, r), &lab)| {
                 if lab < 0 {
+                    d.fill(0.0);
                     return;
                 }
                 vmath::exp_shift_scale(d, r, vmath::log_sum_exp(r), scale);

@@ -145,7 +145,7 @@ impl CustomOp2 for LinearBf16 {
         if x.cols() != inp || self.w.weight.dims() != [out, inp] {
             bail!("bf16 linear: x is {}x{}, weight {out}x{inp}", x.rows(), x.cols());
         }
-        let mut y = vec![0f32; x.rows() * out];
+        let mut y = super::output_buffer(x.rows() * out);
         // A decode step (a few rows) streams the weight's bf16 rows; more rows amortise the GEMM's
         // packing and tiles.
         if x.rows() <= skinny::MAX_M {
@@ -161,7 +161,7 @@ impl CustomOp2 for LinearBf16 {
         let (n, out) = gy.dims2()?;
         let inp = x.dim(1)?;
         let dx = if x.track_op() {
-            let mut dx = vec![0f32; n * inp];
+            let mut dx = super::output_buffer(n * inp);
             with_matrix(&gy, |g| {
                 gemm::gemm(g, self.w.bwd()?, &mut dx, inp, false);
                 Ok(())
@@ -173,7 +173,7 @@ impl CustomOp2 for LinearBf16 {
         // A frozen weight (a LoRA base) gets no gradient: a third of the backward saved.
         let dw = if w.track_op() {
             let xp = with_matrix(x, |m| Ok(Packed::new(m, self.w.backend)))?;
-            let mut dw = vec![0f32; out * inp];
+            let mut dw = super::output_buffer(out * inp);
             with_matrix(&gy, |g| {
                 gemm::gemm(g.t(), &xp, &mut dw, inp, false);
                 Ok(())
