@@ -28,6 +28,9 @@ pub(crate) struct Ctx<'a> {
     pub docs: Option<&'a DocPositions>,
     /// Compute dtype of the matmuls.
     pub dtype: DType,
+    /// bf16 mixed precision on the CPU: activations f32, matmul operands rounded to bf16 by the
+    /// kernels (the linear layers' and the attention's).
+    pub cpu_bf16: bool,
     /// Training mode (the MoE aux loss is computed only then).
     pub train: bool,
     /// Batch and time of the input.
@@ -187,7 +190,7 @@ impl Attention {
             None => (k, v),
         };
         // The attention softmax itself runs in f32 inside `ops::attention` for every dtype.
-        let o = ops::attention(&q, &k, &v, ctx.key_mask, ctx.docs)?.reshape((b * t, h * d))?;
+        let o = ops::attention(&q, &k, &v, ctx.key_mask, ctx.docs, ctx.cpu_bf16)?.reshape((b * t, h * d))?;
         self.o.forward(&o)
     }
 }

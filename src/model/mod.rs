@@ -298,7 +298,8 @@ impl MiniMind {
     ) -> Result<(Tensor, Tensor)> {
         let (b, t) = input_ids.dims2()?;
         let dtype = self.activation_dtype();
-        let ctx = Ctx { cfg: &self.cfg, rope: &self.rope, start_pos, key_mask, docs, dtype, train, b, t };
+        let cpu_bf16 = self.cpu_bf16_head.is_some();
+        let ctx = Ctx { cfg: &self.cfg, rope: &self.rope, start_pos, key_mask, docs, dtype, cpu_bf16, train, b, t };
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
         let mut x = self.embed.index_select(&ids, 0)?; // [N, C]
         let mut aux = Tensor::zeros((), DType::F32, &self.device)?;

@@ -2,6 +2,7 @@
 //! Callers ([`super`]) make inputs contiguous first, so kernels index plain row-major slices.
 
 use super::super::rope::RopeTables;
+use super::gemm::{self as bf16gemm, Backend, Elems, MatRef, Packed, PackedRef};
 use super::vmath;
 use super::SyncPtr;
 use candle_core::backend::BackendStorage;
@@ -291,6 +292,9 @@ pub struct Attention {
     pub key_mask: Option<Arc<Vec<bool>>>,
     /// `[B * T]` positions within packed documents (requires `Tq = Tk`).
     pub docs: Option<Arc<Vec<u32>>>,
+    /// The backend of the bf16 GEMM when the matmuls run with bf16 operands (mixed precision on
+    /// the CPU); `None` runs them in f32.
+    pub bf16: Option<Backend>,
 }
 
 /// Query rows per block: the causal structure lets block r skip keys after its last query, and
@@ -312,47 +316,121 @@ impl Dims {
     }
 }
 
-/// `dst[m×n] (rs, 1) = alpha*dst + beta * lhs[m×k] * rhs[k×n]` with explicit strides (row, col).
-#[allow(clippy::too_many_arguments)]
+/// `C (m × n, row stride ldc) (+)= A · B` for one block of the attention: in f32 through the gemm
+/// crate, or with `bf16` through [`bf16gemm`] (operands rounded to bf16, sums in f32: the numerics
+/// of PyTorch's bf16 autocast, at the speed of AMX or VDPBF16PS).
+///
+/// # Safety
+/// `c` must be valid for reads and writes of the `m × n` block, which must be this task's alone.
+///
+/// `packed` is B already packed for the bf16 GEMM (a window of a [`Packs`] operand); without it,
+/// the bf16 path packs `b` here.
 unsafe fn mm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
+    bf16: Option<Backend>,
+    a: MatRef,
+    b: MatRef,
+    packed: Option<PackedRef>,
+    c: *mut f32,
+    ldc: usize,
     acc: bool,
-    lhs: *const f32,
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: *const f32,
-    rhs_rs: isize,
-    rhs_cs: isize,
-    beta: f32,
 ) {
+    let (m, k, n) = (a.rows(), a.cols(), b.cols());
     if m == 0 || n == 0 {
         return;
     }
+    if let Some(backend) = bf16 {
+        return match packed {
+            Some(p) => bf16gemm::gemm_ptr(a, p, SyncPtr(c), ldc, acc),
+            None => bf16gemm::gemm_ptr(a, Packed::new(b, backend).as_ref(), SyncPtr(c), ldc, acc),
+        };
+    }
+    let ((ad, ars, acs), (bd, brs, bcs)) = (a.f32_parts(), b.f32_parts());
     gemm::gemm(
         m,
         n,
         k,
-        dst,
+        c,
         1,
-        dst_rs as isize,
+        ldc as isize,
         acc,
-        lhs,
-        lhs_cs,
-        lhs_rs,
-        rhs,
-        rhs_cs,
-        rhs_rs,
+        ad.as_ptr(),
+        acs as isize,
+        ars as isize,
+        bd.as_ptr(),
+        bcs as isize,
+        brs as isize,
         1.0,
-        beta,
+        1.0,
         false,
         false,
         false,
         gemm::Parallelism::None,
     );
+}
+
+/// An operand every query block of a (batch, kv head) multiplies by, in [`Packs`].
+#[derive(Clone, Copy)]
+enum Operand {
+    /// Kᵀ (d × Tk), for S = Q Kᵀ.
+    Kt,
+    /// Vᵀ (d × Tk), for dP = dO Vᵀ.
+    Vt,
+    /// K (Tk × d), for dQ = dS K.
+    K,
+    /// V (Tk × d), for O = P V.
+    V,
+}
+
+/// The bf16 GEMM's operands that all query blocks and query heads of a (batch, kv head) read,
+/// packed once per call: packing them for every block was half the time of the bf16 attention.
+/// A block uses a window of them, its keys `0..kmax`: keys lie along N in `Kt`/`Vt` (one K block,
+/// any run of whole column panels) and along K in `K`/`V`, whose K blocks are one query block.
+struct Packs {
+    which: Vec<Operand>,
+    /// `[batch * kv heads][operand]`.
+    packed: Vec<Vec<Packed>>,
+}
+
+impl Packs {
+    fn new(dm: &Dims, k: &[f32], v: &[f32], backend: Backend, which: &[Operand]) -> Self {
+        let kd = dm.kh * dm.d;
+        let packed = (0..dm.b * dm.kh)
+            .into_par_iter()
+            .map(|bg| {
+                let base = (bg / dm.kh) * dm.tk * kd + (bg % dm.kh) * dm.d;
+                let along_n = |x| view(x, base, dm.d, dm.tk, 1, kd);
+                let along_k = |x| view(x, base, dm.tk, dm.d, kd, 1);
+                which
+                    .iter()
+                    .map(|op| match op {
+                        Operand::Kt => Packed::new(along_n(k), backend),
+                        Operand::Vt => Packed::new(along_n(v), backend),
+                        Operand::K => Packed::with_k_block(along_k(k), backend, QBLOCK / 2),
+                        Operand::V => Packed::with_k_block(along_k(v), backend, QBLOCK / 2),
+                    })
+                    .collect()
+            })
+            .collect();
+        Self { which: which.to_vec(), packed }
+    }
+
+    /// Keys `kmin..kmin + kw` of `op` for (batch b, kv head g), when a window holds them.
+    fn window(&self, dm: &Dims, b: usize, g: usize, op: Operand, kmin: usize, kw: usize) -> Option<PackedRef<'_>> {
+        let i = self.which.iter().position(|w| std::mem::discriminant(w) == std::mem::discriminant(&op))?;
+        let p = &self.packed[b * dm.kh + g][i];
+        if kmin > 0 {
+            return None;
+        }
+        match op {
+            Operand::Kt | Operand::Vt => p.window(dm.d, kw),
+            Operand::K | Operand::V => p.window(kw, dm.d),
+        }
+    }
+}
+
+/// A strided f32 view for [`mm`]: `rows × cols` from `data[off..]` with strides `rs`, `cs`.
+fn view(data: &[f32], off: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> MatRef<'_> {
+    MatRef::new(Elems::F32(&data[off..]), rows, cols, rs, cs)
 }
 
 impl Attention {
@@ -370,6 +448,7 @@ impl Attention {
         i0: usize,
         i1: usize,
         p: &mut Vec<f32>,
+        packs: Option<&Packs>,
     ) -> (usize, usize) {
         let (d, hd, kd) = (dm.d, dm.h * dm.d, dm.kh * dm.d);
         let g = h / (dm.h / dm.kh);
@@ -380,10 +459,11 @@ impl Attention {
         let (rows, kw) = (i1 - i0, kmax - kmin);
         p.clear();
         p.resize(rows * kw, 0.0);
-        let qp = q.as_ptr().add(b * dm.tq * hd + i0 * hd + h * d);
-        let kp = k.as_ptr().add(b * dm.tk * kd + kmin * kd + g * d);
-        // S = Q K^T: rhs (d, j) = K[j, d] → row stride 1, col stride kd.
-        mm(rows, kw, d, p.as_mut_ptr(), kw, false, qp, hd as isize, 1, kp, 1, kd as isize, 1.0);
+        let q = view(q, b * dm.tq * hd + i0 * hd + h * d, rows, d, hd, 1);
+        // S = Q Kᵀ: Kᵀ (d, j) = K[j, d], row stride 1, column stride kd.
+        let kt = view(k, b * dm.tk * kd + kmin * kd + g * d, d, kw, 1, kd);
+        let packed = packs.and_then(|x| x.window(dm, b, g, Operand::Kt, kmin, kw));
+        mm(self.bf16, q, kt, packed, p.as_mut_ptr(), kw, false);
         let scale = 1.0 / (d as f32).sqrt();
         let mask = self.key_mask.as_deref().map(|m| &m[b * dm.tk..(b + 1) * dm.tk]);
         for r in 0..rows {
@@ -447,9 +527,12 @@ impl CustomOp3 for Attention {
         let q = f32_slice(sq, lq, "attention")?;
         let k = f32_slice(sk, lk, "attention")?;
         let v = f32_slice(sv, lv, "attention")?;
-        let mut out = vec![0f32; q.len()];
+        // Every query block writes its rows of every head.
+        let mut out = super::output_buffer(q.len());
         let op = SyncPtr(out.as_mut_ptr());
         let (d, hd, kd, rep) = (dm.d, dm.h * dm.d, dm.kh * dm.d, dm.h / dm.kh);
+        let packs = self.bf16.map(|be| Packs::new(&dm, k, v, be, &[Operand::Kt, Operand::V]));
+        let packs = packs.as_ref();
         (0..dm.b * dm.h).into_par_iter().for_each_init(Vec::new, |p, bh| {
             let (b, h) = (bh / dm.h, bh % dm.h);
             let g = h / rep;
@@ -457,10 +540,11 @@ impl CustomOp3 for Attention {
             while i0 < dm.tq {
                 let i1 = (i0 + QBLOCK).min(dm.tq);
                 unsafe {
-                    let (kmin, kw) = self.probs(&dm, q, k, b, h, i0, i1, p);
-                    let vp = v.as_ptr().add(b * dm.tk * kd + kmin * kd + g * d);
+                    let (kmin, kw) = self.probs(&dm, q, k, b, h, i0, i1, p, packs);
+                    let vw = view(v, b * dm.tk * kd + kmin * kd + g * d, kw, d, kd, 1);
+                    let packed = packs.and_then(|x| x.window(&dm, b, g, Operand::V, kmin, kw));
                     let dst = op.get().add(b * dm.tq * hd + i0 * hd + h * d);
-                    mm(i1 - i0, d, kw, dst, hd, false, p.as_ptr(), kw as isize, 1, vp, kd as isize, 1, 1.0);
+                    mm(self.bf16, view(p, 0, i1 - i0, kw, kw, 1), vw, packed, dst, hd, false);
                 }
                 i0 = i1;
             }
@@ -481,12 +565,16 @@ impl CustomOp3 for Attention {
             with_f32(k, |k| {
                 with_f32(v, |v| {
                     with_f32(go, |go| {
-                        let mut dq = vec![0f32; q.len()];
+                        // dQ: every query block writes its rows of every head; dK and dV add up.
+                        let mut dq = super::output_buffer(q.len());
                         let mut dk = vec![0f32; k.len()];
                         let mut dv = vec![0f32; v.len()];
                         let (dqp, dkp, dvp) =
                             (SyncPtr(dq.as_mut_ptr()), SyncPtr(dk.as_mut_ptr()), SyncPtr(dv.as_mut_ptr()));
                         let (d, hd, kd, rep) = (dm.d, dm.h * dm.d, dm.kh * dm.d, dm.h / dm.kh);
+                        let which = [Operand::Kt, Operand::Vt, Operand::K];
+                        let packs = self.bf16.map(|be| Packs::new(&dm, k, v, be, &which));
+                        let packs = packs.as_ref();
                         let scale = 1.0 / (d as f32).sqrt();
                         // One task per (batch, kv head): it owns dK/dV of that head and dQ of its
                         // query heads, so no two tasks write the same memory.
@@ -500,31 +588,18 @@ impl CustomOp3 for Attention {
                                         let i1 = (i0 + QBLOCK).min(dm.tq);
                                         let rows = i1 - i0;
                                         unsafe {
-                                            let (kmin, kw) = self.probs(&dm, q, k, b, h, i0, i1, p);
+                                            let (kmin, kw) = self.probs(&dm, q, k, b, h, i0, i1, p, packs);
                                             // The block's key window `kmin..kmin + kw`.
                                             let at = b * dm.tk * kd + kmin * kd + g * d;
-                                            let (kp, vp) = (k.as_ptr().add(at), v.as_ptr().add(at));
                                             let (dkg, dvg) = (dkp.get().add(at), dvp.get().add(at));
                                             let qoff = b * dm.tq * hd + i0 * hd + h * d;
-                                            let gop = go.as_ptr().add(qoff);
-                                            // dP = dO V^T.
+                                            let go_blk = view(go, qoff, rows, d, hd, 1);
+                                            // dP = dO Vᵀ.
                                             dp.clear();
                                             dp.resize(rows * kw, 0.0);
-                                            mm(
-                                                rows,
-                                                kw,
-                                                d,
-                                                dp.as_mut_ptr(),
-                                                kw,
-                                                false,
-                                                gop,
-                                                hd as isize,
-                                                1,
-                                                vp,
-                                                1,
-                                                kd as isize,
-                                                1.0,
-                                            );
+                                            let vt = view(v, at, d, kw, 1, kd);
+                                            let packed = packs.and_then(|x| x.window(&dm, b, g, Operand::Vt, kmin, kw));
+                                            mm(self.bf16, go_blk, vt, packed, dp.as_mut_ptr(), kw, false);
                                             // dS = P * (dP - rowsum(P * dP)) * scale.
                                             for r in 0..rows {
                                                 let pr = &p[r * kw..(r + 1) * kw];
@@ -534,54 +609,15 @@ impl CustomOp3 for Attention {
                                                     *x = pp * (*x - dot) * scale;
                                                 }
                                             }
-                                            // dQ = dS K.
-                                            mm(
-                                                rows,
-                                                d,
-                                                kw,
-                                                dqp.get().add(qoff),
-                                                hd,
-                                                false,
-                                                dp.as_ptr(),
-                                                kw as isize,
-                                                1,
-                                                kp,
-                                                kd as isize,
-                                                1,
-                                                1.0,
-                                            );
-                                            // dK += dS^T Q; dV += P^T dO.
-                                            let qp = q.as_ptr().add(qoff);
-                                            mm(
-                                                kw,
-                                                d,
-                                                rows,
-                                                dkg,
-                                                kd,
-                                                true,
-                                                dp.as_ptr(),
-                                                1,
-                                                kw as isize,
-                                                qp,
-                                                hd as isize,
-                                                1,
-                                                1.0,
-                                            );
-                                            mm(
-                                                kw,
-                                                d,
-                                                rows,
-                                                dvg,
-                                                kd,
-                                                true,
-                                                p.as_ptr(),
-                                                1,
-                                                kw as isize,
-                                                gop,
-                                                hd as isize,
-                                                1,
-                                                1.0,
-                                            );
+                                            // dQ = dS K; dK += dSᵀ Q; dV += Pᵀ dO.
+                                            let ds = view(dp, 0, rows, kw, kw, 1);
+                                            let kw_blk = view(k, at, kw, d, kd, 1);
+                                            let packed = packs.and_then(|x| x.window(&dm, b, g, Operand::K, kmin, kw));
+                                            mm(self.bf16, ds, kw_blk, packed, dqp.get().add(qoff), hd, false);
+                                            let q_blk = view(q, qoff, rows, d, hd, 1);
+                                            mm(self.bf16, ds.t(), q_blk, None, dkg, kd, true);
+                                            let pt = view(p, 0, rows, kw, kw, 1).t();
+                                            mm(self.bf16, pt, go_blk, None, dvg, kd, true);
                                         }
                                         i0 = i1;
                                     }

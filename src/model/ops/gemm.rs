@@ -145,6 +145,14 @@ impl<'a> MatRef<'a> {
     }
 
     /// The f32 slice when the elements are f32 (the vectorised packing paths).
+    /// The f32 data with its row and column strides.
+    ///
+    /// # Panics
+    /// On a bf16 view.
+    pub(crate) fn f32_parts(&self) -> (&'a [f32], usize, usize) {
+        (self.f32_data().expect("an f32 matrix view"), self.rs, self.cs)
+    }
+
     fn f32_data(&self) -> Option<&'a [f32]> {
         match self.data {
             Elems::F32(d) => Some(d),
@@ -184,7 +192,7 @@ pub use crate::cpu::{has_amx_bf16, has_avx512_bf16};
 /// The right-hand operand B (K×N) of [`gemm`], prepared once and reusable.
 #[derive(Debug)]
 pub enum Packed {
-    /// For [`Backend::Avx512Bf16`] and [`Backend::Amx`]: K blocks of [`KCP`] pairs, each holding
+    /// For [`Backend::Avx512Bf16`] and [`Backend::Amx`]: K blocks of `kc` pairs, each holding
     /// the `ceil(N / NR)` column panels one after the other, each panel `pairs × NR` u32 (zero
     /// padded). Sixteen pair rows of a panel's half are one AMX B tile (the VNNI layout).
     Panels {
@@ -194,6 +202,8 @@ pub enum Packed {
         k: usize,
         /// N.
         n: usize,
+        /// Pairs per K block ([`KCP`] unless packed with [`Packed::with_k_block`]).
+        kc: usize,
         /// The packed pairs.
         data: Vec<u32>,
     },
@@ -208,6 +218,23 @@ pub enum Packed {
     },
 }
 
+/// A packed B borrowed whole or as a window ([`Packed::window`]): what [`gemm_ptr`] multiplies.
+#[derive(Clone, Copy, Debug)]
+pub struct PackedRef<'a> {
+    backend: Backend,
+    k: usize,
+    n: usize,
+    data: PackedData<'a>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum PackedData<'a> {
+    /// The panels of a packing whose K blocks hold `kc` pairs and `np` column panels.
+    Panels { data: &'a [u32], kc: usize, np: usize },
+    /// Row-major rounded values with row stride `ld`.
+    Rounded { data: &'a [f32], ld: usize },
+}
+
 /// Column panels for `n` columns.
 fn panels(n: usize) -> usize {
     n.div_ceil(NR)
@@ -216,6 +243,13 @@ fn panels(n: usize) -> usize {
 impl Packed {
     /// Pack `b` (K×N) for `backend`.
     pub fn new(b: MatRef, backend: Backend) -> Self {
+        Self::with_k_block(b, backend, KCP)
+    }
+
+    /// Pack `b` in K blocks of `kc` pairs (`1..=KCP`; the bigger, the fewer loads and stores of C),
+    /// so that [`Self::window`] can take any whole number of blocks.
+    pub fn with_k_block(b: MatRef, backend: Backend, kc: usize) -> Self {
+        assert!((1..=KCP).contains(&kc), "gemm: K block of {kc} pairs (1..={KCP})");
         let (k, n) = (b.rows, b.cols);
         match backend {
             Backend::Fallback => {
@@ -231,17 +265,45 @@ impl Packed {
                 let (kp, np) = (k.div_ceil(2), panels(n));
                 let mut data = vec![0u32; kp * np * NR];
                 // One rayon task per K block: each block is a contiguous run of the buffer.
-                data.par_chunks_mut((KCP * np * NR).max(1)).enumerate().for_each(|(kb, block)| {
-                    let p0 = kb * KCP;
+                data.par_chunks_mut((kc * np * NR).max(1)).enumerate().for_each(|(kb, block)| {
+                    let p0 = kb * kc;
                     let bp = block.len() / (np * NR);
                     for j in 0..np {
                         let panel = &mut block[j * bp * NR..(j + 1) * bp * NR];
                         pack_b_panel(&b, p0, bp, j * NR, panel);
                     }
                 });
-                Packed::Panels { backend, k, n, data }
+                Packed::Panels { backend, k, n, kc, data }
             }
         }
+    }
+
+    /// All of it, borrowed.
+    pub fn as_ref(&self) -> PackedRef<'_> {
+        self.window(self.k(), self.n()).expect("the whole packing is a window of itself")
+    }
+
+    /// The top-left `k × n` of B, without packing again, where the layout allows: any window of
+    /// the fallback's rows; for the panels, the first `k` rows when they are whole K blocks (or
+    /// all of K), and the first `n` columns when K is one block. `None` otherwise.
+    pub fn window(&self, k: usize, n: usize) -> Option<PackedRef<'_>> {
+        if k > self.k() || n > self.n() {
+            return None;
+        }
+        let data = match self {
+            Packed::Rounded { n: ld, data, .. } => PackedData::Rounded { data, ld: *ld },
+            Packed::Panels { k: full_k, n: full_n, kc, data, .. } => {
+                let whole_blocks = k == *full_k || k.is_multiple_of(2 * kc);
+                let one_block = full_k.div_ceil(2) <= *kc;
+                if !whole_blocks || (n != *full_n && !one_block) {
+                    return None;
+                }
+                // Block `kb` starts at `kb · kc · panels(full_n) · NR`: the same for the window
+                // when N is whole, and only block 0 exists when N is cut.
+                PackedData::Panels { data, kc: *kc, np: panels(*full_n) }
+            }
+        };
+        Some(PackedRef { backend: self.backend(), k, n, data })
     }
 
     /// K (rows of B).
@@ -321,35 +383,63 @@ fn pack_a(a: &MatRef, m0: usize, rows: usize, p0: usize, bp: usize, out: &mut [u
 /// # Panics
 /// On mismatched shapes, a C too small, or a packing for a backend this CPU lacks.
 pub fn gemm(a: MatRef, b: &Packed, c: &mut [f32], ldc: usize, accumulate: bool) {
-    let (m, k, n) = (a.rows, a.cols, b.n());
-    assert_eq!(k, b.k(), "gemm: A is {m}x{k} but B has {} rows", b.k());
-    if m == 0 || n == 0 {
-        return;
-    }
+    let (m, n) = (a.rows, b.n());
     assert!(
-        ldc >= n && c.len() >= (m - 1) * ldc + n,
+        m == 0 || n == 0 || (ldc >= n && c.len() >= (m - 1) * ldc + n),
         "gemm: C ({} elements, ldc {ldc}) is too small for {m}x{n}",
         c.len()
     );
-    match b {
-        Packed::Rounded { data, .. } => gemm_fallback(a, data, n, c, ldc, accumulate),
-        Packed::Panels { backend: Backend::Amx, data, .. } => {
+    // SAFETY: C's extent was checked above, and the `&mut` borrow makes it this call's alone.
+    unsafe { gemm_ptr(a, b.as_ref(), SyncPtr(c.as_mut_ptr()), ldc, accumulate) }
+}
+
+/// [`gemm`] into a C given by pointer: for callers whose parallel tasks each own a strided block
+/// of one buffer (the attention's heads), which no `&mut` slice can express.
+///
+/// # Safety
+/// `c` must be valid for reads and writes of the `M × N` block with row stride `ldc`, and nothing
+/// else may access that block during the call.
+///
+/// # Panics
+/// As [`gemm`], except that C's extent is the caller's to guarantee.
+pub(crate) unsafe fn gemm_ptr(a: MatRef, b: PackedRef, c: SyncPtr, ldc: usize, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.n);
+    assert_eq!(k, b.k, "gemm: A is {m}x{k} but B has {} rows", b.k);
+    assert!(ldc >= n, "gemm: ldc {ldc} < N {n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    match (b.backend, b.data) {
+        (_, PackedData::Rounded { data, ld }) => gemm_fallback(a, data, ld, n, c, ldc, accumulate),
+        (Backend::Amx, PackedData::Panels { data, kc, np }) => {
             assert!(has_amx_bf16(), "gemm: B was packed for AMX, which this CPU (or OS) lacks");
-            gemm_amx(a, data, n, c, ldc, accumulate)
+            gemm_amx(a, Panels { data, kc, np }, n, c, ldc, accumulate)
         }
-        Packed::Panels { data, .. } => {
+        (_, PackedData::Panels { data, kc, np }) => {
             assert!(has_avx512_bf16(), "gemm: B was packed for avx512_bf16, which this CPU lacks");
-            gemm_panels(a, data, n, c, ldc, accumulate)
+            gemm_panels(a, Panels { data, kc, np }, n, c, ldc, accumulate)
         }
     }
 }
 
-fn gemm_fallback(a: MatRef, b: &[f32], n: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+/// Zero the `m × n` block of C (an empty K), unless accumulating.
+///
+/// # Safety
+/// As for [`gemm_ptr`]'s C.
+unsafe fn zero_c(m: usize, n: usize, c: SyncPtr, ldc: usize, accumulate: bool) {
+    if !accumulate {
+        for r in 0..m {
+            std::slice::from_raw_parts_mut(c.get().add(r * ldc), n).fill(0.0);
+        }
+    }
+}
+
+/// # Safety
+/// As for [`gemm_ptr`]'s C.
+unsafe fn gemm_fallback(a: MatRef, b: &[f32], ldb: usize, n: usize, c: SyncPtr, ldc: usize, accumulate: bool) {
     let (m, k) = (a.rows, a.cols);
     if k == 0 {
-        if !accumulate {
-            c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
-        }
+        zero_c(m, n, c, ldc, accumulate);
         return;
     }
     let mut ar = vec![0f32; m * k];
@@ -358,13 +448,14 @@ fn gemm_fallback(a: MatRef, b: &[f32], n: usize, c: &mut [f32], ldc: usize, accu
             *o = f32::from_bits((a.bits(r, j) as u32) << 16);
         }
     });
-    // SAFETY: the shapes and C's extent were checked by `gemm`; the buffers outlive the call.
+    // SAFETY: the shapes were checked by `gemm_ptr`, C's extent by its caller; the buffers outlive
+    // the call.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c.get(),
             1,
             ldc as isize,
             accumulate,
@@ -373,7 +464,7 @@ fn gemm_fallback(a: MatRef, b: &[f32], n: usize, c: &mut [f32], ldc: usize, accu
             k as isize,
             b.as_ptr(),
             1,
-            n as isize,
+            ldb as isize,
             1.0,
             1.0,
             false,
@@ -381,6 +472,23 @@ fn gemm_fallback(a: MatRef, b: &[f32], n: usize, c: &mut [f32], ldc: usize, accu
             false,
             gemm::Parallelism::Rayon(rayon::current_num_threads()),
         );
+    }
+}
+
+/// The panels of a packed B as the kernels walk them.
+#[derive(Clone, Copy)]
+struct Panels<'a> {
+    data: &'a [u32],
+    /// Pairs per K block.
+    kc: usize,
+    /// Column panels per K block in the packing (more than a window's when N was cut).
+    np: usize,
+}
+
+impl<'a> Panels<'a> {
+    /// The K block starting at pair `p0`: its panels one after the other.
+    fn block(&self, p0: usize) -> &'a [u32] {
+        &self.data[p0 * self.np * NR..]
     }
 }
 
@@ -396,21 +504,22 @@ struct Task {
 /// Run `body` in parallel on the tasks of `C (M × N) (+)= A · B` over `kp` K pairs: `mc`-row
 /// blocks of C, split along N too when there are too few rows to feed every thread (the weight
 /// gradient of a small layer, decoding). An empty K only zeroes C (unless accumulating).
+///
+/// # Safety
+/// As for [`gemm_ptr`]'s C.
 #[allow(clippy::too_many_arguments)]
-fn par_tasks(
+unsafe fn par_tasks(
     m: usize,
     n: usize,
     kp: usize,
     mc: usize,
-    c: &mut [f32],
+    cp: SyncPtr,
     ldc: usize,
     accumulate: bool,
     body: impl Fn(Task, SyncPtr) + Send + Sync,
 ) {
     if kp == 0 {
-        if !accumulate {
-            c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
-        }
+        zero_c(m, n, cp, ldc, accumulate);
         return;
     }
     let np = panels(n);
@@ -418,7 +527,6 @@ fn par_tasks(
     let groups = (2 * rayon::current_num_threads()).div_ceil(mblocks).clamp(1, np);
     let per_group = np.div_ceil(groups);
     let groups = np.div_ceil(per_group);
-    let cp = SyncPtr(c.as_mut_ptr());
     (0..mblocks * groups).into_par_iter().for_each(|task| {
         let (mb, g) = (task / groups, task % groups);
         let (m0, rows) = (mb * mc, mc.min(m - mb * mc));
@@ -427,16 +535,18 @@ fn par_tasks(
     });
 }
 
-fn gemm_panels(a: MatRef, b: &[u32], n: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+/// # Safety
+/// As for [`gemm_ptr`]'s C.
+unsafe fn gemm_panels(a: MatRef, b: Panels, n: usize, c: SyncPtr, ldc: usize, accumulate: bool) {
     let (m, k) = (a.rows, a.cols);
-    let (kp, np) = (k.div_ceil(2), panels(n));
+    let kp = k.div_ceil(2);
     par_tasks(m, n, kp, MC, c, ldc, accumulate, |Task { m0, rows, j0, j1 }, cp| {
-        let mut abuf = vec![0u32; rows.div_ceil(MR) * MR * KCP];
-        for kb in 0..kp.div_ceil(KCP) {
-            let p0 = kb * KCP;
-            let bp = KCP.min(kp - p0);
+        let mut abuf = vec![0u32; rows.div_ceil(MR) * MR * b.kc];
+        for kb in 0..kp.div_ceil(b.kc) {
+            let p0 = kb * b.kc;
+            let bp = b.kc.min(kp - p0);
             pack_a(&a, m0, rows, p0, bp, &mut abuf);
-            let block = &b[p0 * np * NR..];
+            let block = b.block(p0);
             for j in j0..j1 {
                 let bpanel = &block[j * bp * NR..(j + 1) * bp * NR];
                 let nr = NR.min(n - j * NR);
@@ -463,70 +573,92 @@ const MC_AMX: usize = 64;
 
 /// The AMX path: tasks as in [`gemm_panels`], each packing its rows of A per K block into
 /// zero-padded whole tiles and running the 32×32 tile kernel down every B panel it owns.
-fn gemm_amx(a: MatRef, b: &[u32], n: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+///
+/// # Safety
+/// As for [`gemm_ptr`]'s C.
+unsafe fn gemm_amx(a: MatRef, b: Panels, n: usize, c: SyncPtr, ldc: usize, accumulate: bool) {
     let (m, k) = (a.rows, a.cols);
-    let (kp, np) = (k.div_ceil(2), panels(n));
+    let kp = k.div_ceil(2);
     par_tasks(m, n, kp, MC_AMX, c, ldc, accumulate, |Task { m0, rows, j0, j1 }, cp| {
         let tiles = rows.div_ceil(amx::M);
-        // A block: `tiles × 32` rows of `KCP` pairs (a whole number of 16-pair tiles).
-        let mut abuf = vec![0u32; tiles * amx::M * KCP];
-        // The last 16 pair rows of a panel when a K block is not a whole number of them, zero padded
-        // (reading them in place would run past the panel).
-        let mut btail = [0u32; amx::PAIRS * NR];
-        let mut ctmp = [0f32; amx::M * NR];
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: this CPU has AMX and the OS granted it (checked by `gemm`).
-        unsafe {
-            amx::configure()
-        };
-        for kb in 0..kp.div_ceil(KCP) {
-            let p0 = kb * KCP;
-            let bp = KCP.min(kp - p0);
-            let (full, tail) = (bp / amx::PAIRS, bp % amx::PAIRS);
-            let lda = bp.div_ceil(amx::PAIRS) * amx::PAIRS;
-            pack_a_rows(&a, m0, rows, tiles * amx::M, p0, bp, lda, &mut abuf);
-            let block = &b[p0 * np * NR..];
-            for j in j0..j1 {
-                let bpanel = &block[j * bp * NR..(j + 1) * bp * NR];
-                if tail > 0 {
-                    btail[..tail * NR].copy_from_slice(&bpanel[full * amx::PAIRS * NR..]);
-                    btail[tail * NR..].fill(0);
-                }
-                let nr = NR.min(n - j * NR);
-                for t in 0..tiles {
-                    let mr = amx::M.min(rows - t * amx::M);
-                    let load = accumulate || kb > 0;
-                    let apanel = abuf[t * amx::M * lda..].as_ptr();
-                    let tail_b = if tail > 0 { Some(btail.as_ptr()) } else { None };
-                    // SAFETY: A holds `M × lda` pairs from `apanel`, B `full` tiles from `bpanel`
-                    // (and the padded tail); the C block (rows m0+t*M.., columns j*NR..) lies
-                    // inside C (checked by `gemm`) and belongs to this task alone; when it is cut
-                    // by C's edge, the kernel works on `ctmp` and only the inside is copied back.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        let cptr = cp.get().add((m0 + t * amx::M) * ldc + j * NR);
-                        if mr == amx::M && nr == NR {
-                            amx::kernel(full, apanel, lda, bpanel.as_ptr(), tail_b, cptr, ldc, load);
-                        } else {
-                            for r in 0..amx::M {
-                                let dst = &mut ctmp[r * NR..(r + 1) * NR];
-                                dst.fill(0.0);
-                                if load && r < mr {
-                                    std::ptr::copy_nonoverlapping(cptr.add(r * ldc), dst.as_mut_ptr(), nr);
+        // A block: `tiles × 32` rows of `KCP` pairs (a whole number of 16-pair tiles), in this
+        // thread's buffer: `pack_a_rows` writes every element a tile loads, so the buffer needs
+        // no zeroing, and an allocation plus memset per task was 15 % of the attention's
+        // small GEMMs.
+        A_BUF.with(|buf| {
+            let mut fresh = Vec::new();
+            let mut held = buf.try_borrow_mut();
+            let abuf: &mut Vec<u32> = match held.as_deref_mut() {
+                Ok(v) => v,
+                Err(_) => &mut fresh,
+            };
+            let need = tiles * amx::M * b.kc.div_ceil(amx::PAIRS) * amx::PAIRS;
+            if abuf.len() < need {
+                abuf.resize(need, 0);
+            }
+            // The last 16 pair rows of a panel when a K block is not a whole number of them, zero padded
+            // (reading them in place would run past the panel).
+            let mut btail = [0u32; amx::PAIRS * NR];
+            let mut ctmp = [0f32; amx::M * NR];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: this CPU has AMX and the OS granted it (checked by `gemm`).
+            unsafe {
+                amx::configure()
+            };
+            for kb in 0..kp.div_ceil(b.kc) {
+                let p0 = kb * b.kc;
+                let bp = b.kc.min(kp - p0);
+                let (full, tail) = (bp / amx::PAIRS, bp % amx::PAIRS);
+                let lda = bp.div_ceil(amx::PAIRS) * amx::PAIRS;
+                pack_a_rows(&a, m0, rows, tiles * amx::M, p0, bp, lda, abuf);
+                let block = b.block(p0);
+                for j in j0..j1 {
+                    let bpanel = &block[j * bp * NR..(j + 1) * bp * NR];
+                    if tail > 0 {
+                        btail[..tail * NR].copy_from_slice(&bpanel[full * amx::PAIRS * NR..]);
+                        btail[tail * NR..].fill(0);
+                    }
+                    let nr = NR.min(n - j * NR);
+                    for t in 0..tiles {
+                        let mr = amx::M.min(rows - t * amx::M);
+                        let load = accumulate || kb > 0;
+                        let apanel = abuf[t * amx::M * lda..].as_ptr();
+                        let tail_b = if tail > 0 { Some(btail.as_ptr()) } else { None };
+                        // SAFETY: A holds `M × lda` pairs from `apanel`, B `full` tiles from `bpanel`
+                        // (and the padded tail); the C block (rows m0+t*M.., columns j*NR..) lies
+                        // inside C (checked by `gemm`) and belongs to this task alone; when it is cut
+                        // by C's edge, the kernel works on `ctmp` and only the inside is copied back.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            let cptr = cp.get().add((m0 + t * amx::M) * ldc + j * NR);
+                            if mr == amx::M && nr == NR {
+                                amx::kernel(full, apanel, lda, bpanel.as_ptr(), tail_b, cptr, ldc, load);
+                            } else {
+                                for r in 0..amx::M {
+                                    let dst = &mut ctmp[r * NR..(r + 1) * NR];
+                                    dst.fill(0.0);
+                                    if load && r < mr {
+                                        std::ptr::copy_nonoverlapping(cptr.add(r * ldc), dst.as_mut_ptr(), nr);
+                                    }
+                                }
+                                amx::kernel(full, apanel, lda, bpanel.as_ptr(), tail_b, ctmp.as_mut_ptr(), NR, load);
+                                for r in 0..mr {
+                                    std::ptr::copy_nonoverlapping(ctmp[r * NR..].as_ptr(), cptr.add(r * ldc), nr);
                                 }
                             }
-                            amx::kernel(full, apanel, lda, bpanel.as_ptr(), tail_b, ctmp.as_mut_ptr(), NR, load);
-                            for r in 0..mr {
-                                std::ptr::copy_nonoverlapping(ctmp[r * NR..].as_ptr(), cptr.add(r * ldc), nr);
-                            }
                         }
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let _ = (cp, apanel, tail_b, mr, nr, load, &mut ctmp, full);
                     }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    let _ = (cp, apanel, tail_b, mr, nr, load, &mut ctmp, full);
                 }
             }
-        }
+        });
     });
+}
+
+thread_local! {
+    /// Each thread's packed-A buffer for [`gemm_amx`] (grown, never shrunk or zeroed).
+    static A_BUF: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Pack rows `m0..m0+rows` of A, pairs `p0..p0+bp`, row-major into `out` (`padded_rows × lda`

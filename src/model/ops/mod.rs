@@ -101,13 +101,16 @@ pub fn rope(x: &Tensor, tables: &RopeTables, at: Positions) -> Result<Tensor> {
 /// keys `j <= i + (Tk - Tq)` (cached positions are always visible). `key_mask: [B, Tk]` (1 = keep,
 /// 0 = padding) is optional. With `docs` (packed rows; `Tq = Tk`), query `i` sees only the keys of
 /// its own document. `k`, `v` may be bf16 under f32 `q` (a bf16 KV cache; [`decode`] reads it in
-/// place for short `Tq`). Returns `[B, Tq, H, D]`.
+/// place for short `Tq`). With `bf16` (mixed precision on the CPU), the fused kernel's matmuls round
+/// their operands to bf16 and sum in f32, as the linear layers do; the softmax stays f32. Returns
+/// `[B, Tq, H, D]`.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     key_mask: Option<&Tensor>,
     docs: Option<&DocPositions>,
+    bf16: bool,
 ) -> Result<Tensor> {
     if let Some(d) = docs {
         let (b, tq) = (q.dim(0)?, q.dim(1)?);
@@ -138,12 +141,14 @@ pub fn attention(
             let op = decode::DecodeAttention { key_mask: mask_bits(key_mask)? };
             return q.contiguous()?.apply_op3(k, v, op);
         }
-        return attention(q, &k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?, key_mask, docs);
+        return attention(q, &k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?, key_mask, docs, bf16);
     }
     if use_fused(q) && k.dtype() == DType::F32 && v.dtype() == DType::F32 {
         let key_mask = mask_bits(key_mask)?;
         let docs = docs.map(|d| d.positions().clone());
-        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, fused::Attention { key_mask, docs });
+        let bf16 = bf16.then(gemm::Backend::detect);
+        let op = fused::Attention { key_mask, docs, bf16 };
+        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
     composite::attention(q, k, v, key_mask, docs)
 }

@@ -85,7 +85,7 @@ fn attention_matches_composite() {
         let q = randn(&[2, tq, 6, 8], 6, 1.0);
         let k = randn(&[2, tk, 2, 8], 7, 1.0);
         let v = randn(&[2, tk, 2, 8], 8, 1.0);
-        check("attention", &[q, k, v], 1e-5, |t| attention(&t[0], &t[1], &t[2], None, None).unwrap());
+        check("attention", &[q, k, v], 1e-5, |t| attention(&t[0], &t[1], &t[2], None, None, false).unwrap());
     }
 }
 
@@ -98,7 +98,9 @@ fn attention_with_key_mask_matches_composite() {
     // Padded query rows 0-1 of batch 1 see no keys: the composite path (additive -1e9) and the
     // fused path (zeros) differ there by design, so compare the real rows only.
     let real = |t: Tensor| t.narrow(1, 2, 4).unwrap();
-    check("attention+mask", &[q, k, v], 1e-5, |t| real(attention(&t[0], &t[1], &t[2], Some(&mask), None).unwrap()));
+    check("attention+mask", &[q, k, v], 1e-5, |t| {
+        real(attention(&t[0], &t[1], &t[2], Some(&mask), None, false).unwrap())
+    });
 }
 
 /// Packed rows: the block-diagonal causal mask, with documents that span query blocks and start
@@ -111,16 +113,16 @@ fn attention_with_packed_documents_matches_composite_and_separate_documents() {
     let k = randn(&[3, 150, 2, 8], 15, 1.0);
     let v = randn(&[3, 150, 2, 8], 16, 1.0);
     check("attention+docs", &[q.clone(), k.clone(), v.clone()], 1e-5, |t| {
-        attention(&t[0], &t[1], &t[2], None, Some(&docs)).unwrap()
+        attention(&t[0], &t[1], &t[2], None, Some(&docs), false).unwrap()
     });
     for fused in [true, false] {
         let run = |f: &dyn Fn() -> Tensor| if fused { f() } else { with_composite(f) };
-        let packed = run(&|| attention(&q, &k, &v, None, Some(&docs)).unwrap());
+        let packed = run(&|| attention(&q, &k, &v, None, Some(&docs), false).unwrap());
         for (r, row) in lens.iter().enumerate() {
             let mut at = 0;
             for &n in row {
                 let part = |x: &Tensor| x.narrow(0, r, 1).unwrap().narrow(1, at, n).unwrap();
-                let alone = run(&|| attention(&part(&q), &part(&k), &part(&v), None, None).unwrap());
+                let alone = run(&|| attention(&part(&q), &part(&k), &part(&v), None, None, false).unwrap());
                 let e = rel_err(&part(&packed), &alone);
                 assert!(e < 1e-6, "fused={fused} row {r} document at {at}: rel err {e}");
                 at += n;
@@ -129,8 +131,56 @@ fn attention_with_packed_documents_matches_composite_and_separate_documents() {
     }
     // A mask that ignored documents would differ: the check above can fail.
     assert!(
-        rel_err(&attention(&q, &k, &v, None, None).unwrap(), &attention(&q, &k, &v, None, Some(&docs)).unwrap()) > 0.1
+        rel_err(
+            &attention(&q, &k, &v, None, None, false).unwrap(),
+            &attention(&q, &k, &v, None, Some(&docs), false).unwrap()
+        ) > 0.1
     );
+}
+
+/// Mixed precision: the fused kernel with bf16 matmul operands, on every bf16 GEMM backend this CPU
+/// runs, tracks the f32 composite within bf16's precision — with a key mask, packed documents and
+/// a cached continuation — and really rounds (it differs from the f32 kernel).
+#[test]
+fn attention_with_bf16_matmuls_tracks_f32() {
+    use super::gemm::Backend;
+    let backends = [Backend::Fallback, Backend::Avx512Bf16, Backend::Amx];
+    let runs = |b: &Backend| match b {
+        Backend::Fallback => true,
+        Backend::Avx512Bf16 => crate::cpu::has_avx512_bf16(),
+        Backend::Amx => crate::cpu::has_amx_bf16(),
+    };
+    let docs = DocPositions::from_lengths(&[vec![30, 70, 50], vec![150]], 150).unwrap();
+    let mask = Tensor::from_vec([vec![1u32; 150], vec![0; 20], vec![1; 130]].concat(), (2, 150), &Device::Cpu).unwrap();
+    for backend in backends.iter().filter(|b| runs(b)) {
+        for (tq, tk, docs, mask) in
+            [(150, 150, Some(&docs), None), (150, 150, None, Some(&mask)), (5, 70, None, None), (1, 9, None, None)]
+        {
+            let q = randn(&[2, tq, 6, 8], 20, 1.0);
+            let k = randn(&[2, tk, 2, 8], 21, 1.0);
+            let v = randn(&[2, tk, 2, 8], 22, 1.0);
+            let key_mask = mask.map(|m| {
+                let m: Vec<f32> = m.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                std::sync::Arc::new(m.into_iter().map(|x| x != 0.0).collect::<Vec<bool>>())
+            });
+            let op =
+                |bf16| fused::Attention { key_mask: key_mask.clone(), docs: docs.map(|d| d.positions().clone()), bf16 };
+            // Rows that see no key at all (the masked padding) differ by design (see above).
+            let real = |t: Tensor| if mask.is_some() { t.narrow(1, 20, tq - 20).unwrap() } else { t };
+            let name = format!("attention bf16 {backend:?} tq {tq} tk {tk}");
+            check(&name, &[q.clone(), k.clone(), v.clone()], 2e-2, |t| {
+                if crate::model::ops::FORCE_COMPOSITE.with(|c| c.get()) {
+                    real(attention(&t[0], &t[1], &t[2], mask, docs, true).unwrap())
+                } else {
+                    real(t[0].apply_op3(&t[1], &t[2], op(Some(*backend))).unwrap())
+                }
+            });
+            let f32_out = q.apply_op3(&k, &v, op(None)).unwrap();
+            let bf16_out = q.apply_op3(&k, &v, op(Some(*backend))).unwrap();
+            let e = rel_err(&real(bf16_out), &real(f32_out));
+            assert!(e > 1e-5 && e < 2e-2, "{name}: bf16 vs f32 kernel rel err {e}");
+        }
+    }
 }
 
 #[test]
@@ -262,6 +312,45 @@ fn bf16_gemm_takes_bf16_inputs_and_backends_agree() {
     for o in &outs[1..] {
         let d = o.iter().zip(&outs[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(d < 1e-4, "backends differ by {d}");
+    }
+}
+
+/// A window of a packing multiplies exactly like a packing of the window (with the same K blocks),
+/// for K prefixes of whole K blocks and N prefixes of a one-block K; the layout refuses the windows it cannot give.
+#[test]
+fn bf16_gemm_windows_of_a_packing_match_packing_the_window() {
+    let (m, k, n) = (19, 150, 77);
+    let a: Vec<f32> = vals(m * k, 3);
+    let b: Vec<f32> = vals(k * n, 4);
+    for backend in backends() {
+        let kc = 16; // pairs per K block: windows of 32, 64, ... rows
+        let packed = Packed::with_k_block(MatRef::f32(&b, k, n), backend, kc);
+        for (kw, nw) in [(32, n), (128, n), (k, n), (k, 40), (32, 33)] {
+            // The same K blocks, so the same sums in the same order.
+            let fresh = Packed::with_k_block(MatRef::new(Elems::F32(&b), kw, nw, n, 1), backend, kc);
+            let aw = MatRef::new(Elems::F32(&a), m, kw, k, 1);
+            let (mut want, mut got) = (vec![0f32; m * nw], vec![0f32; m * nw]);
+            bg::gemm(aw, &fresh, &mut want, nw, false);
+            match packed.window(kw, nw) {
+                Some(win) => {
+                    // SAFETY: `got` holds the m × nw block and nothing else touches it.
+                    unsafe { bg::gemm_ptr(aw, win, super::SyncPtr(got.as_mut_ptr()), nw, false) };
+                    assert_eq!(got, want, "{backend:?} window {kw}x{nw}");
+                }
+                // Only the panels layout refuses, and only a cut N under a K of several blocks
+                // or a K cut inside a block.
+                None => assert!(
+                    backend != bg::Backend::Fallback && (nw < n || !kw.is_multiple_of(2 * kc)),
+                    "{backend:?} {kw}x{nw}"
+                ),
+            }
+        }
+        // A single-block K (kc = KCP ≥ 75 pairs) allows cutting N.
+        let one = Packed::new(MatRef::f32(&b, k, n), backend);
+        assert!(one.window(k, 40).is_some() && one.window(k, n + 1).is_none());
+        if backend != bg::Backend::Fallback {
+            assert!(packed.window(k, 40).is_none() && packed.window(33, n).is_none());
+        }
     }
 }
 
