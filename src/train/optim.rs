@@ -336,8 +336,7 @@ pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
                 Some((a, b)) => &s[a..b],
                 None => candle_core::bail!("global_norm: gradient not contiguous"),
             };
-            let parts: Vec<f64> =
-                s.par_chunks(CHUNK).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).collect();
+            let parts: Vec<f64> = s.par_chunks(CHUNK).map(crate::model::ops::vmath::sum_squares_f64).collect();
             total += parts.iter().sum::<f64>();
         } else {
             total += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;

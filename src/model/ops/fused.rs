@@ -221,9 +221,17 @@ impl CustomOp2 for SwiGlu {
 
 // ---------------------------------------------------------------- cross-entropy
 
-/// Mean cross-entropy of `logits [N, V]` against i64 `labels [N]` (negative = ignored). The
-/// backward writes `(softmax - one_hot) * g / count` in one pass, recomputing the softmax.
-pub struct CrossEntropy;
+/// Mean cross-entropy of `logits [N, V]` against i64 `labels [N]` (negative = ignored).
+///
+/// When the logits need a gradient, the forward also writes it for an upstream gradient of 1,
+/// `(softmax − one_hot) / count`, while each row is still in cache, and the backward only scales
+/// it: reading the `N × V` logits again and recomputing their softmax in the backward was a third
+/// of the cross-entropy's time. Otherwise the backward recomputes it.
+#[derive(Default)]
+pub struct CrossEntropy {
+    /// `Some` to compute the gradient in the forward; holds it until the backward takes it.
+    pub grad: Option<std::sync::Mutex<Option<Vec<f32>>>>,
+}
 
 fn labels_i64(s: &CpuStorage, l: &Layout) -> Result<Vec<i64>> {
     let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("labels must be contiguous".into()))?;
@@ -232,6 +240,17 @@ fn labels_i64(s: &CpuStorage, l: &Layout) -> Result<Vec<i64>> {
         CpuStorage::U32(v) => v[a..b].iter().map(|&x| x as i64).collect(),
         _ => bail!("cross_entropy: labels must be i64 or u32, got {:?}", s.dtype()),
     })
+}
+
+/// `d = (softmax(r) − one_hot(lab)) · scale` for one row (zeros for an ignored one), given the
+/// row's log-sum-exp.
+fn cross_entropy_grad_row(d: &mut [f32], r: &[f32], lab: i64, lse: f32, scale: f32) {
+    if lab < 0 {
+        d.fill(0.0);
+        return;
+    }
+    vmath::exp_shift_scale(d, r, lse, scale);
+    d[lab as usize] -= scale;
 }
 
 impl CustomOp2 for CrossEntropy {
@@ -246,34 +265,59 @@ impl CustomOp2 for CrossEntropy {
         if labels.len() != n {
             bail!("cross_entropy: {} labels for {n} rows", labels.len());
         }
-        let (sum, count) = x
-            .par_chunks(v)
-            .zip(labels.par_iter())
-            .filter(|(_, &lab)| lab >= 0)
-            .map(|(r, &lab)| ((vmath::log_sum_exp(r) - r[lab as usize]) as f64, 1usize))
-            .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
         if labels.iter().any(|&l| l >= v as i64) {
             bail!("cross_entropy: a label is >= vocab size {v}");
         }
+        let count = labels.iter().filter(|&&l| l >= 0).count();
+        let row_loss = |r: &[f32], lab: i64| -> (f32, f64) {
+            if lab < 0 {
+                return (0.0, 0.0);
+            }
+            let lse = vmath::log_sum_exp(r);
+            (lse, (lse - r[lab as usize]) as f64)
+        };
+        let sum: f64 = match &self.grad {
+            Some(slot) => {
+                let scale = 1.0 / count.max(1) as f32;
+                let mut dx = super::output_buffer(n * v);
+                let sum = dx
+                    .par_chunks_mut(v)
+                    .zip(x.par_chunks(v))
+                    .zip(labels.par_iter())
+                    .map(|((d, r), &lab)| {
+                        let (lse, loss) = row_loss(r, lab);
+                        cross_entropy_grad_row(d, r, lab, lse, scale);
+                        loss
+                    })
+                    .sum();
+                *slot.lock().expect("cross-entropy gradient slot") = Some(dx);
+                sum
+            }
+            None => x.par_chunks(v).zip(labels.par_iter()).map(|(r, &lab)| row_loss(r, lab).1).sum(),
+        };
         let loss = if count == 0 { 0.0 } else { (sum / count as f64) as f32 };
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
     fn bwd(&self, x: &Tensor, labels: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, v) = x.dims2()?;
-        let labels: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
         let g = gy.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0];
+        if let Some(mut dx) =
+            self.grad.as_ref().and_then(|slot| slot.lock().expect("cross-entropy gradient slot").take())
+        {
+            if g != 1.0 {
+                dx.par_chunks_mut(8192).for_each(|c| c.iter_mut().for_each(|d| *d *= g));
+            }
+            return Ok((Some(Tensor::from_vec(dx, (n, v), x.device())?), None));
+        }
+        let labels: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
         let count = labels.iter().filter(|&&l| l >= 0).count().max(1);
         let scale = g / count as f32;
         let dx = with_f32(x, |x| {
             let mut dx = super::output_buffer(n * v);
             dx.par_chunks_mut(v).zip(x.par_chunks(v)).zip(labels.par_iter()).for_each(|((d, r), &lab)| {
-                if lab < 0 {
-                    d.fill(0.0);
-                    return;
-                }
-                vmath::exp_shift_scale(d, r, vmath::log_sum_exp(r), scale);
-                d[lab as usize] -= scale;
+                let lse = if lab < 0 { 0.0 } else { vmath::log_sum_exp(r) };
+                cross_entropy_grad_row(d, r, lab, lse, scale)
             });
             Ok(dx)
         })?;
@@ -604,7 +648,7 @@ impl CustomOp3 for Attention {
                                             for r in 0..rows {
                                                 let pr = &p[r * kw..(r + 1) * kw];
                                                 let dr = &mut dp[r * kw..(r + 1) * kw];
-                                                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                                                let dot = vmath::dot(pr, dr);
                                                 for (x, &pp) in dr.iter_mut().zip(pr) {
                                                     *x = pp * (*x - dot) * scale;
                                                 }

@@ -165,7 +165,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// non-ignored rows (0 when every row is ignored). Returns a scalar.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     if use_fused(logits) {
-        return logits.contiguous()?.apply_op2(&labels.to_dtype(DType::I64)?.contiguous()?, fused::CrossEntropy);
+        // The gradient is computed in the forward when the logits will get one (training).
+        let op = fused::CrossEntropy { grad: logits.track_op().then(Default::default) };
+        return logits.contiguous()?.apply_op2(&labels.to_dtype(DType::I64)?.contiguous()?, op);
     }
     composite::cross_entropy(logits, labels)
 }

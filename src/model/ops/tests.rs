@@ -195,6 +195,17 @@ fn cross_entropy_matches_composite() {
     assert_eq!(l.to_scalar::<f32>().unwrap(), 0.0);
     let g = l.backward().unwrap();
     assert_eq!(g.get(x.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    // The gradient computed in the forward (training) and the one the backward recomputes (an op
+    // built without the slot) agree, scaled by the upstream gradient (3 here).
+    let x = Var::from_tensor(&randn(&[7, 29], 14, 3.0)).unwrap();
+    let grad_of = |op: fused::CrossEntropy| {
+        let l = x.as_tensor().apply_op2(&labels, op).unwrap();
+        (l.clone() * 3.0).unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone()
+    };
+    let (ahead, recomputed) =
+        (grad_of(fused::CrossEntropy { grad: Some(Default::default()) }), grad_of(fused::CrossEntropy::default()));
+    assert!(rel_err(&ahead, &recomputed) < 1e-6);
+    assert!(ahead.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.1);
 }
 
 // ---------------------------------------------------------------- bf16 GEMM and linear

@@ -256,32 +256,69 @@ dispatched! {
     }
 }
 
-/// `Σ x²` over [`LANES`] partial sums (inlined into each dispatched caller).
+dispatched! {
+    /// `Σ a·b` (over the shorter length).
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 as dot_baseline {
+        let mut acc = [0f32; LANES];
+        let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+        for (x, y) in (&mut ca).zip(&mut cb) {
+            for i in 0..LANES {
+                acc[i] += x[i] * y[i];
+            }
+        }
+        for (acc, (x, y)) in acc.iter_mut().zip(ca.remainder().iter().zip(cb.remainder())) {
+            *acc += x * y;
+        }
+        acc.iter().sum()
+    }
+}
+
+dispatched! {
+    /// `Σ x²` in f64 (the gradient norm: f32 squares of large gradients would overflow).
+    pub fn sum_squares_f64(x: &[f32]) -> f64 as sum_squares_f64_baseline {
+        let mut acc = [0f64; LANES];
+        let mut chunks = x.chunks_exact(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                acc[i] += c[i] as f64 * c[i] as f64;
+            }
+        }
+        for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
+            *a += v as f64 * v as f64;
+        }
+        acc.iter().sum()
+    }
+}
+
+/// `Σ x²` over [`LANES`] partial sums (inlined into each dispatched caller; `chunks_exact`, so
+/// that the loop has no bounds checks and vectorises).
 #[inline(always)]
 fn sum_squares(x: &[f32]) -> f32 {
-    lane_sum(x.len(), |k| x[k] * x[k])
-}
-
-/// `Σ a·b·c` over [`LANES`] partial sums (inlined into each dispatched caller).
-#[inline(always)]
-fn sum_products(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
-    let n = a.len().min(b.len()).min(c.len());
-    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
-    lane_sum(n, |k| a[k] * b[k] * c[k])
-}
-
-/// `Σ term(k)` for `k < n`, term `k` added to partial sum `k % LANES`.
-#[inline(always)]
-fn lane_sum(n: usize, term: impl Fn(usize) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
-    let full = n / LANES * LANES;
-    for j in (0..full).step_by(LANES) {
-        for (i, a) in acc.iter_mut().enumerate() {
-            *a += term(j + i);
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += c[i] * c[i];
         }
     }
-    for k in full..n {
-        acc[k - full] += term(k);
+    for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += v * v;
+    }
+    acc.iter().sum()
+}
+
+/// `Σ a·b·c` over [`LANES`] partial sums (as [`sum_squares`]).
+#[inline(always)]
+fn sum_products(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (mut ca, mut cb, mut cc) = (a.chunks_exact(LANES), b.chunks_exact(LANES), c.chunks_exact(LANES));
+    for ((x, y), z) in (&mut ca).zip(&mut cb).zip(&mut cc) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i] * z[i];
+        }
+    }
+    for (acc, ((x, y), z)) in acc.iter_mut().zip(ca.remainder().iter().zip(cb.remainder()).zip(cc.remainder())) {
+        *acc += x * y * z;
     }
     acc.iter().sum()
 }
@@ -347,6 +384,26 @@ mod tests {
     }
 
     #[test]
+    fn dot_sums_of_squares_and_rms_norm_match_f64() {
+        for n in [1, 5, 16, 17, 100, 6401] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.037).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 53 % 89) as f32 - 44.0) * 0.021).collect();
+            let d64: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let s64: f64 = a.iter().map(|&x| x as f64 * x as f64).sum();
+            let mag: f64 = a.iter().zip(&b).map(|(&x, &y)| (x as f64 * y as f64).abs()).sum();
+            assert!((dot(&a, &b) as f64 - d64).abs() <= 1e-6 * mag + 1e-7, "n {n}");
+            assert!((sum_squares_f64(&a) - s64).abs() <= 1e-12 * s64, "n {n}");
+            let mut y = vec![0f32; n];
+            rms_norm_row(&mut y, &a, &b, 1e-6);
+            let r = 1.0 / (s64 / n as f64 + 1e-6).sqrt();
+            for i in 0..n {
+                let want = a[i] as f64 * r * b[i] as f64;
+                assert!((y[i] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "n {n} at {i}");
+            }
+        }
+    }
+
+    #[test]
     fn swiglu_and_its_gradient_match_the_closed_form() {
         let g: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.61).collect();
         let u: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.07).collect();
@@ -401,5 +458,7 @@ mod tests {
             1e-5,
         );
         assert_eq!((bits(&ya), bits(&dwa)), (bits(&yb), bits(&dwb)));
+        assert_eq!(dot(&g, &w).to_bits(), dot_baseline(&g, &w).to_bits());
+        assert_eq!(sum_squares_f64(&g).to_bits(), sum_squares_f64_baseline(&g).to_bits());
     }
 }
