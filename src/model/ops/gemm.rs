@@ -263,7 +263,8 @@ impl Packed {
             }
             Backend::Avx512Bf16 | Backend::Amx => {
                 let (kp, np) = (k.div_ceil(2), panels(n));
-                let mut data = vec![0u32; kp * np * NR];
+                // Every panel is written whole, zero padding included (`pack_b_panel`).
+                let mut data = super::output_buffer(kp * np * NR);
                 // One rayon task per K block: each block is a contiguous run of the buffer.
                 data.par_chunks_mut((kc * np * NR).max(1)).enumerate().for_each(|(kb, block)| {
                     let p0 = kb * kc;
@@ -329,7 +330,8 @@ impl Packed {
     }
 }
 
-/// Pack the B panel of columns `c0..c0+NR`, pairs `p0..p0+bp`, into `out` (`bp × NR`).
+/// Pack the B panel of columns `c0..c0+NR`, pairs `p0..p0+bp`, into `out` (`bp × NR`), writing all
+/// of it (columns past N and a missing last K row as zeros).
 fn pack_b_panel(b: &MatRef, p0: usize, bp: usize, c0: usize, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if let Some(d) = b.f32_data() {

@@ -171,7 +171,20 @@ impl CustomOp2 for LinearBf16 {
             None
         };
         // A frozen weight (a LoRA base) gets no gradient: a third of the backward saved.
-        let dw = if w.track_op() {
+        let dw = if !w.track_op() {
+            None
+        } else if out > inp {
+            // `dWᵀ = Xᵀ · dY`, transposed after: the larger operand, dY, is packed as B, whose rows
+            // convert as whole vectors, where as A (`dYᵀ`) it would be gathered and scattered
+            // column by column. For the LM head (out = vocabulary) that was most of its backward.
+            let gp = with_matrix(&gy, |g| Ok(Packed::new(g, self.w.backend)))?;
+            let mut dwt = super::output_buffer(inp * out);
+            with_matrix(x, |m| {
+                gemm::gemm(m.t(), &gp, &mut dwt, out, false);
+                Ok(())
+            })?;
+            Some(Tensor::from_vec(transpose(&dwt, inp, out), (out, inp), w.device())?)
+        } else {
             let xp = with_matrix(x, |m| Ok(Packed::new(m, self.w.backend)))?;
             let mut dw = super::output_buffer(out * inp);
             with_matrix(&gy, |g| {
@@ -179,9 +192,27 @@ impl CustomOp2 for LinearBf16 {
                 Ok(())
             })?;
             Some(Tensor::from_vec(dw, (out, inp), w.device())?)
-        } else {
-            None
         };
         Ok((dx, dw))
     }
+}
+
+/// The transpose of row-major `a` (`rows × cols`), in tiles so that both sides stay in cache.
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    let mut t = super::output_buffer(rows * cols);
+    // Each task owns TILE rows of the result (TILE columns of `a`).
+    t.par_chunks_mut(TILE * rows).enumerate().for_each(|(cb, out)| {
+        let c0 = cb * TILE;
+        let cw = out.len() / rows;
+        for r0 in (0..rows).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in 0..cw {
+                    out[c * rows + r] = a[r * cols + c0 + c];
+                }
+            }
+        }
+    });
+    t
 }

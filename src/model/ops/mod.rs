@@ -29,21 +29,27 @@ impl SyncPtr {
     }
 }
 
-/// An f32 buffer of `n` elements for a kernel that writes every one of them before anything reads
-/// it (an op's output or gradient), left unzeroed: zeroing it first was a memset per tensor, about
-/// 8 % of a bf16 training step at the reference shape. The same as candle's own `alloc_uninit` for
-/// its op outputs.
+/// A buffer of `n` elements for a kernel that writes every one of them before anything reads it
+/// (an op's output or gradient, a packed operand), left unzeroed: zeroing it first was a memset
+/// per tensor, about 8 % of a bf16 training step at the reference shape. The same as candle's own
+/// `alloc_uninit` for its op outputs.
 ///
 /// Callers: only kernels whose every path writes the whole buffer (a GEMM that does not accumulate,
-/// an element-wise map); anything that skips elements (masked rows, scatter-adds) zeroes instead.
+/// an element-wise map, a packing); anything that skips elements (masked rows, scatter-adds)
+/// zeroes instead.
 #[allow(clippy::uninit_vec)]
-pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
+pub(crate) fn output_buffer<T: Plain>(n: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
-    // SAFETY: f32 has no invalid bit patterns, and the callers overwrite every element before the
-    // buffer is read (see above).
+    // SAFETY: `T` has no invalid bit patterns (`Plain`), and the callers overwrite every element
+    // before the buffer is read (see above).
     unsafe { v.set_len(n) };
     v
 }
+
+/// Element types for which every bit pattern is a valid value ([`output_buffer`]).
+pub(crate) trait Plain: Copy {}
+impl Plain for f32 {}
+impl Plain for u32 {}
 
 /// True when the fused CPU kernels can run on this tensor (f32 on the CPU) and are not disabled
 /// through `MMRUN_NO_FUSED=1` (handy to compare speed and numerics with the composite path).

@@ -371,9 +371,9 @@ fn bf16_gemm_windows_of_a_packing_match_packing_the_window() {
 #[test]
 fn bf16_linear_gradients_match_reference() {
     use super::linear_bf16::{linear, WeightCache};
-    // 37 rows take the GEMM; 5 (a decode step) the skinny kernel forward.
-    for n in [37, 5] {
-        let (inp, out) = (70, 45);
+    // 37 rows take the GEMM; 5 (a decode step) the skinny kernel forward. A layer wider out than
+    // in (70 > 45, like the LM head) computes its weight gradient transposed.
+    for (n, inp, out) in [(37, 70, 45), (5, 70, 45), (37, 45, 70)] {
         let x = randn(&[n, inp], 11, 1.0);
         let w = randn(&[out, inp], 12, 0.5);
         let r = randn(&[n, out], 13, 1.0);
