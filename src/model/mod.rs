@@ -360,8 +360,21 @@ impl MiniMind {
     ) -> Result<(Tensor, Tensor)> {
         let (b, t) = input_ids.dims2()?;
         let (h, aux) = self.forward_hidden_packed(input_ids, docs, true)?;
-        let logits = self.logits(&h.reshape((b * t, self.cfg.hidden_size))?)?;
+        let h = h.reshape((b * t, self.cfg.hidden_size))?;
         let shifted = shift_labels(labels)?;
+        // Only positions with a target go through the head: the others (padding, masked prompts,
+        // each row's last position) add nothing to the loss or the gradients, and the head with
+        // its cross-entropy over the vocabulary is the costliest part of a small model's step.
+        let targets: Vec<u32> =
+            shifted.to_vec1::<i64>()?.iter().enumerate().filter(|(_, &l)| l >= 0).map(|(i, _)| i as u32).collect();
+        let (h, shifted) = if targets.is_empty() || targets.len() == b * t {
+            (h, shifted)
+        } else {
+            let n = targets.len();
+            let at = Tensor::from_vec(targets, n, h.device())?;
+            (h.index_select(&at, 0)?, shifted.index_select(&at, 0)?)
+        };
+        let logits = self.logits(&h)?;
         let loss = ops::cross_entropy(&logits, &shifted)?;
         Ok((loss, aux))
     }

@@ -213,6 +213,37 @@ fn fused_and_composite_paths_agree_on_loss_and_every_gradient() {
         }
     }
 }
+/// The training forward runs the head only on positions with a target (not the masked prompt, the
+/// padding, each row's last position): the loss and every gradient are those of the head over all
+/// positions.
+#[test]
+fn the_head_runs_only_where_there_is_a_target_and_nothing_changes() {
+    for tied in [true, false] {
+        let mut cfg = tiny(false);
+        cfg.tie_word_embeddings = tied;
+        let m = MiniMind::new(&cfg, 5, &Device::Cpu).unwrap();
+        let x = ids(3, 30, cfg.vocab_size, 9);
+        let mut lv: Vec<i64> = x.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        lv[..12].fill(-100); // a prompt
+        lv[80..].fill(-100); // padding
+        let labels = Tensor::from_vec(lv, (3, 30), &Device::Cpu).unwrap();
+        let (loss, _) = m.forward_train(&x, &labels).unwrap();
+        let g = loss.backward().unwrap();
+        let (h, _) = m.forward_hidden_packed(&x, None, true).unwrap();
+        let logits = m.logits(&h.reshape((90, cfg.hidden_size)).unwrap()).unwrap();
+        let all = ops::cross_entropy(&logits, &shift_labels(&labels).unwrap()).unwrap();
+        let ga = all.backward().unwrap();
+        let (l, la) = (loss.to_scalar::<f32>().unwrap(), all.to_scalar::<f32>().unwrap());
+        assert!((l - la).abs() <= 1e-6 * la, "tied={tied}: loss {l} vs {la}");
+        for (name, var) in m.params() {
+            let (a, b) = (g.get(var.as_tensor()).unwrap(), ga.get(var.as_tensor()).unwrap());
+            let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+            let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+            assert!(num <= 1e-5 * den, "tied={tied} {name}: rel err {}", num / den);
+        }
+    }
+}
+
 /// bf16 mixed precision: loss and aux are f32 scalars; every parameter (dense, untied, MoE with its
 /// router, LoRA adapters) gets a finite, non-zero gradient that is f32 like the parameter itself;
 /// and the forward stays close to the f32 one.
