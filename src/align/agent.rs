@@ -233,7 +233,7 @@ fn mean(it: impl ExactSizeIterator<Item = f64>) -> f64 {
 }
 
 /// The fixed pieces of an agent run.
-pub struct Agent<'a, E: PromptEncoder> {
+pub struct Agent<'a, E: PromptEncoder + Sync> {
     /// The policy being trained.
     pub policy: &'a MiniMind,
     /// Its trainable tensors (all weights, or the adapters).
@@ -250,7 +250,7 @@ pub struct Agent<'a, E: PromptEncoder> {
     pub loss: GrpoLossConfig,
 }
 
-impl<E: PromptEncoder> Agent<'_, E> {
+impl<E: PromptEncoder + Sync> Agent<'_, E> {
     /// `num_generations` episodes per task (group after group) with their rewards, sampled with
     /// `seed` by the policy as it is now.
     pub fn rollout(&self, tasks: &[&ToolTask], seed: u64) -> anyhow::Result<(Vec<Episode>, Vec<AgentReward>)> {
@@ -272,7 +272,7 @@ impl<E: PromptEncoder> Agent<'_, E> {
         data: &TaskSet,
         opts: &TrainOptions,
         cancel: &CancelToken,
-        mut on_metrics: impl FnMut(usize, &AgentStepMetrics),
+        mut on_metrics: impl FnMut(usize, &AgentStepMetrics) + Send,
     ) -> anyhow::Result<TrainSummary> {
         anyhow::ensure!(self.reference.params().is_empty(), "agent: the reference model must be frozen");
         anyhow::ensure!(self.episodes.num_generations >= 2, "agent: `num_generations` must be at least 2");

@@ -48,7 +48,7 @@ pub fn train_distill(
     opts: &TrainOptions,
     cfg: DistillConfig,
     cancel: &CancelToken,
-    mut on_metrics: impl FnMut(usize, &DistillMetrics),
+    mut on_metrics: impl FnMut(usize, &DistillMetrics) + Send,
 ) -> anyhow::Result<TrainSummary> {
     anyhow::ensure!((0.0..=1.0).contains(&cfg.alpha), "distill: `alpha` must be in [0, 1], got {}", cfg.alpha);
     anyhow::ensure!(

@@ -172,7 +172,7 @@ pub fn train_dpo(
     opts: &TrainOptions,
     beta: f64,
     cancel: &CancelToken,
-    mut on_metrics: impl FnMut(usize, &DpoMetrics),
+    mut on_metrics: impl FnMut(usize, &DpoMetrics) + Send,
 ) -> anyhow::Result<TrainSummary> {
     anyhow::ensure!(beta > 0.0 && beta.is_finite(), "dpo: `beta` must be a positive number, got {beta}");
     anyhow::ensure!(reference.params().is_empty(), "dpo: the reference model must be frozen");

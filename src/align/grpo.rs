@@ -311,7 +311,7 @@ pub struct Grpo<'a> {
     /// The objective's hyper-parameters.
     pub loss: GrpoLossConfig,
     /// Token ids → text for the rewards.
-    pub decode: &'a dyn Fn(&[u32]) -> String,
+    pub decode: &'a (dyn Fn(&[u32]) -> String + Sync),
 }
 
 impl Grpo<'_> {
@@ -322,7 +322,7 @@ impl Grpo<'_> {
         data: &PromptSet,
         opts: &TrainOptions,
         cancel: &CancelToken,
-        mut on_metrics: impl FnMut(usize, &GrpoStepMetrics),
+        mut on_metrics: impl FnMut(usize, &GrpoStepMetrics) + Send,
     ) -> anyhow::Result<TrainSummary> {
         anyhow::ensure!(self.reference.params().is_empty(), "grpo: the reference model must be frozen");
         anyhow::ensure!(self.rollout.num_generations >= 2, "grpo: `num_generations` must be at least 2");

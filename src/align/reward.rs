@@ -18,7 +18,7 @@ pub fn train_reward(
     opts: &TrainOptions,
     margin: f64,
     cancel: &CancelToken,
-    mut on_metrics: impl FnMut(usize, &RewardMetrics),
+    mut on_metrics: impl FnMut(usize, &RewardMetrics) + Send,
 ) -> anyhow::Result<TrainSummary> {
     anyhow::ensure!(margin.is_finite(), "reward_model: `margin` must be a finite number, got {margin}");
     let device = model.device().clone();

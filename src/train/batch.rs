@@ -128,7 +128,7 @@ impl Batch {
 /// Where the loop gets its micro-batches: a fixed list of examples that it visits in a seeded
 /// order. Packing and tokenisation happen before, so `len()` and `batch()` are pure functions —
 /// what makes exact resume possible with only (epoch, position) saved.
-pub trait BatchSource {
+pub trait BatchSource: Sync {
     /// Number of examples (rows) in one epoch.
     fn len(&self) -> usize;
     /// Whether there are no examples.

@@ -202,26 +202,31 @@ pub fn run(args: BenchArgs) -> anyhow::Result<serde_json::Value> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut step_times = Vec::new();
     let mut last_loss = f32::NAN;
-    for step in 0..=args.steps {
-        let ids: Vec<u32> = (0..args.batch * args.seq).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
-        let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-        let input = Tensor::from_vec(ids, (args.batch, args.seq), &device)?;
-        let labels = Tensor::from_vec(labels, (args.batch, args.seq), &device)?;
-        let t = Instant::now();
-        let (ce, aux) = model.forward_train(&input, &labels)?;
-        let loss = (ce + aux)?;
-        let grads = loss.backward()?;
-        acc.clear();
-        acc.add(&params, &grads)?;
-        drop(grads);
-        let norm = global_norm(acc.grads())?;
-        opt.step(acc.grads(), 5e-4, clip_coefficient(norm, 1.0))?;
-        last_loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        device.synchronize()?;
-        if step > 0 {
-            step_times.push(t.elapsed().as_secs_f64());
+    // On rayon's pool, as `train` runs its loop.
+    super::on_pool(|| -> anyhow::Result<()> {
+        for step in 0..=args.steps {
+            let ids: Vec<u32> =
+                (0..args.batch * args.seq).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
+            let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+            let input = Tensor::from_vec(ids, (args.batch, args.seq), &device)?;
+            let labels = Tensor::from_vec(labels, (args.batch, args.seq), &device)?;
+            let t = Instant::now();
+            let (ce, aux) = model.forward_train(&input, &labels)?;
+            let loss = (ce + aux)?;
+            let grads = loss.backward()?;
+            acc.clear();
+            acc.add(&params, &grads)?;
+            drop(grads);
+            let norm = global_norm(acc.grads())?;
+            opt.step(acc.grads(), 5e-4, clip_coefficient(norm, 1.0))?;
+            last_loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            device.synchronize()?;
+            if step > 0 {
+                step_times.push(t.elapsed().as_secs_f64());
+            }
         }
-    }
+        Ok(())
+    })?;
     acc.clear();
     let step_s = median(step_times);
     let train_tps = (args.batch * args.seq) as f64 / step_s;

@@ -19,6 +19,15 @@ pub mod schedule;
 pub mod trainer;
 
 pub use batch::{Batch, BatchSource};
+
+/// Run `f` on a thread of rayon's pool while this thread waits: the kernels' parallel loops then
+/// start on their own thread and the other workers directly. Called from outside the pool, every
+/// op queued its work into it and parked the caller until done, two thread switches per op (6 % of
+/// a 256-wide model's training step). Only for work that never waits on other work needing the
+/// pool (a blocked worker would be one worker fewer, or a deadlock with one core).
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
 pub use optim::{AdamW, AdamWConfig};
 pub use trainer::{train, TrainError, TrainOptions, TrainSummary};
 

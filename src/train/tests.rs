@@ -7,7 +7,6 @@ use super::trainer::{train, LossOutput, TrainError, TrainOptions};
 use crate::cancel::{CancelToken, Interrupted};
 use candle_core::{Device, Var};
 use rand::{Rng, SeedableRng};
-use std::cell::Cell;
 
 const V: usize = 16;
 const D: usize = 8;
@@ -209,6 +208,22 @@ fn max_steps_wraps_epochs_and_aux_loss_is_reported() {
 
 use crate::model::{MiniMind, ModelConfig};
 use candle_core::DType;
+
+/// A `Cell` the loss closures can share: [`train`] runs them on a rayon worker, so they must be
+/// `Send` and what they borrow `Sync`.
+struct Cell<T>(std::sync::Mutex<T>);
+
+impl<T: Copy> Cell<T> {
+    fn new(v: T) -> Self {
+        Self(std::sync::Mutex::new(v))
+    }
+    fn get(&self) -> T {
+        *self.0.lock().unwrap()
+    }
+    fn set(&self, v: T) {
+        *self.0.lock().unwrap() = v;
+    }
+}
 
 fn decoder(dtype: DType) -> MiniMind {
     let mut cfg = ModelConfig::dense(32, 2, 4, 2);

@@ -166,7 +166,28 @@ impl TrainSummary {
 /// Train `params` on `data` with `loss_fn`, resuming from the newest checkpoint in
 /// `opts.work_dir` if one exists. Checkpoints follow `opts.save_every` and `opts.save_interval`
 /// ([`checkpoint::Cadence`]); on `cancel` one is saved and [`Interrupted`] returned.
+///
+/// A single rank runs its loop on a thread of rayon's pool ([`super::on_pool`]; nothing in it
+/// waits for work that needs the pool), hence the `Send` and `Sync` bounds. Ranks do not: they
+/// wait for each other in every all-reduce, and ranks that are threads of one process (the tests)
+/// would each hold one of the pool's workers while waiting.
 pub fn train<F>(
+    params: &[(String, Var)],
+    data: &(dyn BatchSource + Sync),
+    opts: &TrainOptions,
+    cancel: &CancelToken,
+    loss_fn: F,
+) -> anyhow::Result<TrainSummary>
+where
+    F: FnMut(&Batch) -> candle_core::Result<LossOutput> + Send,
+{
+    if opts.collective.as_ref().world_size() > 1 {
+        return train_loop(params, data, opts, cancel, loss_fn);
+    }
+    super::on_pool(|| train_loop(params, data, opts, cancel, loss_fn))
+}
+
+fn train_loop<F>(
     params: &[(String, Var)],
     data: &dyn BatchSource,
     opts: &TrainOptions,

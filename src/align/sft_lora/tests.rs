@@ -87,7 +87,7 @@ fn interrupted_lora_resumes_bit_identically() {
         if cancel_first {
             // Stop after 2 steps: a checkpoint is written at the step boundary.
             let data = rows();
-            let wrapped = Counting { inner: &data, calls: std::cell::Cell::new(0), stop_at: 2, cancel: &cancel };
+            let wrapped = Counting { inner: &data, calls: Default::default(), stop_at: 2, cancel: &cancel };
             let r = train_lora(&m, &ad, &wrapped, &o, &cancel);
             assert!(r.unwrap_err().downcast_ref::<crate::cancel::Interrupted>().is_some());
             return None;
@@ -107,7 +107,7 @@ fn interrupted_lora_resumes_bit_identically() {
 /// A batch source that raises `cancel` once `stop_at` batches were served.
 struct Counting<'a> {
     inner: &'a PaddedRows,
-    calls: std::cell::Cell<usize>,
+    calls: std::sync::atomic::AtomicUsize,
     stop_at: usize,
     cancel: &'a CancelToken,
 }
@@ -117,8 +117,8 @@ impl BatchSource for Counting<'_> {
         self.inner.len()
     }
     fn batch(&self, indices: &[usize]) -> anyhow::Result<Batch> {
-        self.calls.set(self.calls.get() + 1);
-        if self.calls.get() == self.stop_at {
+        let calls = self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if calls == self.stop_at {
             self.cancel.cancel();
         }
         self.inner.batch(indices)
