@@ -97,7 +97,42 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(max_body, drain_oversized))
         .with_state(state)
+}
+
+/// The most of an oversized body [`drain_oversized`] reads before answering.
+const DRAIN_CAP: usize = 64 << 20;
+
+/// Answer a body declared larger than `--max-body` with 413 only after reading it (up to
+/// [`DRAIN_CAP`]): answering and closing while the client is still sending made the client fail
+/// its write (a broken pipe) or lose the answer to the connection's reset, instead of reading the
+/// error.
+async fn drain_oversized(
+    State(max_body): State<usize>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    match declared {
+        Some(len) if len > max_body => {
+            if len <= DRAIN_CAP {
+                // Only to let the client finish sending; what it sent is not used.
+                let _ = axum::body::to_bytes(req.into_body(), DRAIN_CAP).await;
+            }
+            ApiError {
+                status: 413,
+                message: format!(
+                    "the request body ({len} bytes) is larger than the server's --max-body ({max_body} bytes)"
+                ),
+                kind: "invalid_request_error",
+                param: None,
+                code: None,
+            }
+            .into_response()
+        }
+        _ => next.run(req).await,
+    }
 }
 
 /// `mmrun serve`: load the models (`args.models`, resolved), start the engine, serve until Ctrl-C.
