@@ -362,13 +362,11 @@ impl Dims {
 
 /// `C (m × n, row stride ldc) (+)= A · B` for one block of the attention: in f32 through the gemm
 /// crate, or with `bf16` through [`bf16gemm`] (operands rounded to bf16, sums in f32: the numerics
-/// of PyTorch's bf16 autocast, at the speed of AMX or VDPBF16PS).
+/// of PyTorch's bf16 autocast, at the speed of AMX or VDPBF16PS). `packed` is B already packed for
+/// the bf16 GEMM (a window of a [`Packs`] operand); without it, the bf16 path packs `b` here.
 ///
 /// # Safety
 /// `c` must be valid for reads and writes of the `m × n` block, which must be this task's alone.
-///
-/// `packed` is B already packed for the bf16 GEMM (a window of a [`Packs`] operand); without it,
-/// the bf16 path packs `b` here.
 unsafe fn mm(
     bf16: Option<Backend>,
     a: MatRef,
@@ -413,7 +411,7 @@ unsafe fn mm(
 }
 
 /// An operand every query block of a (batch, kv head) multiplies by, in [`Packs`].
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Operand {
     /// Kᵀ (d × Tk), for S = Q Kᵀ.
     Kt,
@@ -460,7 +458,7 @@ impl Packs {
 
     /// Keys `kmin..kmin + kw` of `op` for (batch b, kv head g), when a window holds them.
     fn window(&self, dm: &Dims, b: usize, g: usize, op: Operand, kmin: usize, kw: usize) -> Option<PackedRef<'_>> {
-        let i = self.which.iter().position(|w| std::mem::discriminant(w) == std::mem::discriminant(&op))?;
+        let i = self.which.iter().position(|&w| w == op)?;
         let p = &self.packed[b * dm.kh + g][i];
         if kmin > 0 {
             return None;
