@@ -22,6 +22,13 @@ pub(crate) fn ids(b: usize, t: usize, vocab: usize, seed: u32) -> Tensor {
     Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
 }
 
+/// `‖a − b‖ / ‖b‖` over all elements (the norm of `b` floored at 1e-12).
+pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt().max(1e-12);
+    num / den
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
@@ -236,10 +243,8 @@ fn the_head_runs_only_where_there_is_a_target_and_nothing_changes() {
         let (l, la) = (loss.to_scalar::<f32>().unwrap(), all.to_scalar::<f32>().unwrap());
         assert!((l - la).abs() <= 1e-6 * la, "tied={tied}: loss {l} vs {la}");
         for (name, var) in m.params() {
-            let (a, b) = (g.get(var.as_tensor()).unwrap(), ga.get(var.as_tensor()).unwrap());
-            let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-            let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-            assert!(num <= 1e-5 * den, "tied={tied} {name}: rel err {}", num / den);
+            let e = rel_err(g.get(var.as_tensor()).unwrap(), ga.get(var.as_tensor()).unwrap());
+            assert!(e <= 1e-5, "tied={tied} {name}: rel err {e}");
         }
     }
 }
@@ -475,10 +480,8 @@ fn packed_documents_train_exactly_like_separate_rows() {
             }
         }
         for (name, var) in m.params() {
-            let (a, b) = (gp.get(var.as_tensor()).unwrap(), gu.get(var.as_tensor()).unwrap());
-            let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-            let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-            assert!(num <= 1e-5 * den, "fused={fused} {name}: gradient rel err {}", num / den);
+            let e = rel_err(gp.get(var.as_tensor()).unwrap(), gu.get(var.as_tensor()).unwrap());
+            assert!(e <= 1e-5, "fused={fused} {name}: gradient rel err {e}");
         }
         // Without the document layout the same packed rows train differently: the test can fail.
         let (lx, _, _) = run(&|| step(&packed_ids, &packed_labels, None));

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::model::config::{ModelConfig, RopeScaling};
+use crate::model::tests::rel_err;
 use candle_core::{Device, Var};
 use rand::SeedableRng;
 
@@ -10,12 +11,6 @@ fn randn(shape: &[usize], seed: u64, std: f32) -> Tensor {
     let n: usize = shape.iter().product();
     let v = crate::model::normal_vec(&mut rng, n, std);
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt().max(1e-12);
-    num / den
 }
 
 /// Run `f` on fresh Vars made from `inputs` with the fused and the composite path; compare the
